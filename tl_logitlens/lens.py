@@ -1,0 +1,438 @@
+"""The logit lens: what each layer of the residual stream would predict if the model stopped there.
+
+Memory is bounded by ``chunk_size``: states are projected to the vocabulary ``chunk_size`` rows at a
+time and each ``[rows, d_vocab]`` block is reduced to its metrics at once, so the full
+``[site, batch, pos, d_vocab]`` tensor never exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Union, no_type_check
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from tl_logitlens.inputs import (
+    Batch,
+    Inputs,
+    PositionSpec,
+    TokenLike,
+    prepare_inputs,
+    resolve_positions,
+    resolve_token,
+)
+from tl_logitlens.readout import (
+    check_cache,
+    check_model,
+    check_norm,
+    normalise,
+    required_hooks,
+    resolve_sites,
+    run_cache,
+    unembed,
+)
+from tl_logitlens.tokens import display_tokens
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+Targets = Union[None, TokenLike, Sequence[TokenLike], torch.Tensor]
+
+DEFAULT_CHUNK_SIZE = 128
+
+
+@dataclass(frozen=True)
+class LensResult:
+    """Per site, prompt and read position: the lens's prediction and how it compares.
+
+    Tensors are indexed ``[site, batch, pos]`` where ``pos`` runs over the *read* positions
+    (``positions[b, j]`` is the token position of column ``j`` in prompt ``b``). Entries where
+    ``valid`` is False are padding: ids are -1 and values NaN. Log-probs and entropies are in nats;
+    ranks count from 1 (the top token) over the full vocabulary.
+    """
+
+    labels: tuple[str, ...]
+    tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    positions: Int[torch.Tensor, "batch pos"]
+    valid: Bool[torch.Tensor, "batch pos"]
+    top_ids: Int[torch.Tensor, "site batch pos k"]
+    top_logprobs: Float[torch.Tensor, "site batch pos k"]
+    entropy: Float[torch.Tensor, "site batch pos"]
+    kl_to_final: Float[torch.Tensor, "site batch pos"]
+    next_ids: Int[torch.Tensor, "batch pos"]
+    next_logprobs: Float[torch.Tensor, "site batch pos"]
+    next_ranks: Int[torch.Tensor, "site batch pos"]
+    target_ids: Int[torch.Tensor, "batch pos target"] | None
+    target_logprobs: Float[torch.Tensor, "site batch pos target"] | None
+    target_ranks: Int[torch.Tensor, "site batch pos target"] | None
+    norm: str
+    include_bias: bool
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def top_probs(self) -> Float[torch.Tensor, "site batch pos k"]:
+        return self.top_logprobs.exp()
+
+    def top_tokens(self) -> list[list[list[list[str]]]]:
+        """Top-k predictions as readable strings, nested ``[site][batch][pos][k]`` (pads: ``""``)."""
+        flat = display_tokens(self.tokenizer, self.top_ids.clamp(min=0))
+        out: list = []
+        s_n, b_n, p_n, k = self.top_ids.shape
+        it = iter(flat)
+        valid = self.valid.tolist()
+        for _ in range(s_n):
+            site_rows = []
+            for b in range(b_n):
+                row = []
+                for j in range(p_n):
+                    toks = [next(it) for _ in range(k)]
+                    row.append(toks if valid[b][j] else [""] * k)
+                site_rows.append(row)
+            out.append(site_rows)
+        return out
+
+    def input_tokens(self) -> list[list[str]]:
+        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
+        out = []
+        for b, row in enumerate(self.positions.tolist()):
+            toks = self.str_tokens[b]
+            out.append([toks[p] if p < len(toks) else "" for p in row])
+        return out
+
+    def select_sites(self, labels: Sequence[str]) -> LensResult:
+        """A result holding only the named sites, in the given order."""
+        missing = [lab for lab in labels if lab not in self.labels]
+        if missing:
+            raise ValueError(f"sites {missing} are not in this result; it has {list(self.labels)}")
+        idx = torch.tensor([self.labels.index(lab) for lab in labels])
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self,
+            labels=tuple(labels),
+            top_ids=pick(self.top_ids),
+            top_logprobs=pick(self.top_logprobs),
+            entropy=pick(self.entropy),
+            kl_to_final=pick(self.kl_to_final),
+            next_logprobs=pick(self.next_logprobs),
+            next_ranks=pick(self.next_ranks),
+            target_logprobs=pick(self.target_logprobs),
+            target_ranks=pick(self.target_ranks),
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × prompt × position × top-k rank.
+
+        Columns: ``site``, ``site_index``, ``prompt``, ``position``, ``input_token``, ``rank``,
+        ``token_id``, ``token``, ``logprob``, ``prob``, ``entropy``, ``kl_to_final``,
+        ``next_token``, ``next_logprob``, ``next_rank``. Padding is left out.
+        """
+        import pandas as pd
+
+        s_n, b_n, p_n, k = self.top_ids.shape
+        grid = torch.stack(
+            torch.meshgrid(
+                torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k), indexing="ij"
+            ),
+            -1,
+        ).reshape(-1, 4)
+        keep = self.valid.cpu()[grid[:, 1], grid[:, 2]]
+        grid = grid[keep]
+        s, b, j, r = grid.unbind(-1)
+        pos = self.positions.cpu()[b, j]
+        inputs = self.input_tokens()
+        next_ids = self.next_ids.cpu()[b, j]
+        ids = self.top_ids.cpu()[s, b, j, r]
+        lp = self.top_logprobs.cpu()[s, b, j, r]
+        labels = list(self.labels)
+        return pd.DataFrame(
+            {
+                "site": [labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                "prompt": b.numpy(),
+                "position": pos.numpy(),
+                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                "rank": (r + 1).numpy(),
+                "token_id": ids.numpy(),
+                "token": display_tokens(self.tokenizer, ids),
+                "logprob": lp.numpy(),
+                "prob": lp.exp().numpy(),
+                "entropy": self.entropy.cpu()[s, b, j].numpy(),
+                "kl_to_final": self.kl_to_final.cpu()[s, b, j].numpy(),
+                "next_token": [
+                    "" if i < 0 else t
+                    for i, t in zip(next_ids.tolist(), display_tokens(self.tokenizer, next_ids.clamp(min=0)))
+                ],
+                "next_logprob": self.next_logprobs.cpu()[s, b, j].numpy(),
+                "next_rank": self.next_ranks.cpu()[s, b, j].numpy(),
+            }
+        )
+
+    def target_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × prompt × position × target, with log-prob, prob and rank."""
+        import pandas as pd
+
+        if self.target_ids is None:
+            raise ValueError("this result has no targets; pass targets=... to logit_lens")
+        s_n, b_n, p_n, t_n = self.target_logprobs.shape
+        grid = torch.stack(
+            torch.meshgrid(
+                torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(t_n), indexing="ij"
+            ),
+            -1,
+        ).reshape(-1, 4)
+        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
+        s, b, j, t = grid.unbind(-1)
+        ids = self.target_ids.cpu()[b, j, t]
+        lp = self.target_logprobs.cpu()[s, b, j, t]
+        inputs = self.input_tokens()
+        return pd.DataFrame(
+            {
+                "site": [self.labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                "prompt": b.numpy(),
+                "position": self.positions.cpu()[b, j].numpy(),
+                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                "target_index": t.numpy(),
+                "target_id": ids.numpy(),
+                "target": display_tokens(self.tokenizer, ids),
+                "logprob": lp.numpy(),
+                "prob": lp.exp().numpy(),
+                "rank": self.target_ranks.cpu()[s, b, j, t].numpy(),
+            }
+        )
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """The layers × positions heatmap; see :func:`tl_logitlens.plotting.lens_heatmap`."""
+        from tl_logitlens.plotting import lens_heatmap
+
+        return lens_heatmap(self, **kwargs)
+
+
+def _resolve_targets(
+    model: Any, targets: Targets, n_batch: int, n_pos: int
+) -> Int[torch.Tensor, "batch pos target"] | None:
+    """Shared targets (a token or list of tokens) or one id per row (a ``[batch]`` or ``[batch, pos]`` tensor)."""
+    if targets is None:
+        return None
+    device = model.cfg.device
+    if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
+        if targets.dtype.is_floating_point:
+            raise TypeError(f"target ids must be integers, not {targets.dtype}")
+        if targets.ndim == 1:
+            if targets.shape[0] != n_batch:
+                raise ValueError(
+                    f"a 1-D target tensor gives one id per prompt; it has {targets.shape[0]} ids for "
+                    f"{n_batch} prompts (for shared targets pass a list)"
+                )
+            targets = targets[:, None].expand(n_batch, n_pos)
+        if targets.ndim != 2 or tuple(targets.shape) != (n_batch, n_pos):
+            raise ValueError(
+                f"per-row targets must be [batch] or [batch, pos] = [{n_batch}, {n_pos}], "
+                f"got {list(targets.shape)}"
+            )
+        bad = (targets < 0) | (targets >= model.cfg.d_vocab)
+        if bool(bad.any()):
+            raise ValueError(
+                f"target id {int(targets[bad][0])} is outside the vocabulary [0, {model.cfg.d_vocab})"
+            )
+        return targets.to(device).long()[..., None]
+    if isinstance(targets, (str, int)) or isinstance(targets, torch.Tensor):
+        targets = [targets]
+    if not isinstance(targets, Sequence) or len(targets) == 0:
+        raise ValueError("targets must be a token, a non-empty list of tokens, or a tensor of ids")
+    ids = torch.tensor([resolve_token(model, t) for t in targets], device=device)
+    return ids.expand(n_batch, n_pos, -1)
+
+
+@torch.inference_mode()
+def _chunk_metrics(
+    z: Float[torch.Tensor, "row d_vocab"],
+    final_probs: Float[torch.Tensor, "row d_vocab"],
+    final_neg_entropy: Float[torch.Tensor, " row"],
+    query_ids: Int[torch.Tensor, "row q"],
+    top_k: int,
+    scratch: Float[torch.Tensor, "chunk d_vocab"],
+    ones: Float[torch.Tensor, "d_vocab 1"],
+) -> tuple[torch.Tensor, ...]:
+    """Reduce one block of float32 logits to the lens metrics without a log-softmax copy.
+
+    With ``lse = logsumexp(z)``: ``log p = z - lse``; entropy ``H = lse - Σ p·z``;
+    ``KL(final ‖ p) = Σ q·log q - Σ q·z + lse`` for the final distribution ``q``; the rank of a
+    token is 1 + the number of tokens with a strictly larger logit.
+    """
+    top_vals, top_ids = z.topk(top_k, dim=-1)
+    probs = torch.softmax(z, dim=-1)
+    # lse from the top-1 entry: log p_top = z_top - lse, and p_top >= 1/d_vocab keeps this exact
+    lse = top_vals[:, 0] - probs.gather(-1, top_ids[:, :1]).squeeze(-1).log()
+    entropy = lse - _rowdot(probs, z)
+    del probs
+    kl = final_neg_entropy - _rowdot(final_probs, z) + lse
+    q_logits = z.gather(-1, query_ids)
+    # counting in float32 through a mat-vec is 4x faster than summing a bool tensor, and exact:
+    # counts stay far below 2**24
+    above = scratch[: z.shape[0]]
+    ranks = torch.empty_like(q_logits, dtype=torch.long)
+    for i in range(q_logits.shape[1]):
+        torch.gt(z, q_logits[:, i : i + 1], out=above)
+        ranks[:, i] = 1 + (above @ ones).reshape(-1).long()
+    return top_ids, top_vals - lse[:, None], entropy, kl, q_logits - lse[:, None], ranks
+
+
+def _rowdot(a: Float[torch.Tensor, "row n"], b: Float[torch.Tensor, "row n"]) -> Float[torch.Tensor, " row"]:
+    """``(a * b).sum(-1)`` as a batched matmul: one pass, no ``[row, n]`` temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
+
+
+# Entry points check their own arguments with messages that say what to do; the run-time type
+# checker used under pytest would pre-empt those messages, so it skips them (not their internals).
+@no_type_check
+def logit_lens(
+    model: Any,
+    inputs: Inputs,
+    *,
+    cache: Any = None,
+    sites: str | Sequence[str] = "resid_pre",
+    norm: str = "recompute",
+    include_bias: bool = True,
+    top_k: int = 5,
+    targets: Targets = None,
+    positions: PositionSpec = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> LensResult:
+    """Run the logit lens over every site of the residual stream and every read position.
+
+    Each residual state is normalised (``norm``: ``"recompute"`` is the logit lens, ``"cached"``
+    the linear attribution view, ``"none"`` raw), projected with ``W_U`` (plus ``b_U`` when
+    ``include_bias``), and reduced to: the top-k tokens and their log-probs, the entropy (nats), the
+    KL divergence from the final layer's distribution to this one, ``KL(final ‖ site)`` (nats), the
+    log-prob and rank of the actual next token, and of each of ``targets``.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        inputs: a string, a list of strings (right-padded and masked), or a token tensor.
+        cache: an ``ActivationCache`` of these inputs on this model; computed when omitted.
+        sites: ``"resid_pre"`` (every layer's input, then ``final_post``), a list of kinds
+            (add ``"resid_mid"`` to split attention from MLP), or explicit labels.
+        targets: token strings or ids shared by every row, or a ``[batch]``/``[batch, pos]``
+            tensor with one id per row.
+        positions: ``None`` (all), ``"last"`` (last real token of each prompt), an int or a list.
+        chunk_size: rows projected at once; peak extra memory is about
+            ``5 · chunk_size · d_vocab · 4`` bytes (about 130 MB for GPT-2 at the default 128).
+    """
+    check_model(model)
+    check_norm(norm)
+    d_vocab = model.cfg.d_vocab
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, not {type(top_k).__name__}")
+    if not 1 <= top_k <= d_vocab:
+        raise ValueError(f"top_k={top_k} must be between 1 and d_vocab={d_vocab}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    site_list = resolve_sites(model, sites)
+    batch: Batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    pos_index, valid = resolve_positions(positions, batch)
+    n_batch, n_pos = pos_index.shape
+    target_ids = _resolve_targets(model, targets, n_batch, n_pos)
+    final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    hooks = required_hooks(model, site_list, norm)
+    if final_hook not in hooks:
+        hooks.append(final_hook)
+    if cache is None:
+        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
+    else:
+        check_cache(cache, model, hooks, batch.tokens)
+
+    device = batch.tokens.device
+    lengths = batch.lengths
+    nxt_pos = pos_index + 1
+    has_next = valid & (nxt_pos < lengths[:, None])
+    next_ids = torch.where(
+        has_next, batch.tokens.gather(1, nxt_pos.clamp(max=batch.tokens.shape[1] - 1)), -1
+    )
+
+    rows_b, rows_j = valid.nonzero(as_tuple=True)
+    rows_p = pos_index[rows_b, rows_j]
+    n_rows, n_sites = rows_b.shape[0], len(site_list)
+    n_t = 0 if target_ids is None else target_ids.shape[-1]
+    # query ids per row: the next token (0 where none) then the targets
+    query = next_ids[rows_b, rows_j].clamp(min=0)[:, None]
+    if target_ids is not None:
+        query = torch.cat([query, target_ids[rows_b, rows_j]], dim=-1)
+
+    out_ids = torch.empty(n_sites, n_rows, top_k, dtype=torch.long, device=device)
+    out_lp = torch.empty(n_sites, n_rows, top_k, device=device)
+    out_h = torch.empty(n_sites, n_rows, device=device)
+    out_kl = torch.empty(n_sites, n_rows, device=device)
+    out_qlp = torch.empty(n_sites, n_rows, 1 + n_t, device=device)
+    out_qrank = torch.empty(n_sites, n_rows, 1 + n_t, dtype=torch.long, device=device)
+
+    scratch = torch.empty(min(chunk_size, n_rows), d_vocab, device=device)
+    ones = torch.ones(d_vocab, 1, device=device)
+    with torch.inference_mode():
+        for start in range(0, n_rows, chunk_size):
+            sl = slice(start, start + chunk_size)
+            b, p = rows_b[sl], rows_p[sl]
+            final_state = cache[final_hook][b, p][None]
+            zf = unembed(model, normalise(model, cache, final_state, norm, b, p), include_bias)[0]
+            qf = torch.softmax(zf, dim=-1)
+            # Σ q log q = Σ q·z - lse, with lse read off the top entry as in _chunk_metrics
+            top_f = zf.argmax(-1, keepdim=True)
+            lse_f = zf.gather(-1, top_f).squeeze(-1) - qf.gather(-1, top_f).squeeze(-1).log()
+            qf_neg_h = _rowdot(qf, zf) - lse_f
+            for s, site in enumerate(site_list):
+                if site.hook == final_hook:
+                    z = zf  # the final stream is projected once
+                else:
+                    state = cache[site.hook][b, p][None]
+                    z = unembed(model, normalise(model, cache, state, norm, b, p), include_bias)[0]
+                ids, lp, h, kl, qlp, qrank = _chunk_metrics(
+                    z, qf, qf_neg_h, query[sl], top_k, scratch, ones
+                )
+                out_ids[s, sl], out_lp[s, sl], out_h[s, sl], out_kl[s, sl] = ids, lp, h, kl
+                out_qlp[s, sl], out_qrank[s, sl] = qlp, qrank
+                del z
+
+    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        full = torch.full(
+            (n_sites, n_batch, n_pos, *values.shape[2:]), fill, dtype=values.dtype, device=device
+        )
+        full[:, rows_b, rows_j] = values
+        return full
+
+    nan = float("nan")
+    next_lp = scatter(out_qlp[..., 0], nan)
+    next_rank = scatter(out_qrank[..., 0], -1)
+    no_next = ~has_next
+    next_lp[:, no_next] = nan
+    next_rank[:, no_next] = -1
+    return LensResult(
+        labels=tuple(s.label for s in site_list),
+        tokens=batch.tokens,
+        str_tokens=batch.str_tokens,
+        positions=pos_index,
+        valid=valid,
+        top_ids=scatter(out_ids, -1),
+        top_logprobs=scatter(out_lp, nan),
+        entropy=scatter(out_h, nan),
+        kl_to_final=scatter(out_kl, nan),
+        next_ids=next_ids,
+        next_logprobs=next_lp,
+        next_ranks=next_rank,
+        target_ids=None if target_ids is None else torch.where(valid[..., None], target_ids, -1),
+        target_logprobs=None if target_ids is None else scatter(out_qlp[..., 1:], nan),
+        target_ranks=None if target_ids is None else scatter(out_qrank[..., 1:], -1),
+        norm=norm,
+        include_bias=include_bias,
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=getattr(model, "tokenizer", None),
+    )

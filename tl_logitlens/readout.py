@@ -1,0 +1,212 @@
+"""Read residual-stream states from an ``ActivationCache``, normalise them, project them to logits.
+
+These are the primitives every analysis shares. The three normalisations:
+
+``"recompute"``
+    Each state goes through the model's own final norm (``ln_final``) with statistics computed from
+    that state: exactly what the model would output had it stopped there. This is the logit lens,
+    and it is what ``cache.apply_ln_to_stack(..., recompute_ln=True)`` does.
+``"cached"``
+    Each state is centred (LayerNorm only) and divided by the *final* layer's cached scale
+    (``ln_final.hook_scale``), then multiplied by the norm's weight and shifted by its bias when the
+    model is unfolded. This is linear in the state, so the contributions of components add up to the
+    final logits: it is the view of direct logit attribution. (``cache.apply_ln_to_stack`` without
+    ``recompute_ln`` does the same but leaves out the weight and bias, which is only right on a
+    folded model.)
+``"none"``
+    The raw state times ``W_U``. Wrong for every normalised model, kept to show why the norm matters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+
+from tl_logitlens._compat import ActivationCache
+
+Norm = Literal["recompute", "cached", "none"]
+NORMS: tuple[str, ...] = ("recompute", "cached", "none")
+SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+_LABEL_RE = re.compile(r"^(\d+)_(pre|mid|post)$")
+_SUFFIX = {"resid_pre": "pre", "resid_mid": "mid", "resid_post": "post"}
+_KIND = {v: k for k, v in _SUFFIX.items()}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One residual-stream state: its label (as TransformerLens spells it) and its cache hook."""
+
+    label: str
+    hook: str
+
+
+def resolve_sites(model: Any, sites: str | Sequence[str]) -> tuple[Site, ...]:
+    """Sites from kinds (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``) or explicit labels.
+
+    Kinds give that state of every layer in depth order, followed by ``final_post`` (the stream
+    the unembedding reads). Labels (``"0_pre"``, ``"3_mid"``, ``"final_post"``) give exactly those.
+    """
+    n_layers = model.cfg.n_layers
+    if isinstance(sites, str):
+        sites = [sites]
+    sites = list(sites)
+    if not sites:
+        raise ValueError("sites is empty; pass e.g. 'resid_pre' or ['resid_pre', 'resid_mid']")
+    if all(s in SITE_KINDS for s in sites):
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"sites {sites} lists a kind twice")
+        order = [k for k in SITE_KINDS if k in sites]
+        out = []
+        for layer in range(n_layers):
+            for kind in order:
+                if kind == "resid_post" and layer == n_layers - 1:
+                    continue
+                out.append(Site(f"{layer}_{_SUFFIX[kind]}", f"blocks.{layer}.hook_{kind}"))
+        out.append(Site("final_post", f"blocks.{n_layers - 1}.hook_resid_post"))
+        return tuple(out)
+    out = []
+    for s in sites:
+        if s == "final_post":
+            out.append(Site(s, f"blocks.{n_layers - 1}.hook_resid_post"))
+            continue
+        m = _LABEL_RE.match(s) if isinstance(s, str) else None
+        if m is None or int(m.group(1)) >= n_layers:
+            raise ValueError(
+                f"unknown site {s!r}; use the kinds {list(SITE_KINDS)} or labels like '0_pre', "
+                f"'{n_layers - 1}_mid', 'final_post' (this model has {n_layers} layers)"
+            )
+        layer, suffix = int(m.group(1)), m.group(2)
+        out.append(Site(s, f"blocks.{layer}.hook_{_KIND[suffix]}"))
+    if len({s.label for s in out}) != len(out):
+        raise ValueError(f"sites {sites} lists a site twice")
+    return tuple(out)
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; use one of {list(NORMS)}")
+
+
+def has_final_norm(model: Any) -> bool:
+    return model.cfg.normalization_type in ("LN", "LNPre", "RMS", "RMSPre")
+
+
+def required_hooks(model: Any, sites: Sequence[Site], norm: str) -> list[str]:
+    hooks = sorted({s.hook for s in sites})
+    if norm == "cached" and has_final_norm(model):
+        hooks.append("ln_final.hook_scale")
+    return hooks
+
+
+def check_cache(cache: Any, model: Any, hooks: Sequence[str], tokens: torch.Tensor) -> None:
+    """A precomputed cache must be an ``ActivationCache`` of this model, over these tokens, with ``hooks``."""
+    if not isinstance(cache, ActivationCache):
+        raise TypeError(
+            f"cache must be a transformer_lens ActivationCache (from model.run_with_cache), not "
+            f"{type(cache).__name__}"
+        )
+    if getattr(cache, "model", model) is not model:
+        raise ValueError(
+            "the cache came from another model; run model.run_with_cache(...) on the model you pass, "
+            "or leave cache=None"
+        )
+    keys = set(cache.keys())
+    missing = [h for h in hooks if h not in keys]
+    if missing:
+        raise ValueError(
+            f"the cache lacks {missing}; run model.run_with_cache without a names_filter that drops "
+            "them, or leave cache=None"
+        )
+    shape = tuple(cache[hooks[0]].shape[:2])
+    if shape != tuple(tokens.shape):
+        raise ValueError(
+            f"the cache holds [batch, pos] = {list(shape)} but the inputs tokenize to "
+            f"{list(tokens.shape)}; pass the same inputs the cache was computed from"
+        )
+
+
+def run_cache(model: Any, tokens: torch.Tensor, mask: torch.Tensor | None, hooks: Sequence[str]) -> Any:
+    """A forward pass that keeps only ``hooks``."""
+    wanted = set(hooks)
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
+    if mask is not None:
+        kwargs["attention_mask"] = mask.long()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, **kwargs)
+    return cache
+
+
+def check_model(model: Any) -> None:
+    if not hasattr(model, "cfg") or not hasattr(model, "run_with_cache"):
+        raise TypeError(
+            f"expected a TransformerLens model (HookedTransformer or TransformerBridge), not "
+            f"{type(model).__name__}; load one with tl_logitlens.load_model(...)"
+        )
+    if model.training:
+        raise ValueError(
+            "the model is in training mode, where dropout changes the numbers; call model.eval() first"
+        )
+
+
+def normalise(
+    model: Any,
+    cache: Any,
+    states: Float[torch.Tensor, "site row d_model"],
+    norm: str,
+    batch_index: Int[torch.Tensor, " row"],
+    pos_index: Int[torch.Tensor, " row"],
+    *,
+    norm_bias: bool = True,
+) -> Float[torch.Tensor, "site row d_model"]:
+    """Apply the final norm to residual states gathered at ``(batch_index, pos_index)``.
+
+    ``norm_bias=False`` leaves out the final norm's additive bias (attribution counts it as a
+    component of its own); it matters only for ``"cached"`` on an unfolded LayerNorm model.
+    """
+    if norm == "none" or not has_final_norm(model):
+        return states
+    ln = model.ln_final
+    if norm == "recompute":
+        flat = states.reshape(1, -1, states.shape[-1])
+        return ln(flat).reshape(states.shape)
+    # cached: the final layer's own scale, linear in the state
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        states = states - states.mean(-1, keepdim=True)
+    scale = cache["ln_final.hook_scale"][batch_index, pos_index]  # [row, 1]
+    out = states / scale
+    w = getattr(ln, "w", None)
+    if w is not None:
+        out = out * w
+    b = getattr(ln, "b", None)
+    if norm_bias and b is not None:
+        out = out + b
+    return out
+
+
+def final_norm_bias(model: Any) -> torch.Tensor | None:
+    """The final norm's additive bias (unfolded LayerNorm), or None."""
+    if not has_final_norm(model):
+        return None
+    return getattr(model.ln_final, "b", None)
+
+
+def unembed(
+    model: Any, normed: Float[torch.Tensor, "*rows d_model"], include_bias: bool
+) -> Float[torch.Tensor, "*rows d_vocab"]:
+    """Logits in float32: ``normed @ W_U (+ b_U)``, soft-capped where the model soft-caps."""
+    b_U = getattr(model, "b_U", None)
+    if include_bias and b_U is not None:
+        flat = normed.reshape(-1, normed.shape[-1])
+        logits = torch.addmm(b_U, flat, model.W_U).reshape(*normed.shape[:-1], -1)
+    else:
+        logits = normed @ model.W_U
+    logits = logits.float()
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
