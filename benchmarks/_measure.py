@@ -42,7 +42,7 @@ def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measuremen
         peak = start_rss
         done = threading.Event()
 
-        def sample() -> None:
+        def sample(done: threading.Event = done) -> None:
             nonlocal peak
             while not done.is_set():
                 peak = max(peak, _rss())
