@@ -1,0 +1,797 @@
+"""Direct logit attribution: how much each component, head or neuron writes along an answer's logit.
+
+Through the final norm's *cached* scale the final norm is linear, so the final logit (difference)
+is exactly a sum over everything that writes to the residual stream: the embeddings, each
+attention head (plus each layer's ``b_O``), each MLP (or each neuron plus ``b_out``), the final
+norm's bias and the unembedding bias. :func:`direct_logit_attribution` returns those rows, which
+add up to the model's own final value; :func:`component_lens` shows which tokens each row
+promotes and suppresses. The arithmetic is in :mod:`tl_logitlens._dla`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, no_type_check
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from tl_logitlens._dla import (
+    CachedReadout,
+    cached_readout,
+    gather_rows,
+    head_contributions,
+    head_source_contributions,
+    head_vectors,
+    neuron_contributions,
+    unembed_bias,
+    unembed_columns,
+)
+from tl_logitlens._pairs import resolve_pairs
+from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
+from tl_logitlens.readout import check_cache, check_model, final_norm_bias, has_final_norm, run_cache
+from tl_logitlens.tokens import display_tokens
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+UNITS: tuple[str, ...] = ("component", "head", "head_source", "neuron")
+LENS_UNITS: tuple[str, ...] = ("component", "head")
+_HEAD_UNITS = ("head", "head_source")
+DEFAULT_CHUNK_SIZE = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def _input_tokens(positions: torch.Tensor, str_tokens: tuple[tuple[str, ...], ...]) -> list[list[str]]:
+    out = []
+    for b, row in enumerate(positions.tolist()):
+        toks = str_tokens[b]
+        out.append([toks[p] if p < len(toks) else "" for p in row])
+    return out
+
+
+@dataclass(frozen=True)
+class AttributionResult:
+    """Direct logit attribution rows that add up to the model's own final logit (difference).
+
+    Fields (``pos`` runs over the *read* positions: ``positions[b, j]`` is the token position of
+    column ``j`` of prompt ``b``; ``pair`` over the correct/incorrect pairs):
+
+    - ``unit``: ``"component"``, ``"head"``, ``"head_source"`` or ``"neuron"``.
+    - ``metric``: ``"logit_diff"`` (``logit(correct) - logit(incorrect)``) or ``"logit"``
+      (``incorrect=None``). Values are in logits.
+    - ``labels``: one per row. Grid rows come first (``"L3H7"`` heads, ``"L3N512"`` neurons), then
+      in depth order: ``"embed"``, ``"pos_embed"`` (learned positional embeddings only),
+      ``"{l}_attn_out"`` (the sum of layer ``l``'s heads, i.e. its attention output *without*
+      ``b_O``; component and neuron units), ``"{l}_attn_b_O"`` (the attention output bias),
+      ``"{l}_mlp_out"`` (the MLP's whole output, ``b_out`` included; component and head units),
+      ``"{l}_mlp_b_out"`` (neuron unit), ``"final_norm_bias"`` (``ln_final.b``, unfolded LayerNorm
+      models), ``"unembed_bias"`` (``b_U``).
+    - ``row_layer``, ``row_index``: per row, its layer and its head or neuron index (-1 where
+      that does not apply).
+    - ``attribution``: ``[row, batch, pos, pair]``; ``attribution.sum(0) == total`` to float
+      precision. NaN where ``valid`` is False (padding).
+    - ``total``: ``[batch, pos, pair]``, the model's actual final logit (difference): its own final
+      norm and unembedding applied to the final residual stream, not the sum of the rows.
+    - ``grid_size``: ``(n_layers, n_heads)`` or ``(n_layers, d_mlp)``; the first
+      ``n_layers * grid_size[1]`` rows are the grid, layer-major. None for ``unit="component"``.
+    - ``source_attribution``: ``[layer, head, seq, batch, pos, pair]`` for ``unit="head_source"``:
+      head ``(layer, head)``'s row split over the source token it attends to (attention weight ×
+      value vector); zero for sources after the read position. Summing over ``seq`` gives the head's
+      row. None for other units.
+    - ``correct_ids``, ``incorrect_ids``: ``[batch, pair]`` ids (``incorrect_ids`` None for
+      ``metric="logit"``); ``pair_labels``: readable labels per pair.
+    """
+
+    unit: str
+    metric: str
+    labels: tuple[str, ...]
+    row_layer: tuple[int, ...]
+    row_index: tuple[int, ...]
+    attribution: Float[torch.Tensor, "row batch pos pair"]
+    total: Float[torch.Tensor, "batch pos pair"]
+    grid_size: tuple[int, int] | None
+    source_attribution: Float[torch.Tensor, "layer head seq batch pos pair"] | None
+    positions: Int[torch.Tensor, "batch pos"]
+    valid: Bool[torch.Tensor, "batch pos"]
+    tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    correct_ids: Int[torch.Tensor, "batch pair"]
+    incorrect_ids: Int[torch.Tensor, "batch pair"] | None
+    pair_labels: tuple[str, ...]
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def unexplained(self) -> Float[torch.Tensor, "batch pos pair"]:
+        """``total - attribution.sum(0)``: zero up to float rounding (NaN at padding)."""
+        return self.total - self.attribution.sum(0)
+
+    def grid(self) -> Float[torch.Tensor, "layer unit batch pos pair"]:
+        """The grid rows as ``[layer, head, batch, pos, pair]`` (or ``[layer, neuron, ...]``)."""
+        if self.grid_size is None:
+            raise ValueError(f"grid() needs unit 'head', 'head_source' or 'neuron'; this result is {self.unit!r}")
+        n_layers, width = self.grid_size
+        return self.attribution[: n_layers * width].reshape(n_layers, width, *self.attribution.shape[1:])
+
+    def input_tokens(self) -> list[list[str]]:
+        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
+        return _input_tokens(self.positions, self.str_tokens)
+
+    def mean_attribution(self, pair: int = 0) -> Float[torch.Tensor, " row"]:
+        """Each row's attribution averaged over prompts and read positions (padding left out)."""
+        self._check_pair(pair)
+        return torch.nanmean(self.attribution[..., pair].flatten(1), dim=1)
+
+    def _check_pair(self, pair: int) -> None:
+        n = self.attribution.shape[-1]
+        if isinstance(pair, bool) or not isinstance(pair, int) or not -n <= pair < n:
+            raise ValueError(f"pair must be an int in [0, {n}), got {pair!r}")
+
+    def top(self, k: int = 10, *, pair: int = 0, rows: str | None = None, by: str = "abs") -> pd.DataFrame:
+        """The ``k`` rows with the largest mean attribution (over prompts and read positions).
+
+        ``rows``: ``"grid"`` (heads or neurons only), ``"all"``; by default ``"grid"`` for
+        ``unit="neuron"`` (the top neurons over all layers) and ``"all"`` otherwise. ``by``:
+        ``"abs"`` (largest magnitude), ``"positive"`` or ``"negative"``. Columns: ``rank``,
+        ``label``, ``layer``, ``index``, ``attribution`` (mean, logits), ``share`` (of the mean total).
+        """
+        import pandas as pd
+
+        if rows is None:
+            rows = "grid" if self.unit == "neuron" else "all"
+        if rows not in ("grid", "all"):
+            raise ValueError(f"rows must be 'grid' or 'all', got {rows!r}")
+        if rows == "grid" and self.grid_size is None:
+            raise ValueError("rows='grid' needs unit 'head', 'head_source' or 'neuron'")
+        if by not in ("abs", "positive", "negative"):
+            raise ValueError(f"by must be 'abs', 'positive' or 'negative', got {by!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        mean = self.mean_attribution(pair)
+        if rows == "grid":
+            mean = mean[: self.grid_size[0] * self.grid_size[1]]
+        key = {"abs": mean.abs(), "positive": mean, "negative": -mean}[by]
+        idx = key.topk(min(k, key.shape[0])).indices.tolist()
+        total = float(torch.nanmean(self.total[..., pair]))
+        return pd.DataFrame(
+            {
+                "rank": list(range(1, len(idx) + 1)),
+                "label": [self.labels[i] for i in idx],
+                "layer": [self.row_layer[i] for i in idx],
+                "index": [self.row_index[i] for i in idx],
+                "attribution": [float(mean[i]) for i in idx],
+                "share": [float(mean[i]) / total if total != 0 else float("nan") for i in idx],
+            }
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format, one row per attribution row × prompt × read position × pair; padding left out.
+
+        Columns: ``component``, ``row``, ``layer``, ``index``, ``prompt``, ``position``,
+        ``input_token``, ``pair``, ``pair_label``, ``correct``, ``incorrect``, ``attribution``,
+        ``total``.
+        """
+        import pandas as pd
+
+        r_n, b_n, p_n, k_n = self.attribution.shape
+        grid = torch.cartesian_prod(
+            torch.arange(r_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
+        ).reshape(-1, 4)
+        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
+        r, b, j, k = grid.unbind(-1)
+        inputs = self.input_tokens()
+        layer = torch.tensor(self.row_layer)
+        index = torch.tensor(self.row_index)
+
+        def names(ids: torch.Tensor | None) -> list[str]:
+            if ids is None:
+                return [""] * len(b)
+            sel = ids.cpu()[b, k]
+            return display_tokens(self.tokenizer, sel) if self.tokenizer is not None else [str(i) for i in sel.tolist()]
+
+        return pd.DataFrame(
+            {
+                "component": [self.labels[i] for i in r.tolist()],
+                "row": r.numpy(),
+                "layer": layer[r].numpy(),
+                "index": index[r].numpy(),
+                "prompt": b.numpy(),
+                "position": self.positions.cpu()[b, j].numpy(),
+                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                "pair": k.numpy(),
+                "pair_label": [self.pair_labels[i] for i in k.tolist()],
+                "correct": names(self.correct_ids),
+                "incorrect": names(self.incorrect_ids),
+                "attribution": self.attribution.cpu()[r, b, j, k].numpy(),
+                "total": self.total.cpu()[b, j, k].numpy(),
+            }
+        )
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """Heads: :func:`tl_logitlens.plotting.head_grid_figure`; components and neurons:
+        :func:`tl_logitlens.plotting.component_bars_figure`."""
+        if self.unit in _HEAD_UNITS:
+            from tl_logitlens.plotting import head_grid_figure
+
+            return head_grid_figure(self, **kwargs)
+        from tl_logitlens.plotting import component_bars_figure
+
+        return component_bars_figure(self, **kwargs)
+
+
+@dataclass(frozen=True)
+class ComponentLensResult:
+    """Per component (or head) and read position: the tokens its output promotes and suppresses.
+
+    Each row's output is read through the final norm's cached scale and ``W_U`` (the direct effect
+    of that row on every logit; rows add up to the model's logits before any soft cap). Fields:
+
+    - ``unit``: ``"component"`` or ``"head"``; ``labels``, ``row_layer``, ``row_index`` as in
+      :class:`AttributionResult` (for ``"head"``: the heads first, then the other rows).
+    - ``promoted_ids``, ``promoted_logits``: ``[row, batch, pos, k]``, the ``k`` tokens whose
+      logit the row raises most, in logits, largest first.
+    - ``suppressed_ids``, ``suppressed_logits``: the ``k`` it lowers most, most negative first.
+    - padding (``valid`` False): ids -1, logits NaN.
+    """
+
+    unit: str
+    labels: tuple[str, ...]
+    row_layer: tuple[int, ...]
+    row_index: tuple[int, ...]
+    promoted_ids: Int[torch.Tensor, "row batch pos k"]
+    promoted_logits: Float[torch.Tensor, "row batch pos k"]
+    suppressed_ids: Int[torch.Tensor, "row batch pos k"]
+    suppressed_logits: Float[torch.Tensor, "row batch pos k"]
+    positions: Int[torch.Tensor, "batch pos"]
+    valid: Bool[torch.Tensor, "batch pos"]
+    tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def input_tokens(self) -> list[list[str]]:
+        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
+        return _input_tokens(self.positions, self.str_tokens)
+
+    def _strings(self, ids: torch.Tensor) -> list:
+        flat = display_tokens(self.tokenizer, ids.clamp(min=0).reshape(-1))
+        r_n, b_n, p_n, k = ids.shape
+        it = iter(flat)
+        return [
+            [[[next(it) for _ in range(k)] for _ in range(p_n)] for _ in range(b_n)] for _ in range(r_n)
+        ]
+
+    def promoted_tokens(self) -> list:
+        """Promoted tokens as strings, nested ``[row][batch][pos][k]``."""
+        return self._strings(self.promoted_ids)
+
+    def suppressed_tokens(self) -> list:
+        """Suppressed tokens as strings, nested ``[row][batch][pos][k]``."""
+        return self._strings(self.suppressed_ids)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format, one row per component × prompt × position × effect × rank; padding left out.
+
+        Columns: ``component``, ``row``, ``layer``, ``index``, ``prompt``, ``position``,
+        ``input_token``, ``effect`` (``"promoted"``/``"suppressed"``), ``rank``, ``token_id``,
+        ``token``, ``logit``.
+        """
+        import pandas as pd
+
+        frames = []
+        inputs = self.input_tokens()
+        for effect, ids, vals in (
+            ("promoted", self.promoted_ids, self.promoted_logits),
+            ("suppressed", self.suppressed_ids, self.suppressed_logits),
+        ):
+            r_n, b_n, p_n, k_n = ids.shape
+            grid = torch.cartesian_prod(
+                torch.arange(r_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
+            ).reshape(-1, 4)
+            grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
+            r, b, j, k = grid.unbind(-1)
+            sel = ids.cpu()[r, b, j, k]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "component": [self.labels[i] for i in r.tolist()],
+                        "row": r.numpy(),
+                        "layer": torch.tensor(self.row_layer)[r].numpy(),
+                        "index": torch.tensor(self.row_index)[r].numpy(),
+                        "prompt": b.numpy(),
+                        "position": self.positions.cpu()[b, j].numpy(),
+                        "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                        "effect": effect,
+                        "rank": (k + 1).numpy(),
+                        "token_id": sel.numpy(),
+                        "token": display_tokens(self.tokenizer, sel),
+                        "logit": vals.cpu()[r, b, j, k].numpy(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """See :func:`tl_logitlens.plotting.component_lens_figure`."""
+        from tl_logitlens.plotting import component_lens_figure
+
+        return component_lens_figure(self, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_unit(unit: object, allowed: tuple[str, ...]) -> None:
+    if unit not in allowed:
+        raise ValueError(f"unknown unit {unit!r}; use one of {list(allowed)}")
+
+
+def _has_pos_embed(model: Any) -> bool:
+    """Whether a learned positional embedding is added to the residual stream."""
+    return model.cfg.positional_embedding_type == "standard"
+
+
+def _has_mlp(model: Any) -> bool:
+    return not model.cfg.attn_only
+
+
+def _final_hook(model: Any) -> str:
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def _hooks(model: Any, unit: str) -> list[str]:
+    hooks = ["hook_embed"]
+    if _has_pos_embed(model):
+        hooks.append("hook_pos_embed")
+    for layer in range(model.cfg.n_layers):
+        hooks.append(f"blocks.{layer}.hook_attn_out")
+        if _has_mlp(model):
+            hooks.append(f"blocks.{layer}.hook_mlp_out")
+        if unit in _HEAD_UNITS:
+            hooks.append(f"blocks.{layer}.attn.hook_z")
+        if unit == "head_source":
+            hooks += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+        if unit == "neuron":
+            hooks.append(f"blocks.{layer}.mlp.hook_post")
+    hooks.append(_final_hook(model))
+    if has_final_norm(model):
+        hooks.append("ln_final.hook_scale")
+    return hooks
+
+
+def _check_unit_support(model: Any, cache: Any, unit: str) -> None:
+    """Clear errors for units this model or this cache cannot serve."""
+    n_layers = model.cfg.n_layers
+    if unit == "neuron":
+        if not _has_mlp(model):
+            raise ValueError(
+                "unit='neuron' attributes to MLP neurons, and this model is attention-only; use "
+                "unit='head' or unit='component'"
+            )
+        for layer, block in enumerate(model.blocks):
+            mlp = block.mlp
+            if not (hasattr(mlp, "hook_post") and isinstance(getattr(mlp, "W_out", None), torch.Tensor)):
+                raise ValueError(
+                    f"unit='neuron' needs each MLP's hook_post (the activations W_out multiplies), and "
+                    f"layer {layer}'s MLP ({type(mlp).__name__}) has no hook_post with a dense W_out "
+                    "(e.g. a mixture of experts); use unit='component'"
+                )
+    if cache is None:
+        return
+    keys = set(cache.keys())
+    if unit == "head_source":
+        missing = [
+            h
+            for layer in range(n_layers)
+            for h in (f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v")
+            if h not in keys
+        ]
+        if missing:
+            raise ValueError(
+                "unit='head_source' splits each head over source positions with its attention pattern "
+                f"and value vectors, and this cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                "cache them (run_with_cache without a names_filter that drops hook_pattern/hook_v), "
+                "or leave cache=None"
+            )
+    if unit == "neuron":
+        missing = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+        missing = [h for h in missing if h not in keys]
+        if missing:
+            raise ValueError(
+                f"unit='neuron' reads the MLP activations (hook_post), and this cache lacks "
+                f"{missing[:4]}{' ...' if len(missing) > 4 else ''}; cache them or leave cache=None"
+            )
+
+
+def _check_soft_cap(model: Any) -> None:
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        raise ValueError(
+            f"this model soft-caps its logits (output_logits_soft_cap={cap}), so its final logits are "
+            "not a sum of component contributions; direct logit attribution would not add up. Use "
+            "logit_diff for the per-layer view"
+        )
+
+
+def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Guard the identities the attribution rests on; a failure means an unsupported architecture."""
+    err = float((actual - expected).abs().nan_to_num(0.0).max()) if actual.numel() else 0.0
+    tol = 1e-3 * (1.0 + float(expected.abs().nan_to_num(0.0).max()))
+    if err > tol:
+        raise ValueError(
+            f"{what} (off by {err:.3g} logits): this architecture writes to the residual stream in a "
+            "way direct logit attribution does not model here; please report it with the model name"
+        )
+
+
+def _prepare(
+    model: Any,
+    inputs: Inputs,
+    cache: Any,
+    unit: str,
+    positions: PositionSpec,
+    prepend_bos: bool | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    check_model(model)
+    _check_soft_cap(model)
+    batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    pos_index, valid = resolve_positions(positions, batch)
+    _check_unit_support(model, cache, unit)
+    hooks = _hooks(model, unit)
+    if cache is None:
+        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
+    else:
+        check_cache(cache, model, hooks, batch.tokens)
+    return batch, cache, pos_index, valid
+
+
+# ----------------------------------------------------------------------------------------------
+# attribution
+
+
+@dataclass
+class _Rows:
+    """Rows as they are computed: the grid blocks (one per layer) and the other rows."""
+
+    grid: list[torch.Tensor] = field(default_factory=list)
+    sources: list[torch.Tensor] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, label: str, layer: int, value: torch.Tensor) -> None:
+        self.labels.append(label)
+        self.layers.append(layer)
+        self.values.append(value)
+
+
+@torch.inference_mode()
+def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: torch.Tensor) -> _Rows:
+    rows = _Rows()
+
+    def at(hook: str) -> torch.Tensor:
+        return gather_rows(cache[hook], pos_index)
+
+    rows.add("embed", -1, ro.states(at("hook_embed")))
+    if _has_pos_embed(model):
+        rows.add("pos_embed", -1, ro.states(at("hook_pos_embed")))
+    for layer, block in enumerate(model.blocks):
+        b_O = ro.vector(block.attn.b_O)
+        heads_sum = ro.states(at(f"blocks.{layer}.hook_attn_out")) - b_O
+        if unit in _HEAD_UNITS:
+            vecs = head_vectors(block.attn.W_O, ro.g)
+            heads = head_contributions(at(f"blocks.{layer}.attn.hook_z"), vecs, ro.inv_scale)
+            _check_sum(heads.sum(0), heads_sum, f"layer {layer}'s heads do not add up to its attention output")
+            rows.grid.append(heads)
+            if unit == "head_source":
+                pattern = cache[f"blocks.{layer}.attn.hook_pattern"].permute(0, 2, 1, 3)
+                pattern_rows = gather_rows(pattern, pos_index).permute(0, 2, 1, 3)
+                v = cache[f"blocks.{layer}.attn.hook_v"].float()
+                src = head_source_contributions(pattern_rows, v, vecs, ro.inv_scale)
+                _check_sum(src.sum(1), heads, f"layer {layer}'s source terms do not add up to its heads")
+                rows.sources.append(src)
+        else:
+            rows.add(f"{layer}_attn_out", layer, heads_sum)
+        rows.add(f"{layer}_attn_b_O", layer, b_O)
+        if not _has_mlp(model):
+            continue
+        mlp_out = ro.states(at(f"blocks.{layer}.hook_mlp_out"))
+        if unit == "neuron":
+            b_out = ro.vector(block.mlp.b_out)
+            neurons = neuron_contributions(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, ro.g, ro.inv_scale)
+            _check_sum(neurons.sum(0) + b_out, mlp_out, f"layer {layer}'s neurons do not add up to its MLP output")
+            rows.grid.append(neurons)
+            rows.add(f"{layer}_mlp_b_out", layer, b_out)
+        else:
+            rows.add(f"{layer}_mlp_out", layer, mlp_out)
+    # the residual stream must be exactly the sum of what was written to it
+    written = torch.stack(rows.values).sum(0)
+    if rows.grid:
+        written = written + torch.stack([g.sum(0) for g in rows.grid]).sum(0)
+    _check_sum(
+        written,
+        ro.states(at(_final_hook(model))),
+        "the embeddings, attention and MLP outputs do not add up to the final residual stream",
+    )
+    if final_norm_bias(model) is not None:
+        rows.add("final_norm_bias", -1, ro.constant(ro.norm_bias))
+    if getattr(model, "b_U", None) is not None:
+        rows.add("unembed_bias", -1, ro.constant(ro.unembed_bias))
+    return rows
+
+
+@torch.inference_mode()
+def _model_total(
+    model: Any, cache: Any, pos_index: torch.Tensor, c_ids: torch.Tensor, i_ids: torch.Tensor | None
+) -> Float[torch.Tensor, "batch n pair"]:
+    """The model's own final logit (difference): its final norm and unembedding on the final stream."""
+    final = cache[_final_hook(model)]
+    b = torch.arange(final.shape[0], device=final.device)[:, None]
+    x = final[b, pos_index]
+    normed = (model.ln_final(x) if has_final_norm(model) else x).float()
+
+    def logit(ids: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(normed, unembed_columns(model, ids).transpose(-1, -2)) + unembed_bias(model, ids)[:, None]
+
+    out = logit(c_ids)
+    return out if i_ids is None else out - logit(i_ids)
+
+
+@no_type_check  # checks its own arguments (see lens.logit_lens)
+def direct_logit_attribution(
+    model: Any,
+    inputs: Inputs,
+    correct: object,
+    incorrect: object = None,
+    *,
+    unit: str = "component",
+    positions: PositionSpec = "last",
+    per_prompt: bool = False,
+    cache: Any = None,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> AttributionResult:
+    """Split the final logit of ``correct`` (minus that of ``incorrect``) into exact direct contributions.
+
+    The final norm is applied with its cached scale (the one the model computed on its final
+    residual stream), which makes it linear, so the rows add up to the model's own final value at
+    each read position (``result.unexplained`` is float rounding). Every bias is a row of its own:
+    each layer's attention output bias, the final norm's bias (unfolded LayerNorm models, through
+    ``W_U``) and the unembedding bias; the norm's gain is applied on unfolded models. Units:
+
+    - ``"component"``: embeddings, each layer's attention output (heads only) and MLP output.
+    - ``"head"``: one row per (layer, head) from the cached ``z``: ``z · W_O[h] g / s`` with
+      ``g = centre(w ⊙ (W_U[:, c] - W_U[:, i]))``, only at the read positions, so the
+      ``[layer·head, batch, pos, d_model]`` stack is never built. ``grid()`` gives
+      ``[layer, head, batch, pos, pair]``.
+    - ``"head_source"``: as ``"head"``, plus each head split over source positions (attention
+      weight × value vector) in ``source_attribution``; memory grows as
+      ``layer·head·seq·batch·pos``, so read few positions.
+    - ``"neuron"``: one row per MLP neuron, ``post · W_out[n] g / s``, where ``post`` is the MLP's
+      ``hook_post``: for gated MLPs (LLaMA) TransformerLens stores ``act(x W_gate) * (x W_in) + b_in``
+      there, exactly what ``W_out`` multiplies, so gated neurons are exact too. Each layer's
+      ``b_out`` is a row; ``top(k)`` ranks neurons over all layers.
+
+    Args:
+        correct, incorrect: as in :func:`tl_logitlens.logit_diff`; ``incorrect=None`` attributes
+            the logit of ``correct`` alone.
+        positions: ``"last"`` (default), ``None`` (all), an int or a list of ints.
+        per_prompt: ``correct``/``incorrect`` give one token (or list) per prompt.
+        cache: an ``ActivationCache`` of these inputs on this model (computed when omitted).
+    """
+    _check_unit(unit, UNITS)
+    batch, cache, pos_index, valid = _prepare(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    n_batch = batch.tokens.shape[0]
+    pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt, allow_no_incorrect=True)
+    direction = unembed_columns(model, pairs.correct)
+    bias = unembed_bias(model, pairs.correct)
+    if pairs.incorrect is not None:
+        direction = direction - unembed_columns(model, pairs.incorrect)
+        bias = bias - unembed_bias(model, pairs.incorrect)
+    ro = cached_readout(model, cache, direction, bias, pos_index)
+    rows = _attribute(model, cache, unit, ro, pos_index)
+    c_ids = pairs.correct.expand(n_batch, -1).clone()
+    i_ids = None if pairs.incorrect is None else pairs.incorrect.expand(n_batch, -1).clone()
+    total = _model_total(model, cache, pos_index, c_ids, i_ids)
+
+    n_layers = model.cfg.n_layers
+    labels, layers, index, blocks = [], [], [], []
+    grid_size = None
+    if rows.grid:
+        width = rows.grid[0].shape[0]
+        grid_size = (n_layers, width)
+        letter = "N" if unit == "neuron" else "H"
+        for layer in range(n_layers):
+            labels += [f"L{layer}{letter}{i}" for i in range(width)]
+            layers += [layer] * width
+            index += list(range(width))
+        blocks.append(torch.cat(rows.grid))
+    labels += rows.labels
+    layers += rows.layers
+    index += [-1] * len(rows.labels)
+    blocks.append(torch.stack(rows.values))
+    attribution = torch.cat(blocks)
+
+    nan = torch.full((), float("nan"), device=attribution.device)
+    keep = valid[..., None]
+    source = None
+    if rows.sources:
+        source = torch.stack(rows.sources)  # [layer, head, seq, batch, n, pair]
+        source = torch.where(keep, source, nan)
+    return AttributionResult(
+        unit=unit,
+        metric="logit" if i_ids is None else "logit_diff",
+        labels=tuple(labels),
+        row_layer=tuple(layers),
+        row_index=tuple(index),
+        attribution=torch.where(keep, attribution, nan),
+        total=torch.where(keep, total, nan),
+        grid_size=grid_size,
+        source_attribution=source,
+        positions=pos_index,
+        valid=valid,
+        tokens=batch.tokens,
+        str_tokens=batch.str_tokens,
+        correct_ids=c_ids,
+        incorrect_ids=i_ids,
+        pair_labels=pairs.labels,
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=getattr(model, "tokenizer", None),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# component lens
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One row of the component lens: per-row pre-norm states, a pre-norm constant (a bias added
+    before the final norm), a post-norm constant (the final norm's bias) or a logit constant (b_U)."""
+
+    label: str
+    layer: int
+    index: int
+    kind: str
+    value: torch.Tensor
+
+
+def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> Iterator[_Term]:
+    def at(hook: str) -> torch.Tensor:
+        return gather_rows(cache[hook], pos_index)
+
+    if unit == "head":
+        for layer, block in enumerate(model.blocks):
+            z = at(f"blocks.{layer}.attn.hook_z")
+            result = torch.einsum("bnhe,hem->hbnm", z, block.attn.W_O.detach().float())
+            for h in range(result.shape[0]):
+                yield _Term(f"L{layer}H{h}", layer, h, "state", result[h])
+    yield _Term("embed", -1, -1, "state", at("hook_embed"))
+    if _has_pos_embed(model):
+        yield _Term("pos_embed", -1, -1, "state", at("hook_pos_embed"))
+    for layer, block in enumerate(model.blocks):
+        b_O = block.attn.b_O.detach().float()
+        if unit == "component":
+            yield _Term(f"{layer}_attn_out", layer, -1, "state", at(f"blocks.{layer}.hook_attn_out") - b_O)
+        yield _Term(f"{layer}_attn_b_O", layer, -1, "vector", b_O)
+        if _has_mlp(model):
+            yield _Term(f"{layer}_mlp_out", layer, -1, "state", at(f"blocks.{layer}.hook_mlp_out"))
+    b = final_norm_bias(model)
+    if b is not None:
+        yield _Term("final_norm_bias", -1, -1, "post", b.detach().float())
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        yield _Term("unembed_bias", -1, -1, "logit", b_U.detach().float())
+
+
+@torch.inference_mode()
+def _term_logits(
+    model: Any, term: _Term, inv_scale: torch.Tensor, sl: slice, w_u: torch.Tensor
+) -> Float[torch.Tensor, "rows d_vocab"]:
+    """The term's direct effect on every logit at the flattened read rows ``sl``."""
+    n_rows = inv_scale[sl].shape[0]
+    if term.kind == "logit":
+        return term.value[None].expand(n_rows, -1)
+    if term.kind == "post":
+        return (term.value @ w_u)[None].expand(n_rows, -1)
+    x = term.value if term.kind == "vector" else term.value.reshape(-1, term.value.shape[-1])[sl]
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    w = getattr(model.ln_final, "w", None) if has_final_norm(model) else None
+    if w is not None:
+        x = x * w.detach().float()
+    logits = x @ w_u
+    if term.kind == "vector":
+        logits = logits[None]
+    return logits * inv_scale[sl, None]
+
+
+@no_type_check  # checks its own arguments (see lens.logit_lens)
+def component_lens(
+    model: Any,
+    inputs: Inputs,
+    *,
+    unit: str = "component",
+    top_k: int = 10,
+    positions: PositionSpec = "last",
+    cache: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> ComponentLensResult:
+    """The tokens each component's (or head's) output promotes and suppresses, per read position.
+
+    Each row (the same rows as :func:`direct_logit_attribution` with ``unit="component"`` or
+    ``"head"``) is centred (LayerNorm), divided by the final norm's cached scale, multiplied by its
+    gain and projected with ``W_U``: its direct effect on every logit, in logits. The rows' effects
+    add up to the model's logits (before any soft cap). ``chunk_size`` read rows are projected to the
+    vocabulary at a time, so memory stays at ``chunk_size · d_vocab`` floats per step.
+    """
+    check_model(model)
+    _check_unit(unit, LENS_UNITS)
+    d_vocab = model.cfg.d_vocab
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+        raise ValueError(f"top_k must be an int between 1 and d_vocab={d_vocab}, got {top_k!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    pos_index, valid = resolve_positions(positions, batch)
+    hooks = _hooks(model, "head" if unit == "head" else "component")
+    if cache is None:
+        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
+    else:
+        check_cache(cache, model, hooks, batch.tokens)
+    n_batch, n = pos_index.shape
+    if has_final_norm(model):
+        inv_scale = 1.0 / gather_rows(cache["ln_final.hook_scale"], pos_index)[..., 0].reshape(-1)
+    else:
+        inv_scale = torch.ones(n_batch * n, device=pos_index.device)
+    w_u = model.W_U.detach().float()
+    labels, layers, index = [], [], []
+    top_i, top_v, bot_i, bot_v = [], [], [], []
+    with torch.inference_mode():
+        for term in _lens_terms(model, cache, unit, pos_index):
+            labels.append(term.label)
+            layers.append(term.layer)
+            index.append(term.index)
+            parts = [[], [], [], []]
+            for start in range(0, n_batch * n, chunk_size):
+                logits = _term_logits(model, term, inv_scale, slice(start, start + chunk_size), w_u)
+                hi = logits.topk(top_k, dim=-1)
+                lo = logits.topk(top_k, dim=-1, largest=False)
+                for p, t in zip(parts, (hi.indices, hi.values, lo.indices, lo.values)):
+                    p.append(t)
+            for acc, p in zip((top_i, top_v, bot_i, bot_v), parts):
+                acc.append(torch.cat(p).reshape(n_batch, n, top_k))
+
+    keep = valid[None, ..., None]
+
+    def finish(parts: list[torch.Tensor], fill: float | int) -> torch.Tensor:
+        t = torch.stack(parts)
+        return torch.where(keep, t, torch.full((), fill, dtype=t.dtype, device=t.device))
+
+    nan = float("nan")
+    return ComponentLensResult(
+        unit=unit,
+        labels=tuple(labels),
+        row_layer=tuple(layers),
+        row_index=tuple(index),
+        promoted_ids=finish(top_i, -1),
+        promoted_logits=finish(top_v, nan),
+        suppressed_ids=finish(bot_i, -1),
+        suppressed_logits=finish(bot_v, nan),
+        positions=pos_index,
+        valid=valid,
+        tokens=batch.tokens,
+        str_tokens=batch.str_tokens,
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=getattr(model, "tokenizer", None),
+    )

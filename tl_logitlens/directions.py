@@ -1,0 +1,431 @@
+"""Logit differences and arbitrary directions read at every site of the residual stream.
+
+:func:`logit_diff` answers "from which layer on does the model prefer the answer to the
+distractor?"; :func:`direction_lens` reads the normalised residual stream along any vector (a token
+pair's unembedding difference, a probe, a steering vector). Both return a :class:`DirectionResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, no_type_check
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from tl_logitlens._dla import unembed_bias, unembed_columns
+from tl_logitlens._pairs import check_direction, resolve_pairs
+from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
+from tl_logitlens.readout import (
+    check_cache,
+    check_model,
+    check_norm,
+    normalise,
+    required_hooks,
+    resolve_sites,
+    run_cache,
+)
+from tl_logitlens.tokens import display_tokens
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+NORM_VIEWS = (
+    'norm="recompute" (the default) is the lens view: each site\'s residual state goes through the '
+    "final norm with its own statistics, exactly as if the model stopped there, so the value at a "
+    "site is what an early exit would score. It is non-linear: the values of two sites do not "
+    "differ by what the layers between them wrote, and they are not sums of components. "
+    'norm="cached" divides every state by the scale the final norm computed on the final residual '
+    "stream (LayerNorm centring, the norm's gain and bias included); that is linear, so the value "
+    "at a site is exactly the sum of the direct logit attributions of the components written before "
+    "it (plus the bias rows), and the difference between two sites is what the layers between them "
+    "wrote directly. Both agree at final_post, where they equal the model's own logit difference; "
+    "earlier they can differ in size and even in sign, because an early state's own norm is not the "
+    "final one. Use recompute to ask 'what would the model say here', cached to ask 'how much of the "
+    "final answer has been written by here'."
+)
+
+
+@dataclass(frozen=True)
+class DirectionResult:
+    """A scalar per site, prompt, read position and pair (or direction).
+
+    Fields (dims as in TransformerLens; ``pos`` runs over the *read* positions, ``positions[b, j]``
+    is the token position of column ``j`` of prompt ``b``):
+
+    - ``kind``: ``"logit_diff"`` (``logit(correct) - logit(incorrect)``, in logits) or
+      ``"direction"`` (the normalised residual stream dotted with a user vector, in that vector's
+      units: logits when it is an unembedding difference).
+    - ``labels``: site labels, as in :class:`~tl_logitlens.lens.LensResult` (``"0_pre"``, ...,
+      ``"final_post"``).
+    - ``values``: ``[site, batch, pos, pair]``; NaN where ``valid`` is False (padding).
+    - ``mean``, ``ci_low``, ``ci_high``: ``[site, pos, pair]``, the mean over prompts and a
+      percentile bootstrap confidence interval for it (``n_bootstrap`` resamples of the prompts
+      with replacement, ``ci_level`` coverage, ``torch.Generator`` seeded with ``seed``; with one
+      prompt the interval collapses to the mean).
+    - ``pair_labels``: one readable label per pair (``"' Paris' - ' Rome'"``) or direction.
+    - ``correct_ids``, ``incorrect_ids``: ``[batch, pair]`` token ids (None for directions).
+    - ``norm``: ``"recompute"``, ``"cached"`` or ``"none"`` (see :data:`NORM_VIEWS`);
+      ``include_bias``: whether ``b_U`` is in the logits (logit differences only).
+    """
+
+    kind: str
+    labels: tuple[str, ...]
+    values: Float[torch.Tensor, "site batch pos pair"]
+    mean: Float[torch.Tensor, "site pos pair"]
+    ci_low: Float[torch.Tensor, "site pos pair"]
+    ci_high: Float[torch.Tensor, "site pos pair"]
+    ci_level: float
+    n_bootstrap: int
+    seed: int
+    positions: Int[torch.Tensor, "batch pos"]
+    valid: Bool[torch.Tensor, "batch pos"]
+    tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    pair_labels: tuple[str, ...]
+    correct_ids: Int[torch.Tensor, "batch pair"] | None
+    incorrect_ids: Int[torch.Tensor, "batch pair"] | None
+    norm: str
+    include_bias: bool
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def input_tokens(self) -> list[list[str]]:
+        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
+        out = []
+        for b, row in enumerate(self.positions.tolist()):
+            toks = self.str_tokens[b]
+            out.append([toks[p] if p < len(toks) else "" for p in row])
+        return out
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format, one row per site × prompt × read position × pair; padding left out.
+
+        Columns: ``site``, ``site_index``, ``prompt``, ``position``, ``input_token``, ``pair``,
+        ``pair_label``, ``correct``, ``incorrect`` (token strings; empty for directions), ``value``.
+        """
+        import pandas as pd
+
+        s_n, b_n, p_n, k_n = self.values.shape
+        grid = torch.cartesian_prod(
+            torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
+        ).reshape(-1, 4)
+        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
+        s, b, j, k = grid.unbind(-1)
+        inputs = self.input_tokens()
+
+        def names(ids: torch.Tensor | None) -> list[str]:
+            if ids is None:
+                return [""] * len(b)
+            return display_tokens(self.tokenizer, ids.cpu()[b, k]) if self.tokenizer is not None else [
+                str(i) for i in ids.cpu()[b, k].tolist()
+            ]
+
+        return pd.DataFrame(
+            {
+                "site": [self.labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                "prompt": b.numpy(),
+                "position": self.positions.cpu()[b, j].numpy(),
+                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                "pair": k.numpy(),
+                "pair_label": [self.pair_labels[i] for i in k.tolist()],
+                "correct": names(self.correct_ids),
+                "incorrect": names(self.incorrect_ids),
+                "value": self.values.cpu()[s, b, j, k].numpy(),
+            }
+        )
+
+    def summary_dataframe(self) -> pd.DataFrame:
+        """One row per site × read-position column × pair: ``mean``, ``ci_low``, ``ci_high``, ``n_prompts``."""
+        import pandas as pd
+
+        s_n, p_n, k_n = self.mean.shape
+        grid = torch.cartesian_prod(torch.arange(s_n), torch.arange(p_n), torch.arange(k_n)).reshape(-1, 3)
+        s, j, k = grid.unbind(-1)
+        n_valid = self.valid.cpu().sum(0)
+        return pd.DataFrame(
+            {
+                "site": [self.labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                "pos_column": j.numpy(),
+                "pair": k.numpy(),
+                "pair_label": [self.pair_labels[i] for i in k.tolist()],
+                "mean": self.mean.cpu()[s, j, k].numpy(),
+                "ci_low": self.ci_low.cpu()[s, j, k].numpy(),
+                "ci_high": self.ci_high.cpu()[s, j, k].numpy(),
+                "n_prompts": n_valid[j].numpy(),
+            }
+        )
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """Mean value per site with its confidence band; see :func:`tl_logitlens.plotting.logit_diff_figure`."""
+        from tl_logitlens.plotting import logit_diff_figure
+
+        return logit_diff_figure(self, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Summary:
+    mean: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+def bootstrap_mean(
+    values: Float[torch.Tensor, "site batch pos pair"],
+    valid: Bool[torch.Tensor, "batch pos"],
+    n_bootstrap: int,
+    ci_level: float,
+    seed: int,
+) -> _Summary:
+    """Mean over prompts and its percentile bootstrap interval (prompts resampled with replacement).
+
+    Resample ``r`` weights prompt ``b`` by how often it was drawn, ``counts[r, b]``; its mean is
+    ``Σ_b counts·value / Σ_b counts·valid``, one matmul for all resamples.
+    """
+    n_batch = values.shape[1]
+    w = valid.float().to(values.device)
+    filled = torch.where(w[None, :, :, None] > 0, values, torch.zeros((), device=values.device))
+    mean = filled.sum(1) / w.sum(0)[None, :, None]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n_batch, (n_bootstrap, n_batch), generator=gen)
+    counts = torch.zeros(n_bootstrap, n_batch).scatter_add_(1, idx, torch.ones(n_bootstrap, n_batch))
+    counts = counts.to(values.device)
+    num = torch.einsum("rb,sbjk->rsjk", counts, filled)
+    den = counts @ w  # [r, pos]
+    boot = num / den[:, None, :, None]
+    alpha = (1.0 - ci_level) / 2
+    q = torch.tensor([alpha, 1.0 - alpha], device=values.device)
+    low, high = torch.nanquantile(boot, q, dim=0)
+    return _Summary(mean=mean, low=low, high=high)
+
+
+def _check_bootstrap(n_bootstrap: object, ci_level: object, seed: object) -> None:
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be a positive int, got {n_bootstrap!r}")
+    if isinstance(ci_level, bool) or not isinstance(ci_level, (int, float)) or not 0 < ci_level < 1:
+        raise ValueError(f"ci_level must be a number strictly between 0 and 1 (e.g. 0.95), got {ci_level!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
+def _prepare(
+    model: Any,
+    inputs: Inputs,
+    cache: Any,
+    sites: str | Sequence[str],
+    norm: str,
+    positions: PositionSpec,
+    prepend_bos: bool | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    check_model(model)
+    check_norm(norm)
+    site_list = resolve_sites(model, sites)
+    batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    pos_index, valid = resolve_positions(positions, batch)
+    hooks = required_hooks(model, site_list, norm)
+    if cache is None:
+        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
+    else:
+        check_cache(cache, model, hooks, batch.tokens)
+    return site_list, batch, cache, pos_index, valid
+
+
+@torch.inference_mode()
+def _normed_sites(
+    model: Any, cache: Any, site_list: Sequence[Any], norm: str, pos_index: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each site's normalised state at the read rows, ``[batch, n, d_model]`` float32."""
+    n_batch, n = pos_index.shape
+    rows_b = torch.arange(n_batch, device=pos_index.device).repeat_interleave(n)
+    rows_p = pos_index.reshape(-1)
+    out = []
+    for site in site_list:
+        states = cache[site.hook][rows_b, rows_p][None]
+        normed = normalise(model, cache, states, norm, rows_b, rows_p)[0]
+        out.append(normed.float().reshape(n_batch, n, -1))
+    return out
+
+
+def _finish(
+    kind: str,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    n_bootstrap: int,
+    ci_level: float,
+    seed: int,
+    **fields: Any,
+) -> DirectionResult:
+    values = torch.where(valid[None, :, :, None], values, torch.full((), float("nan"), device=values.device))
+    summary = bootstrap_mean(values, valid, n_bootstrap, float(ci_level), seed)
+    return DirectionResult(
+        kind=kind,
+        values=values,
+        mean=summary.mean,
+        ci_low=summary.low,
+        ci_high=summary.high,
+        ci_level=float(ci_level),
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        valid=valid,
+        **fields,
+    )
+
+
+@no_type_check  # checks its own arguments (see lens.logit_lens)
+def logit_diff(
+    model: Any,
+    inputs: Inputs,
+    correct: object,
+    incorrect: object,
+    *,
+    positions: PositionSpec = "last",
+    norm: str = "recompute",
+    sites: str | Sequence[str] = "resid_pre",
+    include_bias: bool = True,
+    per_prompt: bool = False,
+    cache: Any = None,
+    n_bootstrap: int = 1000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> DirectionResult:
+    """``logit(correct) - logit(incorrect)`` read at every site of the residual stream, in logits.
+
+    Each site's state is normalised (``norm``), unembedded with ``W_U`` (plus ``b_U`` when
+    ``include_bias``; soft-capped where the model soft-caps its logits) and the two logits
+    subtracted; at ``final_post`` this is the model's own logit difference.
+
+    norm="recompute" (the default) is the lens view: each site's residual state goes through the
+    final norm with its own statistics, exactly as if the model stopped there, so the value at a
+    site is what an early exit would score. It is non-linear: the values of two sites do not differ
+    by what the layers between them wrote, and they are not sums of components. norm="cached"
+    divides every state by the scale the final norm computed on the final residual stream
+    (LayerNorm centring, the norm's gain and bias included); that is linear, so the value at a site
+    is exactly the sum of the direct logit attributions of the components written before it (plus
+    the bias rows), and the difference between two sites is what the layers between them wrote
+    directly. Both agree at final_post, where they equal the model's own logit difference; earlier
+    they can differ in size and even in sign, because an early state's own norm is not the final
+    one. Use recompute to ask "what would the model say here", cached to ask "how much of the final
+    answer has been written by here". (The same paragraph is :data:`NORM_VIEWS`.)
+
+    Args:
+        correct, incorrect: the answer and the distractor: token strings (each exactly one token)
+            or ids; lists of equal length for several pairs shared by every prompt; or, with
+            ``per_prompt=True``, one token (or one list of tokens) per prompt, e.g. IOI batches
+            where each prompt has its own names. A tensor ``[batch]``/``[batch, pair]`` of ids
+            also works with ``per_prompt=True``.
+        positions: ``"last"`` (each prompt's last real token, the default), ``None`` (all), an int
+            or a list of ints (negative counts back from each prompt's end).
+        sites: as in :func:`~tl_logitlens.logit_lens` (``"resid_pre"``: every layer's input, then
+            ``final_post``).
+        n_bootstrap, ci_level, seed: the percentile bootstrap over prompts behind ``ci_low``/``ci_high``.
+
+    Returns:
+        A :class:`DirectionResult` with ``values[site, batch, pos, pair]``.
+    """
+    _check_bootstrap(n_bootstrap, ci_level, seed)
+    site_list, batch, cache, pos_index, valid = _prepare(
+        model, inputs, cache, sites, norm, positions, prepend_bos, attention_mask
+    )
+    n_batch = batch.tokens.shape[0]
+    pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt)
+    w_c, w_i = unembed_columns(model, pairs.correct), unembed_columns(model, pairs.incorrect)
+    zero = torch.zeros(pairs.correct.shape, device=w_c.device)
+    b_c = unembed_bias(model, pairs.correct) if include_bias else zero
+    b_i = unembed_bias(model, pairs.incorrect) if include_bias else zero
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    values = []
+    for normed in _normed_sites(model, cache, site_list, norm, pos_index):
+        l_c = torch.matmul(normed, w_c.transpose(-1, -2)) + b_c[:, None, :]
+        l_i = torch.matmul(normed, w_i.transpose(-1, -2)) + b_i[:, None, :]
+        if cap > 0:
+            l_c, l_i = cap * torch.tanh(l_c / cap), cap * torch.tanh(l_i / cap)
+        values.append(l_c - l_i)
+    c_ids = pairs.correct.expand(n_batch, -1)
+    i_ids = pairs.incorrect.expand(n_batch, -1)
+    return _finish(
+        "logit_diff",
+        torch.stack(values),
+        valid,
+        n_bootstrap,
+        ci_level,
+        seed,
+        labels=tuple(s.label for s in site_list),
+        positions=pos_index,
+        tokens=batch.tokens,
+        str_tokens=batch.str_tokens,
+        pair_labels=pairs.labels,
+        correct_ids=c_ids.clone(),
+        incorrect_ids=i_ids.clone(),
+        norm=norm,
+        include_bias=include_bias,
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=getattr(model, "tokenizer", None),
+    )
+
+
+@no_type_check  # checks its own arguments (see lens.logit_lens)
+def direction_lens(
+    model: Any,
+    inputs: Inputs,
+    direction: object,
+    *,
+    direction_labels: Sequence[str] | None = None,
+    positions: PositionSpec = "last",
+    norm: str = "recompute",
+    sites: str | Sequence[str] = "resid_pre",
+    cache: Any = None,
+    n_bootstrap: int = 1000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> DirectionResult:
+    """Each site's normalised residual stream dotted with ``direction``.
+
+    ``direction`` is a ``[d_model]`` vector (or ``[n, d_model]`` for several) in the space the
+    unembedding reads, i.e. *after* the final norm: ``W_U[:, a] - W_U[:, b]`` gives the logit
+    difference of ``a`` over ``b`` without ``b_U``; a probe or steering vector trained on the raw
+    residual stream is read with ``norm="none"``. ``norm`` is as in :func:`logit_diff` (the final
+    norm's bias is part of the normalised state). The result's ``pair`` dimension runs over the
+    directions.
+    """
+    _check_bootstrap(n_bootstrap, ci_level, seed)
+    dirs = check_direction(model, direction)
+    if direction_labels is None:
+        direction_labels = tuple(f"direction {i}" for i in range(dirs.shape[0]))
+    else:
+        if isinstance(direction_labels, str) or len(direction_labels) != dirs.shape[0]:
+            raise ValueError(
+                f"direction_labels must be a list with one label per direction ({dirs.shape[0]})"
+            )
+        direction_labels = tuple(str(s) for s in direction_labels)
+    site_list, batch, cache, pos_index, valid = _prepare(
+        model, inputs, cache, sites, norm, positions, prepend_bos, attention_mask
+    )
+    values = torch.stack([normed @ dirs.T for normed in _normed_sites(model, cache, site_list, norm, pos_index)])
+    return _finish(
+        "direction",
+        values,
+        valid,
+        n_bootstrap,
+        ci_level,
+        seed,
+        labels=tuple(s.label for s in site_list),
+        positions=pos_index,
+        tokens=batch.tokens,
+        str_tokens=batch.str_tokens,
+        pair_labels=direction_labels,
+        correct_ids=None,
+        incorrect_ids=None,
+        norm=norm,
+        include_bias=False,
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=getattr(model, "tokenizer", None),
+    )
