@@ -72,6 +72,10 @@ def load_model(
         raise ValueError(
             f"no folder at {name!r}; pass an existing local checkpoint folder, or a model name like 'gpt2'"
         )
+    from tl_logitlens.encoders import is_encoder_name, load_encoder
+
+    if is_encoder_name(name):  # BERT/RoBERTa masked LMs: HookedEncoder, not HookedTransformer
+        return load_encoder(name, device=device, dtype=torch_dtype, **kwargs)
     return _load_named(name, device, torch_dtype, **kwargs)
 
 
