@@ -147,6 +147,13 @@ def check_model(model: Any) -> None:
             f"expected a TransformerLens model (HookedTransformer or TransformerBridge), not "
             f"{type(model).__name__}; load one with tl_logitlens.load_model(...)"
         )
+    from tl_logitlens._compat import is_encoder
+
+    if is_encoder(model):
+        raise TypeError(
+            "this is a masked language model (HookedEncoder: BERT, RoBERTa), which predicts masked tokens, "
+            "not the next one; use tl_logitlens.masked_lens or tl_logitlens.sliding_mask_lens"
+        )
     if model.training:
         raise ValueError(
             "the model is in training mode, where dropout changes the numbers; call model.eval() first"

@@ -1,0 +1,658 @@
+"""The logit lens for masked language models (BERT, RoBERTa as ``HookedEncoder``).
+
+Mask a word, then read every layer's guess for the hole: each residual state is sent through the
+model's own masked-LM head (``dense → GELU → LayerNorm → W_U + b_U``), exactly as the model treats
+its last layer, so the last site reproduces the model's logits.
+
+What post-LN means for this lens: in BERT and RoBERTa every block ends with a LayerNorm, so each
+state between blocks is already normalised, and there is no final LayerNorm to choose how to apply
+(the ``norm`` option of the causal lens has no counterpart here). The MLM head's own LayerNorm comes
+*after* its dense layer and GELU, so it is part of the readout, applied to every site alike. The
+sites are the embedding output (after the embedding LayerNorm, label ``0_pre``), the input of each
+later block (``l_pre`` = output of block ``l - 1``), and the last block's output (``final_post``).
+The labels match the causal lens's default ``resid_pre`` sites, so depth indices line up.
+
+Log-probs and entropies are in nats; ranks count from 1 (the top token) over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union, no_type_check
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from tl_logitlens import _compat
+from tl_logitlens.readout import Site, check_cache
+from tl_logitlens.tokens import display_tokens
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+MaskSpec = Union[None, int, str, Sequence[Union[int, str]]]
+TargetSpec = Union[None, str, int, Sequence[Union[str, int]]]
+DEFAULT_CHUNK_SIZE = 16
+
+
+def encoder_sites(model: Any) -> tuple[Site, ...]:
+    """The embedding output and every block's output, in depth order."""
+    n = model.cfg.n_layers
+    sites = [Site(f"{layer}_pre", f"blocks.{layer}.hook_resid_pre") for layer in range(n)]
+    sites.append(Site("final_post", f"blocks.{n - 1}.hook_normalized_resid_post"))
+    return tuple(sites)
+
+
+def mlm_logits(model: Any, states: Float[torch.Tensor, "row d_model"]) -> Float[torch.Tensor, "row d_vocab"]:
+    """The model's masked-LM head on residual states, as float32 logits (the model's own modules)."""
+    return model.unembed(model.mlm_head(states[None]))[0].float()
+
+
+def check_encoder(model: Any, what: str = "masked_lens") -> None:
+    if not hasattr(model, "cfg") or not hasattr(model, "run_with_cache"):
+        raise TypeError(
+            f"{what} expects a TransformerLens HookedEncoder, not {type(model).__name__}; load one with "
+            "tl_logitlens.load_model('bert-base-cased') or a local *ForMaskedLM folder"
+        )
+    if not _compat.is_encoder(model):
+        raise TypeError(
+            f"{what} needs a masked language model (a HookedEncoder such as BERT or RoBERTa), but got a "
+            f"{type(model).__name__}, which predicts the next token; use tl_logitlens.logit_lens for it"
+        )
+    if model.training:
+        raise ValueError("the model is in training mode, where dropout changes the numbers; call model.eval() first")
+    if getattr(model, "tokenizer", None) is None or model.tokenizer.mask_token_id is None:
+        raise ValueError("the model has no tokenizer with a mask token; set one with model.set_tokenizer(...)")
+
+
+def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value} must be between {low} and {high}" if high else f"{name} must be >= {low}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    tokens: torch.Tensor  # [batch, seq], right-padded
+    mask: torch.Tensor  # [batch, seq] bool
+    texts: tuple[str, ...] | None
+    offsets: tuple[tuple[tuple[int, int], ...], ...] | None
+
+
+def _encode(model: Any, inputs: object, attention_mask: torch.Tensor | None) -> _Encoded:
+    tok = model.tokenizer
+    cfg = model.cfg
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dtype.is_floating_point or inputs.dtype == torch.bool:
+            raise TypeError(f"token tensors must hold integer ids, not {inputs.dtype}")
+        tokens = inputs[None] if inputs.ndim == 1 else inputs
+        if tokens.ndim != 2 or tokens.numel() == 0:
+            raise ValueError(f"token tensors must be a non-empty [pos] or [batch, pos], got {tuple(inputs.shape)}")
+        bad = (tokens < 0) | (tokens >= cfg.d_vocab)
+        if bool(bad.any()):
+            raise ValueError(f"token id {int(tokens[bad][0])} is outside the vocabulary [0, {cfg.d_vocab})")
+        if attention_mask is None:
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+        else:
+            mask = attention_mask[None] if attention_mask.ndim == 1 else attention_mask
+            if mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have {tuple(tokens.shape)}")
+            mask = mask.bool()
+            lengths = mask.sum(-1)
+            if not torch.equal(mask, torch.arange(mask.shape[1])[None].to(mask.device) < lengths[:, None]):
+                raise ValueError("attention_mask must be right-padded: ones, then zeros, in every row")
+        encoded = _Encoded(tokens.long().cpu(), mask.cpu(), None, None)
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for token-tensor inputs; text is padded and masked for you")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, Sequence) or len(texts) == 0:
+            raise TypeError("inputs must be a string, a non-empty list of strings or a token tensor")
+        rows, offsets = [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"prompt {i} is a {type(text).__name__}; prompts must be strings")
+            if not text.strip():
+                raise ValueError(f"prompt {i} is empty; give at least one word of text")
+            fast = getattr(tok, "is_fast", False)
+            enc = tok(text, add_special_tokens=True, return_offsets_mapping=fast)
+            rows.append(list(enc["input_ids"]))
+            offsets.append(tuple(tuple(o) for o in enc["offset_mapping"]) if fast else None)
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+        encoded = _Encoded(tokens, mask, tuple(texts), None if None in offsets else tuple(offsets))
+    if encoded.tokens.shape[1] > cfg.n_ctx:
+        raise ValueError(
+            f"the input is {encoded.tokens.shape[1]} tokens long but the model's context is {cfg.n_ctx}; "
+            "shorten it, nothing is truncated for you"
+        )
+    return encoded
+
+
+def _forbidden_ids(tok: Any) -> set[int]:
+    """Special tokens that are never a word to mask: [CLS]/[SEP]/<s>/</s>/pad (not [MASK] or [UNK])."""
+    keep = {tok.mask_token_id, tok.unk_token_id}
+    return {int(i) for i in tok.all_special_ids if i not in keep}
+
+
+def _word_position(enc: _Encoded, tok: Any, b: int, word: str) -> int:
+    if enc.texts is None or enc.offsets is None:
+        raise ValueError(
+            f"the word {word!r} can only be found in text (with a fast tokenizer); for token tensors give "
+            "mask_positions as integers"
+        )
+    text, offs = enc.texts[b], enc.offsets[b]
+    spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", text)]
+    if not spans:
+        raise ValueError(f"the word {word!r} does not occur in prompt {b} ({text!r}); pass a word of the text")
+    if len(spans) > 1:
+        raise ValueError(
+            f"the word {word!r} occurs {len(spans)} times in prompt {b}; pass the position to mask as an int"
+        )
+    start, end = spans[0]
+    hit = [i for i, (s, e) in enumerate(offs) if e > s and s < end and e > start]
+    if len(hit) != 1:
+        pieces = display_tokens(tok, [int(enc.tokens[b, i]) for i in hit])
+        raise ValueError(
+            f"the word {word!r} is {len(hit)} tokens here {pieces}; mask one of them by position, or choose a "
+            "one-token word"
+        )
+    return hit[0]
+
+
+def _mask_positions(
+    spec: MaskSpec, enc: _Encoded, tok: Any
+) -> tuple[Int[torch.Tensor, "batch n"], Bool[torch.Tensor, "batch n"]]:
+    """Positions to read in each prompt, and which are real (prompts may hold different numbers of masks)."""
+    n_batch = enc.tokens.shape[0]
+    lengths = enc.mask.sum(-1).tolist()
+    per_row: list[list[int]] = []
+    if spec is None:
+        for b in range(n_batch):
+            row = (enc.tokens[b, : lengths[b]] == tok.mask_token_id).nonzero().reshape(-1).tolist()
+            if not row:
+                raise ValueError(
+                    f"prompt {b} has no mask token ({tok.mask_token!r}) and no mask_positions were given; write "
+                    f"{tok.mask_token} in the text, or pass mask_positions (an int position or a word of the text)"
+                )
+            per_row.append(row)
+    else:
+        items = [spec] if isinstance(spec, (int, str)) else spec
+        if isinstance(items, torch.Tensor):
+            items = items.reshape(-1).tolist()
+        if not isinstance(items, Sequence) or len(items) == 0:
+            raise ValueError("mask_positions must be an int, a word, or a non-empty list of them")
+        forbidden = _forbidden_ids(tok)
+        for b in range(n_batch):
+            row = []
+            for item in items:
+                if isinstance(item, bool) or not isinstance(item, (int, str)):
+                    raise TypeError(f"mask positions are ints or words, not {item!r}")
+                if isinstance(item, str):
+                    p = _word_position(enc, tok, b, item)
+                else:
+                    p = item + lengths[b] if item < 0 else item
+                    if not 0 <= p < lengths[b]:
+                        raise ValueError(
+                            f"mask position {item} is out of range for prompt {b}, which has {lengths[b]} tokens "
+                            f"(special tokens included); use positions in [1, {lengths[b] - 2}]"
+                        )
+                tid = int(enc.tokens[b, p])
+                if tid in forbidden:
+                    raise ValueError(
+                        f"mask position {item} of prompt {b} holds the special token "
+                        f"{tok.convert_ids_to_tokens(tid)!r}; mask a word of the text instead"
+                    )
+                if p in row:
+                    raise ValueError(f"mask_positions names position {p} twice")
+                row.append(p)
+            per_row.append(row)
+    width = max(len(r) for r in per_row)
+    positions = torch.zeros(n_batch, width, dtype=torch.long)
+    valid = torch.zeros(n_batch, width, dtype=torch.bool)
+    for b, row in enumerate(per_row):
+        positions[b, : len(row)] = torch.tensor(row)
+        valid[b, : len(row)] = True
+    return positions, valid
+
+
+def resolve_mlm_target(model: Any, target: object) -> int:
+    """One token id from a word that is exactly one token (no special tokens added) or an id."""
+    d_vocab = model.cfg.d_vocab
+    if isinstance(target, bool):
+        raise TypeError(f"target {target!r} is a bool; pass a word or a token id")
+    if isinstance(target, int):
+        if not 0 <= target < d_vocab:
+            raise ValueError(f"target id {target} is outside the vocabulary [0, {d_vocab})")
+        return target
+    if isinstance(target, str):
+        if not target:
+            raise ValueError("target is an empty string; pass one word")
+        ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = display_tokens(model.tokenizer, ids)
+            raise ValueError(
+                f"target {target!r} is {len(ids)} tokens {pieces}, not one; pass a one-token word or a token id "
+                "(byte-level vocabularies such as RoBERTa's spell a word after a space as ' word')"
+            )
+        tok = model.tokenizer
+        if ids[0] == tok.unk_token_id and target != tok.unk_token:
+            raise ValueError(
+                f"target {target!r} is not in the vocabulary (it becomes {tok.unk_token!r}); pass a word the "
+                "tokenizer knows, or a token id"
+            )
+        return int(ids[0])
+    raise TypeError(f"target must be a word or a token id, not {type(target).__name__}")
+
+
+@dataclass(frozen=True)
+class _Rows:
+    top_ids: torch.Tensor  # [site, row, k]
+    top_logprobs: torch.Tensor
+    entropy: torch.Tensor  # [site, row]
+    kl_to_final: torch.Tensor
+    query_logprobs: torch.Tensor  # [site, row, q]
+    query_ranks: torch.Tensor
+    tracked_ids: torch.Tensor  # [row, n_track]
+    tracked_logprobs: torch.Tensor  # [site, row, n_track]
+    full_logprobs: torch.Tensor | None  # [site, row, d_vocab]
+
+
+@torch.inference_mode()
+def _read_rows(
+    model: Any,
+    cache: Any,
+    sites: Sequence[Site],
+    batch_index: Int[torch.Tensor, " row"],
+    pos_index: Int[torch.Tensor, " row"],
+    query: Int[torch.Tensor, "row q"],
+    top_k: int,
+    n_track: int,
+    chunk_size: int,
+    keep_logprobs: bool,
+) -> _Rows:
+    """Project each (site, row) through the MLM head and reduce its log-softmax to the lens metrics."""
+    n_rows, n_sites = batch_index.shape[0], len(sites)
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in _Rows.__dataclass_fields__}
+    for start in range(0, n_rows, chunk_size):
+        b, p, q = (t[start : start + chunk_size] for t in (batch_index, pos_index, query))
+        lp = torch.stack(
+            [torch.log_softmax(mlm_logits(model, cache[s.hook][b, p]), dim=-1) for s in sites]
+        )  # [site, chunk, d_vocab]
+        probs = lp.exp()
+        top_lp, top_ids = lp.topk(top_k, dim=-1)
+        outs["top_ids"].append(top_ids)
+        outs["top_logprobs"].append(top_lp)
+        outs["entropy"].append(-(probs * lp).sum(-1))
+        outs["kl_to_final"].append((probs[-1] * (lp[-1] - lp)).sum(-1))
+        qlp = lp.gather(-1, q[None].expand(n_sites, -1, -1))
+        outs["query_logprobs"].append(qlp)
+        outs["query_ranks"].append(_ranks(lp, qlp))
+        tracked = lp.amax(0).topk(n_track, dim=-1).indices  # [chunk, n_track]
+        outs["tracked_ids"].append(tracked)
+        outs["tracked_logprobs"].append(lp.gather(-1, tracked[None].expand(n_sites, -1, -1)))
+        if keep_logprobs:
+            outs["full_logprobs"].append(lp)
+    cat = {k: torch.cat(v, dim=0 if k == "tracked_ids" else 1) for k, v in outs.items() if v}
+    return _Rows(**{k: cat.get(k) for k in _Rows.__dataclass_fields__})
+
+
+def _ranks(lp: Float[torch.Tensor, "site row d_vocab"], qlp: Float[torch.Tensor, "site row q"]) -> torch.Tensor:
+    """1 + the number of tokens with a strictly larger log-prob, for each query column."""
+    return 1 + torch.stack([(lp > qlp[..., i : i + 1]).sum(-1) for i in range(qlp.shape[-1])], dim=-1)
+
+
+def _run(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str]) -> Any:
+    wanted = set(hooks)
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted, "return_type": None}
+    if not bool(mask.all()):
+        kwargs["one_zero_attention_mask"] = mask.long()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, **kwargs)
+    return cache
+
+
+@dataclass(frozen=True)
+class MaskedLensResult:
+    """Per site, prompt and masked position: the MLM head's prediction for the hole.
+
+    Tensors are indexed ``[site, batch, mask]``; ``mask_positions[b, j]`` is the token position of
+    hole ``j`` in prompt ``b`` and ``valid`` marks real holes (prompts may hold different numbers).
+    ``original_ids`` is the token that stood there before masking (-1 where the text already held
+    the mask token). ``tracked_ids`` are the ``n_track`` tokens with the largest probability at
+    *any* site (their maximum over layers), and ``tracked_logprobs`` their log-probs at every site.
+    Invalid entries: ids -1, values NaN. Log-probs and entropy in nats; ranks from 1.
+    """
+
+    labels: tuple[str, ...]
+    tokens: Int[torch.Tensor, "batch seq"]
+    original_tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    mask_positions: Int[torch.Tensor, "batch mask"]
+    valid: Bool[torch.Tensor, "batch mask"]
+    original_ids: Int[torch.Tensor, "batch mask"]
+    top_ids: Int[torch.Tensor, "site batch mask k"]
+    top_logprobs: Float[torch.Tensor, "site batch mask k"]
+    entropy: Float[torch.Tensor, "site batch mask"]
+    kl_to_final: Float[torch.Tensor, "site batch mask"]
+    original_logprobs: Float[torch.Tensor, "site batch mask"]
+    original_ranks: Int[torch.Tensor, "site batch mask"]
+    target_ids: Int[torch.Tensor, " target"] | None
+    target_logprobs: Float[torch.Tensor, "site batch mask target"] | None
+    target_ranks: Int[torch.Tensor, "site batch mask target"] | None
+    tracked_ids: Int[torch.Tensor, "batch mask track"]
+    tracked_logprobs: Float[torch.Tensor, "site batch mask track"]
+    full_logprobs: Float[torch.Tensor, "site batch mask d_vocab"] | None = field(default=None, repr=False)
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def predicted_ids(self) -> Int[torch.Tensor, "site batch mask"]:
+        return self.top_ids[..., 0]
+
+    def top_tokens(self, prompt: int = 0, mask: int = 0) -> list[list[str]]:
+        """The top-k tokens of one hole at each site, ``[site][k]``."""
+        return [display_tokens(self.tokenizer, self.top_ids[s, prompt, mask]) for s in range(len(self.labels))]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × prompt × hole × top-k rank.
+
+        Columns: ``site``, ``site_index``, ``prompt``, ``mask_index``, ``position``, ``original_token``,
+        ``rank``, ``token_id``, ``token``, ``logprob``, ``prob``, ``entropy``, ``kl_to_final``,
+        ``original_logprob``, ``original_rank``.
+        """
+        import pandas as pd
+
+        rows = []
+        for s, label in enumerate(self.labels):
+            for b, j in self.valid.nonzero().tolist():
+                orig = int(self.original_ids[b, j])
+                orig_tok = display_tokens(self.tokenizer, [orig])[0] if orig >= 0 else ""
+                ids = self.top_ids[s, b, j].tolist()
+                for r, (tid, tok) in enumerate(zip(ids, display_tokens(self.tokenizer, ids))):
+                    lp = float(self.top_logprobs[s, b, j, r])
+                    rows.append(
+                        {
+                            "site": label, "site_index": s, "prompt": b, "mask_index": j,
+                            "position": int(self.mask_positions[b, j]), "original_token": orig_tok,
+                            "rank": r + 1, "token_id": tid, "token": tok, "logprob": lp,
+                            "prob": float(torch.tensor(lp).exp()),
+                            "entropy": float(self.entropy[s, b, j]), "kl_to_final": float(self.kl_to_final[s, b, j]),
+                            "original_logprob": float(self.original_logprobs[s, b, j]),
+                            "original_rank": int(self.original_ranks[s, b, j]),
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """The laminar profile of one hole; see :func:`tl_logitlens.plotting.masked.profile_figure`."""
+        from tl_logitlens.profile import depth_profile
+
+        target = kwargs.pop("target", None)
+        return depth_profile(self, target=target).plot(**kwargs)
+
+    def plot_vocab(self, site: str | int = -1, prompt: int = 0, mask: int = 0, **kwargs: Any) -> go.Figure:
+        """The full-vocabulary log-softmax at one site, target highlighted (needs ``keep_logprobs=True``)."""
+        from tl_logitlens.plotting.masked import vocab_figure
+
+        return vocab_figure(self, site=site, prompt=prompt, mask=mask, **kwargs)
+
+
+def _check_common(model: Any, top_k: object, chunk_size: object, n_track: object) -> None:
+    check_encoder(model)
+    _check_int(top_k, "top_k", 1, model.cfg.d_vocab)
+    _check_int(chunk_size, "chunk_size", 1)
+    _check_int(n_track, "n_track", 1, model.cfg.d_vocab)
+
+
+@no_type_check  # checks its own arguments with messages that say what to do
+def masked_lens(
+    model: Any,
+    text_or_tokens: str | Sequence[str] | torch.Tensor,
+    *,
+    mask_positions: MaskSpec = None,
+    targets: TargetSpec = None,
+    top_k: int = 5,
+    n_track: int = 5,
+    cache: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    keep_logprobs: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> MaskedLensResult:
+    """The logit lens of a masked LM at its holes: every layer's guess for each masked token.
+
+    Args:
+        model: a ``HookedEncoder`` (BERT, RoBERTa) in eval mode.
+        text_or_tokens: a string, a list of strings (right-padded, masked from attention), or token ids
+            including the special tokens ([CLS]/[SEP], <s>/</s>).
+        mask_positions: where to put the hole: a token position (counting the leading special token;
+            negative counts back from the end), a word of the text (it must occur once and be one
+            token), or a list of these (several holes at once). ``None``: the text already holds the
+            mask token, and every mask token is read.
+        targets: words (each one token) or ids whose log-prob and rank are reported at each hole.
+        n_track: how many tokens to track by their maximum probability over the sites.
+        cache: an ``ActivationCache`` of the *masked* tokens (``result.tokens``) on this model.
+        keep_logprobs: keep the full ``[site, batch, mask, d_vocab]`` log-softmax (for ``plot_vocab``).
+        chunk_size: rows projected at once; peak memory about ``3 · n_sites · chunk_size · d_vocab · 4`` bytes.
+    """
+    _check_common(model, top_k, chunk_size, n_track)
+    tok = model.tokenizer
+    enc = _encode(model, text_or_tokens, attention_mask)
+    positions, valid = _mask_positions(mask_positions, enc, tok)
+    device = torch.device(model.cfg.device)
+    rows_b, rows_j = valid.nonzero(as_tuple=True)
+    rows_p = positions[rows_b, rows_j]
+    original = enc.tokens[rows_b, rows_p]
+    masked = enc.tokens.clone()
+    masked[rows_b, rows_p] = tok.mask_token_id
+    known = original != tok.mask_token_id
+    if targets is None:
+        target_ids = None
+    else:
+        items = [targets] if isinstance(targets, (str, int)) else list(targets)
+        if not items:
+            raise ValueError("targets is empty; pass a word, an id, or a list of them")
+        target_ids = torch.tensor([resolve_mlm_target(model, t) for t in items])
+    sites = encoder_sites(model)
+    hooks = [s.hook for s in sites]
+    tokens_dev, mask_dev = masked.to(device), enc.mask.to(device)
+    if cache is None:
+        cache = _run(model, tokens_dev, mask_dev, hooks)
+    else:
+        check_cache(cache, model, hooks, tokens_dev)
+        with torch.inference_mode():
+            embedded = model.embed(tokens_dev)[rows_b.to(device), rows_p.to(device)]
+        cached = cache["blocks.0.hook_resid_pre"][rows_b.to(device), rows_p.to(device)]
+        if not torch.allclose(embedded, cached, atol=1e-4, rtol=1e-4):
+            raise ValueError(
+                "the cache does not hold the masked tokens at the holes; compute it on the masked input "
+                "(model.run_with_cache(tokens_with_mask)), or leave cache=None"
+            )
+    query = original.clamp(min=0)[:, None]
+    if target_ids is not None:
+        query = torch.cat([query, target_ids[None].expand(len(original), -1)], dim=-1)
+    r = _read_rows(
+        model, cache, sites, rows_b.to(device), rows_p.to(device), query.to(device), top_k, n_track,
+        chunk_size, keep_logprobs,
+    )
+    n_sites, (n_batch, n_mask) = len(sites), positions.shape
+    nan = float("nan")
+
+    def scatter(values: torch.Tensor, fill: float, site_dim: bool = True) -> torch.Tensor:
+        values = values.cpu()
+        lead = (n_sites,) if site_dim else ()
+        out = torch.full((*lead, n_batch, n_mask, *values.shape[len(lead) + 1 :]), fill, dtype=values.dtype)
+        if site_dim:
+            out[:, rows_b, rows_j] = values
+        else:
+            out[rows_b, rows_j] = values
+        return out
+
+    orig_lp = torch.where(known.to(r.query_logprobs.device), r.query_logprobs[..., 0], nan)
+    orig_rank = torch.where(known.to(r.query_ranks.device), r.query_ranks[..., 0], -1)
+    return MaskedLensResult(
+        labels=tuple(s.label for s in sites),
+        tokens=masked,
+        original_tokens=enc.tokens,
+        str_tokens=tuple(
+            tuple(display_tokens(tok, row[m].tolist())) for row, m in zip(masked, enc.mask)
+        ),
+        mask_positions=torch.where(valid, positions, -1),
+        valid=valid,
+        original_ids=scatter(torch.where(known, original, -1), -1, site_dim=False),
+        top_ids=scatter(r.top_ids, -1),
+        top_logprobs=scatter(r.top_logprobs, nan),
+        entropy=scatter(r.entropy, nan),
+        kl_to_final=scatter(r.kl_to_final, nan),
+        original_logprobs=scatter(orig_lp, nan),
+        original_ranks=scatter(orig_rank, -1),
+        target_ids=target_ids,
+        target_logprobs=None if target_ids is None else scatter(r.query_logprobs[..., 1:], nan),
+        target_ranks=None if target_ids is None else scatter(r.query_ranks[..., 1:], -1),
+        tracked_ids=scatter(r.tracked_ids, -1, site_dim=False),
+        tracked_logprobs=scatter(r.tracked_logprobs, nan),
+        full_logprobs=None if r.full_logprobs is None else scatter(r.full_logprobs, nan),
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=tok,
+    )
+
+
+@dataclass(frozen=True)
+class SlidingMaskResult:
+    """Each non-special token of one text masked in turn, read at its own hole at every site.
+
+    Tensors are indexed ``[site, pos]`` where ``pos`` runs over the masked positions
+    (``positions[j]`` is the token position). ``predicted_ids`` is the top-1 token; ``max_logprobs``
+    its log-prob (the maximum log-prob over the vocabulary); ``original_logprobs``/``original_ranks``
+    are those of the token that stood there. Log-probs in nats; ranks from 1.
+    """
+
+    labels: tuple[str, ...]
+    tokens: Int[torch.Tensor, " seq"]
+    str_tokens: tuple[str, ...]
+    positions: Int[torch.Tensor, " pos"]
+    original_ids: Int[torch.Tensor, " pos"]
+    top_ids: Int[torch.Tensor, "site pos k"]
+    top_logprobs: Float[torch.Tensor, "site pos k"]
+    entropy: Float[torch.Tensor, "site pos"]
+    original_logprobs: Float[torch.Tensor, "site pos"]
+    original_ranks: Int[torch.Tensor, "site pos"]
+    tracked_ids: Int[torch.Tensor, "pos track"]
+    tracked_logprobs: Float[torch.Tensor, "site pos track"]
+    model_name: str = ""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def predicted_ids(self) -> Int[torch.Tensor, "site pos"]:
+        return self.top_ids[..., 0]
+
+    @property
+    def max_logprobs(self) -> Float[torch.Tensor, "site pos"]:
+        return self.top_logprobs[..., 0]
+
+    def original_tokens(self) -> list[str]:
+        return display_tokens(self.tokenizer, self.original_ids)
+
+    def predicted_tokens(self) -> list[list[str]]:
+        """The top-1 token at each site and position, ``[site][pos]``."""
+        return [display_tokens(self.tokenizer, row) for row in self.predicted_ids]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × masked position.
+
+        Columns: ``site``, ``site_index``, ``position``, ``original_token``, ``predicted_token``,
+        ``predicted_id``, ``max_logprob``, ``original_logprob``, ``original_rank``, ``entropy``.
+        """
+        import pandas as pd
+
+        originals = self.original_tokens()
+        predicted = self.predicted_tokens()
+        rows = []
+        for s, label in enumerate(self.labels):
+            for j, p in enumerate(self.positions.tolist()):
+                rows.append(
+                    {
+                        "site": label, "site_index": s, "position": p, "original_token": originals[j],
+                        "predicted_token": predicted[s][j], "predicted_id": int(self.predicted_ids[s, j]),
+                        "max_logprob": float(self.max_logprobs[s, j]),
+                        "original_logprob": float(self.original_logprobs[s, j]),
+                        "original_rank": int(self.original_ranks[s, j]), "entropy": float(self.entropy[s, j]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """The text heatmap; see :func:`tl_logitlens.plotting.masked.sliding_text_heatmap`."""
+        from tl_logitlens.plotting.masked import sliding_text_heatmap
+
+        return sliding_text_heatmap(self, **kwargs)
+
+
+@no_type_check
+def sliding_mask_lens(
+    model: Any,
+    text: str | torch.Tensor,
+    *,
+    top_k: int = 1,
+    n_track: int = 3,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SlidingMaskResult:
+    """Mask each non-special token of ``text`` in turn and read every layer's guess at the hole.
+
+    All masked copies (one per non-special token) go through the model in one batched forward; copy
+    ``j`` is read only at its own hole. Special tokens ([CLS], [SEP], <s>, </s>, pads) are never masked.
+    """
+    _check_common(model, top_k, chunk_size, n_track)
+    tok = model.tokenizer
+    if isinstance(text, torch.Tensor):
+        if text.ndim == 2 and text.shape[0] == 1:
+            text = text[0]
+        if text.ndim != 1:
+            raise ValueError(f"sliding_mask_lens reads one text; pass a string or a [pos] tensor, not {tuple(text.shape)}")
+    elif not isinstance(text, str):
+        raise TypeError(f"sliding_mask_lens reads one text (a string or a [pos] token tensor), not {type(text).__name__}")
+    enc = _encode(model, text, None)
+    tokens = enc.tokens[0]
+    forbidden = _forbidden_ids(tok)
+    positions = torch.tensor([i for i, t in enumerate(tokens.tolist()) if t not in forbidden], dtype=torch.long)
+    if positions.numel() == 0:
+        raise ValueError("the text has no token to mask (only special tokens)")
+    n = positions.shape[0]
+    copies = tokens[None].repeat(n, 1)
+    rows = torch.arange(n)
+    copies[rows, positions] = tok.mask_token_id
+    original = tokens[positions]
+    device = torch.device(model.cfg.device)
+    sites = encoder_sites(model)
+    cache = _run(model, copies.to(device), torch.ones_like(copies, dtype=torch.bool).to(device), [s.hook for s in sites])
+    r = _read_rows(
+        model, cache, sites, rows.to(device), positions.to(device), original[:, None].to(device), top_k,
+        n_track, chunk_size, False,
+    )
+    known = (original != tok.mask_token_id).to(r.query_logprobs.device)
+    return SlidingMaskResult(
+        labels=tuple(s.label for s in sites),
+        tokens=tokens,
+        str_tokens=tuple(display_tokens(tok, tokens)),
+        positions=positions,
+        original_ids=original,
+        top_ids=r.top_ids.cpu(),
+        top_logprobs=r.top_logprobs.cpu(),
+        entropy=r.entropy.cpu(),
+        original_logprobs=torch.where(known, r.query_logprobs[..., 0], float("nan")).cpu(),
+        original_ranks=torch.where(known, r.query_ranks[..., 0], -1).cpu(),
+        tracked_ids=r.tracked_ids.cpu(),
+        tracked_logprobs=r.tracked_logprobs.cpu(),
+        model_name=getattr(model.cfg, "model_name", ""),
+        tokenizer=tok,
+    )
