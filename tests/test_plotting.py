@@ -1,0 +1,350 @@
+"""Figures: structure, and that what they draw is exactly the result's fields (read, not recomputed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import tl_logitlens as tl
+from tests.helpers import SENTENCES, assert_close
+from tl_logitlens.plotting import (
+    cell_text,
+    component_bars_figure,
+    component_lens_figure,
+    head_grid_figure,
+    lens_heatmap,
+    logit_diff_figure,
+    save_figures,
+    target_trajectory,
+    text_heatmap,
+    top_token_evolution,
+)
+
+PROMPTS = SENTENCES[:3]
+
+
+@pytest.fixture(scope="module")
+def lens(ln_model):
+    return tl.logit_lens(ln_model, PROMPTS, targets=[" the", " and"], top_k=4)
+
+
+@pytest.fixture(scope="module")
+def plain(ln_model):
+    return tl.logit_lens(ln_model, PROMPTS[0], top_k=3)
+
+
+def _cols(result, b):
+    return [j for j in range(result.valid.shape[1]) if bool(result.valid[b, j])]
+
+
+def _heatmap(fig):
+    assert len(fig.data) == 1 and isinstance(fig.data[0], go.Heatmap)
+    return fig.data[0]
+
+
+def _z(trace):
+    return torch.tensor([[math.nan if v is None else v for v in row] for row in trace.z], dtype=torch.float64)
+
+
+def test_cell_text_escapes_markup_and_control_characters():
+    assert cell_text(" the") == " the"
+    assert cell_text("<b>x</b>") == "&lt;b&gt;x&lt;/b&gt;"
+    assert cell_text("a&b") == "a&amp;b"
+    assert cell_text("\n\t\r") == "↵⇥␍"
+    assert cell_text("\x1e\x7f\x85") == "␞␡\\x85"
+
+
+@pytest.mark.parametrize("prompt", [0, 2])
+def test_lens_heatmap_cells_are_the_top_tokens_and_colour_is_top_prob(lens, prompt):
+    fig = lens_heatmap(lens, prompt=prompt)
+    hm = _heatmap(fig)
+    cols = _cols(lens, prompt)
+    top = lens.top_tokens()
+    # rows: sites in depth order, the first at the bottom (plotly draws y from the bottom up)
+    assert list(hm.y) == list(lens.labels)
+    assert fig.layout.yaxis.autorange in (None, True)
+    expected = [[cell_text(top[s][prompt][j][0]) for j in cols] for s in range(len(lens.labels))]
+    assert [list(r) for r in hm.text] == expected
+    assert hm.texttemplate == "%{text}"
+    assert list(fig.layout.xaxis.ticktext) == [cell_text(lens.input_tokens()[prompt][j]) for j in cols]
+    assert_close(_z(hm), lens.top_logprobs[:, prompt, cols, 0].exp().double(), atol=1e-12, rtol=0)
+    assert (hm.zmin, hm.zmax) == (0.0, 1.0)
+    assert fig.layout.xaxis.title.text == "input token"
+    assert fig.layout.yaxis.title.text.startswith("layer")
+    # hover: the top-k tokens with their probabilities, for every cell
+    s, c = len(lens.labels) - 1, len(cols) - 1
+    hover = hm.hovertext[s][c]
+    for r in range(lens.top_ids.shape[-1]):
+        p = float(lens.top_probs[s, prompt, cols[c], r])
+        assert f"{r + 1}. '{cell_text(top[s][prompt][cols[c]][r])}'  {p:.3f}" in hover
+
+
+@pytest.mark.parametrize(
+    ("color", "target", "field"),
+    [
+        ("logprob", None, lambda r, b, c: r.top_logprobs[:, b, c, 0]),
+        ("entropy", None, lambda r, b, c: r.entropy[:, b, c]),
+        ("kl", None, lambda r, b, c: r.kl_to_final[:, b, c]),
+        ("prob", " and", lambda r, b, c: r.target_logprobs[:, b, c, 1].exp()),
+        ("logprob", " the", lambda r, b, c: r.target_logprobs[:, b, c, 0]),
+        ("rank", " and", lambda r, b, c: r.target_ranks[:, b, c, 1].double().log10()),
+    ],
+)
+def test_lens_heatmap_colour_equals_the_metric(lens, color, target, field):
+    hm = _heatmap(lens_heatmap(lens, color=color, target=target, prompt=1))
+    cols = _cols(lens, 1)
+    assert_close(_z(hm), field(lens, 1, cols).double(), atol=1e-12, rtol=0)
+
+
+def test_lens_heatmap_rank_defaults_to_the_next_token_without_targets(plain):
+    hm = _heatmap(lens_heatmap(plain, color="rank"))
+    ranks = plain.next_ranks[:, 0].double()
+    expected = torch.where(ranks > 0, ranks.log10(), torch.nan)  # the last token has no next token
+    assert_close(_z(hm), expected, atol=1e-12, rtol=0)
+    assert torch.isnan(_z(hm)[:, -1]).all()
+
+
+def test_lens_heatmap_target_by_id_matches_target_by_string(lens, ln_model):
+    the_id = int(lens.target_ids[0, 0, 0])
+    a = _heatmap(lens_heatmap(lens, color="prob", target=the_id))
+    b = _heatmap(lens_heatmap(lens, color="prob", target=" the"))
+    assert a.z == b.z
+
+
+@pytest.mark.parametrize("long", ["clip", "stride"])
+def test_lens_heatmap_long_prompts_are_clipped_or_strided_with_a_note(lens, long):
+    cols = _cols(lens, 0)
+    fig = lens_heatmap(lens, max_positions=5, long=long)
+    hm = _heatmap(fig)
+    shown = len(hm.x)
+    assert shown <= 5
+    inputs = lens.input_tokens()[0]
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[-1] == cell_text(inputs[cols[-1]])  # the last position is always shown
+    if long == "clip":
+        assert ticks == [cell_text(inputs[j]) for j in cols[-5:]]
+    notes = [a.text for a in fig.layout.annotations]
+    assert len(notes) == 1 and f"of {len(cols)} positions" in notes[0]
+    assert not lens_heatmap(lens).layout.annotations  # no note when everything fits
+
+
+def test_lens_heatmap_reads_48_layers_by_40_positions(ln_model):
+    long = tl.logit_lens(ln_model, " ".join(SENTENCES[:4]), top_k=2)
+    n_pos = long.top_ids.shape[2]
+    assert n_pos > 40
+    reps = 16  # 4 sites (3 layers + final_post) x 16 = 64 rows, more than 48
+    big = replace(
+        long,
+        labels=tuple(f"{i}_pre" for i in range(4 * reps - 1)) + ("final_post",),
+        top_ids=long.top_ids.repeat(reps, 1, 1, 1),
+        top_logprobs=long.top_logprobs.repeat(reps, 1, 1, 1),
+        entropy=long.entropy.repeat(reps, 1, 1),
+        kl_to_final=long.kl_to_final.repeat(reps, 1, 1),
+        next_logprobs=long.next_logprobs.repeat(reps, 1, 1),
+        next_ranks=long.next_ranks.repeat(reps, 1, 1),
+    )
+    fig = lens_heatmap(big)
+    hm = _heatmap(fig)
+    assert len(hm.y) == 64 and len(hm.x) == 40
+    assert fig.layout.height >= 20 * 64 and fig.layout.width >= 60 * 40  # about 20 x 60 px per cell
+    assert f"Showing the last 40 of {n_pos} positions" in fig.layout.annotations[0].text
+
+
+def test_lens_heatmap_errors(lens, plain):
+    with pytest.raises(ValueError, match="color='bogus' is not one of"):
+        lens_heatmap(lens, color="bogus")
+    with pytest.raises(ValueError, match="not one of this result's targets"):
+        lens_heatmap(lens, color="prob", target=" cat")
+    with pytest.raises(ValueError, match="needs to know which target"):
+        lens_heatmap(lens, color="rank")
+    with pytest.raises(ValueError, match="this result has no targets"):
+        lens_heatmap(plain, color="prob", target=" the")
+    with pytest.raises(ValueError, match="prompt=3 is out of range"):
+        lens_heatmap(lens, prompt=3)
+    with pytest.raises(ValueError, match="max_positions must be a positive int"):
+        lens_heatmap(lens, max_positions=0)
+    with pytest.raises(ValueError, match="long='wrap' is not understood"):
+        lens_heatmap(lens, max_positions=2, long="wrap")
+
+
+def test_plot_method_returns_the_heatmap(lens):
+    fig = lens.plot(color="entropy")
+    assert isinstance(fig, go.Figure)
+    assert fig.data[0].z == lens_heatmap(lens, color="entropy").data[0].z
+
+
+def test_target_trajectory_mean_band_and_prompt_lines(lens):
+    fig = target_trajectory(lens)
+    n_sites, n_batch = len(lens.labels), len(PROMPTS)
+    last = [_cols(lens, b)[-1] for b in range(n_batch)]
+    names = [t.name for t in fig.data]
+    for t, tok in enumerate([" the", " and"]):
+        rows = [[float(lens.target_logprobs[s, b, last[b], t]) for b in range(n_batch)] for s in range(n_sites)]
+        mean = [sum(r) / n_batch for r in rows]
+        sd = [math.sqrt(sum((v - m) ** 2 for v in r) / (n_batch - 1)) for r, m in zip(rows, mean)]
+        half = [1.959963984540054 * s / math.sqrt(n_batch) for s in sd]
+        (line,) = [tr for tr in fig.data if tr.name == f"'{tok}' mean over {n_batch} prompts"]
+        assert_close(list(line.y), mean, atol=1e-9, rtol=0)
+        (band,) = [tr for tr in fig.data if tr.name == f"'{tok}' 95% band"]
+        assert_close(list(band.y), [m + h for m, h in zip(mean, half)] + [m - h for m, h in zip(mean, half)][::-1], atol=1e-9, rtol=0)
+        prompt_lines = [tr for tr in fig.data if tr.name.startswith(f"'{tok}' prompt ")]
+        assert len(prompt_lines) == n_batch
+        assert_close(list(prompt_lines[1].y), [r[1] for r in rows], atol=1e-9, rtol=0)
+    assert len(names) == 2 * (n_batch + 2)
+    assert fig.layout.yaxis.title.text == "log-prob (nats)"
+    assert list(fig.layout.xaxis.ticktext) == list(lens.labels)
+
+
+def test_target_trajectory_rank_is_a_geometric_mean_on_a_log_axis(lens):
+    fig = target_trajectory(lens, target=" and", metric="rank", show_prompts=False)
+    last = [_cols(lens, b)[-1] for b in range(len(PROMPTS))]
+    ranks = torch.stack([lens.target_ranks[:, b, last[b], 1] for b in range(len(PROMPTS))], 1).double()
+    (line,) = [tr for tr in fig.data if "geometric mean" in tr.name]
+    assert_close(list(line.y), 10 ** ranks.log10().mean(1), atol=1e-9, rtol=1e-9)
+    assert fig.layout.yaxis.type == "log"
+    assert len(fig.data) == 2  # band and mean, no prompt lines
+
+
+def test_target_trajectory_errors(lens, plain, ln_model):
+    with pytest.raises(ValueError, match="has no targets"):
+        target_trajectory(plain)
+    with pytest.raises(ValueError, match="metric='kl' is not one of"):
+        target_trajectory(lens, metric="kl")
+    with pytest.raises(ValueError, match="was not read by this result"):
+        target_trajectory(tl.logit_lens(ln_model, PROMPTS, targets=[" the"], positions="last"), position=0)
+
+
+def test_top_token_evolution_reads_the_targets_log_probs(ln_model):
+    first = tl.logit_lens(ln_model, PROMPTS[1], positions="last", top_k=6)
+    ids = first.top_ids[-1, 0, 0].tolist()
+    second = tl.logit_lens(ln_model, PROMPTS[1], positions="last", top_k=6, targets=ids)
+    fig = top_token_evolution(second, n=6)
+    hm = _heatmap(fig)
+    assert_close(_z(hm), second.target_logprobs[:, 0, 0, :].exp().T.double(), atol=1e-12, rtol=0)
+    names = tl.display_tokens(ln_model.tokenizer, ids)
+    assert list(fig.layout.yaxis.ticktext) == [f"{r + 1}. {cell_text(t)}" for r, t in enumerate(names)]
+    assert list(hm.x) == list(second.labels)
+    assert fig.layout.yaxis.autorange == "reversed"  # the final top-1 token on top
+    # at the final site the targets are the top tokens, so their probabilities are the top probs
+    assert_close(_z(hm)[:, -1], first.top_probs[-1, 0, 0].double(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="reads target log-probs"):
+        top_token_evolution(first)
+
+
+def test_text_heatmap_boxes_are_the_top_tokens_shaded_by_probability(lens):
+    fig = text_heatmap(lens, prompt=2)
+    assert [type(t) for t in fig.data] == [go.Bar, go.Bar]
+    inputs, preds = fig.data
+    cols = _cols(lens, 2)
+    top = lens.top_tokens()
+    assert list(inputs.text) == [cell_text(lens.input_tokens()[2][j]) for j in cols]
+    assert list(preds.text) == [cell_text(top[s][2][j][0]) for s in range(len(lens.labels)) for j in cols]
+    probs = [float(lens.top_probs[s, 2, j, 0]) for s in range(len(lens.labels)) for j in cols]
+    assert_close(list(preds.marker.color), probs, atol=1e-7, rtol=0)
+    assert list(preds.y) == [lab for lab in lens.labels for _ in cols]
+    # boxes tile each row left to right
+    widths, bases = list(preds.x), list(preds.base)
+    for start in range(0, len(widths), len(cols)):
+        for i in range(start + 1, start + len(cols)):
+            assert bases[i] == bases[i - 1] + widths[i - 1]
+
+
+@pytest.fixture(scope="module")
+def diff(ln_model):
+    return tl.logit_diff(ln_model, SENTENCES[:4], [" the", " a"], [" and", " to"], n_bootstrap=200)
+
+
+def test_logit_diff_figure_draws_mean_ci_and_prompt_lines(diff):
+    fig = logit_diff_figure(diff, per_prompt=True)
+    for k, label in enumerate(diff.pair_labels):
+        name = cell_text(label)
+        (mean,) = [t for t in fig.data if t.name.startswith(f"{name} mean")]
+        assert_close(list(mean.y), diff.mean[:, 0, k].double(), atol=1e-7, rtol=0)
+        (band,) = [t for t in fig.data if t.name == f"{name} 95% CI"]
+        assert_close(list(band.y), torch.cat([diff.ci_high[:, 0, k], diff.ci_low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
+        lines = [t for t in fig.data if t.name.startswith(f"{name} prompt ")]
+        assert len(lines) == 4
+        assert_close(list(lines[3].y), diff.values[:, 3, 0, k].double(), atol=1e-7, rtol=0)
+    assert len(logit_diff_figure(diff, pair=1).data) == 2
+    assert fig.layout.yaxis.title.text == "logit difference (logits)"
+    assert isinstance(diff.plot(), go.Figure)
+    with pytest.raises(ValueError, match="pair=5 is out of range"):
+        logit_diff_figure(diff, pair=5)
+
+
+@pytest.fixture(scope="module")
+def head_dla(ln_model):
+    return tl.direct_logit_attribution(ln_model, SENTENCES[:3], " the", " and", unit="head")
+
+
+def test_head_grid_is_layer_by_head_centred_on_zero(head_dla, ln_model):
+    fig = head_grid_figure(head_dla)
+    hm = _heatmap(fig)
+    n_layers, n_heads = ln_model.cfg.n_layers, ln_model.cfg.n_heads
+    mean = head_dla.mean_attribution(0)[: n_layers * n_heads].reshape(n_layers, n_heads)
+    assert_close(_z(hm), mean.double(), atol=1e-7, rtol=0)
+    assert hm.zmid == 0
+    assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("head", "layer")
+    assert hm.hovertext[1][2].startswith("<b>L1H2</b>")
+    one = _heatmap(head_grid_figure(head_dla, prompt=1))
+    grid = head_dla.grid()[:, :, 1, 0, 0]
+    assert_close(_z(one), grid.double(), atol=1e-7, rtol=0)
+    assert isinstance(head_dla.plot(), go.Figure)
+    comp = tl.direct_logit_attribution(ln_model, SENTENCES[:3], " the", " and")
+    with pytest.raises(ValueError, match="needs a result with unit='head'"):
+        head_grid_figure(comp)
+
+
+def test_component_bars_are_the_rows_and_the_total(ln_model, head_dla):
+    comp = tl.direct_logit_attribution(ln_model, SENTENCES[:3], " the", " and")
+    fig = component_bars_figure(comp)
+    (bars,) = fig.data
+    assert list(bars.x) == list(comp.labels) + ["total (model)"]
+    expected = comp.mean_attribution(0).tolist() + [float(torch.nanmean(comp.total[..., 0]))]
+    assert_close(list(bars.y), expected, atol=1e-7, rtol=0)
+    # the rows add up to the model's total (drawn from the result, checked here)
+    assert abs(sum(bars.y[:-1]) - bars.y[-1]) < 1e-4
+    colours = list(bars.marker.color)
+    assert all((c == "#2166ac") == (v >= 0) for c, v in zip(colours[:-1], bars.y[:-1]))
+    # head results: the non-grid rows plus the largest heads
+    fig_h = component_bars_figure(head_dla, n_grid=3)
+    labels = list(fig_h.data[0].x)
+    heads = [lab for lab in labels if lab.startswith("L")]
+    assert len(heads) == 3
+    assert len(labels) == len(head_dla.labels) - 12 + 3 + 1
+
+
+def test_component_lens_figure_shows_promoted_and_suppressed_tokens(ln_model):
+    res = tl.component_lens(ln_model, SENTENCES[:2], top_k=4)
+    fig = component_lens_figure(res, prompt=1, k=3)
+    hm = _heatmap(fig)
+    prom, sup = res.promoted_tokens(), res.suppressed_tokens()
+    for r in range(len(res.labels)):
+        assert list(hm.text[r]) == [cell_text(sup[r][1][-1][i]) for i in (2, 1, 0)] + [
+            cell_text(prom[r][1][-1][i]) for i in range(3)
+        ]
+    assert hm.zmid == 0
+    assert isinstance(res.plot(), go.Figure)
+
+
+@pytest.mark.slow
+def test_static_export_png_svg_html(lens, tmp_path):
+    figs = [lens_heatmap(lens), text_heatmap(lens), lens_heatmap(lens)]
+    paths = save_figures(figs, [tmp_path / "lens.png", tmp_path / "text.svg", tmp_path / "lens.html"], scale=1)
+    png = paths[0].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (figs[0].layout.width, figs[0].layout.height)
+    svg = paths[1].read_text()
+    assert svg.lstrip().startswith("<svg") and "</svg>" in svg
+    assert cell_text(lens.top_tokens()[0][0][1][0]).strip() in svg
+    page = paths[2].read_text()
+    assert "<script src=" not in page and "Plotly.newPlot" in page and len(page) > 1_000_000
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        save_figures(figs[:1], [tmp_path / "lens.gif"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_figures(figs[:1], [tmp_path / "nope" / "lens.png"])

@@ -1,0 +1,29 @@
+"""Figures of this package's results (plotly). Plotting reads result fields; it never runs a model.
+
+Every function returns a ``plotly.graph_objects.Figure``; :func:`save_figure` writes one to
+``.html`` (self-contained), ``.png``, ``.svg`` or ``.pdf``.
+"""
+
+from tl_logitlens.plotting._common import cell_text
+from tl_logitlens.plotting.attribution import component_bars_figure, component_lens_figure, head_grid_figure
+from tl_logitlens.plotting.comparison import logit_diff_figure
+from tl_logitlens.plotting.export import save_figure, save_figures
+from tl_logitlens.plotting.lens import lens_heatmap, target_trajectory, top_token_evolution
+from tl_logitlens.plotting.text import text_heatmap
+
+__all__ = [
+    "cell_text",
+    "component_bars_figure",
+    "component_lens_figure",
+    "head_grid_figure",
+    "lens_heatmap",
+    "logit_diff_figure",
+    "save_figure",
+    "save_figures",
+    "target_trajectory",
+    "text_heatmap",
+    "top_token_evolution",
+]
+
+# --- masked-LM figures (tl_logitlens/plotting/masked.py): their author adds the import and the
+# --- __all__ entries here.

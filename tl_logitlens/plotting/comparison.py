@@ -1,0 +1,102 @@
+"""Figures of a :class:`~tl_logitlens.directions.DirectionResult`: a logit difference across layers."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from tl_logitlens.directions import DirectionResult
+from tl_logitlens.plotting._common import as_list, cell_text
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _check_index(name: str, value: object, n: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not -n <= value < n:
+        raise ValueError(f"{name}={value} is out of range: the result has {n}")
+    return value % n
+
+
+def logit_diff_figure(
+    result: DirectionResult,
+    *,
+    per_prompt: bool = False,
+    pair: int | None = None,
+    column: int = -1,
+    title: str | None = None,
+) -> go.Figure:
+    """The mean value over prompts at each site with the result's confidence band.
+
+    The line is ``result.mean`` and the band ``result.ci_low``..``result.ci_high`` (the percentile
+    bootstrap interval :func:`~tl_logitlens.logit_diff` computed, at ``result.ci_level``); with
+    ``per_prompt=True`` each prompt's own ``values`` are drawn as thin lines. ``pair``: one pair
+    (index), or all of them (``None``). ``column``: which read-position column (``logit_diff``'s
+    default reads each prompt's last token, a single column). Units: logits for logit differences.
+    """
+    n_sites, n_cols, n_pairs = result.mean.shape
+    column = _check_index("column", column, n_cols)
+    pairs = list(range(n_pairs)) if pair is None else [_check_index("pair", pair, n_pairs)]
+    labels = list(result.labels)
+    x = list(range(len(labels)))
+    prompts = [b for b in range(result.values.shape[1]) if bool(result.valid[b, column])]
+    fig = go.Figure()
+    for i, k in enumerate(pairs):
+        colour = _PALETTE[i % len(_PALETTE)]
+        name = cell_text(result.pair_labels[k])
+        if per_prompt:
+            for b in prompts:
+                fig.add_trace(
+                    go.Scatter(
+                        x=x,
+                        y=as_list(result.values[:, b, column, k]),
+                        mode="lines",
+                        line={"color": colour, "width": 1},
+                        opacity=0.35,
+                        name=f"{name} prompt {b}",
+                        legendgroup=name,
+                        showlegend=False,
+                        hovertemplate=f"{name} prompt {b}<br>%{{y:.4g}}<extra></extra>",
+                    )
+                )
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=as_list(result.ci_high[:, column, k]) + as_list(result.ci_low[:, column, k])[::-1],
+                mode="lines",
+                fill="toself",
+                fillcolor=colour,
+                opacity=0.2,
+                line={"width": 0},
+                name=f"{name} {result.ci_level:.0%} CI",
+                legendgroup=name,
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=as_list(result.mean[:, column, k]),
+                mode="lines+markers",
+                line={"color": colour, "width": 3},
+                name=f"{name} mean over {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}",
+                legendgroup=name,
+                hovertemplate=f"{name}<br>%{{y:.4g}}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=0, line={"color": "#888", "width": 1, "dash": "dot"})
+    y_title = "logit difference (logits)" if result.kind == "logit_diff" else "value along the direction"
+    fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
+    fig.update_yaxes(title_text=y_title)
+    what = "Logit difference" if result.kind == "logit_diff" else "Direction"
+    fig.update_layout(
+        title={
+            "text": title
+            or f"{what} across layers (norm={result.norm}; band: {result.ci_level:.0%} bootstrap CI over prompts)"
+        },
+        height=420,
+        width=760,
+        plot_bgcolor="white",
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
