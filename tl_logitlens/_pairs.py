@@ -153,12 +153,12 @@ def check_direction(model: Any, direction: object) -> Float[torch.Tensor, "pair 
             ) from err
     if not direction.dtype.is_floating_point:
         raise TypeError(f"direction must hold floats, not {direction.dtype}")
+    given = list(direction.shape)
     if direction.ndim == 1:
         direction = direction[None]
     if direction.ndim != 2 or direction.shape[-1] != d_model or direction.shape[0] == 0:
         raise ValueError(
-            f"direction must be [d_model] or [n, d_model] with d_model={d_model}, got shape "
-            f"{list(direction.shape)}"
+            f"direction must be [d_model] or [n, d_model] with d_model={d_model}, got shape {given}"
         )
     if not bool(torch.isfinite(direction).all()):
         raise ValueError("direction holds NaN or infinite values; pass a finite vector")
