@@ -8,7 +8,7 @@ import torch
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, STORIES, assert_close, require_shared, tiny_model
 
-C, I = " the", " park"
+C, WRONG = " the", " park"
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
 
 
@@ -109,7 +109,7 @@ def ids(model, *tokens):
 # exactness on tiny models, all four norm variants
 
 
-@pytest.mark.parametrize("incorrect", [I, None], ids=["logit_diff", "logit"])
+@pytest.mark.parametrize("incorrect", [WRONG, None], ids=["logit_diff", "logit"])
 def test_components_match_reference_and_sum_to_the_models_logit(any_model, incorrect):
     batch, logits, cache = full_run(any_model, SENTENCES[:2])
     c, i = ids(any_model, C, incorrect)
@@ -127,9 +127,9 @@ def test_components_match_reference_and_sum_to_the_models_logit(any_model, incor
 
 def test_heads_match_reference_and_add_up(any_model):
     batch, logits, cache = full_run(any_model, SENTENCES[:2])
-    c, i = ids(any_model, C, I)
-    result = tl.direct_logit_attribution(any_model, SENTENCES[:2], C, I, unit="head", positions=[2, -1])
-    comp = tl.direct_logit_attribution(any_model, SENTENCES[:2], C, I, positions=[2, -1])
+    c, i = ids(any_model, C, WRONG)
+    result = tl.direct_logit_attribution(any_model, SENTENCES[:2], C, WRONG, unit="head", positions=[2, -1])
+    comp = tl.direct_logit_attribution(any_model, SENTENCES[:2], C, WRONG, positions=[2, -1])
     n_layers, n_heads = any_model.cfg.n_layers, any_model.cfg.n_heads
     grid = result.grid()
     assert grid.shape == (n_layers, n_heads, 2, 2, 1)
@@ -155,8 +155,8 @@ def test_heads_match_reference_and_add_up(any_model):
 def test_head_sources_match_reference_and_sum_to_heads(kwargs):
     model = tiny_model(**kwargs)
     batch, logits, cache = full_run(model, SENTENCES[:2])
-    c, i = ids(model, C, I)
-    result = tl.direct_logit_attribution(model, SENTENCES[:2], C, I, unit="head_source", positions=[3, -1])
+    c, i = ids(model, C, WRONG)
+    result = tl.direct_logit_attribution(model, SENTENCES[:2], C, WRONG, unit="head_source", positions=[3, -1])
     src = result.source_attribution
     assert src.shape == (model.cfg.n_layers, model.cfg.n_heads, batch.tokens.shape[1], 2, 2, 1)
     for b in range(2):
@@ -176,9 +176,9 @@ def test_head_sources_match_reference_and_sum_to_heads(kwargs):
 def test_neurons_match_reference_and_add_up_to_mlp_rows(kwargs):
     model = tiny_model(**kwargs)
     batch, logits, cache = full_run(model, SENTENCES[:2])
-    c, i = ids(model, C, I)
-    result = tl.direct_logit_attribution(model, SENTENCES[:2], C, I, unit="neuron")
-    comp = tl.direct_logit_attribution(model, SENTENCES[:2], C, I)
+    c, i = ids(model, C, WRONG)
+    result = tl.direct_logit_attribution(model, SENTENCES[:2], C, WRONG, unit="neuron")
+    comp = tl.direct_logit_attribution(model, SENTENCES[:2], C, WRONG)
     grid = result.grid()
     assert grid.shape == (model.cfg.n_layers, model.cfg.d_mlp, 2, 1, 1)
     rows = dict(zip(result.labels, result.attribution))
@@ -205,15 +205,15 @@ def test_per_prompt_pairs_and_several_shared_pairs(ln_model):
         single = tl.direct_logit_attribution(ln_model, prompts[b], correct[b], incorrect[b], unit="head")
         assert_close(result.attribution[:, b], single.attribution[:, 0], atol=1e-5)
         assert_close(result.total[b], single.total[0], atol=1e-5)
-    shared = tl.direct_logit_attribution(ln_model, prompts, [C, " and"], [I, " sun"], unit="neuron")
+    shared = tl.direct_logit_attribution(ln_model, prompts, [C, " and"], [WRONG, " sun"], unit="neuron")
     assert shared.attribution.shape[-1] == 2
     one = tl.direct_logit_attribution(ln_model, prompts, " and", " sun", unit="neuron")
     assert_close(shared.attribution[..., 1], one.attribution[..., 0], atol=1e-6)
 
 
 def test_padding_does_not_change_a_prompts_rows(any_model):
-    alone = tl.direct_logit_attribution(any_model, SENTENCES[1], C, I, unit="head")
-    padded = tl.direct_logit_attribution(any_model, [SENTENCES[1], SENTENCES[3]], C, I, unit="head")
+    alone = tl.direct_logit_attribution(any_model, SENTENCES[1], C, WRONG, unit="head")
+    padded = tl.direct_logit_attribution(any_model, [SENTENCES[1], SENTENCES[3]], C, WRONG, unit="head")
     assert_close(padded.attribution[:, :1], alone.attribution, atol=1e-5)
 
 
@@ -225,23 +225,23 @@ def test_agrees_with_transformer_lens_on_folded_models_except_b_U():
     model = tiny_model("LN", folded=True)
     tokens = model.to_tokens(SENTENCES[0])
     logits, cache = model.run_with_cache(tokens)
-    heads = tl.direct_logit_attribution(model, tokens, C, I, unit="head", cache=cache)
+    heads = tl.direct_logit_attribution(model, tokens, C, WRONG, unit="head", cache=cache)
     stack = cache.stack_head_results(layer=-1, pos_slice=-1)
-    tl_heads = cache.logit_attrs(stack, C, I, pos_slice=-1)[:, 0]
+    tl_heads = cache.logit_attrs(stack, C, WRONG, pos_slice=-1)[:, 0]
     assert_close(heads.grid()[..., 0, 0, 0].reshape(-1), tl_heads, atol=1e-5)
     # the trap: apply_ln=True *and* logit_attrs divide by the final scale twice
     scale = cache["ln_final.hook_scale"][0, -1]
-    twice = cache.logit_attrs(cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True), C, I, pos_slice=-1)
+    twice = cache.logit_attrs(cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True), C, WRONG, pos_slice=-1)
     assert_close(twice[:, 0] * scale, tl_heads, atol=1e-5)
 
-    comp = tl.direct_logit_attribution(model, tokens, C, I, cache=cache)
+    comp = tl.direct_logit_attribution(model, tokens, C, WRONG, cache=cache)
     rows = dict(zip(comp.labels, comp.attribution[:, 0, 0, 0]))
     resid, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
-    tl_rows = dict(zip(labels, cache.logit_attrs(resid, C, I, pos_slice=-1)[:, 0]))
+    tl_rows = dict(zip(labels, cache.logit_attrs(resid, C, WRONG, pos_slice=-1)[:, 0]))
     for lab, value in tl_rows.items():  # TL's attn_out includes b_O
         ours = rows[lab] + rows[lab.replace("attn_out", "attn_b_O")] if "attn_out" in lab else rows[lab]
         assert_close(ours, value, atol=1e-5, msg=lab)
-    c, i = ids(model, C, I)
+    c, i = ids(model, C, WRONG)
     truth = logits[0, -1, c] - logits[0, -1, i]
     # TL leaves out the unembedding bias, which a folded LayerNorm model has (ln_final.b folds into it)
     assert abs(float(sum(tl_rows.values()).detach() - truth)) > 1e-2
@@ -253,12 +253,12 @@ def test_transformer_lens_attribution_is_wrong_on_unfolded_layernorm(ln_model):
     """cache.logit_attrs ignores ln_final.w/b and b_U; our rows still add up to the model's logit diff."""
     tokens = ln_model.to_tokens(SENTENCES[2])
     logits, cache = ln_model.run_with_cache(tokens)
-    c, i = ids(ln_model, C, I)
+    c, i = ids(ln_model, C, WRONG)
     truth = (logits[0, :, c] - logits[0, :, i]).detach()  # every position
     resid = cache.decompose_resid(layer=-1)
-    tl_sum = cache.logit_attrs(resid, C, I)[:, 0].sum(0).detach()
+    tl_sum = cache.logit_attrs(resid, C, WRONG)[:, 0].sum(0).detach()
     assert float((tl_sum - truth).abs().max()) > 1e-2  # over 100x our tolerance
-    ours = tl.direct_logit_attribution(ln_model, tokens, C, I, positions=None, cache=cache)
+    ours = tl.direct_logit_attribution(ln_model, tokens, C, WRONG, positions=None, cache=cache)
     assert_close(ours.attribution[:, 0, :, 0].sum(0), truth, atol=1e-4)
     assert "final_norm_bias" in ours.labels and "unembed_bias" in ours.labels
 
@@ -316,7 +316,7 @@ def test_component_lens_matches_reference(any_model, unit):
 
 
 def test_dataframe_top_and_grid(ln_model):
-    result = tl.direct_logit_attribution(ln_model, SENTENCES[:2], [C, " and"], [I, " sun"], unit="head")
+    result = tl.direct_logit_attribution(ln_model, SENTENCES[:2], [C, " and"], [WRONG, " sun"], unit="head")
     df = result.to_dataframe()
     assert len(df) == len(result.labels) * 2 * 1 * 2
     sel = df[(df.component == "L1H2") & (df.prompt == 1) & (df.pair == 1)].iloc[0]
@@ -326,7 +326,7 @@ def test_dataframe_top_and_grid(ln_model):
     mean = result.attribution[..., 1].mean((1, 2))
     assert top.attribution.abs().tolist() == pytest.approx(mean.abs().sort(descending=True).values[:3].tolist())
     assert len(result.top(3, rows="grid")) == 3
-    comp = tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, I)
+    comp = tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, WRONG)
     with pytest.raises(ValueError, match="grid\\(\\) needs unit"):
         comp.grid()
     with pytest.raises(ValueError, match="pair must be"):
@@ -339,13 +339,13 @@ def test_dataframe_top_and_grid(ln_model):
 
 def test_bad_input_errors(ln_model):
     with pytest.raises(ValueError, match="unknown unit 'layer'"):
-        tl.direct_logit_attribution(ln_model, SENTENCES[0], C, I, unit="layer")
+        tl.direct_logit_attribution(ln_model, SENTENCES[0], C, WRONG, unit="layer")
     with pytest.raises(ValueError, match="same token"):
         tl.direct_logit_attribution(ln_model, SENTENCES[0], C, C)
     with pytest.raises(ValueError, match=r"splits into \d+ tokens"):
         tl.direct_logit_attribution(ln_model, SENTENCES[0], " thermodynamics")
     with pytest.raises(ValueError, match="one entry per prompt: it has 1 for 2 prompts"):
-        tl.direct_logit_attribution(ln_model, SENTENCES[:2], [C], [I], per_prompt=True)
+        tl.direct_logit_attribution(ln_model, SENTENCES[:2], [C], [WRONG], per_prompt=True)
     with pytest.raises(ValueError, match="unknown unit 'neuron'"):
         tl.component_lens(ln_model, SENTENCES[0], unit="neuron")
 
@@ -354,21 +354,21 @@ def test_head_source_needs_patterns_in_the_cache(ln_model):
     tokens = ln_model.to_tokens(SENTENCES[0])
     _, cache = ln_model.run_with_cache(tokens, names_filter=lambda n: "pattern" not in n)
     with pytest.raises(ValueError, match="head_source.*attention pattern.*lacks"):
-        tl.direct_logit_attribution(ln_model, tokens, C, I, unit="head_source", cache=cache)
+        tl.direct_logit_attribution(ln_model, tokens, C, WRONG, unit="head_source", cache=cache)
     # the same cache serves unit='head'
-    tl.direct_logit_attribution(ln_model, tokens, C, I, unit="head", cache=cache)
+    tl.direct_logit_attribution(ln_model, tokens, C, WRONG, unit="head", cache=cache)
 
 
 def test_neuron_needs_hook_post(ln_model):
     tokens = ln_model.to_tokens(SENTENCES[0])
     _, cache = ln_model.run_with_cache(tokens, names_filter=lambda n: "hook_post" not in n or "resid" in n)
     with pytest.raises(ValueError, match="unit='neuron' reads the MLP activations \\(hook_post\\)"):
-        tl.direct_logit_attribution(ln_model, tokens, C, I, unit="neuron", cache=cache)
+        tl.direct_logit_attribution(ln_model, tokens, C, WRONG, unit="neuron", cache=cache)
     attn_only = tiny_model("LN")
     attn_only.cfg.attn_only = True  # read as attention-only: no MLP rows, no neurons
     try:
         with pytest.raises(ValueError, match="attention-only"):
-            tl.direct_logit_attribution(attn_only, tokens, C, I, unit="neuron")
+            tl.direct_logit_attribution(attn_only, tokens, C, WRONG, unit="neuron")
     finally:
         attn_only.cfg.attn_only = False
 
@@ -388,12 +388,12 @@ def test_attention_only_model_rows_add_up():
         model.b_U.normal_()
     tokens = model.to_tokens(SENTENCES[0])
     logits = model(tokens)
-    c, i = ids(model, C, I)
-    result = tl.direct_logit_attribution(model, tokens, C, I, unit="head")
+    c, i = ids(model, C, WRONG)
+    result = tl.direct_logit_attribution(model, tokens, C, WRONG, unit="head")
     assert not any("mlp" in lab for lab in result.labels)
     assert_close(result.attribution.sum(), logits[0, -1, c] - logits[0, -1, i], atol=1e-4)
     with pytest.raises(ValueError, match="attention-only"):
-        tl.direct_logit_attribution(model, tokens, C, I, unit="neuron")
+        tl.direct_logit_attribution(model, tokens, C, WRONG, unit="neuron")
 
 
 def test_soft_capped_model_is_refused():
@@ -401,7 +401,7 @@ def test_soft_capped_model_is_refused():
     model.cfg.output_logits_soft_cap = 30.0
     try:
         with pytest.raises(ValueError, match="soft-caps its logits"):
-            tl.direct_logit_attribution(model, SENTENCES[0], C, I)
+            tl.direct_logit_attribution(model, SENTENCES[0], C, WRONG)
     finally:
         model.cfg.output_logits_soft_cap = -1.0
 

@@ -8,7 +8,7 @@ import torch
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, tiny_model
 
-C, I = " the", " park"
+C, WRONG = " the", " park"
 
 
 def site_states(model, cache):
@@ -48,9 +48,9 @@ def reference_logit_diff(model, tokens, c, i, norm, mask=None, include_bias=True
 @pytest.mark.parametrize("norm", ["recompute", "cached", "none"])
 def test_logit_diff_matches_reference_at_every_site_and_position(any_model, norm):
     batch = tl.prepare_inputs(any_model, SENTENCES[:2])
-    c, i = any_model.to_single_token(C), any_model.to_single_token(I)
+    c, i = any_model.to_single_token(C), any_model.to_single_token(WRONG)
     ref = reference_logit_diff(any_model, batch.tokens, c, i, norm, mask=batch.mask)
-    result = tl.logit_diff(any_model, SENTENCES[:2], C, I, norm=norm, positions=None)
+    result = tl.logit_diff(any_model, SENTENCES[:2], C, WRONG, norm=norm, positions=None)
     assert result.values.shape == (any_model.cfg.n_layers + 1, 2, batch.tokens.shape[1], 1)
     for b, p in batch.mask.nonzero().tolist():
         assert_close(result.values[:, b, p, 0], ref[:, b, p], atol=1e-4)
@@ -61,25 +61,25 @@ def test_logit_diff_matches_reference_at_every_site_and_position(any_model, norm
 def test_final_site_is_the_models_own_logit_diff(any_model, norm):
     tokens = any_model.to_tokens(SENTENCES[3])
     logits = any_model(tokens)[0, -1]
-    c, i = any_model.to_single_token(C), any_model.to_single_token(I)
-    result = tl.logit_diff(any_model, tokens, C, I, norm=norm)
+    c, i = any_model.to_single_token(C), any_model.to_single_token(WRONG)
+    result = tl.logit_diff(any_model, tokens, C, WRONG, norm=norm)
     assert result.labels[-1] == "final_post"
     assert_close(result.values[-1, 0, 0, 0], logits[c] - logits[i], atol=1e-4)
 
 
 def test_include_bias_false_leaves_out_b_U(any_model):
     tokens = any_model.to_tokens(SENTENCES[1])
-    c, i = any_model.to_single_token(C), any_model.to_single_token(I)
+    c, i = any_model.to_single_token(C), any_model.to_single_token(WRONG)
     ref = reference_logit_diff(any_model, tokens, c, i, "recompute", include_bias=False)
-    result = tl.logit_diff(any_model, tokens, C, I, include_bias=False)
+    result = tl.logit_diff(any_model, tokens, C, WRONG, include_bias=False)
     assert_close(result.values[:, 0, 0, 0], ref[:, 0, -1], atol=1e-4)
 
 
 def test_cached_view_is_the_running_sum_of_attributions(any_model):
     """With norm='cached' the value at layer L's input is the sum of the rows written before L."""
     tokens = any_model.to_tokens(SENTENCES[2])
-    ld = tl.logit_diff(any_model, tokens, C, I, norm="cached")
-    dla = tl.direct_logit_attribution(any_model, tokens, C, I)
+    ld = tl.logit_diff(any_model, tokens, C, WRONG, norm="cached")
+    dla = tl.direct_logit_attribution(any_model, tokens, C, WRONG)
     rows = dict(zip(dla.labels, dla.attribution[:, 0, 0, 0]))
     running = rows["embed"] + rows.get("pos_embed", 0) + rows.get("final_norm_bias", 0) + rows["unembed_bias"]
     for layer in range(any_model.cfg.n_layers):
@@ -90,10 +90,10 @@ def test_cached_view_is_the_running_sum_of_attributions(any_model):
 
 
 def test_direction_lens_with_unembedding_difference_is_logit_diff_without_b_U(any_model):
-    c, i = any_model.to_single_token(C), any_model.to_single_token(I)
+    c, i = any_model.to_single_token(C), any_model.to_single_token(WRONG)
     direction = (any_model.W_U[:, c] - any_model.W_U[:, i]).detach()
     for norm in ("recompute", "cached"):
-        ld = tl.logit_diff(any_model, SENTENCES[:3], C, I, norm=norm, include_bias=False)
+        ld = tl.logit_diff(any_model, SENTENCES[:3], C, WRONG, norm=norm, include_bias=False)
         dl = tl.direction_lens(any_model, SENTENCES[:3], direction, norm=norm)
         assert dl.kind == "direction" and dl.incorrect_ids is None
         assert_close(dl.values, ld.values, atol=1e-4)
@@ -128,7 +128,7 @@ def test_per_prompt_pairs_ioi_style(ln_model):
 
 
 def test_several_shared_pairs(ln_model):
-    result = tl.logit_diff(ln_model, SENTENCES[:2], [C, " and"], [I, " sun"])
+    result = tl.logit_diff(ln_model, SENTENCES[:2], [C, " and"], [WRONG, " sun"])
     assert result.values.shape[-1] == 2
     one = tl.logit_diff(ln_model, SENTENCES[:2], " and", " sun")
     assert_close(result.values[..., 1], one.values[..., 0])
@@ -147,20 +147,20 @@ def reference_bootstrap(values, n_boot, seed, level):
 
 def test_bootstrap_interval_matches_explicit_loop_and_is_seeded(ln_model):
     prompts = SENTENCES * 2
-    result = tl.logit_diff(ln_model, prompts, C, I, n_bootstrap=200, seed=3, ci_level=0.9)
+    result = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, ci_level=0.9)
     assert_close(result.mean, result.values.mean(1), atol=1e-6)
     low, high = reference_bootstrap(result.values, 200, 3, 0.9)
     assert_close(result.ci_low, low, atol=1e-5)
     assert_close(result.ci_high, high, atol=1e-5)
     assert bool((result.ci_low <= result.mean).all() and (result.mean <= result.ci_high).all())
-    again = tl.logit_diff(ln_model, prompts, C, I, n_bootstrap=200, seed=3, ci_level=0.9)
+    again = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, ci_level=0.9)
     assert torch.equal(again.ci_low, result.ci_low)
-    other = tl.logit_diff(ln_model, prompts, C, I, n_bootstrap=200, seed=4, ci_level=0.9)
+    other = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=4, ci_level=0.9)
     assert not torch.equal(other.ci_low, result.ci_low)
 
 
 def test_bootstrap_leaves_padding_out(ln_model):
-    result = tl.logit_diff(ln_model, SENTENCES[:3], C, I, positions=None, n_bootstrap=50)
+    result = tl.logit_diff(ln_model, SENTENCES[:3], C, WRONG, positions=None, n_bootstrap=50)
     for j in range(result.values.shape[2]):
         keep = result.valid[:, j]
         assert_close(result.mean[:, j], result.values[:, keep, j].mean(1), atol=1e-5)
@@ -168,7 +168,7 @@ def test_bootstrap_leaves_padding_out(ln_model):
 
 
 def test_dataframes(ln_model):
-    result = tl.logit_diff(ln_model, SENTENCES[:2], [C, " and"], [I, " sun"], n_bootstrap=20)
+    result = tl.logit_diff(ln_model, SENTENCES[:2], [C, " and"], [WRONG, " sun"], n_bootstrap=20)
     df = result.to_dataframe()
     n_sites = ln_model.cfg.n_layers + 1
     assert len(df) == n_sites * 2 * 1 * 2
@@ -193,19 +193,19 @@ def test_same_token_is_an_error(ln_model):
     with pytest.raises(ValueError, match="same token"):
         tl.logit_diff(ln_model, SENTENCES[0], C, C)
     with pytest.raises(ValueError, match="pair 1 of prompt 0"):
-        tl.logit_diff(ln_model, SENTENCES[:1], [[C, I]], [[I, I]], per_prompt=True)
+        tl.logit_diff(ln_model, SENTENCES[:1], [[C, WRONG]], [[WRONG, WRONG]], per_prompt=True)
 
 
 def test_multi_token_string_names_its_pieces(ln_model):
     with pytest.raises(ValueError, match=r"not a single token: it splits into \d+ tokens \["):
-        tl.logit_diff(ln_model, SENTENCES[0], " thermodynamics", I)
+        tl.logit_diff(ln_model, SENTENCES[0], " thermodynamics", WRONG)
 
 
 def test_pair_count_must_match_batch(ln_model):
     with pytest.raises(ValueError, match="one entry per prompt: it has 2 for 3 prompts"):
-        tl.logit_diff(ln_model, SENTENCES[:3], [C, C], [I, I], per_prompt=True)
+        tl.logit_diff(ln_model, SENTENCES[:3], [C, C], [WRONG, WRONG], per_prompt=True)
     with pytest.raises(ValueError, match="correct has 2 tokens per prompt but incorrect has 1"):
-        tl.logit_diff(ln_model, SENTENCES[:3], [C, " and"], [I])
+        tl.logit_diff(ln_model, SENTENCES[:3], [C, " and"], [WRONG])
     with pytest.raises(ValueError, match="incorrect is required"):
         tl.logit_diff(ln_model, SENTENCES[0], C, None)
 
@@ -226,17 +226,17 @@ def test_bad_direction(ln_model):
 
 def test_bad_bootstrap_and_norm(ln_model):
     with pytest.raises(ValueError, match="n_bootstrap"):
-        tl.logit_diff(ln_model, SENTENCES[0], C, I, n_bootstrap=0)
+        tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, n_bootstrap=0)
     with pytest.raises(ValueError, match="ci_level"):
-        tl.logit_diff(ln_model, SENTENCES[0], C, I, ci_level=95)
+        tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, ci_level=95)
     with pytest.raises(ValueError, match="unknown norm"):
-        tl.logit_diff(ln_model, SENTENCES[0], C, I, norm="final")
+        tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, norm="final")
 
 
 def test_soft_capped_logits_are_capped_per_token():
     model = tiny_model("LN", folded=False, output_logits_soft_cap=2.0)
     tokens = model.to_tokens(SENTENCES[0])
     logits = model(tokens)[0, -1]
-    c, i = model.to_single_token(C), model.to_single_token(I)
-    result = tl.logit_diff(model, tokens, C, I)
+    c, i = model.to_single_token(C), model.to_single_token(WRONG)
+    result = tl.logit_diff(model, tokens, C, WRONG)
     assert_close(result.values[-1, 0, 0, 0], logits[c] - logits[i], atol=1e-5)
