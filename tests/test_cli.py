@@ -1,0 +1,155 @@
+"""``tl-logitlens`` end to end, in subprocesses: exit codes, files written, one-line messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.helpers import STORIES, require_shared
+from tl_logitlens.cli import main
+
+PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, COLUMNS="160", PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tl_logitlens.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("tl-logitlens")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["run", "demo", ""], ["the prompt is empty"]),
+        (["run", "demo", "   "], ["the prompt is empty"]),
+        (["run", "demo", "--prompts-file", "no_such_file.txt"], ["no prompts file at 'no_such_file.txt'"]),
+        (["run", "demo", "hi", "--versus", " and"], ["--versus needs --target"]),
+        (["run", "demo", "hi", "--top-k", "0"], ["--top-k", "at least 1"]),
+        (["run", "demo", "hi", "--norm", "layer"], ["--norm", "invalid choice"]),
+        (["run", "demo"], ["give a PROMPT"]),
+        (["run", "demo", "hi", "--out", "report.pdf"], ["should end in .html"]),
+        (["run", "demo", "hi", "--csv", "missing_dir/x.csv"], ["does not exist"]),
+        (["frobnicate"], ["invalid choice"]),
+        ([], ["required"]),
+    ],
+)
+def test_usage_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, args, fragments):
+    # in-process (the package's torch import is paid once); the subprocess runs below cover the rest
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_in_process(args, capsys), *fragments)
+
+
+def _in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_empty_prompts_file_is_a_usage_mistake(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("\n  \n", encoding="utf-8")
+    _one_line_error(_in_process(["run", "demo", "--prompts-file", "prompts.txt"], capsys), "holds no prompts")
+
+
+@pytest.mark.slow
+def test_multi_token_target_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    stories = str(require_shared(STORIES))
+    monkeypatch.chdir(tmp_path)
+    res = _in_process(["run", stories, PROMPT, "--target", " park", "--no-report"], capsys)
+    _one_line_error(res, "' park' is not a single token", "[' p', 'ar', 'k']")
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = _in_process(["run", "no-such-model-anywhere", PROMPT], capsys)
+    _one_line_error(res, "'no-such-model-anywhere'", "local folder")
+    assert not (tmp_path / "logit_lens_report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def model_runs(tmp_path_factory):
+    """The subprocess runs, started together (each pays the package's torch import)."""
+    stories = str(require_shared(STORIES))
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / "prompts.txt").write_text(f"{PROMPT}\n\nThe cat sat on the\n", encoding="utf-8")
+    script = Path(sys.executable).parent / "tl-logitlens"
+    assert script.is_file(), "pip install -e . should install the tl-logitlens script"
+    procs = {
+        "help": subprocess.Popen(
+            [str(script), "run", "--help"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
+        "empty": _start(["run", stories, "  "], cwd),
+        "ok": _start(
+            ["run", stories, "--prompts-file", "prompts.txt", "--target", " p", "--versus", " s",
+             "--top-k", "3", "--out", "out.html", "--csv", "lens.csv", "--json", "lens.json"],
+            cwd,
+        ),
+    }
+    return cwd, {name: _finish(p) for name, p in procs.items()}
+
+
+@pytest.mark.slow
+def test_run_writes_table_report_csv_and_json(model_runs):
+    cwd, runs = model_runs
+    res = runs["ok"]
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    # the table: one row per site, the last prompt token in the title, targets' columns
+    for label in ("0_pre", "4_pre", "final_post", "P(' p')", "P(' s')", "after ' the'"):
+        assert label in res.stdout
+    final_row = next(line for line in res.stdout.splitlines() if line.startswith("final_post"))
+    assert "' p'" in final_row  # the stories model's top guess after '... outside in the'
+    assert "1 more prompt" in res.stdout
+    page = (cwd / "out.html").read_text(encoding="utf-8")
+    assert page.count("Plotly.newPlot") == 2 + 1 + 1 + 2 + 1 + 2  # 2 heatmaps, text, evolution, ...
+    frame = pd.read_csv(cwd / "lens.csv")
+    assert set(frame["prompt"]) == {0, 1} and set(frame["rank"]) == {1, 2, 3}
+    assert {"site", "position", "token", "prob", "entropy", "kl_to_final"} <= set(frame.columns)
+    payload = json.loads((cwd / "lens.json").read_text(encoding="utf-8"))
+    assert payload["target"] == " p" and payload["versus"] == " s" and len(payload["prompts"]) == 2
+    assert len(payload["lens"]) == len(frame)
+    last = [r for r in payload["targets"] if r["prompt"] == 0 and r["site"] == "final_post" and r["target"] == " p"]
+    assert last[-1]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_entry_point_is_installed_and_helps(model_runs):
+    res = model_runs[1]["help"]
+    assert res.returncode == 0, res.stderr
+    for option in ("--target", "--versus", "--top-k", "--sites", "--norm", "--out", "--csv", "--json", "--prompts-file", "--device"):
+        assert option in res.stdout
+
+
+@pytest.mark.slow
+def test_empty_prompt_in_a_subprocess_is_a_one_line_error(model_runs):
+    _one_line_error(model_runs[1]["empty"], "the prompt is empty")
