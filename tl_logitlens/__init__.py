@@ -12,6 +12,7 @@ from tl_logitlens.lens import LensResult, logit_lens
 from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
 from tl_logitlens.models import load_model
 from tl_logitlens.profile import DepthProfile, depth_profile
+from tl_logitlens.report import report
 from tl_logitlens.tokens import display_tokens
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "DepthProfile",
     "NORM_VIEWS",
     "prepare_inputs",
+    "report",
 ]
 __version__ = "0.1.0"
