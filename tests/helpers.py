@@ -6,10 +6,24 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_logitlens import _compat
+
+# TransformerLens 4.x has no HookedTransformer: there the tiny models are TransformerBridges
+# (see tiny_bridge), with exactly the weights the HookedTransformer would get on 3.x.
+HAS_HOOKED_TRANSFORMER = _compat.HookedTransformer is not None
+
+# The one feature TransformerLens 4.x lacks here: HookedEncoder (masked language models), which
+# tl_logitlens.encoders and tl_logitlens.masked are built on. Test modules about them carry this mark.
+requires_hooked_encoder = pytest.mark.skipif(
+    _compat.HookedEncoder is None,
+    reason=f"TransformerLens {_compat.TL_VERSION} has no HookedEncoder (removed in 4.0); the masked-LM "
+    "lens is built on it and runs with TransformerLens 3.9",
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -79,12 +93,23 @@ def tiny_model(
     positional_embedding_type: str = "standard",
     n_key_value_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> HookedTransformer:
+    output_logits_soft_cap: float = -1.0,
+) -> Any:
     """A random model with every weight and bias non-trivial (norm gains and biases included).
 
     ``folded=True`` folds the norms into the following weights the way ``from_pretrained`` does,
     which leaves the logits unchanged and turns ``LN``/``RMS`` into ``LNPre``/``RMSPre``.
+    On TransformerLens 4.x this is a compatibility-mode ``TransformerBridge`` with the same weights
+    (:func:`tiny_bridge`).
     """
+    if not HAS_HOOKED_TRANSFORMER:
+        return tiny_bridge(
+            normalization, folded, seed=seed, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+            act_fn=act_fn, gated_mlp=gated_mlp, positional_embedding_type=positional_embedding_type,
+            n_key_value_heads=n_key_value_heads, dtype=dtype, output_logits_soft_cap=output_logits_soft_cap,
+        )
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     tokenizer = tiny_tokenizer()
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -103,20 +128,186 @@ def tiny_model(
         device="cpu",
         dtype=dtype,
         default_prepend_bos=True,
+        output_logits_soft_cap=output_logits_soft_cap,
     )
     model = HookedTransformer(cfg, tokenizer)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".w") and ("ln" in name):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".b") or name.startswith("b_") or ".b_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5 * 1.5)
+            p.copy_(_random_value(name, tuple(p.shape), gen))
     if folded:
         model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
     return model.eval()
+
+
+def _random_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A tiny model's weight: norm gains 1 ± 0.3, biases ± 0.2, matrices ~ 1.5 / sqrt(last dim)."""
+    if name.endswith(".w") and ("ln" in name):
+        return 1 + 0.3 * torch.randn(shape, generator=gen)
+    if name.endswith(".b") or name.startswith("b_") or ".b_" in name:
+        return 0.2 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / max(shape[-1], 1) ** 0.5 * 1.5
+
+
+def hooked_parameter_shapes(
+    normalization: str,
+    *,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    d_vocab: int,
+    n_ctx: int,
+    gated_mlp: bool,
+    positional_embedding_type: str,
+    n_key_value_heads: int | None,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The names and shapes of ``HookedTransformer``'s parameters for :func:`tiny_model`'s configs, in
+    its ``named_parameters()`` order (tests/test_bridge.py checks this on 3.x), so that the same seed
+    gives the same weights on TransformerLens 4.x, which has no ``HookedTransformer``."""
+    d_head, d_mlp = d_model // n_heads, 4 * d_model
+    kv, gqa = n_key_value_heads or n_heads, n_key_value_heads is not None
+    out: list[tuple[str, tuple[int, ...]]] = [("embed.W_E", (d_vocab, d_model))]
+    if positional_embedding_type == "standard":
+        out.append(("pos_embed.W_pos", (n_ctx, d_model)))
+
+    def norm(prefix: str) -> None:
+        out.append((f"{prefix}.w", (d_model,)))
+        if normalization == "LN":
+            out.append((f"{prefix}.b", (d_model,)))
+
+    for i in range(n_layers):
+        b = f"blocks.{i}"
+        norm(f"{b}.ln1")
+        norm(f"{b}.ln2")
+        k = "_" if gqa else ""
+        out += [
+            (f"{b}.attn.W_Q", (n_heads, d_model, d_head)),
+            (f"{b}.attn.W_O", (n_heads, d_head, d_model)),
+            (f"{b}.attn.b_Q", (n_heads, d_head)),
+            (f"{b}.attn.b_O", (d_model,)),
+            (f"{b}.attn.{k}W_K", (kv, d_model, d_head)),
+            (f"{b}.attn.{k}W_V", (kv, d_model, d_head)),
+            (f"{b}.attn.{k}b_K", (kv, d_head)),
+            (f"{b}.attn.{k}b_V", (kv, d_head)),
+        ]
+        if gated_mlp:
+            out += [
+                (f"{b}.mlp.W_in", (d_model, d_mlp)),
+                (f"{b}.mlp.W_out", (d_mlp, d_model)),
+                (f"{b}.mlp.W_gate", (d_model, d_mlp)),
+                (f"{b}.mlp.b_in", (d_mlp,)),
+                (f"{b}.mlp.b_out", (d_model,)),
+            ]
+        else:
+            out += [
+                (f"{b}.mlp.W_in", (d_model, d_mlp)),
+                (f"{b}.mlp.b_in", (d_mlp,)),
+                (f"{b}.mlp.W_out", (d_mlp, d_model)),
+                (f"{b}.mlp.b_out", (d_model,)),
+            ]
+    norm("ln_final")
+    out += [("unembed.W_U", (d_model, d_vocab)), ("unembed.b_U", (d_vocab,))]
+    return out
+
+
+def hooked_to_bridge_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``HookedTransformer``-format weights as the state dict of a TL-native ``TransformerBridge``
+    (``TransformerBridge.boot_native``): per-head tensors flattened, ``[in, out]`` matrices transposed
+    to ``nn.Linear``'s ``[out, in]``."""
+    from einops import rearrange
+
+    out = {}
+    for name, t in weights.items():
+        prefix, leaf = name.rsplit(".", 1)
+        leaf = leaf.lstrip("_")
+        if leaf in ("W_Q", "W_K", "W_V"):
+            out[f"{prefix}.{leaf[-1].lower()}.weight"] = rearrange(t, "h m d -> (h d) m")
+        elif leaf in ("b_Q", "b_K", "b_V"):
+            out[f"{prefix}.{leaf[-1].lower()}.bias"] = rearrange(t, "h d -> (h d)")
+        elif leaf == "W_O":
+            out[f"{prefix}.o.weight"] = rearrange(t, "h d m -> m (h d)")
+        elif leaf == "b_O":
+            out[f"{prefix}.o.bias"] = t
+        elif leaf in ("W_in", "W_out", "W_gate"):
+            out[f"{prefix}.{leaf[2:]}.weight"] = t.T.contiguous()
+        elif leaf in ("b_in", "b_out"):
+            out[f"{prefix}.{leaf[2:]}.bias"] = t
+        elif leaf == "W_U":
+            out[f"{prefix}.weight"] = t.T.contiguous()
+        elif leaf in ("b_U", "b"):
+            out[f"{prefix}.bias"] = t
+        elif leaf in ("W_E", "W_pos", "w"):
+            out[f"{prefix}.weight"] = t
+        else:
+            raise ValueError(f"no bridge name for {name}")
+    return out
+
+
+def tiny_bridge(
+    normalization: str = "LN",
+    folded: bool = False,
+    *,
+    seed: int = 0,
+    n_layers: int = 3,
+    d_model: int = 32,
+    n_heads: int = 4,
+    act_fn: str = "gelu",
+    gated_mlp: bool = False,
+    positional_embedding_type: str = "standard",
+    n_key_value_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    output_logits_soft_cap: float = -1.0,
+) -> Any:
+    """:func:`tiny_model`'s model as a compatibility-mode ``TransformerBridge`` (3.9 and 4.x).
+
+    A TL-native bridge (``TransformerBridge.boot_native``, no Hugging Face model) carrying exactly the
+    weights ``tiny_model`` draws for the ``HookedTransformer``; ``folded=True`` folds them with
+    ``enable_compatibility_mode()`` (fold_ln, centring), unfolded keeps them as drawn
+    (``no_processing=True``). Either way the legacy hook names (``blocks.0.hook_resid_pre``) work.
+    """
+    from transformer_lens.config import TransformerBridgeConfig
+
+    tokenizer = tiny_tokenizer()
+    n_ctx = 64
+    cfg = TransformerBridgeConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=4 * d_model,
+        d_vocab=len(tokenizer),
+        n_ctx=n_ctx,
+        act_fn=act_fn,
+        normalization_type=normalization,
+        gated_mlp=gated_mlp,
+        positional_embedding_type=positional_embedding_type,
+        n_key_value_heads=n_key_value_heads,
+        seed=seed,
+        device="cpu",
+        dtype=dtype,
+        default_prepend_bos=True,
+        model_name=f"tiny-{normalization}",
+        output_logits_soft_cap=output_logits_soft_cap,
+    )
+    bridge = _compat.TransformerBridge.boot_native(
+        cfg, tokenizer=tokenizer, device="cpu", dtype=dtype, model_name=f"tiny-{normalization}"
+    )
+    gen = torch.Generator().manual_seed(seed)
+    shapes = hooked_parameter_shapes(
+        normalization, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_vocab=len(tokenizer),
+        n_ctx=n_ctx, gated_mlp=gated_mlp, positional_embedding_type=positional_embedding_type,
+        n_key_value_heads=n_key_value_heads,
+    )
+    # drawn in float32 then rounded, as HookedTransformer's copy_ into its own dtype does
+    weights = {name: _random_value(name, shape, gen).to(dtype) for name, shape in shapes}
+    result = bridge.load_state_dict(hooked_to_bridge_state_dict(weights), strict=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"tiny_bridge weights do not fit: {result}")
+    if folded:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    else:
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    return bridge.eval()
 
 
 NORM_VARIANTS = [("LN", False), ("LN", True), ("RMS", False), ("RMS", True)]

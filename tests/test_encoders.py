@@ -7,9 +7,11 @@ import torch
 
 import tl_logitlens
 from tests.encoder_helpers import hf_bert, hf_roberta, save_folder, tiny_encoder
-from tests.helpers import SENTENCES, assert_close
+from tests.helpers import SENTENCES, assert_close, requires_hooked_encoder
 from tl_logitlens import _compat
 from tl_logitlens.encoders import bert_to_hooked_encoder, is_encoder_name, roberta_to_hooked_encoder
+
+pytestmark = requires_hooked_encoder
 
 KINDS = ["bert", "roberta"]
 TEXTS = ["The cat sat on the mat.", SENTENCES[0]]

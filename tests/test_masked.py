@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 import tl_logitlens
 from tests.encoder_helpers import tiny_encoder
-from tests.helpers import assert_close, tiny_model
+from tests.helpers import assert_close, requires_hooked_encoder, tiny_model
 from tl_logitlens import masked_lens, sliding_mask_lens
+
+pytestmark = requires_hooked_encoder
 
 KINDS = ["bert", "roberta"]
 TEXT = "The cat sat on the mat and looked at the big red ball."

@@ -9,6 +9,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import GPT2_TOKENIZER, SENTENCES, STORIES, assert_close, require_shared
+from tl_logitlens import _compat
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def hf_logits(folder, tokens):
 
 def test_gpt2_folder_matches_hugging_face(gpt2_folder):
     model = tl.load_model(gpt2_folder)
-    assert model.cfg.normalization_type == "LNPre" and model.cfg.positional_embedding_type == "standard"
+    assert _compat.normalization_type(model) == "LNPre" and model.cfg.positional_embedding_type == "standard"
     assert not model.training
     tokens = model.to_tokens(SENTENCES[0])
     ours = model(tokens).log_softmax(-1)
@@ -48,7 +49,7 @@ def test_gpt2_folder_matches_hugging_face(gpt2_folder):
 
 def test_unfolded_load_matches_too(gpt2_folder):
     model = tl.load_model(gpt2_folder, fold_ln=False, center_writing_weights=False, center_unembed=False)
-    assert model.cfg.normalization_type == "LN"
+    assert _compat.normalization_type(model) == "LN"
     tokens = model.to_tokens(SENTENCES[1])
     assert_close(model(tokens), hf_logits(gpt2_folder, tokens), atol=1e-4)
 
@@ -58,14 +59,14 @@ def test_folder_whose_path_names_another_family(gpt2_folder, tmp_path):
     misleading = tmp_path / "my_llama_experiments" / "gpt2_small"
     shutil.copytree(gpt2_folder, misleading)
     model = tl.load_model(misleading)
-    assert model.cfg.original_architecture == "GPT2LMHeadModel"
+    assert _compat.architecture(model) == "GPT2LMHeadModel"
     tokens = model.to_tokens(SENTENCES[2])
     assert_close(model(tokens).log_softmax(-1), hf_logits(gpt2_folder, tokens).log_softmax(-1), atol=1e-4)
 
 
 @pytest.mark.slow
 def test_stories260k_matches_hugging_face(stories):
-    assert stories.cfg.normalization_type == "RMSPre"
+    assert _compat.normalization_type(stories) == "RMSPre"
     assert stories.cfg.n_key_value_heads == 4 and stories.cfg.positional_embedding_type == "rotary"
     tokens = stories.to_tokens(SENTENCES[0])
     ours = stories(tokens).log_softmax(-1)

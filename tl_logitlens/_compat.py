@@ -7,8 +7,11 @@ place that knows which of them exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
+import torch
 import transformer_lens
 
 TL_VERSION: str = metadata.version("transformer_lens")
@@ -42,3 +45,83 @@ def is_encoder(model: object) -> bool:
 
 def is_bridge(model: object) -> bool:
     return TransformerBridge is not None and isinstance(model, TransformerBridge)
+
+
+def is_compatibility_bridge(model: object) -> bool:
+    """A ``TransformerBridge`` in compatibility mode (HookedTransformer hook names and numerics)."""
+    return is_bridge(model) and bool(getattr(model, "compatibility_mode", False))
+
+
+def normalization_type(model: Any) -> str | None:
+    """The model's normalisation as ``HookedTransformer`` names it.
+
+    ``HookedTransformer`` renames a folded ``LN``/``RMS`` to ``LNPre``/``RMSPre``; a bridge keeps
+    ``cfg.normalization_type`` after ``enable_compatibility_mode()`` folds it and leaves unit gains
+    (and zero biases) in ``ln_final``. Both read the same here: ``...Pre`` when the final norm carries
+    no gain or bias.
+    """
+    kind = model.cfg.normalization_type
+    if kind not in ("LN", "RMS") or not is_bridge(model):
+        return kind
+    ln = model.ln_final
+    w, b = getattr(ln, "w", None), getattr(ln, "b", None)
+    with torch.no_grad():
+        affine_free = (w is None or bool((w == 1).all())) and (b is None or not bool(b.any()))
+    return f"{kind}Pre" if affine_free else kind
+
+
+def architecture(model: Any) -> str | None:
+    """The Hugging Face architecture the model was loaded from (``"GPT2LMHeadModel"``), if known."""
+    cfg = model.cfg
+    return getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None)
+
+
+def official_model_name(name: str) -> str:
+    """The model name TransformerLens loads for ``name`` (aliases resolved); ValueError if unknown.
+
+    3.x resolves through ``loading_from_pretrained`` (removed in 4.0); 4.x through
+    ``supported_models``, and also accepts any hub id in the bridge's model registry.
+    """
+    if TL_MAJOR < 4:
+        from transformer_lens import loading_from_pretrained
+
+        return loading_from_pretrained.get_official_model_name(name)
+    from transformer_lens import supported_models
+
+    try:
+        return supported_models.get_official_model_name(name)
+    except ValueError:
+        if name in _bridge_registry():
+            return name
+        raise
+
+
+def _bridge_registry() -> frozenset[str]:
+    """Hub ids listed in TransformerLens 4.x's model registry (empty where it is absent)."""
+    try:
+        from transformer_lens.tools.model_registry.registry_io import load_supported_models_raw
+
+        return frozenset(m["model_id"] for m in load_supported_models_raw().get("models", []))
+    except (ImportError, OSError, KeyError, TypeError):
+        return frozenset()
+
+
+def output_logits_transform(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A bridge's post-unembedding transform (``adapter.apply_output_logits_transform``: the soft cap
+    of Gemma 2, the logit scaling of Granite and Cohere); None for a ``HookedTransformer``, whose only
+    such transform is ``cfg.output_logits_soft_cap``."""
+    if not is_bridge(model):
+        return None
+    return getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+
+
+def has_custom_logits_transform(model: Any) -> bool:
+    """Whether a bridge's adapter changes logits after the unembedding beyond ``cfg``'s soft cap
+    (logit scaling: Granite, Cohere). Linear attributions must account for it or refuse the model."""
+    adapter = getattr(model, "adapter", None)
+    if not is_bridge(model) or adapter is None:
+        return False
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+
+    own = getattr(type(adapter), "apply_output_logits_transform", None)
+    return own is not None and own is not ArchitectureAdapter.apply_output_logits_transform

@@ -80,14 +80,12 @@ def load_model(
 
 
 def _load_named(name: str, device: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
-    from transformer_lens import loading_from_pretrained as loading
-
     try:
-        official = loading.get_official_model_name(name)
+        official = _compat.official_model_name(name)
     except ValueError as err:
         raise ValueError(
             f"{name!r} is neither a local folder nor a model TransformerLens knows; pass a checkpoint "
-            "folder, or a name from transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES "
+            "folder, or a name from transformer_lens.supported_models.OFFICIAL_MODEL_NAMES "
             "(e.g. 'gpt2', 'EleutherAI/pythia-70m')"
         ) from err
     if _compat.HookedTransformer is not None:
@@ -95,9 +93,20 @@ def _load_named(name: str, device: Any, dtype: torch.dtype, **kwargs: Any) -> An
     return _boot_bridge(official, device, dtype, **kwargs)
 
 
+# enable_compatibility_mode's options; the rest go to boot_transformers
+_COMPAT_OPTIONS = (
+    "fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+    "refactor_factored_attn_matrices", "no_processing",
+)
+
+
 def _boot_bridge(name_or_path: str, device: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """TransformerLens 4.x: ``boot_transformers`` (a hub name or a local folder, read offline) then
+    ``enable_compatibility_mode`` with HookedTransformer's defaults (fold_ln and centring), so the
+    bridge computes what ``HookedTransformer.from_pretrained`` did on 3.x."""
+    compat = {k: kwargs.pop(k) for k in _COMPAT_OPTIONS if k in kwargs}
     bridge = _compat.TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
-    bridge.enable_compatibility_mode()
+    bridge.enable_compatibility_mode(disable_warnings=True, **compat)
     return bridge.eval()
 
 
@@ -132,7 +141,9 @@ def _load_local(path: Path, device: Any, dtype: torch.dtype, **kwargs: Any) -> A
     with _staged_folder(path) as tmp:
         staged = str(Path(tmp) / "checkpoint")
         if _compat.HookedTransformer is None:
-            return _boot_bridge(staged, device, dtype, **kwargs)
+            bridge = _boot_bridge(staged, device, dtype, **kwargs)
+            bridge.cfg.model_name = path.name  # not the staged folder's temporary path
+            return bridge
         from transformer_lens import loading_from_pretrained as loading
         from transformers import AutoModelForCausalLM
 

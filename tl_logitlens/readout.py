@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._compat import ActivationCache
+from tl_logitlens._compat import ActivationCache, output_logits_transform
 
 Norm = Literal["recompute", "cached", "none"]
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
@@ -213,6 +213,9 @@ def unembed(
     else:
         logits = normed @ model.W_U
     logits = logits.float()
+    transform = output_logits_transform(model)
+    if transform is not None:  # a bridge: its adapter's soft cap or logit scaling (Granite, Cohere)
+        return transform(logits)
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
