@@ -452,3 +452,13 @@ def test_stories_heads_agree_with_transformer_lens(stories):
     assert_close(ld.values[-1, 0, 0, 0], ours.total[0, 0, 0], atol=1e-4)
     lens = tl.component_lens(stories, tokens, top_k=5, cache=cache)
     assert lens.promoted_ids.shape == (len(lens.labels), 1, 1, 5)
+
+
+def test_every_result_plots(ln_model):
+    import plotly.graph_objects as go
+
+    results = [tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, WRONG, unit=u) for u in
+               ("component", "head", "head_source", "neuron")]
+    results += [tl.component_lens(ln_model, SENTENCES[:2], top_k=3), tl.logit_diff(ln_model, SENTENCES[:2], C, WRONG)]
+    for result in results:
+        assert isinstance(result.plot(), go.Figure)
