@@ -109,6 +109,7 @@ def model_runs(tmp_path_factory):
             [str(script), "run", "--help"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ),
         "empty": _start(["run", stories, "  "], cwd),
+        "demo": _start(["demo", "--top-k", "3"], cwd),
         "ok": _start(
             ["run", stories, "--prompts-file", "prompts.txt", "--target", " p", "--versus", " s",
              "--top-k", "3", "--out", "out.html", "--csv", "lens.csv", "--json", "lens.json"],
@@ -140,6 +141,21 @@ def test_run_writes_table_report_csv_and_json(model_runs):
     assert len(payload["lens"]) == len(frame)
     last = [r for r in payload["targets"] if r["prompt"] == 0 and r["site"] == "final_post" and r["target"] == " p"]
     assert last[-1]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_demo_prints_the_table_and_writes_the_report(model_runs):
+    cwd, runs = model_runs
+    res = runs["demo"]
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stdout.splitlines()
+    assert "after ' very'" in lines[0]
+    rows = [line for line in lines if line.split(" ")[0] in ("0_pre", "1_pre", "2_pre", "3_pre", "final_post")]
+    assert len(rows) == 5
+    page = (cwd / "logit_lens_report.html").read_text(encoding="utf-8")
+    assert page.count("Plotly.newPlot") == 3 and "<script src" not in page
+    assert "wrote report: logit_lens_report.html" in res.stdout
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "tl-logitlens"
-DEMO_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
+# the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0
+DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was very"
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
 
