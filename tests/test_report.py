@@ -10,7 +10,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close
-from tl_logitlens.report import compute_report, concat_lens, report, top_table_html
+from tl_logitlens.reporting import compute_report, concat_lens, report, top_table_html
 
 CHROME_FLAGS = (
     "--headless",

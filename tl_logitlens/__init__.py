@@ -12,7 +12,7 @@ from tl_logitlens.lens import LensResult, logit_lens
 from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
 from tl_logitlens.models import load_model
 from tl_logitlens.profile import DepthProfile, depth_profile
-from tl_logitlens.report import report
+from tl_logitlens.reporting import report
 from tl_logitlens.tokens import display_tokens
 
 __all__ = [

@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         from tl_logitlens.models import load_model
 
         model = load_model(model_name, device=device)
-    from tl_logitlens.report import compute_report, write_report
+    from tl_logitlens.reporting import compute_report, write_report
 
     settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm}
     if len(prompts) > 1:
