@@ -9,6 +9,7 @@ from tl_logitlens.plotting.attribution import component_bars_figure, component_l
 from tl_logitlens.plotting.comparison import logit_diff_figure
 from tl_logitlens.plotting.export import save_figure, save_figures
 from tl_logitlens.plotting.lens import lens_heatmap, target_trajectory, top_token_evolution
+from tl_logitlens.plotting.masked import profile_figure, profile_heatmaps, sliding_text_heatmap, vocab_figure
 from tl_logitlens.plotting.text import text_heatmap
 
 __all__ = [
@@ -18,12 +19,13 @@ __all__ = [
     "head_grid_figure",
     "lens_heatmap",
     "logit_diff_figure",
+    "profile_figure",
+    "profile_heatmaps",
     "save_figure",
     "save_figures",
+    "sliding_text_heatmap",
     "target_trajectory",
     "text_heatmap",
     "top_token_evolution",
+    "vocab_figure",
 ]
-
-# --- masked-LM figures (tl_logitlens/plotting/masked.py): their author adds the import and the
-# --- __all__ entries here.
