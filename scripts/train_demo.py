@@ -14,7 +14,9 @@ nats over all predicted tokens. The unigram baseline is the cross-entropy, on th
 tokens, of the training-stream unigram distribution with add-one smoothing,
 ``p(t) = (count(t) + 1) / (N + V)``.
 
-Usage: ``/work/venv3/bin/python scripts/train_demo.py`` (about 10 minutes on 2 shared CPU cores).
+Usage: ``/work/venv3/bin/python scripts/train_demo.py`` (208 steps: a few minutes on 2 idle CPU cores, about
+20 minutes on the busy shared machine it was trained on). ``--card-only`` recomputes the lens figures and
+rewrites the card from the saved model.
 """
 
 from __future__ import annotations
@@ -59,13 +61,14 @@ SETTINGS = {
     "torch_threads": 2,
 }
 
-# Story prompts for the card's lens figures, each with the answer word a reader expects next.
+# Story prompts for the card's lens figures, each with the answer word a reader expects next: story
+# formulas the model has learnt, one next word it gets only at its last layer, and one it misses.
 LENS_PROMPTS = [
+    ("Once upon a time, there", " was"),
+    ("Once upon a time, there was a little girl named", " Lily"),
+    ('Lily smiled and said, "Thank', " you"),
+    ("One day, Lily went to the park with her", " mom"),
     ("Once upon a time, there was a little girl named Lily. She loved to play outside in the", " park"),
-    ("Tom had a red ball. He liked to throw the ball to his dog. One day, the dog ran away with the", " ball"),
-    ("Lily was very sad. She started to", " cry"),
-    ("The sun was hot, so Ben wanted to drink some cold", " water"),
-    ("Sue was hungry. Her mom gave her a cookie and a glass of", " milk"),
 ]
 
 
@@ -264,7 +267,8 @@ def write_card(metrics: dict, history: list[dict], lens: list[dict]) -> None:
         f"- {s['epochs']} epochs of {metrics['steps_per_epoch']} steps, batch {s['batch_size']} x "
         f"{s['seq_len']} tokens (each epoch the stream is cut into blocks at a fresh random offset and the "
         f"blocks are shuffled); {metrics['steps']} steps in all.",
-        f"- Training time: {metrics['training_seconds']:.0f} s on a shared 2-core CPU.",
+        f"- Training time: {metrics['training_seconds']:.0f} s on a 2-core CPU shared with other jobs (a "
+        "few minutes when the cores are idle).",
         "",
         "| epoch | train loss | held-out loss |",
         "| ---: | ---: | ---: |",
@@ -286,7 +290,7 @@ def write_card(metrics: dict, history: list[dict], lens: list[dict]) -> None:
         "## Logit lens on story prompts",
         "`tl_logitlens.logit_lens(load_model(\"demo\"), prompt, positions=\"last\", targets=[answer])` "
         "(norm `recompute`: each layer's residual stream through the final LayerNorm and the unembedding). "
-        "`resid_pre L` is the input of block L; `final_post` is the model's output. Rank 0 is the top token.",
+        "`resid_pre L` is the input of block L; `final_post` is the model's output. Rank 1 is the top token (ranks over the full vocabulary).",
         "",
     ]
     for row in lens:
@@ -298,8 +302,16 @@ def write_card(metrics: dict, history: list[dict], lens: list[dict]) -> None:
                          f"{layer['answer_rank']} | {layer['answer_logprob']:.2f} |")
         lines.append("")
     lines += [
+        "## Limits",
+        "A toy trained on about 0.9M tokens (4 passes over 217k): it has learnt the stories' formulas "
+        "(\"Once upon a time, there was\", names, \"Thank you\") but little copying from context, so a word "
+        "that only the story itself makes likely (the ball a dog ran away with) is often missed. Its lens "
+        "is good for seeing the mechanics (the embedding row predicts the current token, the answer "
+        "appears after the first block and sharpens with depth, sometimes only at the last layer), not "
+        "for claims about larger models.",
+        "",
         "## Reproduce",
-        "`python scripts/train_demo.py` (needs `../shared`; about 10 minutes on 2 CPU cores). Float "
+        "`python scripts/train_demo.py` (needs `../shared`; see the training time above). Float "
         "summation order differs between machines and thread counts, so a rerun elsewhere gives close, "
         "not bit-identical, weights.",
         "",
@@ -316,10 +328,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package's)")
     parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="for a quick smoke run only")
+    parser.add_argument(
+        "--card-only", action="store_true", help="recompute the lens figures and the card from the saved model"
+    )
     args = parser.parse_args()
     OUT = args.out
     SETTINGS["epochs"] = args.epochs
     s = SETTINGS
+    if args.card_only:
+        metrics = json.loads((OUT / "metrics.json").read_text())
+        metrics["lens"] = lens_figures()
+        (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_card(metrics, metrics["history"], metrics["lens"])
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(s["torch_threads"])
     seed_everything(s["seed"])
