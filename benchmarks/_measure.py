@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformerConfig
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -67,8 +66,11 @@ def print_table(rows: list[Measurement], baseline: str) -> None:
         print(f"{r.name:42s} {r.seconds:9.3f} {r.seconds / base.seconds:17.2f}x {r.peak_mib:10.1f}")
 
 
-def gpt2_small_config(**overrides) -> HookedTransformerConfig:
-    """GPT-2 small's shape (12 layers, d_model 768, 12 heads, d_vocab 50257), random weights."""
+def gpt2_small_config(**overrides):
+    """GPT-2 small's shape (12 layers, d_model 768, 12 heads, d_vocab 50257), random weights
+    (a ``HookedTransformerConfig``: TransformerLens 3.x only)."""
+    from transformer_lens import HookedTransformerConfig
+
     kwargs = dict(
         n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
         act_fn="gelu_new", normalization_type="LNPre", device="cpu", seed=0,

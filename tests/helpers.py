@@ -94,6 +94,7 @@ def tiny_model(
     n_key_value_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
     output_logits_soft_cap: float = -1.0,
+    attn_only: bool = False,
 ) -> Any:
     """A random model with every weight and bias non-trivial (norm gains and biases included).
 
@@ -107,6 +108,7 @@ def tiny_model(
             normalization, folded, seed=seed, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
             act_fn=act_fn, gated_mlp=gated_mlp, positional_embedding_type=positional_embedding_type,
             n_key_value_heads=n_key_value_heads, dtype=dtype, output_logits_soft_cap=output_logits_soft_cap,
+            attn_only=attn_only,
         )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -129,6 +131,7 @@ def tiny_model(
         dtype=dtype,
         default_prepend_bos=True,
         output_logits_soft_cap=output_logits_soft_cap,
+        attn_only=attn_only,
     )
     model = HookedTransformer(cfg, tokenizer)
     gen = torch.Generator().manual_seed(seed)
@@ -160,6 +163,7 @@ def hooked_parameter_shapes(
     gated_mlp: bool,
     positional_embedding_type: str,
     n_key_value_heads: int | None,
+    attn_only: bool = False,
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The names and shapes of ``HookedTransformer``'s parameters for :func:`tiny_model`'s configs, in
     its ``named_parameters()`` order (tests/test_bridge.py checks this on 3.x), so that the same seed
@@ -178,7 +182,8 @@ def hooked_parameter_shapes(
     for i in range(n_layers):
         b = f"blocks.{i}"
         norm(f"{b}.ln1")
-        norm(f"{b}.ln2")
+        if not attn_only:
+            norm(f"{b}.ln2")
         k = "_" if gqa else ""
         out += [
             (f"{b}.attn.W_Q", (n_heads, d_model, d_head)),
@@ -190,6 +195,8 @@ def hooked_parameter_shapes(
             (f"{b}.attn.{k}b_K", (kv, d_head)),
             (f"{b}.attn.{k}b_V", (kv, d_head)),
         ]
+        if attn_only:
+            continue
         if gated_mlp:
             out += [
                 (f"{b}.mlp.W_in", (d_model, d_mlp)),
@@ -210,16 +217,25 @@ def hooked_parameter_shapes(
     return out
 
 
-def hooked_to_bridge_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hooked_to_bridge_state_dict(weights: dict[str, torch.Tensor], rotary: bool = False) -> dict[str, torch.Tensor]:
     """``HookedTransformer``-format weights as the state dict of a TL-native ``TransformerBridge``
     (``TransformerBridge.boot_native``): per-head tensors flattened, ``[in, out]`` matrices transposed
-    to ``nn.Linear``'s ``[out, in]``."""
+    to ``nn.Linear``'s ``[out, in]``.
+
+    ``rotary``: HookedTransformer rotates the pairs ``(i, i + d_head/2)`` of each head, the native
+    model the adjacent pairs ``(2i, 2i+1)`` at the same frequencies; reordering the query and key
+    dimensions of every head (``2i <- i``, ``2i+1 <- i + d_head/2``) maps one onto the other and leaves
+    every attention score unchanged.
+    """
     from einops import rearrange
 
     out = {}
     for name, t in weights.items():
         prefix, leaf = name.rsplit(".", 1)
         leaf = leaf.lstrip("_")
+        if rotary and leaf in ("W_Q", "W_K", "b_Q", "b_K"):
+            d_head = t.shape[-1]
+            t = t[..., torch.arange(d_head).reshape(2, d_head // 2).T.reshape(-1)]
         if leaf in ("W_Q", "W_K", "W_V"):
             out[f"{prefix}.{leaf[-1].lower()}.weight"] = rearrange(t, "h m d -> (h d) m")
         elif leaf in ("b_Q", "b_K", "b_V"):
@@ -257,6 +273,7 @@ def tiny_bridge(
     n_key_value_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
     output_logits_soft_cap: float = -1.0,
+    attn_only: bool = False,
 ) -> Any:
     """:func:`tiny_model`'s model as a compatibility-mode ``TransformerBridge`` (3.9 and 4.x).
 
@@ -288,19 +305,32 @@ def tiny_bridge(
         default_prepend_bos=True,
         model_name=f"tiny-{normalization}",
         output_logits_soft_cap=output_logits_soft_cap,
+        attn_only=attn_only,
     )
     bridge = _compat.TransformerBridge.boot_native(
         cfg, tokenizer=tokenizer, device="cpu", dtype=dtype, model_name=f"tiny-{normalization}"
     )
+    if gated_mlp:
+        # The TL-native gated MLP is bias-free. HookedTransformer's computes act(x W_gate) * (x W_in)
+        # + b_in, then W_out, b_out: b_in is added after the product, so it goes into out's bias as
+        # W_out b_in (same function; hook_post then lacks b_in, which the b_out row carries instead).
+        for layer in bridge.original_model.layers:
+            out = layer.mlp.out
+            out.bias = torch.nn.Parameter(torch.zeros(out.out_features, dtype=dtype))
     gen = torch.Generator().manual_seed(seed)
     shapes = hooked_parameter_shapes(
         normalization, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_vocab=len(tokenizer),
         n_ctx=n_ctx, gated_mlp=gated_mlp, positional_embedding_type=positional_embedding_type,
-        n_key_value_heads=n_key_value_heads,
+        n_key_value_heads=n_key_value_heads, attn_only=attn_only,
     )
     # drawn in float32 then rounded, as HookedTransformer's copy_ into its own dtype does
     weights = {name: _random_value(name, shape, gen).to(dtype) for name, shape in shapes}
-    result = bridge.load_state_dict(hooked_to_bridge_state_dict(weights), strict=True)
+    state = hooked_to_bridge_state_dict(weights, rotary=positional_embedding_type == "rotary")
+    if gated_mlp:
+        for i in range(n_layers):
+            b_in = state.pop(f"blocks.{i}.mlp.in.bias")
+            state[f"blocks.{i}.mlp.out.bias"] = state[f"blocks.{i}.mlp.out.bias"] + state[f"blocks.{i}.mlp.out.weight"] @ b_in
+    result = bridge.load_state_dict(state, strict=True)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"tiny_bridge weights do not fit: {result}")
     if folded:

@@ -7,6 +7,8 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, STORIES, assert_close, require_shared, tiny_model
+from tl_logitlens import _compat
+from tl_logitlens.readout import final_norm_bias
 
 C, WRONG = " the", " park"
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
@@ -39,6 +41,11 @@ def direction(model, c, i):
     return d, bias
 
 
+def b_O(model, block):
+    """The attention output bias; zeros where a bridge has none (bias-free checkpoints such as Llama)."""
+    return _compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U)
+
+
 def reference_components(model, cache, b, p, c, i):
     """label -> contribution at (b, p), each written out from the cache."""
     f = readout(model, cache, b, p)
@@ -47,10 +54,10 @@ def reference_components(model, cache, b, p, c, i):
     if model.cfg.positional_embedding_type == "standard":
         rows["pos_embed"] = f(cache["hook_pos_embed"][b, p]) @ d
     for layer, block in enumerate(model.blocks):
-        rows[f"{layer}_attn_out"] = f(cache[f"blocks.{layer}.hook_attn_out"][b, p] - block.attn.b_O) @ d
-        rows[f"{layer}_attn_b_O"] = f(block.attn.b_O) @ d
+        rows[f"{layer}_attn_out"] = f(cache[f"blocks.{layer}.hook_attn_out"][b, p] - b_O(model, block)) @ d
+        rows[f"{layer}_attn_b_O"] = f(b_O(model, block)) @ d
         rows[f"{layer}_mlp_out"] = f(cache[f"blocks.{layer}.hook_mlp_out"][b, p]) @ d
-    if hasattr(model.ln_final, "b"):
+    if final_norm_bias(model) is not None:  # a folded bridge keeps a zero ln_final.b
         rows["final_norm_bias"] = model.ln_final.b @ d
     rows["unembed_bias"] = bias
     return {k: v.detach() for k, v in rows.items()}
@@ -281,10 +288,10 @@ def reference_component_logits(model, cache, b, p, unit):
         out["pos_embed"] = f(cache["hook_pos_embed"][b, p]) @ model.W_U
     for layer, block in enumerate(model.blocks):
         if unit == "component":
-            out[f"{layer}_attn_out"] = f(cache[f"blocks.{layer}.hook_attn_out"][b, p] - block.attn.b_O) @ model.W_U
-        out[f"{layer}_attn_b_O"] = f(block.attn.b_O) @ model.W_U
+            out[f"{layer}_attn_out"] = f(cache[f"blocks.{layer}.hook_attn_out"][b, p] - b_O(model, block)) @ model.W_U
+        out[f"{layer}_attn_b_O"] = f(b_O(model, block)) @ model.W_U
         out[f"{layer}_mlp_out"] = f(cache[f"blocks.{layer}.hook_mlp_out"][b, p]) @ model.W_U
-    if hasattr(model.ln_final, "b"):
+    if final_norm_bias(model) is not None:
         out["final_norm_bias"] = model.ln_final.b @ model.W_U
     out["unembed_bias"] = model.b_U
     return {k: v.detach() for k, v in out.items()}
@@ -374,18 +381,7 @@ def test_neuron_needs_hook_post(ln_model):
 
 
 def test_attention_only_model_rows_add_up():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from tests.helpers import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=32, d_vocab=len(tok), attn_only=True,
-        normalization_type="LN", act_fn="gelu", seed=1, device="cpu",
-    )
-    model = HookedTransformer(cfg, tok).eval()
-    with torch.no_grad():
-        model.b_U.normal_()
+    model = tiny_model("LN", n_layers=2, d_model=16, n_heads=2, seed=1, attn_only=True)
     tokens = model.to_tokens(SENTENCES[0])
     logits = model(tokens)
     c, i = ids(model, C, WRONG)
@@ -419,7 +415,7 @@ def stories_unfolded():
 @pytest.mark.parametrize("which", ["folded", "unfolded"])
 def test_stories_rows_add_up_for_every_unit(stories, stories_unfolded, which):
     model = stories if which == "folded" else stories_unfolded
-    assert model.cfg.normalization_type == ("RMSPre" if which == "folded" else "RMS")
+    assert _compat.normalization_type(model) == ("RMSPre" if which == "folded" else "RMS")
     logits = model(model.to_tokens(PROMPT))[0, -1]
     c, i = ids(model, "▁p", "▁s")
     truth = logits[c] - logits[i]

@@ -125,3 +125,10 @@ def has_custom_logits_transform(model: Any) -> bool:
 
     own = getattr(type(adapter), "apply_output_logits_transform", None)
     return own is not None and own is not ArchitectureAdapter.apply_output_logits_transform
+
+
+def output_bias(module: Any, name: str, d_model: int, like: torch.Tensor) -> torch.Tensor:
+    """``module.b_O`` / ``module.b_out``, or zeros: a ``HookedTransformer`` always has these biases
+    (zeros for bias-free models such as Llama), a bridge gives None where the checkpoint has none."""
+    b = getattr(module, name, None)
+    return torch.zeros(d_model, dtype=like.dtype, device=like.device) if b is None else b

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Bool, Float, Int
 
+from tl_logitlens import _compat
 from tl_logitlens._dla import (
     CachedReadout,
     cached_readout,
@@ -484,7 +485,7 @@ def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: 
     if _has_pos_embed(model):
         rows.add("pos_embed", -1, ro.states(at("hook_pos_embed")))
     for layer, block in enumerate(model.blocks):
-        b_O = ro.vector(block.attn.b_O)
+        b_O = ro.vector(_compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U))
         heads_sum = ro.states(at(f"blocks.{layer}.hook_attn_out")) - b_O
         if unit in _HEAD_UNITS:
             vecs = head_vectors(block.attn.W_O, ro.g)
@@ -505,7 +506,7 @@ def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: 
             continue
         mlp_out = ro.states(at(f"blocks.{layer}.hook_mlp_out"))
         if unit == "neuron":
-            b_out = ro.vector(block.mlp.b_out)
+            b_out = ro.vector(_compat.output_bias(block.mlp, "b_out", model.cfg.d_model, model.W_U))
             neurons = neuron_contributions(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, ro.g, ro.inv_scale)
             _check_sum(neurons.sum(0) + b_out, mlp_out, f"layer {layer}'s neurons do not add up to its MLP output")
             rows.grid.append(neurons)
@@ -678,7 +679,7 @@ def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> I
     if _has_pos_embed(model):
         yield _Term("pos_embed", -1, -1, "state", at("hook_pos_embed"))
     for layer, block in enumerate(model.blocks):
-        b_O = block.attn.b_O.detach().float()
+        b_O = _compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U).detach().float()
         if unit == "component":
             yield _Term(f"{layer}_attn_out", layer, -1, "state", at(f"blocks.{layer}.hook_attn_out") - b_O)
         yield _Term(f"{layer}_attn_b_O", layer, -1, "vector", b_O)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._compat import ActivationCache, output_logits_transform
+from tl_logitlens._compat import ActivationCache, normalization_type, output_logits_transform
 
 Norm = Literal["recompute", "cached", "none"]
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
@@ -196,8 +196,11 @@ def normalise(
 
 
 def final_norm_bias(model: Any) -> torch.Tensor | None:
-    """The final norm's additive bias (unfolded LayerNorm), or None."""
-    if not has_final_norm(model):
+    """The final norm's additive bias (unfolded LayerNorm), or None.
+
+    A folded bridge keeps a zero ``ln_final.b`` where a folded HookedTransformer has none: None too.
+    """
+    if not has_final_norm(model) or normalization_type(model) in ("LNPre", "RMSPre"):
         return None
     return getattr(model.ln_final, "b", None)
 
