@@ -45,9 +45,15 @@ def load_model(
     - a local Hugging Face checkpoint folder (``config.json``, weights, tokenizer), loaded offline;
     - a TransformerLens model name (``"gpt2"``, ``"EleutherAI/pythia-70m"``), loaded with
       ``HookedTransformer.from_pretrained`` exactly as TransformerLens does (this downloads);
-    - a model object you built already, returned as it is (put in eval mode).
+    - a model object you built already (a ``HookedTransformer`` or a ``TransformerBridge``),
+      returned as it is (put in eval mode).
 
-    ``kwargs`` go to TransformerLens (``fold_ln``, ``center_unembed``, ...).
+    With TransformerLens 3.x the result is a ``HookedTransformer``; with 4.x (which has none) it is a
+    ``TransformerBridge`` booted with ``boot_transformers`` and put in compatibility mode, which
+    folds and centres the weights as ``from_pretrained`` did: the same numbers either way.
+
+    ``kwargs`` go to TransformerLens (``fold_ln``, ``center_unembed``, ...; on 4.x the weight-processing
+    options go to ``enable_compatibility_mode``, the rest to ``boot_transformers``).
     """
     if hasattr(name_or_path, "cfg") and hasattr(name_or_path, "run_with_cache"):
         return name_or_path.eval()
