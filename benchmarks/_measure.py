@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,37 +27,57 @@ class Measurement:
     peak_mib: float
 
 
-def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measurement:
-    """Best-of-``repeats`` wall time, and the peak resident memory above the starting level.
+def fix_mmap_threshold() -> None:
+    """Re-run this script with glibc's mmap threshold fixed at 1 MiB (call first thing in main).
 
-    Memory is sampled every 0.5 ms from /proc/self/statm while ``fn`` runs; large tensors are
-    mmapped and returned to the OS when freed, so the peak is that of ``fn`` alone.
+    glibc raises its mmap threshold after large frees, after which freed chunks stay in the heap and
+    later calls show no resident growth; a fixed threshold keeps every large block mmapped, so each
+    call's peak is measured alike.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _peak_rss_above_start(fn: Callable[[], object]) -> int:
+    """Run ``fn`` once while a thread samples resident memory every 0.5 ms; the peak above the start."""
+    gc.collect()
+    start_rss = _rss()
+    peak = start_rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = fn()
+    done.set()
+    sampler.join()
+    del out
+    return max(peak, _rss()) - start_rss
+
+
+def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measurement:
+    """Best-of-``repeats`` wall time, then the peak resident memory above the starting level.
+
+    Timed runs have no sampler beside them (its wake-ups would slow code that makes many small
+    calls more than code that makes a few large ones); one more run, sampled from /proc/self/statm,
+    gives the peak. Large tensors are mmapped and returned to the OS when freed, so the peak is that
+    of ``fn`` alone.
     """
     fn()  # warm-up
     best = float("inf")
-    peak_extra = 0
     for _ in range(repeats):
         gc.collect()
-        start_rss = _rss()
-        peak = start_rss
-        done = threading.Event()
-
-        def sample(done: threading.Event = done) -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _rss())
-                time.sleep(0.0005)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)
-        done.set()
-        sampler.join()
-        peak_extra = max(peak_extra, max(peak, _rss()) - start_rss)
         del out
-    return Measurement(name, best, peak_extra / 2**20)
+    return Measurement(name, best, _peak_rss_above_start(fn) / 2**20)
 
 
 def print_table(rows: list[Measurement], baseline: str) -> None:

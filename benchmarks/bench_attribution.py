@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _measure import gpt2_small_config, measure, print_table, threads
+from _measure import fix_mmap_threshold, gpt2_small_config, measure, print_table, threads
 from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
@@ -55,6 +55,7 @@ def ours(model, tokens, cache, correct, incorrect, last: bool):
 
 
 def main() -> None:
+    fix_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _measure import gpt2_small_config, measure, print_table, threads
+from _measure import fix_mmap_threshold, gpt2_small_config, measure, print_table, threads
 from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
@@ -37,6 +37,7 @@ def naive_lens(model, cache, tokens, top_k=5):
 
 
 def main() -> None:
+    fix_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
@@ -68,7 +69,7 @@ def main() -> None:
         measure(f"logit_lens (chunk_size={DEFAULT_CHUNK_SIZE}, default)", ours()),
         measure("naive per-layer full log-softmax loop", naive),
         measure("logit_lens (chunk_size=32, lean)", ours(32)),
-        measure("logit_lens (chunk_size=256)", ours(256)),
+        measure("logit_lens (chunk_size=512)", ours(512)),
     ]
     print_table(results, baseline=results[0].name)
     ours_m, naive_m = results[1], results[2]

@@ -13,11 +13,9 @@ before each call (benchmarks/_measure.py).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
-from _measure import measure, print_table, threads
+from _measure import fix_mmap_threshold, measure, print_table, threads
 
 import tl_logitlens as tl
 from tl_logitlens import _compat
@@ -36,12 +34,7 @@ def gpt2_small_bridge():
 
 
 def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc raises its mmap threshold after large frees, after which freed chunks stay in the
-        # heap and later calls show no resident growth; a fixed 1 MiB threshold keeps every logits
-        # block mmapped, so each call's peak is measured alike
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    fix_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)

@@ -20,11 +20,9 @@ from tests.test_lens import reference_lens
 from tl_logitlens import _compat
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
-# Over GPT-2's 50257 tokens with logits of ±15, the lens's float32 entropy and KL (a dot product
-# of probabilities and logits, lens._rowdot) are off by up to 3e-3 nats from float64, where a full
-# float32 log-softmax is off by 2e-5: a precision limit of the core's reduction, not of the bridge
-# (same on HookedTransformer). Log-probs and ranks are exact to 1e-4; the tolerance states that limit.
-GPT2_ATOL = 3e-3
+# Over GPT-2's 50257 tokens the float32 entropy and KL (blocked dot products in lens._rowdot) agree
+# with a float32 log-softmax reference to ~1e-5 nats; 1e-4 is the suite's identity tolerance.
+GPT2_ATOL = 1e-4
 
 
 def check_against_reference(result, ref_logprobs, atol: float) -> None:
