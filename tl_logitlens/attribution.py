@@ -29,6 +29,7 @@ from tl_logitlens._dla import (
     unembed_bias,
     unembed_columns,
 )
+from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens._pairs import resolve_pairs
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
 from tl_logitlens.readout import check_cache, check_model, final_norm_bias, has_final_norm, run_cache
@@ -46,14 +47,6 @@ DEFAULT_CHUNK_SIZE = 256
 
 # ----------------------------------------------------------------------------------------------
 # results
-
-
-def _input_tokens(positions: torch.Tensor, str_tokens: tuple[tuple[str, ...], ...]) -> list[list[str]]:
-    out = []
-    for b, row in enumerate(positions.tolist()):
-        toks = str_tokens[b]
-        out.append([toks[p] if p < len(toks) else "" for p in row])
-    return out
 
 
 @dataclass(frozen=True)
@@ -122,7 +115,7 @@ class AttributionResult:
 
     def input_tokens(self) -> list[list[str]]:
         """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        return _input_tokens(self.positions, self.str_tokens)
+        return input_tokens(self.positions, self.str_tokens)
 
     def mean_attribution(self, pair: int = 0) -> Float[torch.Tensor, " row"]:
         """Each row's attribution averaged over prompts and read positions (padding left out)."""
@@ -180,13 +173,7 @@ class AttributionResult:
         """
         import pandas as pd
 
-        r_n, b_n, p_n, k_n = self.attribution.shape
-        grid = torch.cartesian_prod(
-            torch.arange(r_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
-        ).reshape(-1, 4)
-        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
-        r, b, j, k = grid.unbind(-1)
-        inputs = self.input_tokens()
+        r, b, j, k = long_index(self.attribution.shape, self.valid)
         layer = torch.tensor(self.row_layer)
         index = torch.tensor(self.row_index)
 
@@ -202,9 +189,7 @@ class AttributionResult:
                 "row": r.numpy(),
                 "layer": layer[r].numpy(),
                 "index": index[r].numpy(),
-                "prompt": b.numpy(),
-                "position": self.positions.cpu()[b, j].numpy(),
-                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                **position_columns(self.positions, self.str_tokens, b, j),
                 "pair": k.numpy(),
                 "pair_label": [self.pair_labels[i] for i in k.tolist()],
                 "correct": names(self.correct_ids),
@@ -258,7 +243,7 @@ class ComponentLensResult:
 
     def input_tokens(self) -> list[list[str]]:
         """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        return _input_tokens(self.positions, self.str_tokens)
+        return input_tokens(self.positions, self.str_tokens)
 
     def _strings(self, ids: torch.Tensor) -> list:
         flat = display_tokens(self.tokenizer, ids.clamp(min=0).reshape(-1))
@@ -286,17 +271,11 @@ class ComponentLensResult:
         import pandas as pd
 
         frames = []
-        inputs = self.input_tokens()
         for effect, ids, vals in (
             ("promoted", self.promoted_ids, self.promoted_logits),
             ("suppressed", self.suppressed_ids, self.suppressed_logits),
         ):
-            r_n, b_n, p_n, k_n = ids.shape
-            grid = torch.cartesian_prod(
-                torch.arange(r_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
-            ).reshape(-1, 4)
-            grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
-            r, b, j, k = grid.unbind(-1)
+            r, b, j, k = long_index(ids.shape, self.valid)
             sel = ids.cpu()[r, b, j, k]
             frames.append(
                 pd.DataFrame(
@@ -305,9 +284,7 @@ class ComponentLensResult:
                         "row": r.numpy(),
                         "layer": torch.tensor(self.row_layer)[r].numpy(),
                         "index": torch.tensor(self.row_index)[r].numpy(),
-                        "prompt": b.numpy(),
-                        "position": self.positions.cpu()[b, j].numpy(),
-                        "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                        **position_columns(self.positions, self.str_tokens, b, j),
                         "effect": effect,
                         "rank": (k + 1).numpy(),
                         "token_id": sel.numpy(),

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._dla import unembed_bias, unembed_columns
+from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens._pairs import check_direction, resolve_pairs
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
 from tl_logitlens.readout import (
@@ -94,11 +95,7 @@ class DirectionResult:
 
     def input_tokens(self) -> list[list[str]]:
         """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        out = []
-        for b, row in enumerate(self.positions.tolist()):
-            toks = self.str_tokens[b]
-            out.append([toks[p] if p < len(toks) else "" for p in row])
-        return out
+        return input_tokens(self.positions, self.str_tokens)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format, one row per site × prompt × read position × pair; padding left out.
@@ -108,13 +105,7 @@ class DirectionResult:
         """
         import pandas as pd
 
-        s_n, b_n, p_n, k_n = self.values.shape
-        grid = torch.cartesian_prod(
-            torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k_n)
-        ).reshape(-1, 4)
-        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
-        s, b, j, k = grid.unbind(-1)
-        inputs = self.input_tokens()
+        s, b, j, k = long_index(self.values.shape, self.valid)
 
         def names(ids: torch.Tensor | None) -> list[str]:
             if ids is None:
@@ -127,9 +118,7 @@ class DirectionResult:
             {
                 "site": [self.labels[i] for i in s.tolist()],
                 "site_index": s.numpy(),
-                "prompt": b.numpy(),
-                "position": self.positions.cpu()[b, j].numpy(),
-                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                **position_columns(self.positions, self.str_tokens, b, j),
                 "pair": k.numpy(),
                 "pair_label": [self.pair_labels[i] for i in k.tolist()],
                 "correct": names(self.correct_ids),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Union, no_type_check
 import torch
 from jaxtyping import Bool, Float, Int
 
+from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens.inputs import (
     Batch,
     Inputs,
@@ -98,11 +99,7 @@ class LensResult:
 
     def input_tokens(self) -> list[list[str]]:
         """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        out = []
-        for b, row in enumerate(self.positions.tolist()):
-            toks = self.str_tokens[b]
-            out.append([toks[p] if p < len(toks) else "" for p in row])
-        return out
+        return input_tokens(self.positions, self.str_tokens)
 
     def select_sites(self, labels: Sequence[str]) -> LensResult:
         """A result holding only the named sites, in the given order."""
@@ -136,18 +133,7 @@ class LensResult:
         """
         import pandas as pd
 
-        s_n, b_n, p_n, k = self.top_ids.shape
-        grid = torch.stack(
-            torch.meshgrid(
-                torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(k), indexing="ij"
-            ),
-            -1,
-        ).reshape(-1, 4)
-        keep = self.valid.cpu()[grid[:, 1], grid[:, 2]]
-        grid = grid[keep]
-        s, b, j, r = grid.unbind(-1)
-        pos = self.positions.cpu()[b, j]
-        inputs = self.input_tokens()
+        s, b, j, r = long_index(self.top_ids.shape, self.valid)
         next_ids = self.next_ids.cpu()[b, j]
         ids = self.top_ids.cpu()[s, b, j, r]
         lp = self.top_logprobs.cpu()[s, b, j, r]
@@ -156,9 +142,7 @@ class LensResult:
             {
                 "site": [labels[i] for i in s.tolist()],
                 "site_index": s.numpy(),
-                "prompt": b.numpy(),
-                "position": pos.numpy(),
-                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                **position_columns(self.positions, self.str_tokens, b, j),
                 "rank": (r + 1).numpy(),
                 "token_id": ids.numpy(),
                 "token": display_tokens(self.tokenizer, ids),
@@ -181,25 +165,14 @@ class LensResult:
 
         if self.target_ids is None:
             raise ValueError("this result has no targets; pass targets=... to logit_lens")
-        s_n, b_n, p_n, t_n = self.target_logprobs.shape
-        grid = torch.stack(
-            torch.meshgrid(
-                torch.arange(s_n), torch.arange(b_n), torch.arange(p_n), torch.arange(t_n), indexing="ij"
-            ),
-            -1,
-        ).reshape(-1, 4)
-        grid = grid[self.valid.cpu()[grid[:, 1], grid[:, 2]]]
-        s, b, j, t = grid.unbind(-1)
+        s, b, j, t = long_index(self.target_logprobs.shape, self.valid)
         ids = self.target_ids.cpu()[b, j, t]
         lp = self.target_logprobs.cpu()[s, b, j, t]
-        inputs = self.input_tokens()
         return pd.DataFrame(
             {
                 "site": [self.labels[i] for i in s.tolist()],
                 "site_index": s.numpy(),
-                "prompt": b.numpy(),
-                "position": self.positions.cpu()[b, j].numpy(),
-                "input_token": [inputs[bb][jj] for bb, jj in zip(b.tolist(), j.tolist())],
+                **position_columns(self.positions, self.str_tokens, b, j),
                 "target_index": t.numpy(),
                 "target_id": ids.numpy(),
                 "target": display_tokens(self.tokenizer, ids),
