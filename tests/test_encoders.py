@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import tl_logitlens
-from tests.encoder_helpers import hf_bert, hf_roberta, save_folder, tiny_encoder
+from tests.encoder_helpers import hf_bert, hf_roberta, save_folder
+from tests.encoder_helpers import tiny_encoder as _hooked_encoder
 from tests.helpers import SENTENCES, assert_close, requires_hooked_encoder
+from tests.test_masked import NO_ROBERTA
 from tl_logitlens import _compat
 from tl_logitlens.encoders import bert_to_hooked_encoder, is_encoder_name, roberta_to_hooked_encoder
 
-pytestmark = requires_hooked_encoder
-
 KINDS = ["bert", "roberta"]
+BRIDGE_KINDS = ["bert", pytest.param("roberta", marks=NO_ROBERTA)]
 TEXTS = ["The cat sat on the mat.", SENTENCES[0]]
 
 
@@ -21,10 +22,11 @@ def _hf(kind: str):
     return hf_bert() if kind == "bert" else hf_roberta()
 
 
+@requires_hooked_encoder  # the HookedEncoder converter
 @pytest.mark.parametrize("kind", KINDS)
 def test_converter_logits_equal_hugging_face(kind):
     hf, tok = _hf(kind)
-    model = tiny_encoder(kind)
+    model = _hooked_encoder(kind)
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     assert bool((enc["attention_mask"] == 0).any()), "the batch must exercise padding"
     with torch.no_grad():
@@ -39,9 +41,10 @@ def test_converter_logits_equal_hugging_face(kind):
         assert_close(model(single), hf(input_ids=single).logits, atol=1e-4, rtol=1e-4)
 
 
+@requires_hooked_encoder  # the HookedEncoder converter
 def test_roberta_positions_offset_and_no_token_types():
     hf, tok = hf_roberta()
-    model = tiny_encoder("roberta")
+    model = _hooked_encoder("roberta")
     emb = hf.roberta.embeddings
     offset = emb.padding_idx + 1
     assert model.cfg.n_ctx == emb.position_embeddings.weight.shape[0] - offset
@@ -56,10 +59,11 @@ def test_roberta_positions_offset_and_no_token_types():
         assert_close(model(TEXTS[0]), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@requires_hooked_encoder  # the HookedEncoder converter
 @pytest.mark.parametrize("kind", KINDS)
 def test_post_ln_hooks(kind):
     """The block output is hook_normalized_resid_post (= next hook_resid_pre); there is no ln_final."""
-    model = tiny_encoder(kind)
+    model = _hooked_encoder(kind)
     assert not hasattr(model, "ln_final")
     _, cache = model.run_with_cache(torch.tensor([[2, 10, 11, 12, 3]]))
     for layer in range(model.cfg.n_layers - 1):
@@ -69,7 +73,7 @@ def test_post_ln_hooks(kind):
     assert_close(cache["blocks.0.hook_normalized_resid_post"], normed, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", BRIDGE_KINDS)
 def test_load_model_from_local_folder(kind):
     hf, tok = _hf(kind)
     model = tl_logitlens.load_model(save_folder(hf, tok))
@@ -91,6 +95,7 @@ def test_load_model_routes_encoder_names(monkeypatch):
     assert not is_encoder_name("gpt2") and not is_encoder_name("distilbert-base-uncased")
 
 
+@requires_hooked_encoder  # the HookedEncoder converter
 def test_bad_conversions():
     hf_b, tok_b = hf_bert()
     hf_r, tok_r = hf_roberta()
@@ -98,6 +103,33 @@ def test_bad_conversions():
         bert_to_hooked_encoder(hf_r, tok_r)
     with pytest.raises(TypeError, match="expected a transformers RobertaForMaskedLM"):
         roberta_to_hooked_encoder(hf_b, tok_b)
-    folder = save_folder(hf_b, tok_b)
+
+
+def test_load_model_takes_no_loading_options():
     with pytest.raises(ValueError, match="take no loading options"):
-        tl_logitlens.load_model(folder, fold_ln=True)
+        tl_logitlens.load_model(save_folder(*hf_bert()), fold_ln=True)
+
+
+@pytest.mark.parametrize("kind", BRIDGE_KINDS)
+def test_sites_are_hugging_face_hidden_states(kind):
+    """What the lens reads: the embedding output and each block's output equal HF's hidden states."""
+    from tl_logitlens.masked import encoder_sites
+
+    hf, tok = _hf(kind)
+    model = tl_logitlens.load_model(save_folder(hf, tok))
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    hooks = [s.hook for s in encoder_sites(model)]
+    kw = {"attention_mask" if _compat.is_bridge(model) else "one_zero_attention_mask": enc["attention_mask"]}
+    with torch.no_grad():
+        ref = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+        _, cache = model.run_with_cache(enc["input_ids"], **kw)
+    assert len(hooks) == len(ref.hidden_states) == model.cfg.n_layers + 1
+    for hook, state in zip(hooks, ref.hidden_states):
+        assert_close(cache[hook][real], state[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(_compat.HookedEncoder is not None, reason="the 4.x bridge path only")
+def test_bridge_refuses_roberta():
+    with pytest.raises(ValueError, match="loads BERT masked LMs only"):
+        tl_logitlens.load_model(save_folder(*hf_roberta()))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.encoder_helpers import tiny_encoder
-from tests.helpers import SENTENCES, assert_close, requires_hooked_encoder
+from tests.helpers import SENTENCES, assert_close
+from tests.test_masked import tiny_encoder
 from tl_logitlens import depth_profile, logit_lens, masked_lens, sliding_mask_lens
 from tl_logitlens.profile import decision_sites, fit_sqrt, site_depths
 
@@ -97,7 +97,6 @@ def test_tracking_from_topk_is_exact(ln_model):
     assert known.any(0).all()  # every tracked token is known at the site where it peaks
 
 
-@requires_hooked_encoder  # builds a HookedEncoder
 def test_masked_and_sliding_profiles():
     model = tiny_encoder("bert")
     res = masked_lens(model, "The cat sat on the mat.", mask_positions=[2, 4], targets=["dog"], n_track=4)

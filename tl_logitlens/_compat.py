@@ -40,7 +40,51 @@ def is_hooked_transformer(model: object) -> bool:
 
 
 def is_encoder(model: object) -> bool:
-    return HookedEncoder is not None and isinstance(model, HookedEncoder)
+    """A masked language model: a 3.x ``HookedEncoder``, or a 4.x bridge over a ``*ForMaskedLM``."""
+    return (HookedEncoder is not None and isinstance(model, HookedEncoder)) or is_masked_lm_bridge(model)
+
+
+def is_masked_lm_bridge(model: object) -> bool:
+    """A ``TransformerBridge`` over a Hugging Face ``*ForMaskedLM`` (BERT, RoBERTa) with its MLM head."""
+    return (
+        is_bridge(model)
+        and str(architecture(model) or "").endswith("ForMaskedLM")
+        and hasattr(model, "mlm_head")
+    )
+
+
+def load_masked_lm_bridge(source: str, *, device: Any, dtype: torch.dtype, tokenizer: Any) -> Any:
+    """A compatibility-mode bridge in eval mode over a local ``*ForMaskedLM`` folder or hub name (4.x).
+
+    No weight processing (``no_processing=True``): BERT is post-LN, its LayerNorms cannot be folded,
+    and the bridge's logits then equal the Hugging Face model's. ``tokenizer`` (a fresh, unshared one)
+    replaces the one the bridge sets up, which drops BERT's [CLS]/[SEP] and RoBERTa's </s>.
+    """
+    if TransformerBridge is None:
+        raise ImportError(f"this TransformerLens ({TL_VERSION}) has no TransformerBridge")
+    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    bridge.tokenizer = tokenizer
+    if bridge.tokenizer is not tokenizer:  # a bug in this TransformerLens, not user input
+        raise RuntimeError("the bridge did not take the checkpoint's own tokenizer")
+    return bridge.eval()
+
+
+def masked_lm_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A masked-LM bridge's whole MLM head as the Hugging Face model runs it (dense, activation,
+    LayerNorm, decoder): ``cls.predictions`` for BERT, ``lm_head`` for RoBERTa."""
+    hf = model.original_model
+    head = getattr(getattr(hf, "cls", None), "predictions", None) or getattr(hf, "lm_head", None)
+    if head is None:
+        raise TypeError(f"{type(hf).__name__} has no masked-LM head (cls.predictions or lm_head)")
+    return head
+
+
+def encoder_embeddings(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """The embedding output (after the embedding LayerNorm) of an encoder, ``blocks.0.hook_resid_pre``."""
+    if is_bridge(model):
+        return model.original_model.base_model.embeddings(input_ids=tokens)
+    return model.embed(tokens)
 
 
 def is_bridge(model: object) -> bool:

@@ -265,6 +265,9 @@ def load_encoder(
 ) -> Any:
     """A ``HookedEncoder`` in eval mode from a local ``*ForMaskedLM`` folder or a BERT/RoBERTa hub name.
 
+    On TransformerLens 4.x (no ``HookedEncoder``) the same call returns a ``TransformerBridge`` in
+    compatibility mode with no weight processing, whose logits equal the Hugging Face model's.
+
     The Hugging Face model is loaded with ``AutoModelForMaskedLM`` (a hub name downloads; a folder
     does not) and converted by :func:`bert_to_hooked_encoder` or :func:`roberta_to_hooked_encoder`.
     Encoders take no weight processing: ``fold_ln``, ``center_writing_weights`` and friends are
@@ -279,6 +282,8 @@ def load_encoder(
 
     dtype = dtype or torch.float32
     source = os.fspath(name_or_path)
+    if _compat.HookedEncoder is None:  # 4.x: a compatibility-mode bridge over the Hugging Face model
+        return _load_bridge(source, device=device, dtype=dtype)
     hf_model = AutoModelForMaskedLM.from_pretrained(source, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model_type = hf_model.config.model_type
@@ -291,5 +296,25 @@ def load_encoder(
             f"{source!r} is a {type(hf_model).__name__} (model_type {model_type!r}); tl_logitlens converts "
             "BERT and RoBERTa masked LMs only"
         )
+    model.cfg.model_name = Path(source).name if Path(source).exists() else source
+    return model
+
+
+def _load_bridge(source: str, *, device: Any, dtype: torch.dtype) -> Any:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type != "bert":  # 4.x's RoBERTa bridge swaps in a tokenizer without </s>: not supported
+        raise ValueError(
+            f"{source!r} has model_type {model_type!r}; on TransformerLens {_compat.TL_VERSION} tl_logitlens "
+            "loads BERT masked LMs only (RoBERTa needs TransformerLens 3.9: pip install 'transformer_lens>=3.9,<4')"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _compat.load_masked_lm_bridge(
+        source, device=device, dtype=dtype, tokenizer=AutoTokenizer.from_pretrained(source)
+    )
+    if not _compat.is_masked_lm_bridge(model):  # a bug in the bridge's adapter, not user input
+        raise RuntimeError(f"TransformerLens loaded {source!r} without its masked-LM head")
     model.cfg.model_name = Path(source).name if Path(source).exists() else source
     return model

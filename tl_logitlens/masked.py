@@ -1,4 +1,4 @@
-"""The logit lens for masked language models (BERT, RoBERTa as ``HookedEncoder``).
+"""The logit lens for masked language models (BERT, RoBERTa: ``HookedEncoder`` on 3.x, bridge on 4.x).
 
 Mask a word, then read every layer's guess for the hole: each residual state is sent through the
 model's own masked-LM head (``dense → GELU → LayerNorm → W_U + b_U``), exactly as the model treats
@@ -39,15 +39,22 @@ DEFAULT_CHUNK_SIZE = 16
 
 
 def encoder_sites(model: Any) -> tuple[Site, ...]:
-    """The embedding output and every block's output, in depth order."""
+    """The embedding output and every block's output, in depth order.
+
+    The last block's output (after its closing LayerNorm) is ``hook_normalized_resid_post`` on a
+    ``HookedEncoder`` and ``hook_resid_post`` on a bridge (where it equals Hugging Face's last hidden state).
+    """
     n = model.cfg.n_layers
+    last = "hook_resid_post" if _compat.is_bridge(model) else "hook_normalized_resid_post"
     sites = [Site(f"{layer}_pre", f"blocks.{layer}.hook_resid_pre") for layer in range(n)]
-    sites.append(Site("final_post", f"blocks.{n - 1}.hook_normalized_resid_post"))
+    sites.append(Site("final_post", f"blocks.{n - 1}.{last}"))
     return tuple(sites)
 
 
 def mlm_logits(model: Any, states: Float[torch.Tensor, "row d_model"]) -> Float[torch.Tensor, "row d_vocab"]:
     """The model's masked-LM head on residual states, as float32 logits (the model's own modules)."""
+    if _compat.is_bridge(model):
+        return _compat.masked_lm_head(model)(states[None])[0].float()
     return model.unembed(model.mlm_head(states[None]))[0].float()
 
 
@@ -59,7 +66,7 @@ def check_encoder(model: Any, what: str = "masked_lens") -> None:
         )
     if not _compat.is_encoder(model):
         raise TypeError(
-            f"{what} needs a masked language model (a HookedEncoder such as BERT or RoBERTa), but got a "
+            f"{what} needs a masked language model (BERT or RoBERTa as a HookedEncoder or masked-LM bridge), but got a "
             f"{type(model).__name__}, which predicts the next token; use tl_logitlens.logit_lens for it"
         )
     if model.training:
@@ -316,7 +323,7 @@ def _run(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[s
     wanted = set(hooks)
     kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted, "return_type": None}
     if not bool(mask.all()):
-        kwargs["one_zero_attention_mask"] = mask.long()
+        kwargs["attention_mask" if _compat.is_bridge(model) else "one_zero_attention_mask"] = mask.long()
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache
@@ -432,7 +439,8 @@ def masked_lens(
     """The logit lens of a masked LM at its holes: every layer's guess for each masked token.
 
     Args:
-        model: a ``HookedEncoder`` (BERT, RoBERTa) in eval mode.
+        model: a masked LM (BERT, RoBERTa) in eval mode: a ``HookedEncoder``, or on TransformerLens 4.x
+            the compatibility-mode bridge ``tl_logitlens.load_model`` returns for a ``*ForMaskedLM``.
         text_or_tokens: a string, a list of strings (right-padded, masked from attention), or token ids
             including the special tokens ([CLS]/[SEP], <s>/</s>).
         mask_positions: where to put the hole: a token position (counting the leading special token;
@@ -471,7 +479,7 @@ def masked_lens(
     else:
         check_cache(cache, model, hooks, tokens_dev)
         with torch.inference_mode():
-            embedded = model.embed(tokens_dev)[rows_b.to(device), rows_p.to(device)]
+            embedded = _compat.encoder_embeddings(model, tokens_dev)[rows_b.to(device), rows_p.to(device)]
         cached = cache["blocks.0.hook_resid_pre"][rows_b.to(device), rows_p.to(device)]
         if not torch.allclose(embedded, cached, atol=1e-4, rtol=1e-4):
             raise ValueError(
