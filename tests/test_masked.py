@@ -179,7 +179,6 @@ def test_sliding_mask_matches_loop_of_single_forwards(kind, monkeypatch):
     assert list(df.columns[:5]) == ["site", "site_index", "position", "original_token", "predicted_token"]
 
 
-@NO_ROBERTA  # uses the RoBERTa encoder
 def test_bad_input():
     model = tiny_encoder("bert")
     with pytest.raises(ValueError, match="no mask token .* and no mask_positions"):
@@ -202,6 +201,10 @@ def test_bad_input():
         masked_lens(model, "The dog parked.", mask_positions="parked")
     with pytest.raises(ValueError, match="top_k=0 must be between"):
         masked_lens(model, TEXT, mask_positions=2, top_k=0)
+
+
+@NO_ROBERTA
+def test_roberta_special_tokens_are_not_masked():
     roberta = tiny_encoder("roberta")
     with pytest.raises(ValueError, match="special token '<s>'"):
         masked_lens(roberta, TEXT, mask_positions=0)
