@@ -21,8 +21,8 @@ HAS_HOOKED_TRANSFORMER = _compat.HookedTransformer is not None
 # tl_logitlens.encoders and tl_logitlens.masked are built on. Test modules about them carry this mark.
 requires_hooked_encoder = pytest.mark.skipif(
     _compat.HookedEncoder is None,
-    reason=f"TransformerLens {_compat.TL_VERSION} has no HookedEncoder (removed in 4.0); the masked-LM "
-    "lens is built on it and runs with TransformerLens 3.9",
+    reason=f"TransformerLens {_compat.TL_VERSION} has no HookedEncoder (removed in 4.0): the BERT/RoBERTa "
+    "converter runs with TransformerLens 3.9 (on 4.x, BERT loads as a bridge instead)",
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
