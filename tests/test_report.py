@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ return Array.from(document.querySelectorAll('.js-plotly-plot')).map(e => [
 ]);
 """
 
+
+
+def _rendered(driver, expected: int, timeout: float = 30.0) -> list:
+    """The figures on the page once ``expected`` of them have drawn (polled: plotly draws after the
+    load event returns, and a loaded CI machine can take seconds for a 5 MB page), or what is there
+    when ``timeout`` runs out, for the caller's assertions to report."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rendered = driver.execute_script(_RENDERED)
+        done = len(rendered) >= expected and all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
+        if done or time.monotonic() > deadline:
+            return rendered
+        time.sleep(0.2)
+
+
 # mean and variance of the screenshot's grey levels, computed in the browser on a canvas
 _PIXEL_STATS = """
 const done = arguments[arguments.length - 1];
@@ -91,7 +107,7 @@ def test_report_is_one_self_contained_file(full_report):
 
 def test_report_renders_every_figure_without_console_errors(driver, full_report, tmp_path):
     driver.get(full_report.resolve().as_uri())
-    rendered = driver.execute_script(_RENDERED)
+    rendered = _rendered(driver, 10)
     assert len(rendered) == 10  # 3 lens heatmaps, text view, evolution, 2 trajectories, diff, 2 DLA
     for name, svgs, drawn in rendered:
         assert svgs >= 1 and drawn >= 1, f"figure {name} did not render ({svgs} svg, {drawn} drawn)"
@@ -109,7 +125,7 @@ def test_report_renders_every_figure_without_console_errors(driver, full_report,
 def test_report_without_target_has_the_lens_figures_only(driver, ln_model, tmp_path):
     path = report(ln_model, SENTENCES[0], out=tmp_path / "one.html", top_k=3)
     driver.get(path.resolve().as_uri())
-    rendered = driver.execute_script(_RENDERED)
+    rendered = _rendered(driver, 3)
     assert len(rendered) == 3  # lens heatmap, text view, evolution
     assert all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
