@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import plotly.graph_objects as go
 import torch
 
 from tl_logitlens.lens import LensResult
@@ -122,3 +123,19 @@ def _nan_to_none(x: object) -> object:
         return None
     return x
 
+
+
+def band_trace(x: list, low: list, high: list, colour: str, name: str, group: str) -> go.Scatter:
+    """A filled band between ``low`` and ``high`` along ``x`` (a confidence interval), hover off."""
+    return go.Scatter(
+        x=x + x[::-1],
+        y=high + low[::-1],
+        mode="lines",
+        fill="toself",
+        fillcolor=colour,
+        opacity=0.2,
+        line={"width": 0},
+        name=name,
+        legendgroup=group,
+        hoverinfo="skip",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from tl_logitlens.directions import DirectionResult
-from tl_logitlens.plotting._common import as_list, cell_text
+from tl_logitlens.plotting._common import as_list, band_trace, cell_text
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -60,17 +60,13 @@ def logit_diff_figure(
                     )
                 )
         fig.add_trace(
-            go.Scatter(
-                x=x + x[::-1],
-                y=as_list(result.ci_high[:, column, k]) + as_list(result.ci_low[:, column, k])[::-1],
-                mode="lines",
-                fill="toself",
-                fillcolor=colour,
-                opacity=0.2,
-                line={"width": 0},
-                name=f"{name} {result.ci_level:.0%} CI",
-                legendgroup=name,
-                hoverinfo="skip",
+            band_trace(
+                x,
+                as_list(result.ci_low[:, column, k]),
+                as_list(result.ci_high[:, column, k]),
+                colour,
+                f"{name} {result.ci_level:.0%} CI",
+                name,
             )
         )
         fig.add_trace(

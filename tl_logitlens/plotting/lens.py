@@ -16,6 +16,7 @@ import torch
 from tl_logitlens.lens import LensResult
 from tl_logitlens.plotting._common import (
     as_list,
+    band_trace,
     cell_text,
     check_prompt,
     column_at,
@@ -269,20 +270,7 @@ def target_trajectory(
             lo, hi = mean - _Z_CRIT * sem, mean + _Z_CRIT * sem
             if metric == "rank":
                 lo, hi = 10**lo, 10**hi
-            fig.add_trace(
-                go.Scatter(
-                    x=x + x[::-1],
-                    y=as_list(hi) + as_list(lo)[::-1],
-                    mode="lines",
-                    fill="toself",
-                    fillcolor=colour,
-                    opacity=0.2,
-                    line={"width": 0},
-                    name=f"{name} 95% band",
-                    legendgroup=name,
-                    hoverinfo="skip",
-                )
-            )
+            fig.add_trace(band_trace(x, as_list(lo), as_list(hi), colour, f"{name} 95% band", name))
         label = "geometric mean" if metric == "rank" else "mean"
         fig.add_trace(
             go.Scatter(
