@@ -197,3 +197,96 @@ def test_attribution_on_bridge_adds_up_and_matches_transformer_lens(gpt2_bridge,
             expected = mine[label]
         assert abs(value - expected) < 1e-4, (label, value, expected)
     assert len(theirs.labels) == 2 + 2 * n_layers  # embed, pos_embed, attn and mlp per layer
+
+
+@pytest.fixture(scope="module")
+def granite_folder(tmp_path_factory):
+    """A seeded random ``GraniteForCausalLM``: its logits are ``lm_head(x) / logits_scaling`` (4 here),
+    a scaling after the unembedding that the bridge's adapter applies and ``W_U`` does not hold. The
+    embedding and residual multipliers stay 1: TransformerLens 3.9's Granite bridge leaves them out of
+    its hooks (attribution's sum check refuses such a model; that is not what is tested here)."""
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    folder = tmp_path_factory.mktemp("granite_random_bridge")
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, logits_scaling=4.0, embedding_multiplier=1.0,
+        residual_multiplier=1.0, attention_multiplier=0.1, tie_word_embeddings=False, initializer_range=0.3,
+    )
+    GraniteForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(require_shared(GPT2_TOKENIZER)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def granite_bridge(granite_folder):
+    return boot(granite_folder)
+
+
+def hf_logits(folder, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(tokens).logits.float()
+
+
+def test_logit_scaling_is_in_logit_diff_and_attribution(granite_folder, granite_bridge):
+    """A model that scales its logits after ``W_U`` (Granite: / logits_scaling): the logit difference at
+    ``final_post``, the attribution's total and its rows' sum are all the Hugging Face model's own
+    difference, not the unscaled ``W_U`` difference (4x larger here)."""
+    from tl_logitlens.readout import logit_scale
+
+    assert logit_scale(granite_bridge) == pytest.approx(0.25, rel=1e-6)
+    tokens = granite_bridge.to_tokens(PROMPT)
+    logits = hf_logits(granite_folder, tokens)[0]
+    the, a = granite_bridge.to_single_token(" the"), granite_bridge.to_single_token(" a")
+    expected = logits[:, the] - logits[:, a]
+    assert float(expected.abs().max()) > 0.1  # a scaling error would show
+
+    lens = tl.logit_lens(granite_bridge, tokens, top_k=4)
+    assert_close(lens.top_logprobs[-1, 0], logits.log_softmax(-1).topk(4).values, atol=1e-4)
+    for norm in ("recompute", "cached"):
+        diff = tl.logit_diff(granite_bridge, tokens, " the", " a", positions=None, norm=norm, n_bootstrap=10)
+        assert_close(diff.values[-1, 0, :, 0], expected, atol=1e-4)
+    for unit in ("component", "head", "neuron"):
+        dla = tl.direct_logit_attribution(granite_bridge, tokens, " the", " a", unit=unit, positions=None)
+        assert_close(dla.total[0, :, 0], expected, atol=1e-4)
+        assert_close(dla.attribution.sum(0)[0, :, 0], expected, atol=1e-4)
+
+
+def test_component_lens_rows_add_up_to_scaled_logits(granite_folder, granite_bridge):
+    """Every row's effect on every logit, over the whole vocabulary, adds up to the model's own logits
+    (scaling included)."""
+    tokens = granite_bridge.to_tokens(PROMPT)
+    d_vocab = granite_bridge.cfg.d_vocab
+    result = tl.component_lens(granite_bridge, tokens, top_k=d_vocab, positions="last")
+    summed = torch.zeros(d_vocab)
+    for r in range(len(result.labels)):
+        summed.scatter_add_(0, result.promoted_ids[r, 0, 0], result.promoted_logits[r, 0, 0])
+    with torch.no_grad():
+        own = granite_bridge(tokens)[0, -1]
+    assert_close(summed, own, atol=1e-4)
+    # and the model's logits are Hugging Face's up to the constant that centring W_U removes
+    hf = hf_logits(granite_folder, tokens)[0, -1]
+    assert_close(summed - summed.mean(), hf - hf.mean(), atol=1e-4)
+
+
+def test_non_linear_logit_transform_is_applied_per_token_and_refused_by_attribution(granite_bridge, monkeypatch):
+    """An adapter that soft-caps its logits after ``W_U``: the logit difference caps each token's logit
+    before subtracting, as the model does; no sum of rows can equal a capped logit, so attribution refuses."""
+    from tl_logitlens.readout import logit_scale
+
+    cap = 0.5
+    monkeypatch.setattr(granite_bridge.adapter, "apply_output_logits_transform", lambda x: cap * torch.tanh(x / cap))
+    assert logit_scale(granite_bridge) is None
+    with pytest.raises(ValueError, match="non-linearly after the unembedding"):
+        tl.direct_logit_attribution(granite_bridge, PROMPT, " the", " a")
+    tokens = granite_bridge.to_tokens(PROMPT)
+    with torch.no_grad():  # the bridge's forward is Granite's own (W_U's logits / 4); the patch is not in it
+        raw = granite_bridge(tokens)[0, -1] * 4.0
+    the, a = granite_bridge.to_single_token(" the"), granite_bridge.to_single_token(" a")
+    expected = cap * torch.tanh(raw[the] / cap) - cap * torch.tanh(raw[a] / cap)
+    diff = tl.logit_diff(granite_bridge, tokens, " the", " a", n_bootstrap=10)
+    assert_close(diff.values[-1, 0, 0, 0], expected, atol=1e-4)

@@ -159,18 +159,6 @@ def output_logits_transform(model: Any) -> Callable[[torch.Tensor], torch.Tensor
     return getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
 
 
-def has_custom_logits_transform(model: Any) -> bool:
-    """Whether a bridge's adapter changes logits after the unembedding beyond ``cfg``'s soft cap
-    (logit scaling: Granite, Cohere). Linear attributions must account for it or refuse the model."""
-    adapter = getattr(model, "adapter", None)
-    if not is_bridge(model) or adapter is None:
-        return False
-    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
-
-    own = getattr(type(adapter), "apply_output_logits_transform", None)
-    return own is not None and own is not ArchitectureAdapter.apply_output_logits_transform
-
-
 def output_bias(module: Any, name: str, d_model: int, like: torch.Tensor) -> torch.Tensor:
     """``module.b_O`` / ``module.b_out``, or zeros: a ``HookedTransformer`` always has these biases
     (zeros for bias-free models such as Llama), a bridge gives None where the checkpoint has none."""

@@ -32,7 +32,15 @@ from tl_logitlens._dla import (
 from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens._pairs import resolve_pairs
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
-from tl_logitlens.readout import check_cache, check_model, final_norm_bias, has_final_norm, run_cache
+from tl_logitlens.readout import (
+    check_cache,
+    check_model,
+    final_norm_bias,
+    has_final_norm,
+    logit_scale,
+    run_cache,
+    transform_logits,
+)
 from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
@@ -71,7 +79,8 @@ class AttributionResult:
     - ``attribution``: ``[row, batch, pos, pair]``; ``attribution.sum(0) == total`` to float
       precision. NaN where ``valid`` is False (padding).
     - ``total``: ``[batch, pos, pair]``, the model's actual final logit (difference): its own final
-      norm and unembedding applied to the final residual stream, not the sum of the rows.
+      norm, unembedding and logit scaling applied to the final residual stream, not the sum of
+      the rows.
     - ``grid_size``: ``(n_layers, n_heads)`` or ``(n_layers, d_mlp)``; the first
       ``n_layers * grid_size[1]`` rows are the grid, layer-major. None for ``unit="component"``.
     - ``source_attribution``: ``[layer, head, seq, batch, pos, pair]`` for ``unit="head_source"``:
@@ -216,7 +225,8 @@ class ComponentLensResult:
     """Per component (or head) and read position: the tokens its output promotes and suppresses.
 
     Each row's output is read through the final norm's cached scale and ``W_U`` (the direct effect
-    of that row on every logit; rows add up to the model's logits before any soft cap). Fields:
+    of that row on every logit, logit scaling included; rows add up to the model's logits before any
+    soft cap). Fields:
 
     - ``unit``: ``"component"`` or ``"head"``; ``labels``, ``row_layer``, ``row_index`` as in
       :class:`AttributionResult` (for ``"head"``: the heads first, then the other rows).
@@ -388,14 +398,19 @@ def _check_unit_support(model: Any, cache: Any, unit: str) -> None:
             )
 
 
-def _check_soft_cap(model: Any) -> None:
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        raise ValueError(
-            f"this model soft-caps its logits (output_logits_soft_cap={cap}), so its final logits are "
-            "not a sum of component contributions; direct logit attribution would not add up. Use "
-            "logit_diff for the per-layer view"
+def _linear_logit_scale(model: Any) -> float:
+    """The model's post-unembedding logit scaling (1.0 for most); refuses a soft cap."""
+    scale = logit_scale(model)
+    if scale is None:
+        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+        what = f"soft-caps its logits (output_logits_soft_cap={cap})" if cap > 0 else (
+            "transforms its logits non-linearly after the unembedding"
         )
+        raise ValueError(
+            f"this model {what}, so its final logits are not a sum of component contributions; direct "
+            "logit attribution would not add up. Use logit_diff for the per-layer view"
+        )
+    return scale
 
 
 def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -418,8 +433,6 @@ def _prepare(
     prepend_bos: bool | None,
     attention_mask: torch.Tensor | None,
 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
-    check_model(model)
-    _check_soft_cap(model)
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
     _check_unit_support(model, cache, unit)
@@ -510,14 +523,16 @@ def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: 
 def _model_total(
     model: Any, cache: Any, pos_index: torch.Tensor, c_ids: torch.Tensor, i_ids: torch.Tensor | None
 ) -> Float[torch.Tensor, "batch n pair"]:
-    """The model's own final logit (difference): its final norm and unembedding on the final stream."""
+    """The model's own final logit (difference): its final norm, unembedding and post-unembedding
+    transform on the final stream."""
     final = cache[_final_hook(model)]
     b = torch.arange(final.shape[0], device=final.device)[:, None]
     x = final[b, pos_index]
     normed = (model.ln_final(x) if has_final_norm(model) else x).float()
 
     def logit(ids: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(normed, unembed_columns(model, ids).transpose(-1, -2)) + unembed_bias(model, ids)[:, None]
+        raw = torch.matmul(normed, unembed_columns(model, ids).transpose(-1, -2)) + unembed_bias(model, ids)[:, None]
+        return transform_logits(model, raw)
 
     out = logit(c_ids)
     return out if i_ids is None else out - logit(i_ids)
@@ -566,6 +581,8 @@ def direct_logit_attribution(
         cache: an ``ActivationCache`` of these inputs on this model (computed when omitted).
     """
     _check_unit(unit, UNITS)
+    check_model(model)
+    scale = _linear_logit_scale(model)  # Granite, Cohere: logits scaled after W_U; linear, so rows scale too
     batch, cache, pos_index, valid = _prepare(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
     n_batch = batch.tokens.shape[0]
     pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt, allow_no_incorrect=True)
@@ -574,6 +591,7 @@ def direct_logit_attribution(
     if pairs.incorrect is not None:
         direction = direction - unembed_columns(model, pairs.incorrect)
         bias = bias - unembed_bias(model, pairs.incorrect)
+    direction, bias = direction * scale, bias * scale
     ro = cached_readout(model, cache, direction, bias, pos_index)
     rows = _attribute(model, cache, unit, ro, pos_index)
     c_ids = pairs.correct.expand(n_batch, -1).clone()
@@ -642,7 +660,7 @@ class _Term:
     value: torch.Tensor
 
 
-def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> Iterator[_Term]:
+def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor, scale: float) -> Iterator[_Term]:
     def at(hook: str) -> torch.Tensor:
         return gather_rows(cache[hook], pos_index)
 
@@ -667,7 +685,7 @@ def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> I
         yield _Term("final_norm_bias", -1, -1, "post", b.detach().float())
     b_U = getattr(model, "b_U", None)
     if b_U is not None:
-        yield _Term("unembed_bias", -1, -1, "logit", b_U.detach().float())
+        yield _Term("unembed_bias", -1, -1, "logit", b_U.detach().float() * scale)
 
 
 @torch.inference_mode()
@@ -709,8 +727,9 @@ def component_lens(
 
     Each row (the same rows as :func:`direct_logit_attribution` with ``unit="component"`` or
     ``"head"``) is centred (LayerNorm), divided by the final norm's cached scale, multiplied by its
-    gain and projected with ``W_U``: its direct effect on every logit, in logits. The rows' effects
-    add up to the model's logits (before any soft cap). ``chunk_size`` read rows are projected to the
+    gain, projected with ``W_U`` and multiplied by the model's logit scaling where it has one
+    (Granite, Cohere): its direct effect on every logit, in logits. The rows' effects add up to the
+    model's logits (before the soft cap, on soft-capped models). ``chunk_size`` read rows are projected to the
     vocabulary at a time, so memory stays at ``chunk_size · d_vocab`` floats per step.
     """
     check_model(model)
@@ -732,11 +751,13 @@ def component_lens(
         inv_scale = 1.0 / gather_rows(cache["ln_final.hook_scale"], pos_index)[..., 0].reshape(-1)
     else:
         inv_scale = torch.ones(n_batch * n, device=pos_index.device)
-    w_u = model.W_U.detach().float()
+    # a logit scaling after W_U (Granite, Cohere) is linear and applies to every row; a soft cap is not
+    scale = logit_scale(model) or 1.0
+    w_u = model.W_U.detach().float() * scale
     labels, layers, index = [], [], []
     top_i, top_v, bot_i, bot_v = [], [], [], []
     with torch.inference_mode():
-        for term in _lens_terms(model, cache, unit, pos_index):
+        for term in _lens_terms(model, cache, unit, pos_index, scale):
             labels.append(term.label)
             layers.append(term.layer)
             index.append(term.index)

@@ -26,6 +26,7 @@ from tl_logitlens.readout import (
     required_hooks,
     resolve_sites,
     run_cache,
+    transform_logits,
 )
 from tl_logitlens.tokens import display_tokens
 
@@ -298,8 +299,8 @@ def logit_diff(
     """``logit(correct) - logit(incorrect)`` read at every site of the residual stream, in logits.
 
     Each site's state is normalised (``norm``), unembedded with ``W_U`` (plus ``b_U`` when
-    ``include_bias``; soft-capped where the model soft-caps its logits) and the two logits
-    subtracted; at ``final_post`` this is the model's own logit difference.
+    ``include_bias``; then the model's own soft cap or logit scaling, where it has one) and the
+    two logits subtracted; at ``final_post`` this is the model's own logit difference.
 
     norm="recompute" (the default) is the lens view: each site's residual state goes through the
     final norm with its own statistics, exactly as if the model stopped there, so the value at a
@@ -339,14 +340,11 @@ def logit_diff(
     zero = torch.zeros(pairs.correct.shape, device=w_c.device)
     b_c = unembed_bias(model, pairs.correct) if include_bias else zero
     b_i = unembed_bias(model, pairs.incorrect) if include_bias else zero
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     values = []
     for normed in _normed_sites(model, cache, site_list, norm, pos_index):
         l_c = torch.matmul(normed, w_c.transpose(-1, -2)) + b_c[:, None, :]
         l_i = torch.matmul(normed, w_i.transpose(-1, -2)) + b_i[:, None, :]
-        if cap > 0:
-            l_c, l_i = cap * torch.tanh(l_c / cap), cap * torch.tanh(l_i / cap)
-        values.append(l_c - l_i)
+        values.append(transform_logits(model, l_c) - transform_logits(model, l_i))
     c_ids = pairs.correct.expand(n_batch, -1)
     i_ids = pairs.incorrect.expand(n_batch, -1)
     return _finish(

@@ -205,21 +205,51 @@ def final_norm_bias(model: Any) -> torch.Tensor | None:
     return getattr(model.ln_final, "b", None)
 
 
+def transform_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What the model does to its logits after the unembedding, applied elementwise to ``logits``.
+
+    A bridge's adapter transform (Gemma 2's soft cap; the logit scaling of Granite, Cohere and
+    Falcon-H1) or a ``HookedTransformer``'s ``cfg.output_logits_soft_cap``. TransformerLens's
+    transforms act on each logit alone, so they apply equally to the full vocabulary or to a few
+    chosen tokens' logits.
+    """
+    transform = output_logits_transform(model)
+    if transform is not None:
+        return transform(logits)
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def logit_scale(model: Any) -> float | None:
+    """The factor the model multiplies its logits by after the unembedding, or None if that step is
+    not a scaling.
+
+    1.0 for most models; ``1 / logits_scaling`` for Granite, ``logit_scale`` for Cohere, and so on.
+    None for a soft cap (``tanh``), which no per-component sum can pass through. Found by sending
+    probe logits through :func:`transform_logits`: the factor must hold for every probe to 1e-6.
+    """
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        return None
+    if output_logits_transform(model) is None:
+        return 1.0
+    probe = torch.tensor([-1000.0, -3.0, -1.0, 0.0, 1.0, 2.5, 1000.0], device=model.W_U.device)
+    out = transform_logits(model, probe.clone()).float()
+    scale = float(out[4])
+    if not torch.allclose(out, probe * scale, rtol=1e-6, atol=1e-6):
+        return None
+    return scale
+
+
 def unembed(
     model: Any, normed: Float[torch.Tensor, "*rows d_model"], include_bias: bool
 ) -> Float[torch.Tensor, "*rows d_vocab"]:
-    """Logits in float32: ``normed @ W_U (+ b_U)``, soft-capped where the model soft-caps."""
+    """Logits in float32: ``normed @ W_U (+ b_U)``, then the model's own post-unembedding transform
+    (:func:`transform_logits`: a soft cap or a logit scaling, where the model has one)."""
     b_U = getattr(model, "b_U", None)
     if include_bias and b_U is not None:
         flat = normed.reshape(-1, normed.shape[-1])
         logits = torch.addmm(b_U, flat, model.W_U).reshape(*normed.shape[:-1], -1)
     else:
         logits = normed @ model.W_U
-    logits = logits.float()
-    transform = output_logits_transform(model)
-    if transform is not None:  # a bridge: its adapter's soft cap or logit scaling (Granite, Cohere)
-        return transform(logits)
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    return transform_logits(model, logits.float())
