@@ -392,6 +392,18 @@ def test_attention_only_model_rows_add_up():
         tl.direct_logit_attribution(model, tokens, C, WRONG, unit="neuron")
 
 
+@pytest.mark.parametrize("unit", ["component", "head"])
+def test_component_lens_refuses_rows_that_do_not_add_up(ln_model, unit):
+    """Where the rows cannot add up to the final residual stream (here a cache whose embedding was
+    changed; in the wild an architecture that scales what it writes outside the hooks), the component
+    lens refuses instead of reporting effects that do not sum to the logits, as attribution does."""
+    tokens = ln_model.to_tokens(SENTENCES[0])
+    _, cache = ln_model.run_with_cache(tokens)
+    cache.cache_dict["hook_embed"] = cache["hook_embed"] * 2.0
+    with pytest.raises(ValueError, match="do not add up to the final residual stream"):
+        tl.component_lens(ln_model, tokens, unit=unit, cache=cache)
+
+
 def test_soft_capped_model_is_refused():
     model = tiny_model("LN")
     model.cfg.output_logits_soft_cap = 30.0

@@ -413,13 +413,13 @@ def _linear_logit_scale(model: Any) -> float:
     return scale
 
 
-def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str, units: str = "logits") -> None:
     """Guard the identities the attribution rests on; a failure means an unsupported architecture."""
     err = float((actual - expected).abs().nan_to_num(0.0).max()) if actual.numel() else 0.0
     tol = 1e-3 * (1.0 + float(expected.abs().nan_to_num(0.0).max()))
     if err > tol:
         raise ValueError(
-            f"{what} (off by {err:.3g} logits): this architecture writes to the residual stream in a "
+            f"{what} (off by {err:.3g} {units}): this architecture writes to the residual stream in a "
             "way direct logit attribution does not model here; please report it with the model name"
         )
 
@@ -756,8 +756,11 @@ def component_lens(
     w_u = model.W_U.detach().float() * scale
     labels, layers, index = [], [], []
     top_i, top_v, bot_i, bot_v = [], [], [], []
+    written = torch.zeros(n_batch, n, model.cfg.d_model, device=pos_index.device)
     with torch.inference_mode():
         for term in _lens_terms(model, cache, unit, pos_index, scale):
+            if term.kind in ("state", "vector"):
+                written = written + term.value.float()
             labels.append(term.label)
             layers.append(term.layer)
             index.append(term.index)
@@ -770,6 +773,13 @@ def component_lens(
                     p.append(t)
             for acc, p in zip((top_i, top_v, bot_i, bot_v), parts):
                 acc.append(torch.cat(p).reshape(n_batch, n, top_k))
+        final = gather_rows(cache[_final_hook(model)], pos_index).float()
+        _check_sum(
+            torch.where(valid[..., None], written, 0.0),
+            torch.where(valid[..., None], final, 0.0),
+            "the embeddings, attention and MLP outputs do not add up to the final residual stream",
+            units="in the residual stream",
+        )
 
     keep = valid[None, ..., None]
 
