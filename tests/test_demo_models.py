@@ -237,3 +237,60 @@ def test_demo_bert_held_out_masked_accuracy_and_loss_match_card():
     assert abs(most_frequent - base["most_frequent_token_accuracy"]) < 1e-6
     assert abs(unigram - base["unigram_loss"]) < 1e-6
     assert accuracy > most_frequent + 0.05 and loss < unigram
+
+
+def _lens_sentences(tokenizer, stories: list[str]) -> list[str]:
+    """The card's lens-check sentences: each story's first sentence, when it ends with a word of letters
+    that is a single WordPiece token, then a full stop."""
+    sentences = []
+    for story in stories:
+        first = re.split(r"(?<=[.!?])\s+", story.strip())[0]
+        last_word = re.search(r"\b([A-Za-z]+)\.$", first)
+        if last_word is None:
+            continue
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(first)["input_ids"])
+        if pieces[-3:] == [last_word.group(1).lower(), ".", "[SEP]"]:
+            sentences.append(first)
+    return sentences
+
+
+def test_demo_bert_masked_word_rank_improves_from_first_to_last_site():
+    """On held-out sentences with their last word masked, the demo BERT ranks that word better at the
+    last site than at the first (the embeddings) for most of them, as the card says. The ranks come
+    from Hugging Face's own hidden states through its own MLM head; the lens must give the same."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tl_logitlens import load_model, masked_lens
+
+    card = _metrics(BERT_DIR)["lens_check"]
+    tokenizer = AutoTokenizer.from_pretrained(BERT_DIR)
+    model = BertForMaskedLM.from_pretrained(BERT_DIR).eval()
+    _, held = _split(BERT_DIR)
+    sentences = _lens_sentences(tokenizer, held)
+    assert len(sentences) == card["n_sentences"]
+
+    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    rows = torch.arange(len(sentences))
+    hole = enc["attention_mask"].sum(-1) - 3  # [CLS] ... word . [SEP]
+    original = enc["input_ids"][rows, hole]
+    masked = enc["input_ids"].clone()
+    masked[rows, hole] = tokenizer.mask_token_id
+    with torch.inference_mode():
+        states = model.bert(
+            input_ids=masked, attention_mask=enc["attention_mask"], output_hidden_states=True
+        ).hidden_states  # the embedding output, then every layer's output
+        logprobs = torch.stack([model.cls(h[rows, hole]).log_softmax(-1) for h in states])  # [site, row, vocab]
+    target = logprobs[:, rows, original]  # [site, row]
+    ranks = 1 + (logprobs > target[..., None]).sum(-1)
+
+    lens = masked_lens(load_model("demo-bert"), sentences, mask_positions=-3, top_k=1)
+    assert list(lens.labels) == card["sites"] and len(lens.labels) == len(states)
+    assert_close(lens.original_logprobs[:, :, 0], target, atol=1e-4)
+    ties = ((logprobs - target[..., None]).abs() < 1e-5).sum(-1) - 1
+    assert bool(((lens.original_ranks[:, :, 0] - ranks).abs() <= ties).all())
+
+    improved = int((ranks[-1] < ranks[0]).sum())
+    assert improved == card["improved"]
+    assert ranks.median(dim=1).values.tolist() == card["median_rank"]
+    assert abs(improved / len(sentences) - _card_figure(BERT_DIR, "Masked word ranked better at the last site than at the first")) < 1e-4
+    assert improved > len(sentences) / 2, f"the masked word's rank improves in only {improved} of {len(sentences)} sentences"
