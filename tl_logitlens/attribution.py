@@ -39,6 +39,7 @@ from tl_logitlens.readout import (
     has_final_norm,
     logit_scale,
     run_cache,
+    soft_cap,
     transform_logits,
 )
 from tl_logitlens.tokens import display_tokens
@@ -402,8 +403,8 @@ def _linear_logit_scale(model: Any) -> float:
     """The model's post-unembedding logit scaling (1.0 for most); refuses a soft cap."""
     scale = logit_scale(model)
     if scale is None:
-        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-        what = f"soft-caps its logits (output_logits_soft_cap={cap})" if cap > 0 else (
+        cap = soft_cap(model)
+        what = f"soft-caps its logits (output_logits_soft_cap={cap})" if cap is not None else (
             "transforms its logits non-linearly after the unembedding"
         )
         raise ValueError(

@@ -205,6 +205,12 @@ def final_norm_bias(model: Any) -> torch.Tensor | None:
     return getattr(model.ln_final, "b", None)
 
 
+def soft_cap(model: Any) -> float | None:
+    """``cfg.output_logits_soft_cap`` where the model soft-caps its logits (Gemma 2), else None."""
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return cap if cap > 0 else None
+
+
 def transform_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
     """What the model does to its logits after the unembedding, applied elementwise to ``logits``.
 
@@ -216,8 +222,8 @@ def transform_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
     transform = output_logits_transform(model)
     if transform is not None:
         return transform(logits)
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+    cap = soft_cap(model)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def logit_scale(model: Any) -> float | None:
@@ -228,8 +234,7 @@ def logit_scale(model: Any) -> float | None:
     None for a soft cap (``tanh``), which no per-component sum can pass through. Found by sending
     probe logits through :func:`transform_logits`: the factor must hold for every probe to 1e-6.
     """
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
+    if soft_cap(model) is not None:
         return None
     if output_logits_transform(model) is None:
         return 1.0
