@@ -18,12 +18,12 @@ from tl_logitlens._dla import unembed_bias, unembed_columns
 from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens._pairs import check_direction, resolve_pairs
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
+from tl_logitlens.lenses import resolve_lens
 from tl_logitlens.readout import (
+    Readout,
     check_cache,
     check_model,
     check_norm,
-    normalise,
-    required_hooks,
     resolve_sites,
     run_cache,
     transform_logits,
@@ -91,6 +91,7 @@ class DirectionResult:
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
     norm: str
     include_bias: bool
+    lens_name: str = "logit lens"
     model_name: str = ""
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
@@ -206,39 +207,34 @@ def _prepare(
     model: Any,
     inputs: Inputs,
     cache: Any,
+    lens: Any,
     sites: str | Sequence[str],
     norm: str,
     positions: PositionSpec,
     prepend_bos: bool | None,
     attention_mask: torch.Tensor | None,
-) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+) -> tuple[Readout, Any, Any, Any, torch.Tensor, torch.Tensor]:
     check_model(model)
     check_norm(norm)
+    readout = Readout(model, resolve_lens(model, lens), norm)
     site_list = resolve_sites(model, sites)
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
-    hooks = required_hooks(model, site_list, norm)
+    hooks = readout.hooks(site_list)
     if cache is None:
         cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
     else:
         check_cache(cache, model, hooks, batch.tokens)
-    return site_list, batch, cache, pos_index, valid
+    return readout, site_list, batch, cache, pos_index, valid
 
 
 @torch.inference_mode()
-def _normed_sites(
-    model: Any, cache: Any, site_list: Sequence[Any], norm: str, pos_index: torch.Tensor
-) -> list[torch.Tensor]:
+def _normed_sites(readout: Readout, cache: Any, site_list: Sequence[Any], pos_index: torch.Tensor) -> list[torch.Tensor]:
     """Each site's normalised state at the read rows, ``[batch, n, d_model]`` float32."""
     n_batch, n = pos_index.shape
     rows_b = torch.arange(n_batch, device=pos_index.device).repeat_interleave(n)
     rows_p = pos_index.reshape(-1)
-    out = []
-    for site in site_list:
-        states = cache[site.hook][rows_b, rows_p][None]
-        normed = normalise(model, cache, states, norm, rows_b, rows_p)[0]
-        out.append(normed.float().reshape(n_batch, n, -1))
-    return out
+    return [readout.normed(cache, site, rows_b, rows_p).float().reshape(n_batch, n, -1) for site in site_list]
 
 
 def _finish(
@@ -290,6 +286,7 @@ def logit_diff(
     include_bias: bool = True,
     per_prompt: bool = False,
     cache: Any = None,
+    lens: Any = None,
     n_bootstrap: int = 1000,
     ci_level: float = 0.95,
     seed: int = 0,
@@ -325,14 +322,16 @@ def logit_diff(
             or a list of ints (negative counts back from each prompt's end).
         sites: as in :func:`~tl_logitlens.logit_lens` (``"resid_pre"``: every layer's input, then
             ``final_post``).
+        lens: ``None`` (the logit lens) or a lens object (e.g. a tuned lens) applied to each site's
+            state before the final norm.
         n_bootstrap, ci_level, seed: the percentile bootstrap over prompts behind ``ci_low``/``ci_high``.
 
     Returns:
         A :class:`DirectionResult` with ``values[site, batch, pos, pair]``.
     """
     _check_bootstrap(n_bootstrap, ci_level, seed)
-    site_list, batch, cache, pos_index, valid = _prepare(
-        model, inputs, cache, sites, norm, positions, prepend_bos, attention_mask
+    readout, site_list, batch, cache, pos_index, valid = _prepare(
+        model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask
     )
     n_batch = batch.tokens.shape[0]
     pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt)
@@ -341,7 +340,7 @@ def logit_diff(
     b_c = unembed_bias(model, pairs.correct) if include_bias else zero
     b_i = unembed_bias(model, pairs.incorrect) if include_bias else zero
     values = []
-    for normed in _normed_sites(model, cache, site_list, norm, pos_index):
+    for normed in _normed_sites(readout, cache, site_list, pos_index):
         l_c = torch.matmul(normed, w_c.transpose(-1, -2)) + b_c[:, None, :]
         l_i = torch.matmul(normed, w_i.transpose(-1, -2)) + b_i[:, None, :]
         values.append(transform_logits(model, l_c) - transform_logits(model, l_i))
@@ -363,6 +362,7 @@ def logit_diff(
         incorrect_ids=i_ids.clone(),
         norm=norm,
         include_bias=include_bias,
+        lens_name=readout.name,
     )
 
 
@@ -377,6 +377,7 @@ def direction_lens(
     norm: str = "recompute",
     sites: str | Sequence[str] = "resid_pre",
     cache: Any = None,
+    lens: Any = None,
     n_bootstrap: int = 1000,
     ci_level: float = 0.95,
     seed: int = 0,
@@ -402,10 +403,10 @@ def direction_lens(
                 f"direction_labels must be a list with one label per direction ({dirs.shape[0]})"
             )
         direction_labels = tuple(str(s) for s in direction_labels)
-    site_list, batch, cache, pos_index, valid = _prepare(
-        model, inputs, cache, sites, norm, positions, prepend_bos, attention_mask
+    readout, site_list, batch, cache, pos_index, valid = _prepare(
+        model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask
     )
-    values = torch.stack([normed @ dirs.T for normed in _normed_sites(model, cache, site_list, norm, pos_index)])
+    values = torch.stack([normed @ dirs.T for normed in _normed_sites(readout, cache, site_list, pos_index)])
     return _finish(
         "direction",
         values,
@@ -422,4 +423,5 @@ def direction_lens(
         incorrect_ids=None,
         norm=norm,
         include_bias=False,
+        lens_name=readout.name,
     )

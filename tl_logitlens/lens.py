@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._frames import input_tokens, long_index, position_columns
+from tl_logitlens._kernel import site_metrics
 from tl_logitlens.inputs import (
     Batch,
     Inputs,
@@ -24,15 +25,15 @@ from tl_logitlens.inputs import (
     resolve_positions,
     resolve_token,
 )
+from tl_logitlens.lenses import resolve_lens
 from tl_logitlens.readout import (
+    Readout,
+    Site,
     check_cache,
     check_model,
     check_norm,
-    normalise,
-    required_hooks,
     resolve_sites,
     run_cache,
-    unembed,
 )
 from tl_logitlens.tokens import display_tokens
 
@@ -72,6 +73,7 @@ class LensResult:
     target_ranks: Int[torch.Tensor, "site batch pos target"] | None
     norm: str
     include_bias: bool
+    lens_name: str = "logit lens"
     model_name: str = ""
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
@@ -225,66 +227,6 @@ def _resolve_targets(
     return ids.expand(n_batch, n_pos, -1)
 
 
-@torch.inference_mode()
-def _chunk_metrics(
-    z: Float[torch.Tensor, "row d_vocab"],
-    final_probs: Float[torch.Tensor, "row d_vocab"],
-    final_neg_entropy: Float[torch.Tensor, " row"],
-    query_ids: Int[torch.Tensor, "row q"],
-    top_k: int,
-    scratch: Float[torch.Tensor, "chunk d_vocab"],
-    ones: Float[torch.Tensor, "d_vocab 1"],
-) -> tuple[torch.Tensor, ...]:
-    """Reduce one block of float32 logits to the lens metrics.
-
-    With ``log p = z - logsumexp(z)`` written once into ``scratch``: entropy ``H = -Σ p·log p``,
-    ``KL(final ‖ p) = Σ q·log q - Σ q·log p`` for the final distribution ``q`` (whose
-    ``Σ q·log q`` is ``final_neg_entropy``); the rank of a token is 1 + the number of tokens with a
-    strictly larger logit. Summing ``p·log p`` rather than ``p·z`` keeps every term small, so the
-    float32 sums stay accurate to ~1e-5 nats over a 50k vocabulary.
-    """
-    top_vals, top_ids = z.topk(top_k, dim=-1)
-    probs = torch.softmax(z, dim=-1)
-    lse = _lse_from_top(z, probs, top_ids[:, :1])
-    logp = torch.sub(z, lse[:, None], out=scratch[: z.shape[0]])
-    entropy = -_rowdot(probs, logp)
-    del probs
-    kl = final_neg_entropy - _rowdot(final_probs, logp)
-    q_logits = z.gather(-1, query_ids)
-    # counting in float32 through a mat-vec is 4x faster than summing a bool tensor, and exact:
-    # counts stay far below 2**24 (scratch is free again once the log-probs are used)
-    above = scratch[: z.shape[0]]
-    ranks = torch.empty_like(q_logits, dtype=torch.long)
-    for i in range(q_logits.shape[1]):
-        torch.gt(z, q_logits[:, i : i + 1], out=above)
-        ranks[:, i] = 1 + (above @ ones).reshape(-1).long()
-    return top_ids, top_vals - lse[:, None], entropy, kl, q_logits - lse[:, None], ranks
-
-
-def _lse_from_top(
-    z: Float[torch.Tensor, "row d_vocab"], probs: Float[torch.Tensor, "row d_vocab"], top: Int[torch.Tensor, "row 1"]
-) -> Float[torch.Tensor, " row"]:
-    """``logsumexp(z)`` read off the top entry: ``log p_top = z_top - lse``; ``p_top >= 1/d_vocab``
-    keeps the log well conditioned, and it saves a pass over the block."""
-    return (z.gather(-1, top) - probs.gather(-1, top).log()).squeeze(-1)
-
-
-def _rowdot(
-    a: Float[torch.Tensor, "row n"], b: Float[torch.Tensor, "row n"], block: int = 4096
-) -> Float[torch.Tensor, " row"]:
-    """``(a * b).sum(-1)`` without a ``[row, n]`` temporary, accurate in float32.
-
-    One mat-vec over 50k terms accumulates ~1e-4 of rounding; summing ``block``-long batched
-    mat-vec partials keeps the error at the level of a pairwise ``sum`` (~1e-5 nats on GPT-2's
-    vocabulary), and is faster than either (the blocks stay in cache).
-    """
-    parts = [
-        torch.bmm(a[:, j : j + block, None].transpose(1, 2), b[:, j : j + block, None]).reshape(-1)
-        for j in range(0, a.shape[1], block)
-    ]
-    return torch.stack(parts, -1).sum(-1)
-
-
 # Entry points check their own arguments with messages that say what to do; the run-time type
 # checker used under pytest would pre-empt those messages, so it skips them (not their internals).
 @no_type_check
@@ -293,6 +235,7 @@ def logit_lens(
     inputs: Inputs,
     *,
     cache: Any = None,
+    lens: Any = None,
     sites: str | Sequence[str] = "resid_pre",
     norm: str = "recompute",
     include_bias: bool = True,
@@ -315,6 +258,8 @@ def logit_lens(
         model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
         inputs: a string, a list of strings (right-padded and masked), or a token tensor.
         cache: an ``ActivationCache`` of these inputs on this model; computed when omitted.
+        lens: ``None`` (the logit lens) or a lens object (e.g. a :class:`~tl_logitlens.TunedLens`)
+            whose ``translate`` maps each site's states before the final norm reads them.
         sites: ``"resid_pre"`` (every layer's input, then ``final_post``), a list of kinds
             (add ``"resid_mid"`` to split attention from MLP), or explicit labels.
         targets: token strings or ids shared by every row, or a ``[batch]``/``[batch, pos]``
@@ -325,6 +270,7 @@ def logit_lens(
     """
     check_model(model)
     check_norm(norm)
+    readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
     d_vocab = model.cfg.d_vocab
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, not {type(top_k).__name__}")
@@ -337,10 +283,8 @@ def logit_lens(
     pos_index, valid = resolve_positions(positions, batch)
     n_batch, n_pos = pos_index.shape
     target_ids = _resolve_targets(model, targets, n_batch, n_pos)
-    final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    hooks = required_hooks(model, site_list, norm)
-    if final_hook not in hooks:
-        hooks.append(final_hook)
+    final_site = Site("final_post", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    hooks = readout.hooks([*site_list, final_site])
     if cache is None:
         cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
     else:
@@ -356,48 +300,24 @@ def logit_lens(
 
     rows_b, rows_j = valid.nonzero(as_tuple=True)
     rows_p = pos_index[rows_b, rows_j]
-    n_rows, n_sites = rows_b.shape[0], len(site_list)
-    n_t = 0 if target_ids is None else target_ids.shape[-1]
+    n_sites = len(site_list)
     # query ids per row: the next token (0 where none) then the targets
     query = next_ids[rows_b, rows_j].clamp(min=0)[:, None]
     if target_ids is not None:
         query = torch.cat([query, target_ids[rows_b, rows_j]], dim=-1)
-
-    out_ids = torch.empty(n_sites, n_rows, top_k, dtype=torch.long, device=device)
-    out_lp = torch.empty(n_sites, n_rows, top_k, device=device)
-    out_h = torch.empty(n_sites, n_rows, device=device)
-    out_kl = torch.empty(n_sites, n_rows, device=device)
-    out_qlp = torch.empty(n_sites, n_rows, 1 + n_t, device=device)
-    out_qrank = torch.empty(n_sites, n_rows, 1 + n_t, dtype=torch.long, device=device)
-
-    scratch = torch.empty(min(chunk_size, n_rows), d_vocab, device=device)
-    ones = torch.ones(d_vocab, 1, device=device)
-
-    def reduce_into(s: int, sl: slice, z: torch.Tensor, qf: torch.Tensor, qf_neg_h: torch.Tensor) -> None:
-        ids, lp, h, kl, qlp, qrank = _chunk_metrics(z, qf, qf_neg_h, query[sl], top_k, scratch, ones)
-        out_ids[s, sl], out_lp[s, sl], out_h[s, sl], out_kl[s, sl] = ids, lp, h, kl
-        out_qlp[s, sl], out_qrank[s, sl] = qlp, qrank
-
-    with torch.inference_mode():
-        for start in range(0, n_rows, chunk_size):
-            sl = slice(start, start + chunk_size)
-            b, p = rows_b[sl], rows_p[sl]
-            final_state = cache[final_hook][b, p][None]
-            zf = unembed(model, normalise(model, cache, final_state, norm, b, p), include_bias)[0]
-            qf = torch.softmax(zf, dim=-1)
-            lse_f = _lse_from_top(zf, qf, zf.argmax(-1, keepdim=True))
-            qf_neg_h = _rowdot(qf, torch.sub(zf, lse_f[:, None], out=scratch[: zf.shape[0]]))
-            # the final stream is projected once: its sites are reduced first, then zf is freed
-            for s, site in enumerate(site_list):
-                if site.hook == final_hook:
-                    reduce_into(s, sl, zf, qf, qf_neg_h)
-            del zf
-            for s, site in enumerate(site_list):
-                if site.hook != final_hook:
-                    state = cache[site.hook][b, p][None]
-                    z = unembed(model, normalise(model, cache, state, norm, b, p), include_bias)[0]
-                    reduce_into(s, sl, z, qf, qf_neg_h)
-                    del z
+    metrics = site_metrics(
+        lambda s, sl: readout.logits(cache, site_list[s], rows_b[sl], rows_p[sl]),
+        n_sites,
+        lambda sl: readout.logits(cache, final_site, rows_b[sl], rows_p[sl]),
+        frozenset(s for s, site in enumerate(site_list) if site.hook == final_site.hook),
+        query,
+        top_k,
+        chunk_size,
+        d_vocab,
+        device,
+    )
+    out_ids, out_lp, out_h, out_kl = metrics.top_ids, metrics.top_logprobs, metrics.entropy, metrics.kl_to_final
+    out_qlp, out_qrank = metrics.query_logprobs, metrics.query_ranks
 
     def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
         full = torch.full(
@@ -428,8 +348,9 @@ def logit_lens(
         target_ids=None if target_ids is None else torch.where(valid[..., None], target_ids, -1),
         target_logprobs=None if target_ids is None else scatter(out_qlp[..., 1:], nan),
         target_ranks=None if target_ids is None else scatter(out_qrank[..., 1:], -1),
-        norm=norm,
+            norm=norm,
         include_bias=include_bias,
+        lens_name=readout.name,
         model_name=getattr(model.cfg, "model_name", ""),
         tokenizer=getattr(model, "tokenizer", None),
     )

@@ -22,14 +22,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens._compat import ActivationCache, normalization_type, output_logits_transform
+from tl_logitlens.lenses import Lens
 
-Norm = Literal["recompute", "cached", "none"]
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 _LABEL_RE = re.compile(r"^(\d+)_(pre|mid|post)$")
@@ -258,3 +258,45 @@ def unembed(
     else:
         logits = normed @ model.W_U
     return transform_logits(model, logits.float())
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A lens bound to a model, a normalisation and the ``b_U`` choice: site states in, logits out.
+
+    ``lens.translate`` maps the states (the identity for the logit lens), :func:`normalise` applies
+    the final norm as ``norm`` says, :func:`unembed` projects with ``W_U`` (+ ``b_U``) and the model's
+    own logit transform. Every causal analysis reads the residual stream through one of these.
+    """
+
+    model: Any
+    lens: Lens
+    norm: str
+    include_bias: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.lens.name
+
+    def hooks(self, sites: Sequence[Site]) -> list[str]:
+        return required_hooks(self.model, sites, self.norm)
+
+    def normed(
+        self,
+        cache: Any,
+        site: Site,
+        rows_b: Int[torch.Tensor, " row"],
+        rows_p: Int[torch.Tensor, " row"],
+        *,
+        norm_bias: bool = True,
+    ) -> Float[torch.Tensor, "row d_model"]:
+        """The site's states at rows ``(rows_b, rows_p)``, translated by the lens and normalised."""
+        states = cache[site.hook][rows_b, rows_p]
+        states = self.lens.translate(site.label, states).to(states.dtype)
+        return normalise(self.model, cache, states[None], self.norm, rows_b, rows_p, norm_bias=norm_bias)[0]
+
+    def logits(
+        self, cache: Any, site: Site, rows_b: Int[torch.Tensor, " row"], rows_p: Int[torch.Tensor, " row"]
+    ) -> Float[torch.Tensor, "row d_vocab"]:
+        """Float32 logits of the site at rows ``(rows_b, rows_p)``."""
+        return unembed(self.model, self.normed(cache, site, rows_b, rows_p), self.include_bias)
