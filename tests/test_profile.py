@@ -44,20 +44,100 @@ def test_fit_sqrt_matches_polyfit():
 def test_decision_sites_and_depths():
     top1 = torch.tensor([[5, 7, 7, 1], [7, 7, 3, 1], [3, 7, 7, 1], [7, 7, 7, 1]])  # [site, row]
     assert decision_sites(top1).tolist() == [3, 0, 2, 0]
-    assert site_depths(["0_pre", "0_mid", "1_pre", "1_mid", "final_post"]).tolist() == [0, 0.5, 1, 1.5, 2]
-    assert site_depths(["0_pre", "1_post", "final_post"]).tolist() == [0, 2, 2]
+    assert site_depths(["0_pre", "0_mid", "1_pre", "1_mid", "final_post"], 2).tolist() == [0, 0.5, 1, 1.5, 2]
+    # final_post is the last block's output: depth n_layers, not one past the deepest layer named
+    assert site_depths(["0_pre", "1_post", "final_post"], 4).tolist() == [0, 2, 4]
+    assert site_depths(["final_post"], 5).tolist() == [5]
+    assert site_depths(["2_mid", "0_post"]).tolist() == [2.5, 1]  # no final_post: no layer count needed
     with pytest.raises(ValueError, match="has no depth"):
-        site_depths(["embed"])
+        site_depths(["embed"], 3)
+    with pytest.raises(ValueError, match="pass n_layers=model.cfg.n_layers"):
+        site_depths(["0_pre", "final_post"])
+    with pytest.raises(ValueError, match="past the model's last layer"):
+        site_depths(["3_pre"], 3)
+    with pytest.raises(ValueError, match="n_layers must be a positive int"):
+        site_depths(["0_pre"], 0)
+
+
+# hand-written depths of each site selection on tiny_model's 3 layers: final_post is always 3
+_DEPTHS = {
+    "resid_pre": [0, 1, 2, 3],
+    "resid_post": [1, 2, 3],
+    "resid_mid": [0.5, 1.5, 2.5, 3],
+    "final_post": [3],
+    "0_pre+final_post": [0, 3],
+}
+
+
+@pytest.mark.parametrize("sites", list(_DEPTHS))
+def test_final_post_sits_at_n_layers_whatever_the_sites(ln_model, sites):
+    assert ln_model.cfg.n_layers == 3
+    spec = sites.split("+") if "+" in sites or sites == "final_post" else sites
+    res = logit_lens(ln_model, SENTENCES[0], sites=spec, top_k=3)
+    prof = depth_profile(res, n_layers=ln_model.cfg.n_layers)
+    assert prof.depths.tolist() == _DEPTHS[sites]
+    b, j = res.valid.nonzero(as_tuple=True)
+    for i in range(len(b)):
+        y = res.next_logprobs[:, b[i], j[i]].double()
+        if not torch.isfinite(y).all():  # the last position has no next token
+            assert torch.isnan(prof.slope[i])
+        elif len(_DEPTHS[sites]) >= 2:
+            _, slope, _ = _polyfit(torch.tensor(_DEPTHS[sites], dtype=torch.float64), y)
+            assert prof.slope[i].item() == pytest.approx(slope, abs=1e-5)
+        else:
+            assert torch.isnan(prof.slope[i])  # one point: no line
+
+
+def test_final_post_depth_after_select_sites(ln_model):
+    res = logit_lens(ln_model, SENTENCES[0], sites="resid_post").select_sites(["1_post", "final_post"])
+    assert depth_profile(res, n_layers=3).depths.tolist() == [2, 3]
+    only = res.select_sites(["final_post"])
+    assert depth_profile(only, n_layers=3).depths.tolist() == [3]
+
+
+def test_resid_post_slope_on_the_demo_model():
+    """The audit's case: resid_post on the demo model has depths [1, 2, 3, 4] (its 4 layers)."""
+    from tl_logitlens import load_model
+
+    demo = load_model("demo")
+    n = demo.cfg.n_layers
+    assert n == 4
+    res = logit_lens(demo, "Once upon a time, there was a little girl", sites="resid_post")
+    prof = depth_profile(res, n_layers=n)
+    hand = torch.arange(1, n + 1, dtype=torch.float64)  # l_post -> l + 1; final_post -> n
+    assert prof.depths.tolist() == hand.tolist()
+    row = int(res.valid[0].sum()) - 2  # the last position with a next token ("girl" after "little")
+    a, b, r2 = _polyfit(hand, res.next_logprobs[:, 0, row].double())
+    assert prof.slope[row].item() == pytest.approx(b, abs=1e-6)
+    assert prof.intercept[row].item() == pytest.approx(a, abs=1e-6)
+    assert prof.r2[row].item() == pytest.approx(r2, abs=1e-6)
+    _, wrong, _ = _polyfit(torch.tensor([1.0, 2, 3, 3], dtype=torch.float64), res.next_logprobs[:, 0, row].double())
+    assert abs(prof.slope[row].item() - wrong) > 1e-3  # the old depths give another slope
+
+
+def test_layer_count_comes_from_the_result_or_the_caller(ln_model):
+    res = logit_lens(ln_model, SENTENCES[0], top_k=3)
+    if getattr(res, "n_layers", None) is None:  # until results record it, the caller must say
+        with pytest.raises(ValueError, match="pass n_layers=model.cfg.n_layers"):
+            depth_profile(res)
+    else:
+        assert depth_profile(res).depths.tolist() == [0, 1, 2, 3]
+        with pytest.raises(ValueError, match="disagrees with the result"):
+            depth_profile(res, n_layers=7)
+    with pytest.raises(ValueError, match="n_layers must be a positive int"):
+        depth_profile(res, n_layers=True)
+    # without final_post no layer count is needed
+    assert depth_profile(res.select_sites(["0_pre", "2_pre"])).depths.tolist() == [0, 2]
 
 
 def test_causal_profile(ln_model):
     res = logit_lens(ln_model, SENTENCES[:2], targets=[" the", " park"], top_k=5)
-    prof = depth_profile(res)
+    prof = depth_profile(res, n_layers=3)
     b, j = res.valid.nonzero(as_tuple=True)
     assert prof.target == "next token" and prof.logprobs.shape == (len(res.labels), len(b))
     assert_close(prof.logprobs, res.next_logprobs[:, b, j], atol=0)
     assert torch.equal(prof.target_ids, res.next_ids[b, j])
-    depths = site_depths(res.labels)
+    depths = site_depths(res.labels, 3)
     assert depths.tolist() == [0, 1, 2, 3]
     for i in range(0, len(b), 7):
         if torch.isfinite(prof.logprobs[:, i]).all():
@@ -65,9 +145,9 @@ def test_causal_profile(ln_model):
             assert prof.intercept[i].item() == pytest.approx(a, abs=1e-5)
             assert prof.slope[i].item() == pytest.approx(s, abs=1e-5)
             assert prof.r2[i].item() == pytest.approx(r2, abs=1e-5)
-    park = depth_profile(res, " park")
+    park = depth_profile(res, " park", n_layers=3)
     assert_close(park.logprobs, res.target_logprobs[:, b, j, 1], atol=0)
-    top = depth_profile(res, "max")
+    top = depth_profile(res, "max", n_layers=3)
     assert_close(top.logprobs, res.top_logprobs[:, b, j, 0], atol=0)
     assert_close(top.slope, prof.max_slope, atol=1e-12)
     # the decision site, written as a loop
@@ -83,7 +163,7 @@ def test_causal_profile(ln_model):
 def test_tracking_from_topk_is_exact(ln_model):
     """Tokens ranked by their max probability over layers, from top-k, agree with the full distributions."""
     res = logit_lens(ln_model, SENTENCES[0], top_k=5)
-    prof = depth_profile(res)
+    prof = depth_profile(res, n_layers=3)
     with torch.no_grad():
         _, cache = ln_model.run_with_cache(res.tokens)
         states = [cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(ln_model.cfg.n_layers)]
@@ -100,7 +180,9 @@ def test_tracking_from_topk_is_exact(ln_model):
 def test_masked_and_sliding_profiles():
     model = tiny_encoder("bert")
     res = masked_lens(model, "The cat sat on the mat.", mask_positions=[2, 4], targets=["dog"], n_track=4)
-    prof = depth_profile(res)
+    prof = depth_profile(res)  # a masked result holds every layer, so its layer count is exact
+    n = model.cfg.n_layers
+    assert prof.depths.tolist() == list(range(n + 1))
     assert prof.target == "original token" and prof.row_tokens == ("cat", "on")
     assert_close(prof.logprobs, res.original_logprobs[:, 0], atol=0)
     assert_close(prof.tracked_logprobs, res.tracked_logprobs[:, 0], atol=0)
@@ -124,11 +206,11 @@ def test_masked_and_sliding_profiles():
 def test_profile_bad_input(ln_model):
     res = logit_lens(ln_model, SENTENCES[0])
     with pytest.raises(ValueError, match="has no targets"):
-        depth_profile(res, " park")
+        depth_profile(res, " park", n_layers=3)
     res_t = logit_lens(ln_model, SENTENCES[0], targets=[" park"])
     with pytest.raises(ValueError, match="not among this result's targets"):
-        depth_profile(res_t, " dog")
+        depth_profile(res_t, " dog", n_layers=3)
     with pytest.raises(TypeError, match="depth_profile takes a LensResult"):
         depth_profile({"labels": []})
     with pytest.raises(ValueError, match="row 99 is out of range"):
-        depth_profile(res).plot(row=99)
+        depth_profile(res, n_layers=3).plot(row=99)

@@ -6,7 +6,7 @@ position in a sliding-mask run) the profile holds the target's log-prob at every
     logp(d) ≈ a + b · sqrt(d)
 
 by least squares over the site depths ``d`` (``l_pre`` → l, ``l_mid`` → l + ½, ``l_post`` → l + 1,
-``final_post`` → one past the deepest layer named). It reports the intercept ``a`` (nats), the slope
+``final_post`` → ``n_layers``: the last block's output, whichever sites the result holds). It reports the intercept ``a`` (nats), the slope
 ``b`` (nats per √layer) and r². The same fit is made to the maximum log-prob over the vocabulary at
 each site (the top-1 token's, whichever it is). The *decision site* is the first site from which
 the top-1 token equals the final top-1 and stays so through every later site.
@@ -32,21 +32,70 @@ _LABEL = re.compile(r"^(\d+)_(pre|mid|post)$")
 _OFFSET = {"pre": 0.0, "mid": 0.5, "post": 1.0}
 
 
-def site_depths(labels: Sequence[str]) -> Float[torch.Tensor, " site"]:
-    """Depth of each site label in layers (``final_post`` sits one past the deepest layer named)."""
-    depths: list[float | None] = []
-    deepest = -1
+def site_depths(labels: Sequence[str], n_layers: int | None = None) -> Float[torch.Tensor, " site"]:
+    """Depth of each site label in layers: ``l_pre`` → l, ``l_mid`` → l + ½, ``l_post`` → l + 1.
+
+    ``final_post`` is the last block's output, depth ``n_layers`` (the model's layer count, not the
+    deepest layer named: ``resid_post`` sites name layers up to ``n_layers - 2``). It needs
+    ``n_layers``; the other labels do not.
+
+    Raises:
+        ValueError: a label that is not a site, ``final_post`` without ``n_layers``, or a layer
+            at or past ``n_layers``.
+    """
+    if n_layers is not None and (isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1):
+        raise ValueError(f"n_layers must be a positive int (the model's cfg.n_layers), got {n_layers!r}")
+    out: list[float] = []
     for lab in labels:
         m = _LABEL.match(lab)
         if m:
-            depths.append(int(m.group(1)) + _OFFSET[m.group(2)])
-            deepest = max(deepest, int(m.group(1)))
+            layer = int(m.group(1))
+            if n_layers is not None and layer >= n_layers:
+                raise ValueError(f"site {lab!r} is past the model's last layer (n_layers={n_layers})")
+            out.append(layer + _OFFSET[m.group(2)])
         elif lab == "final_post":
-            depths.append(None)
+            if n_layers is None:
+                raise ValueError(
+                    "'final_post' sits at depth n_layers, and this result does not record the model's layer "
+                    "count: pass n_layers=model.cfg.n_layers"
+                )
+            out.append(float(n_layers))
         else:
             raise ValueError(f"site label {lab!r} has no depth; expected labels like '3_pre' or 'final_post'")
-    out = [float(deepest + 1) if d is None else d for d in depths]
     return torch.tensor(out, dtype=torch.float64)
+
+
+def result_n_layers(result: Any, n_layers: int | None = None) -> int | None:
+    """The model's layer count for a lens result: ``n_layers`` if given, else the result's own.
+
+    A result that records ``n_layers`` must agree with the one given. Masked-LM results
+    (``MaskedLensResult``, ``SlidingMaskResult``) always hold every layer's input and the last output
+    (``0_pre`` … ``{n-1}_pre``, ``final_post``), so their count is exact from their labels. A causal
+    ``LensResult`` may hold any subset of sites (``sites=``, ``select_sites``), so its count is never
+    guessed from the labels: without a recorded or given ``n_layers`` this returns None, and
+    :func:`site_depths` refuses ``final_post``.
+    """
+    own = getattr(result, "n_layers", None)
+    if own is None:
+        own = _encoder_layer_count(result)
+    if n_layers is None:
+        return own
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int (the model's cfg.n_layers), got {n_layers!r}")
+    if own is not None and own != n_layers:
+        raise ValueError(f"n_layers={n_layers} disagrees with the result, which comes from a {own}-layer model")
+    return n_layers
+
+
+def _encoder_layer_count(result: Any) -> int | None:
+    from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult
+
+    if not isinstance(result, (MaskedLensResult, SlidingMaskResult)):
+        return None
+    n = len(result.labels) - 1
+    if n >= 1 and tuple(result.labels) == (*(f"{i}_pre" for i in range(n)), "final_post"):
+        return n
+    return None
 
 
 @dataclass(frozen=True)
@@ -221,15 +270,24 @@ def _pick(t: torch.Tensor, select: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @no_type_check
-def depth_profile(result: Any, target: TargetArg = None, *, n_track: int | None = None) -> DepthProfile:
+def depth_profile(
+    result: Any, target: TargetArg = None, *, n_track: int | None = None, n_layers: int | None = None
+) -> DepthProfile:
     """The depth profile of ``target`` in every row of a lens result, with its √depth fit.
 
     ``target``: ``None`` profiles the natural token (the next token for a causal ``LensResult``, the
     original token at the hole for masked results); ``"max"`` the maximum log-prob at each site; a
     token string or id must be one of the result's ``targets`` (pass ``targets=[...]`` to the lens).
     ``n_track``: how many tracked tokens to keep (default: all the result holds).
+    ``n_layers``: the model's layer count, which places ``final_post`` (depth ``n_layers``); needed
+    only when the result does not record it (see :func:`result_n_layers`).
+
+    Raises:
+        ValueError: ``final_post`` among the sites and the layer count unknown; a target the result
+            does not hold; a bad ``n_track``.
     """
     select, prompts, positions, row_tokens, kind = _rows_of(result)
+    depths = site_depths(result.labels, result_n_layers(result, n_layers))
     top_ids = _pick(result.top_ids, select, kind)
     top_lp = _pick(result.top_logprobs, select, kind)
     max_ids, max_lp = top_ids[..., 0], top_lp[..., 0]
@@ -247,8 +305,8 @@ def depth_profile(result: Any, target: TargetArg = None, *, n_track: int | None 
         lp, ids, name = max_lp, torch.full((n_rows,), -1, dtype=torch.long), "max"
     else:
         lp, ids, name = _target_column(result, target, select, kind)
-    fit = fit_sqrt(site_depths(result.labels), lp)
-    max_fit = fit_sqrt(site_depths(result.labels), max_lp)
+    fit = fit_sqrt(depths, lp)
+    max_fit = fit_sqrt(depths, max_lp)
     if kind == "causal":
         tracked_ids, tracked_lp = _track_from_topk(top_ids, top_lp)
     else:
@@ -260,7 +318,7 @@ def depth_profile(result: Any, target: TargetArg = None, *, n_track: int | None 
         tracked_ids, tracked_lp = tracked_ids[:, :n_track], tracked_lp[..., :n_track]
     return DepthProfile(
         labels=tuple(result.labels),
-        depths=site_depths(result.labels),
+        depths=depths,
         prompts=prompts,
         positions=positions,
         row_tokens=tuple(row_tokens),
