@@ -3,10 +3,21 @@
 Tokenizers spell a leading space differently: SentencePiece writes ``▁the``, byte-level BPE writes
 ``Ġthe``. Everything this package shows a person goes through :func:`display_tokens`, which turns both
 into ``" the"`` so tables and figures read the same whatever the model.
+
+Whether a token is spelled in GPT-2's byte alphabet is a property of the *tokenizer*, not of the
+piece: ``"é"`` is the byte 0xE9 in a byte-level BPE vocabulary but the letter é in a SentencePiece or
+WordPiece one. :func:`is_byte_level` decides it once per tokenizer (from its decoder and
+pre-tokenizer), and only byte-level pieces are decoded from bytes.
+
+:func:`visible_token` is the one convention for drawing whitespace wherever a token is shown (figures,
+tables, hover text, the terminal): ``" "`` → ``␣``, ``"\\n"`` → ``↵``, ``"\\t"`` → ``⇥``, ``"\\r"`` → ``␍``,
+other control characters as their Control Pictures symbol.
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -14,6 +25,8 @@ from typing import Any
 import torch
 
 _SPIECE_SPACE = "\u2581"  # ▁
+SPACE = "\u2423"  # ␣
+_VISIBLE = {" ": SPACE, "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
 
 
 @lru_cache(maxsize=8)
@@ -35,26 +48,130 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(byte_values, chars)}
 
 
-def _piece_to_text(piece: str) -> str:
-    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
-        return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
-    if _SPIECE_SPACE in piece:
-        return piece.replace(_SPIECE_SPACE, " ")
-    decoder = _byte_decoder()
-    if piece and all(ch in decoder for ch in piece):
-        return bytes(decoder[ch] for ch in piece).decode("utf-8", errors="replace")
-    return piece
+def _component_types(state: Any) -> set[str]:
+    """Every ``"type"`` named in a tokenizers component's JSON (a ``Sequence`` lists its parts)."""
+    found: set[str] = set()
+    if isinstance(state, dict):
+        if isinstance(state.get("type"), str):
+            found.add(state["type"])
+        for value in state.values():
+            found |= _component_types(value)
+    elif isinstance(state, list):
+        for value in state:
+            found |= _component_types(value)
+    return found
 
 
-def display_tokens(tokenizer: Any, ids: Sequence[int] | torch.Tensor) -> list[str]:
+def _backend_types(tokenizer: Any) -> set[str] | None:
+    """Types of a fast tokenizer's decoder and pre-tokenizer, or None when it has no backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    types: set[str] = set()
+    try:
+        for part in (backend.decoder, backend.pre_tokenizer):
+            if part is not None:
+                types |= _component_types(json.loads(part.__getstate__()))
+    except Exception:  # an unusual backend: read the whole tokenizer's JSON instead
+        whole = json.loads(backend.to_str())
+        types = _component_types(whole.get("decoder")) | _component_types(whole.get("pre_tokenizer"))
+    return types
+
+
+_BYTE_LEVEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_byte_level(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` spells its pieces in GPT-2's byte alphabet (byte-level BPE).
+
+    Read from the tokenizer, once: a fast tokenizer whose decoder or pre-tokenizer is ``ByteLevel``;
+    a slow one with a ``byte_decoder`` (GPT-2's); otherwise, a vocabulary that holds every one of the
+    256 byte symbols as a token. SentencePiece (``▁``, ``<0xNN>``) and WordPiece (``##``) tokenizers are
+    not byte-level, so their accented letters are letters.
+    """
+    if tokenizer is None:
+        return False
+    try:
+        return _BYTE_LEVEL[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    types = _backend_types(tokenizer)
+    if types is not None:
+        answer = "ByteLevel" in types
+    elif getattr(tokenizer, "byte_decoder", None) is not None:
+        answer = True
+    else:
+        try:
+            vocab = tokenizer.get_vocab()
+        except Exception:
+            vocab = {}
+        answer = bool(vocab) and all(ch in vocab for ch in _byte_decoder())
+    try:
+        _BYTE_LEVEL[tokenizer] = answer
+    except TypeError:  # not weak-referenceable: decide again next time
+        pass
+    return answer
+
+
+def _decode_bytes(data: bytes) -> str:
+    """UTF-8 text; a piece that holds part of a character shows its bytes (``\\xe2\\x80``), not ``�``."""
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _piece_to_text(piece: str, byte_level: bool) -> str:
+    """One vocabulary piece as text, read the way its tokenizer spells pieces."""
+    if byte_level:
+        decoder = _byte_decoder()
+        if piece and all(ch in decoder for ch in piece):
+            return _decode_bytes(bytes(decoder[ch] for ch in piece))
+        return piece  # a special token such as <|endoftext|>
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        try:
+            return _decode_bytes(bytes([int(piece[3:5], 16)]))
+        except ValueError:
+            return piece
+    return piece.replace(_SPIECE_SPACE, " ")
+
+
+def visible_token(token: str) -> str:
+    """``token`` with its whitespace and control characters drawn, for a person to read.
+
+    ``" "`` → ``␣`` (so ``" w"`` and ``"w"`` differ and a lone space is not an empty cell), ``"\\n"`` →
+    ``↵``, ``"\\t"`` → ``⇥``, ``"\\r"`` → ``␍``; other C0 control characters → their Control Pictures
+    symbol (``␀`` … ``␟``), DEL → ``␡``. Everything else is unchanged. Use it for figures, tables,
+    hover text and the terminal alike; data (dataframes, JSON) keeps the plain text.
+
+    Example:
+        >>> visible_token(" the\\n")
+        '␣the↵'
+    """
+    out = []
+    for ch in token:
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif ord(ch) < 0x20:
+            out.append(chr(0x2400 + ord(ch)))
+        elif ch == "\x7f":
+            out.append("\u2421")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_tokens(tokenizer: Any, ids: Sequence[int] | torch.Tensor, *, visible: bool = False) -> list[str]:
     """Readable strings for token ids: leading-space markers (``▁``, ``Ġ``) become spaces.
 
-    Ids the tokenizer does not know (a ``d_vocab`` padded past the tokenizer's vocabulary) show as
-    ``<id N>``; with no tokenizer every id does.
+    Byte-level pieces are decoded from GPT-2's byte alphabet (see :func:`is_byte_level`); a piece
+    holding part of a multi-byte character shows the bytes it holds (``"\\xe2\\x80"``). SentencePiece
+    byte-fallback pieces (``<0x0A>``) become their byte. Ids the tokenizer does not know (a
+    ``d_vocab`` padded past the tokenizer's vocabulary) show as ``<id N>``; with no tokenizer every
+    id does. ``visible=True`` draws whitespace through :func:`visible_token` (``" the"`` → ``"␣the"``).
     """
     if isinstance(ids, torch.Tensor):
         ids = ids.reshape(-1).tolist()
     if tokenizer is None:
         return [f"<id {i}>" for i in ids]
+    byte_level = is_byte_level(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(ids))
-    return [f"<id {i}>" if p is None else _piece_to_text(p) for i, p in zip(ids, pieces)]
+    out = [f"<id {i}>" if p is None else _piece_to_text(p, byte_level) for i, p in zip(ids, pieces)]
+    return [visible_token(t) for t in out] if visible else out
