@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +53,32 @@ def require_shared(path: Path) -> Path:
     reason = f"{path} is missing: tests on real weights need the project's ../shared folder"
     if os.environ.get("CI"):
         pytest.fail(reason)
+    pytest.skip(reason)
+
+
+# Tests that drive a real browser (the HTML report in selenium, static figure export with kaleido) need
+# Chromium. On a bare machine they skip with a reason; CI (.ci/run installs Chromium) sets this
+# variable to 1, which makes a missing browser a failure instead.
+REQUIRE_BROWSER = "TL_LOGITLENS_REQUIRE_BROWSER"
+_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def require_browser(driver: bool = False) -> tuple[str, str | None]:
+    """Paths of a Chromium browser and, with ``driver=True``, of ``chromedriver``.
+
+    Skips the test with a reason when they are not on PATH, or fails when ``TL_LOGITLENS_REQUIRE_BROWSER=1``.
+    """
+    browser = os.environ.get("BROWSER_PATH") or next(filter(None, map(shutil.which, _BROWSER_NAMES)), None)
+    chromedriver = shutil.which("chromedriver") if driver else None
+    missing = [name for name, path in (("chromium", browser), ("chromedriver", chromedriver if driver else "-")) if not path]
+    if not missing:
+        return browser, chromedriver
+    reason = (
+        f"no {' or '.join(missing)} on PATH: this test drives a headless browser "
+        "(apt-get install chromium chromium-driver)"
+    )
+    if os.environ.get(REQUIRE_BROWSER, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_BROWSER} is set, so the browser is required")
     pytest.skip(reason)
 
 

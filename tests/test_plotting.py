@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, assert_close
+from tests.helpers import SENTENCES, assert_close, require_browser
 from tl_logitlens.plotting import (
     cell_text,
     component_bars_figure,
@@ -333,6 +333,7 @@ def test_component_lens_figure_shows_promoted_and_suppressed_tokens(ln_model):
 
 @pytest.mark.slow
 def test_static_export_png_svg_html(lens, tmp_path):
+    require_browser()  # kaleido draws in a headless Chromium
     figs = [lens_heatmap(lens), text_heatmap(lens), lens_heatmap(lens)]
     paths = save_figures(figs, [tmp_path / "lens.png", tmp_path / "text.svg", tmp_path / "lens.html"], scale=1)
     png = paths[0].read_bytes()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import time
 
 import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, assert_close
+from tests.helpers import SENTENCES, assert_close, require_browser
 from tl_logitlens.reporting import compute_report, concat_lens, report, top_table_html
 
 CHROME_FLAGS = (
@@ -31,9 +30,7 @@ def driver():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    browser, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser is None or chromedriver is None:
-        pytest.fail("the report tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    browser, chromedriver = require_browser(driver=True)
     opts = webdriver.ChromeOptions()
     for flag in CHROME_FLAGS:
         opts.add_argument(flag)
