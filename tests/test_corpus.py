@@ -1,0 +1,119 @@
+"""Reading corpora (lists, iterables, .txt/.json/.jsonl files, datasets splits) and cutting windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import SHARED, require_shared, tiny_model
+from tl_logitlens.corpus import corpus_length, document_windows, iter_texts, tokenize_document
+
+STORIES_JSON = SHARED / "corpora" / "tinystories_1000.json"
+
+
+def test_list_and_generator_skip_blank_documents():
+    assert list(iter_texts(["a b", "", "  \n", "c"])) == ["a b", "c"]
+    assert list(iter_texts(t for t in ("x", "y"))) == ["x", "y"]
+    assert corpus_length(["a", "b"]) == 2 and corpus_length(iter(["a"])) is None
+
+
+def test_txt_splits(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("First:\nline one\n\n\nSecond block\n  \nthird\n", encoding="utf-8")
+    assert list(iter_texts(path)) == ["First:\nline one", "Second block", "third"]
+    assert list(iter_texts(str(path), txt_split="line")) == ["First:", "line one", "Second block", "third"]
+    assert list(iter_texts(path, txt_split="file")) == [path.read_text(encoding="utf-8")]
+
+
+def test_json_and_jsonl(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["one", {"text": "two"}]), encoding="utf-8")
+    assert list(iter_texts(tmp_path / "a.json")) == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('"one"\n\n{"text": "two", "id": 3}\n{"body": "three"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 4 of .* has no 'text' field"):
+        list(iter_texts(tmp_path / "b.jsonl"))
+    (tmp_path / "c.jsonl").write_text('"one"\n{"body": "two"}\n', encoding="utf-8")
+    assert list(iter_texts(tmp_path / "c.jsonl", text_field="body")) == ["one", "two"]
+
+
+def test_shared_stories_corpus():
+    texts = list(iter_texts(require_shared(STORIES_JSON)))
+    assert len(texts) == 1000 and all(isinstance(t, str) and t.strip() for t in texts)
+
+
+def test_hf_dataset_and_streaming_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["a b", "", "c d"], "n": [1, 2, 3]})
+    assert list(iter_texts(ds)) == ["a b", "c d"]
+    assert list(iter_texts(ds.to_iterable_dataset())) == ["a b", "c d"]
+    with pytest.raises(ValueError, match="no 'body' column"):
+        list(iter_texts(ds, text_field="body"))
+    with pytest.raises(TypeError, match="one split"):
+        list(iter_texts(datasets.DatasetDict({"train": ds})))
+    bad = datasets.Dataset.from_dict({"text": [1, 2]})
+    with pytest.raises(TypeError, match="row 0 .* is a int"):
+        list(iter_texts(bad))
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "error", "match"),
+    [
+        ("[]", ".json", ValueError, "holds no text"),
+        ('["", " "]', ".json", ValueError, "holds no text"),
+        ('{"text": "a"}', ".json", ValueError, "holds a JSON dict, not a list"),
+        ("[1, 2]", ".json", TypeError, "item 0 .* is a int"),
+        ("not json", ".json", ValueError, "not valid JSON"),
+        ("not json\n", ".jsonl", ValueError, "line 1 .* is not JSON"),
+        ("a,b\n1,2\n", ".csv", ValueError, "not a corpus file"),
+        ("\n\n  \n", ".txt", ValueError, "holds no text"),
+    ],
+    ids=["empty-list", "blank-strings", "dict", "ints", "bad-json", "bad-jsonl", "csv", "blank-txt"],
+)
+def test_files_that_are_not_corpora(tmp_path, content, suffix, error, match):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(error, match=match):
+        list(iter_texts(path))
+
+
+def test_bad_sources(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        list(iter_texts(tmp_path / "bin.txt"))
+    with pytest.raises(ValueError, match="no corpus file at"):
+        list(iter_texts(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="is a folder"):
+        list(iter_texts(tmp_path))
+    with pytest.raises(ValueError, match="holds no text"):
+        list(iter_texts([]))
+    with pytest.raises(TypeError, match="document 1 of the corpus is a int"):
+        list(iter_texts(["ok", 3]))
+    with pytest.raises(TypeError, match="not int"):
+        list(iter_texts(5))
+    with pytest.raises(TypeError, match="bytes"):
+        list(iter_texts(b"text"))
+    with pytest.raises(ValueError, match="txt_split"):
+        list(iter_texts(["a"], txt_split="words"))
+
+
+def test_windows_each_start_with_bos_and_cover_every_token_once():
+    ids = (7, 1, 2, 3, 4, 5, 6, 8)
+    assert document_windows(ids, 4) == [[7, 1, 2, 3], [7, 4, 5, 6], [7, 8]]
+    assert document_windows(ids, 8) == [list(ids)]
+    assert document_windows((7,), 4) == [[7]]
+    for seq_len in range(2, 10):
+        wins = document_windows(ids, seq_len)
+        assert all(w[0] == 7 and len(w) <= seq_len for w in wins)
+        assert [t for w in wins for t in w[1:]] == list(ids[1:])
+    with pytest.raises(ValueError, match="at least 2"):
+        document_windows(ids, 1)
+
+
+def test_tokenize_document_puts_bos_first_and_counts_decoded_bytes():
+    model = tiny_model()
+    text = "Once upon a time, there was a little girl named Lily."
+    doc = tokenize_document(model, text, index=4)
+    assert doc.index == 4
+    assert doc.ids[0] == model.tokenizer.bos_token_id
+    assert list(doc.ids[1:]) == model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert doc.n_bytes == len(text.encode("utf-8"))

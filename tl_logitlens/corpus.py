@@ -1,0 +1,255 @@
+"""Text corpora: where documents come from, and how a document becomes model windows.
+
+:func:`iter_texts` reads documents, one string each, from any of:
+
+- a list, tuple or other iterable of strings (a generator works: nothing is read ahead);
+- a ``.txt`` file: by default one document per *blank-line-separated block* (paragraphs, plays'
+  speeches); ``txt_split="line"`` makes every non-blank line a document, ``"file"`` the whole file one;
+- a ``.json`` file: a list of strings, or of objects with a ``"text"`` field;
+- a ``.jsonl`` file: one string or one object with a ``"text"`` field per line;
+- a Hugging Face ``datasets`` split (``Dataset`` or a streaming ``IterableDataset``), read from its
+  ``"text"`` column (``text_field=`` names another); ``datasets`` is never imported here.
+
+Documents that are empty or only whitespace are skipped (a data set's blank rows carry no text to
+score); a corpus with no document left is an error. Anything that is not a string is an error that
+names the document.
+
+:func:`document_windows` turns one document into model inputs: the document is tokenised once
+with the model's BOS token in front, and its tokens after BOS are cut into consecutive,
+non-overlapping pieces of at most ``seq_len - 1`` tokens, each given its own BOS. So every window
+starts with BOS (a model sees no window without its usual first token), and every token of the
+document is predicted exactly once: the first token of each window from BOS, the others from the
+tokens before them in that window.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TXT_SPLITS: tuple[str, ...] = ("paragraph", "line", "file")
+_MAX_REPR = 60
+
+
+@dataclass(frozen=True)
+class Document:
+    """One tokenised document: ``ids`` with BOS first, ``n_bytes`` the UTF-8 bytes its tokens decode to."""
+
+    index: int
+    ids: tuple[int, ...]
+    n_bytes: int
+
+
+def iter_texts(source: Any, *, text_field: str = "text", txt_split: str = "paragraph") -> Iterator[str]:
+    """The documents of ``source``, one non-blank string each, in order.
+
+    Args:
+        source: an iterable of strings; a path (``str`` or ``Path``) to a ``.txt``, ``.json`` or
+            ``.jsonl`` file; or a Hugging Face ``datasets`` split (streaming or not).
+        text_field: the field or column holding the text, in JSON objects and data sets.
+        txt_split: how a ``.txt`` file is cut: ``"paragraph"`` (blank-line-separated blocks, the
+            default), ``"line"`` or ``"file"``.
+
+    Raises:
+        ValueError: the corpus holds no text; the file is missing, not UTF-8, or not a corpus
+            (JSON that is not a list, a file with another suffix); ``txt_split`` is unknown.
+        TypeError: a document is not a string; ``source`` is not something a corpus is read from.
+
+    Example:
+        >>> list(iter_texts(["Once upon a time.", "  ", "The end."]))
+        ['Once upon a time.', 'The end.']
+    """
+    if txt_split not in TXT_SPLITS:
+        raise ValueError(f"txt_split={txt_split!r} is not one of {list(TXT_SPLITS)}")
+    if not isinstance(text_field, str):
+        raise TypeError(f"text_field must be a string, not {type(text_field).__name__}")
+    n = 0
+    for text in _raw_texts(source, text_field, txt_split):
+        if text.strip():
+            n += 1
+            yield text
+    if n == 0:
+        raise ValueError(f"the corpus {_describe(source)} holds no text; give at least one non-empty document")
+
+
+def corpus_length(source: Any) -> int | None:
+    """The number of items in ``source`` when it is known without reading it (a list, a data set)."""
+    if isinstance(source, (str, Path, bytes)):
+        return None
+    try:
+        return len(source)
+    except TypeError:
+        return None
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return repr(str(source))
+    text = repr(source)
+    return f"{type(source).__name__}" if len(text) > _MAX_REPR else text
+
+
+def _raw_texts(source: Any, text_field: str, txt_split: str) -> Iterator[str]:
+    if isinstance(source, bytes):
+        raise TypeError("the corpus is bytes; decode it to a string, or pass a list of strings or a file path")
+    if isinstance(source, (str, Path)):
+        yield from _file_texts(Path(source), text_field, txt_split)
+        return
+    if isinstance(source, dict) or _is_dataset_dict(source):
+        keys = list(source.keys())
+        raise TypeError(
+            f"the corpus is a mapping with keys {keys[:5]}; pass one split (e.g. ds['train']) or a list of strings"
+        )
+    if _is_hf_dataset(source):
+        yield from _dataset_texts(source, text_field)
+        return
+    if not isinstance(source, Iterable):
+        raise TypeError(
+            f"the corpus must be a list or iterable of strings, a .txt/.json/.jsonl path, or a Hugging "
+            f"Face datasets split, not {type(source).__name__}"
+        )
+    for i, item in enumerate(source):
+        if not isinstance(item, str):
+            raise TypeError(f"document {i} of the corpus is a {type(item).__name__}, not a string; pass text")
+        yield item
+
+
+def _file_texts(path: Path, text_field: str, txt_split: str) -> Iterator[str]:
+    if not path.exists():
+        raise ValueError(f"no corpus file at {str(path)!r}; give a .txt, .json or .jsonl file")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a .txt, .json or .jsonl file")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".json", ".jsonl"):
+        raise ValueError(
+            f"{str(path)!r} is not a corpus file this reads: use .txt (blank-line-separated documents), "
+            ".json (a list of strings) or .jsonl (one string or {\"text\": ...} object per line)"
+        )
+    if suffix == ".jsonl":
+        yield from _jsonl_texts(path, text_field)
+        return
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text, so it is not a corpus; save it as UTF-8") from None
+    if suffix == ".txt":
+        if "\x00" in content:
+            raise ValueError(f"{str(path)!r} holds NUL bytes: it looks binary, not a text corpus")
+        if txt_split == "file":
+            yield content
+        elif txt_split == "line":
+            yield from content.splitlines()
+        else:
+            yield from _paragraphs(content)
+        return
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); a .json corpus is a list of strings") from None
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{str(path)!r} holds a JSON {type(data).__name__}, not a list; a .json corpus is a list of strings "
+            f"(or of objects with a {text_field!r} field)"
+        )
+    for i, item in enumerate(data):
+        yield _from_record(item, text_field, f"item {i} of {str(path)!r}")
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"line {lineno} of {str(path)!r}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{where} is not JSON; a .jsonl corpus holds one JSON string or object per line") from None
+                yield _from_record(item, text_field, where)
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text, so it is not a corpus; save it as UTF-8") from None
+
+
+def _from_record(item: Any, text_field: str, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        if text_field not in item:
+            raise ValueError(f"{where} has no {text_field!r} field (it has {sorted(item)[:5]}); pass text_field=...")
+        item = item[text_field]
+        if isinstance(item, str):
+            return item
+    raise TypeError(f"{where} is a {type(item).__name__}, not a string; a corpus holds text")
+
+
+def _paragraphs(content: str) -> Iterator[str]:
+    block: list[str] = []
+    for line in content.splitlines():
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    module = type(source).__module__ or ""
+    return module.startswith("datasets") and hasattr(source, "iter")
+
+
+def _is_dataset_dict(source: Any) -> bool:
+    module = type(source).__module__ or ""
+    return module.startswith("datasets") and type(source).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
+def _dataset_texts(ds: Any, text_field: str) -> Iterator[str]:
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"the data set has no {text_field!r} column (it has {list(columns)}); pass text_field=...")
+    i = 0
+    for batch in ds.iter(batch_size=256):
+        if text_field not in batch:
+            raise ValueError(f"the data set has no {text_field!r} column (it has {list(batch)}); pass text_field=...")
+        for item in batch[text_field]:
+            if not isinstance(item, str):
+                raise TypeError(f"row {i} of the data set's {text_field!r} column is a {type(item).__name__}, not a string")
+            i += 1
+            yield item
+
+
+def tokenize_document(model: Any, text: str, index: int = 0) -> Document:
+    """``text`` as token ids with the model's BOS first (never truncated), and its decoded byte count."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so a text corpus cannot be tokenised; set one with model.set_tokenizer(...)")
+    ids = model.to_tokens(text, prepend_bos=True, truncate=False)[0].tolist()
+    return Document(index=index, ids=tuple(ids), n_bytes=decoded_bytes(tokenizer, ids[1:]))
+
+
+def decoded_bytes(tokenizer: Any, ids: Iterable[int]) -> int:
+    """UTF-8 bytes of the text the tokens ``ids`` decode to (what bits per byte divide by)."""
+    ids = list(ids)
+    if not ids:
+        return 0
+    return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def document_windows(ids: tuple[int, ...] | list[int], seq_len: int) -> list[list[int]]:
+    """Cut a document's tokens (BOS first) into windows of at most ``seq_len`` tokens, each led by BOS.
+
+    The tokens after BOS are split into consecutive pieces of ``seq_len - 1``; each piece is
+    prefixed with the document's BOS. A document of BOS alone gives one window ``[BOS]``.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} leaves no room for a token after BOS; use at least 2")
+    bos, body = ids[0], list(ids[1:])
+    if not body:
+        return [[bos]]
+    step = seq_len - 1
+    return [[bos, *body[i : i + step]] for i in range(0, len(body), step)]
