@@ -189,7 +189,7 @@ def test_sites_kinds_and_labels(ln_model):
 
 def test_per_row_targets(ln_model):
     texts = SENTENCES[:2]
-    ids = torch.tensor([5, 17])
+    ids = torch.tensor([[5], [17]])  # [batch, 1]: one id per prompt
     per_prompt = tl.logit_lens(ln_model, texts, targets=ids, positions="last")
     shared = tl.logit_lens(ln_model, texts, targets=[5, 17], positions="last")
     assert_close(per_prompt.target_logprobs[:, 0, 0, 0], shared.target_logprobs[:, 0, 0, 0])
@@ -197,6 +197,12 @@ def test_per_row_targets(ln_model):
     grid = torch.randint(0, ln_model.cfg.d_vocab, (2, 4))
     per_row = tl.logit_lens(ln_model, texts, targets=grid, positions=[0, 1, 2, 3])
     assert per_row.target_ids[..., 0].tolist() == grid.tolist()
+
+
+def test_a_1d_target_tensor_is_ambiguous_and_refused(ln_model):
+    # its length equals the batch here, so it could be one id per prompt or two shared targets
+    with pytest.raises(ValueError, match="1-D target tensor .* ambiguous"):
+        tl.logit_lens(ln_model, SENTENCES[:2], targets=torch.tensor([5, 17]), positions="last")
 
 
 def test_result_is_immutable_and_selects_sites(ln_model):

@@ -31,14 +31,13 @@ from tl_logitlens._dla import (
 )
 from tl_logitlens._frames import input_tokens, long_index, position_columns
 from tl_logitlens._pairs import resolve_pairs
+from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
 from tl_logitlens.readout import (
-    check_cache,
     check_model,
     final_norm_bias,
     has_final_norm,
     logit_scale,
-    run_cache,
     soft_cap,
     transform_logits,
 )
@@ -425,7 +424,7 @@ def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str, units: s
         )
 
 
-def _prepare(
+def _run(
     model: Any,
     inputs: Inputs,
     cache: Any,
@@ -433,16 +432,11 @@ def _prepare(
     positions: PositionSpec,
     prepend_bos: bool | None,
     attention_mask: torch.Tensor | None,
-) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+) -> Run:
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
     _check_unit_support(model, cache, unit)
-    hooks = _hooks(model, unit)
-    if cache is None:
-        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
-    else:
-        check_cache(cache, model, hooks, batch.tokens)
-    return batch, cache, pos_index, valid
+    return execute(model, batch, pos_index, valid, _hooks(model, unit), cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +578,8 @@ def direct_logit_attribution(
     _check_unit(unit, UNITS)
     check_model(model)
     scale = _linear_logit_scale(model)  # Granite, Cohere: logits scaled after W_U; linear, so rows scale too
-    batch, cache, pos_index, valid = _prepare(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    run = _run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch = batch.tokens.shape[0]
     pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt, allow_no_incorrect=True)
     direction = unembed_columns(model, pairs.correct)
@@ -740,13 +735,8 @@ def component_lens(
         raise ValueError(f"top_k must be an int between 1 and d_vocab={d_vocab}, got {top_k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
-    pos_index, valid = resolve_positions(positions, batch)
-    hooks = _hooks(model, "head" if unit == "head" else "component")
-    if cache is None:
-        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
-    else:
-        check_cache(cache, model, hooks, batch.tokens)
+    run = _run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch, n = pos_index.shape
     if has_final_norm(model):
         inv_scale = 1.0 / gather_rows(cache["ln_final.hook_scale"], pos_index)[..., 0].reshape(-1)

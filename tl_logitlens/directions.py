@@ -8,27 +8,20 @@ pair's unembedding difference, a probe, a steering vector). Both return a :class
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._dla import unembed_bias, unembed_columns
-from tl_logitlens._frames import input_tokens, long_index, position_columns
+from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._pairs import check_direction, resolve_pairs
-from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
+from tl_logitlens._results import ResultBase, common_fields, token_strings
+from tl_logitlens._run import Run, execute
+from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
 from tl_logitlens.lenses import resolve_lens
-from tl_logitlens.readout import (
-    Readout,
-    check_cache,
-    check_model,
-    check_norm,
-    resolve_sites,
-    run_cache,
-    transform_logits,
-)
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.readout import Readout, Site, check_model, check_norm, resolve_sites, transform_logits
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,8 +43,8 @@ NORM_VIEWS = (
 )
 
 
-@dataclass(frozen=True)
-class DirectionResult:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class DirectionResult(ResultBase):
     """A scalar per site, prompt, read position and pair (or direction).
 
     Fields (dims as in TransformerLens; ``pos`` runs over the *read* positions, ``positions[b, j]``
@@ -82,22 +75,11 @@ class DirectionResult:
     ci_level: float
     n_bootstrap: int
     seed: int
-    positions: Int[torch.Tensor, "batch pos"]
-    valid: Bool[torch.Tensor, "batch pos"]
-    tokens: Int[torch.Tensor, "batch seq"]
-    str_tokens: tuple[tuple[str, ...], ...]
     pair_labels: tuple[str, ...]
     correct_ids: Int[torch.Tensor, "batch pair"] | None
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
     norm: str
     include_bias: bool
-    lens_name: str = "logit lens"
-    model_name: str = ""
-    tokenizer: Any = field(default=None, repr=False, compare=False)
-
-    def input_tokens(self) -> list[list[str]]:
-        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        return input_tokens(self.positions, self.str_tokens)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format, one row per site × prompt × read position × pair; padding left out.
@@ -110,11 +92,7 @@ class DirectionResult:
         s, b, j, k = long_index(self.values.shape, self.valid)
 
         def names(ids: torch.Tensor | None) -> list[str]:
-            if ids is None:
-                return [""] * len(b)
-            return display_tokens(self.tokenizer, ids.cpu()[b, k]) if self.tokenizer is not None else [
-                str(i) for i in ids.cpu()[b, k].tolist()
-            ]
+            return [""] * len(b) if ids is None else token_strings(self.tokenizer, ids.cpu()[b, k])
 
         return pd.DataFrame(
             {
@@ -126,6 +104,7 @@ class DirectionResult:
                 "correct": names(self.correct_ids),
                 "incorrect": names(self.incorrect_ids),
                 "value": self.values.cpu()[s, b, j, k].numpy(),
+                "lens": self.lens_name,
             }
         )
 
@@ -213,54 +192,45 @@ def _prepare(
     positions: PositionSpec,
     prepend_bos: bool | None,
     attention_mask: torch.Tensor | None,
-) -> tuple[Readout, Any, Any, Any, torch.Tensor, torch.Tensor]:
+    include_bias: bool = True,
+) -> tuple[Readout, Sequence[Site], Run]:
+    """The readout, the sites and the run that :func:`logit_diff` and :func:`direction_lens` read."""
     check_model(model)
     check_norm(norm)
-    readout = Readout(model, resolve_lens(model, lens), norm)
+    check_flag(include_bias, "include_bias")
+    readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
     site_list = resolve_sites(model, sites)
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
-    hooks = readout.hooks(site_list)
-    if cache is None:
-        cache = run_cache(model, batch.tokens, batch.mask if batch.padded else None, hooks)
-    else:
-        check_cache(cache, model, hooks, batch.tokens)
-    return readout, site_list, batch, cache, pos_index, valid
+    return readout, site_list, execute(model, batch, pos_index, valid, readout.hooks(site_list), cache)
 
 
 @torch.inference_mode()
-def _normed_sites(readout: Readout, cache: Any, site_list: Sequence[Any], pos_index: torch.Tensor) -> list[torch.Tensor]:
-    """Each site's normalised state at the read rows, ``[batch, n, d_model]`` float32."""
-    n_batch, n = pos_index.shape
-    rows_b = torch.arange(n_batch, device=pos_index.device).repeat_interleave(n)
-    rows_p = pos_index.reshape(-1)
-    return [readout.normed(cache, site, rows_b, rows_p).float().reshape(n_batch, n, -1) for site in site_list]
+def _normed_sites(readout: Readout, run: Run, site_list: Sequence[Site]) -> list[torch.Tensor]:
+    """Each site's normalised state at every read cell, ``[batch, n, d_model]`` float32."""
+    rows = run.all_rows()
+    shape = (*run.positions.shape, -1)
+    return [readout.normed(run.cache, site, rows.b, rows.p).float().reshape(shape) for site in site_list]
 
 
-def _finish(
+def _direction_result(
     kind: str,
     values: torch.Tensor,
-    valid: torch.Tensor,
-    n_bootstrap: int,
-    ci_level: float,
-    seed: int,
-    *,
-    model: Any,
-    site_list: Sequence[Any],
-    batch: Any,
-    positions: torch.Tensor,
+    run: Run,
+    readout: Readout,
+    site_list: Sequence[Site],
+    bootstrap: tuple[int, float, int],
     **fields: Any,
 ) -> DirectionResult:
+    """Values at padding set to NaN, the bootstrap summary over prompts, and the common fields."""
+    n_bootstrap, ci_level, seed = bootstrap
+    valid = run.valid
     values = torch.where(valid[None, :, :, None], values, torch.full((), float("nan"), device=values.device))
     summary = bootstrap_mean(values, valid, n_bootstrap, float(ci_level), seed)
     return DirectionResult(
+        **common_fields(readout.model, run.batch, run.positions, valid, readout.name),
         kind=kind,
         labels=tuple(s.label for s in site_list),
-        positions=positions,
-        tokens=batch.tokens,
-        str_tokens=batch.str_tokens,
-        model_name=getattr(model.cfg, "model_name", ""),
-        tokenizer=getattr(model, "tokenizer", None),
         values=values,
         mean=summary.mean,
         ci_low=summary.low,
@@ -268,7 +238,7 @@ def _finish(
         ci_level=float(ci_level),
         n_bootstrap=n_bootstrap,
         seed=seed,
-        valid=valid,
+        norm=readout.norm,
         **fields,
     )
 
@@ -330,39 +300,31 @@ def logit_diff(
         A :class:`DirectionResult` with ``values[site, batch, pos, pair]``.
     """
     _check_bootstrap(n_bootstrap, ci_level, seed)
-    readout, site_list, batch, cache, pos_index, valid = _prepare(
-        model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask
+    readout, site_list, run = _prepare(
+        model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask, include_bias
     )
-    n_batch = batch.tokens.shape[0]
+    n_batch = run.batch.tokens.shape[0]
     pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt)
     w_c, w_i = unembed_columns(model, pairs.correct), unembed_columns(model, pairs.incorrect)
     zero = torch.zeros(pairs.correct.shape, device=w_c.device)
     b_c = unembed_bias(model, pairs.correct) if include_bias else zero
     b_i = unembed_bias(model, pairs.incorrect) if include_bias else zero
     values = []
-    for normed in _normed_sites(readout, cache, site_list, pos_index):
+    for normed in _normed_sites(readout, run, site_list):
         l_c = torch.matmul(normed, w_c.transpose(-1, -2)) + b_c[:, None, :]
         l_i = torch.matmul(normed, w_i.transpose(-1, -2)) + b_i[:, None, :]
         values.append(transform_logits(model, l_c) - transform_logits(model, l_i))
-    c_ids = pairs.correct.expand(n_batch, -1)
-    i_ids = pairs.incorrect.expand(n_batch, -1)
-    return _finish(
+    return _direction_result(
         "logit_diff",
         torch.stack(values),
-        valid,
-        n_bootstrap,
-        ci_level,
-        seed,
-        model=model,
-        site_list=site_list,
-        batch=batch,
-        positions=pos_index,
+        run,
+        readout,
+        site_list,
+        (n_bootstrap, ci_level, seed),
         pair_labels=pairs.labels,
-        correct_ids=c_ids.clone(),
-        incorrect_ids=i_ids.clone(),
-        norm=norm,
+        correct_ids=pairs.correct.expand(n_batch, -1).clone(),
+        incorrect_ids=pairs.incorrect.expand(n_batch, -1).clone(),
         include_bias=include_bias,
-        lens_name=readout.name,
     )
 
 
@@ -403,25 +365,19 @@ def direction_lens(
                 f"direction_labels must be a list with one label per direction ({dirs.shape[0]})"
             )
         direction_labels = tuple(str(s) for s in direction_labels)
-    readout, site_list, batch, cache, pos_index, valid = _prepare(
+    readout, site_list, run = _prepare(
         model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask
     )
-    values = torch.stack([normed @ dirs.T for normed in _normed_sites(readout, cache, site_list, pos_index)])
-    return _finish(
+    values = torch.stack([normed @ dirs.T for normed in _normed_sites(readout, run, site_list)])
+    return _direction_result(
         "direction",
         values,
-        valid,
-        n_bootstrap,
-        ci_level,
-        seed,
-        model=model,
-        site_list=site_list,
-        batch=batch,
-        positions=pos_index,
+        run,
+        readout,
+        site_list,
+        (n_bootstrap, ci_level, seed),
         pair_labels=direction_labels,
         correct_ids=None,
         incorrect_ids=None,
-        norm=norm,
         include_bias=False,
-        lens_name=readout.name,
     )

@@ -6,10 +6,12 @@ logit difference and the attributions reject the same mistakes with the same wor
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union, no_type_check
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
@@ -32,6 +34,8 @@ class Batch:
     tokens: Int[torch.Tensor, "batch pos"]
     mask: Bool[torch.Tensor, "batch pos"]
     str_tokens: tuple[tuple[str, ...], ...]
+    texts: tuple[str, ...] | None = None
+    offsets: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
     @property
     def lengths(self) -> Int[torch.Tensor, " batch"]:
@@ -40,6 +44,11 @@ class Batch:
     @property
     def padded(self) -> bool:
         return not bool(self.mask.all())
+
+
+def is_integer(value: object) -> bool:
+    """A Python or NumPy integer (not a bool): what users pass as an id or a position."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _tokenizer(model: Any) -> Any:
@@ -52,24 +61,56 @@ def _tokenizer(model: Any) -> Any:
     return tok
 
 
-def _tokenize_one(model: Any, text: object, prepend_bos: bool | None, index: int | None) -> list[int]:
+def _check_text(text: object, index: int | None) -> str:
     where = "the prompt" if index is None else f"prompt {index}"
+    if isinstance(text, (bytes, bytearray)):
+        raise TypeError(f"{where} is {type(text).__name__}; decode it to a str first (e.g. text.decode('utf-8'))")
     if not isinstance(text, str):
         raise TypeError(f"{where} is a {type(text).__name__}; prompts must be strings")
     if not text.strip():
         raise ValueError(f"{where} is empty; give at least one word of text")
-    _tokenizer(model)
-    kwargs: dict[str, Any] = {"truncate": False}
-    if prepend_bos is not None:
-        kwargs["prepend_bos"] = prepend_bos
-    ids = model.to_tokens(text, **kwargs)[0].tolist()
-    return ids
+    return text
+
+
+def _texts(inputs: object) -> list[str]:
+    """The prompts of a string or a list of strings, each checked."""
+    if isinstance(inputs, str):
+        return [_check_text(inputs, None)]
+    if isinstance(inputs, (bytes, bytearray)):
+        _check_text(inputs, None)
+    if not isinstance(inputs, Sequence):
+        raise TypeError(
+            f"inputs must be a string, a list of strings or a token tensor, not {type(inputs).__name__}"
+        )
+    if len(inputs) == 0:
+        raise ValueError("the list of prompts is empty; pass at least one string")
+    return [_check_text(t, i) for i, t in enumerate(inputs)]
 
 
 def _pad_id(model: Any) -> int:
     tok = getattr(model, "tokenizer", None)
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
     return int(pad) if pad is not None else 0
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into ``[batch, pos]`` ids and the mask of real tokens."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = True
+    return tokens, mask
+
+
+def check_flag(value: object, name: str, allow_none: bool = False) -> None:
+    """A bool option (``include_bias``, ``prepend_bos``...): a string such as ``'no'`` is refused, not read as True."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {allowed}, not {value!r}")
 
 
 @no_type_check  # checks its own arguments (see lens.logit_lens)
@@ -79,55 +120,55 @@ def prepare_inputs(
     *,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
+    special_tokens: bool = False,
 ) -> Batch:
     """Tokenize ``inputs`` (a string, a list of strings, or token ids) into a checked :class:`Batch`.
 
-    Nothing is truncated: a prompt longer than the model's context is an error.
+    Causal models tokenize with ``model.to_tokens`` (its BOS rule, or ``prepend_bos``); masked LMs
+    (``special_tokens=True``) with the tokenizer itself, adding [CLS]/[SEP] or <s>/</s> and keeping
+    each token's character offsets so a word of the text can be masked. Nothing is truncated: a
+    prompt longer than the model's context is an error.
     """
+    check_flag(prepend_bos, "prepend_bos", allow_none=True)
     cfg = model.cfg
-    device = cfg.device
+    texts = offsets = None
     if isinstance(inputs, torch.Tensor):
         tokens = _check_token_tensor(inputs, cfg.d_vocab)
-        if attention_mask is None:
-            mask = torch.ones_like(tokens, dtype=torch.bool)
-        else:
-            mask = _check_mask(attention_mask, tokens)
+        mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else _check_mask(attention_mask, tokens)
     else:
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is only for token-tensor inputs; for text, tl_logitlens pads and "
                 "masks the prompts itself"
             )
-        if isinstance(inputs, str):
-            rows = [_tokenize_one(model, inputs, prepend_bos, None)]
-        elif isinstance(inputs, Sequence):
-            if len(inputs) == 0:
-                raise ValueError("the list of prompts is empty; pass at least one string")
-            rows = [_tokenize_one(model, t, prepend_bos, i) for i, t in enumerate(inputs)]
+        texts = _texts(inputs)
+        tok = _tokenizer(model)
+        if special_tokens:
+            fast = bool(getattr(tok, "is_fast", False))
+            encoded = [tok(t, add_special_tokens=True, return_offsets_mapping=fast) for t in texts]
+            rows = [list(e["input_ids"]) for e in encoded]
+            if fast:
+                offsets = tuple(tuple(tuple(o) for o in e["offset_mapping"]) for e in encoded)
         else:
-            raise TypeError(
-                f"inputs must be a string, a list of strings or a token tensor, not {type(inputs).__name__}"
-            )
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
+            kwargs: dict[str, Any] = {"truncate": False}
+            if prepend_bos is not None:
+                kwargs["prepend_bos"] = prepend_bos
+            rows = [model.to_tokens(t, **kwargs)[0].tolist() for t in texts]
+        tokens, mask = _pad_rows(rows, _pad_id(model))
+        texts = tuple(texts)
     n_ctx = cfg.n_ctx
-    longest = int(mask.sum(-1).max())
     if tokens.shape[1] > n_ctx:
         raise ValueError(
-            f"the input is {tokens.shape[1]} tokens long (longest prompt: {longest}) but the model's "
-            f"context is {n_ctx} tokens; shorten the prompt, nothing is truncated for you"
+            f"the input is {tokens.shape[1]} tokens long (longest prompt: {int(mask.sum(-1).max())}) but the "
+            f"model's context is {n_ctx} tokens; shorten the prompt, nothing is truncated for you"
         )
-    tokens = tokens.to(device)
-    mask = mask.to(device)
+    device = cfg.device
+    tokens, mask = tokens.to(device), mask.to(device)
     tok = getattr(model, "tokenizer", None)
     str_tokens = tuple(
         tuple(display_tokens(tok, row[m].tolist())) for row, m in zip(tokens.cpu(), mask.cpu())
     )
-    return Batch(tokens=tokens, mask=mask, str_tokens=str_tokens)
+    return Batch(tokens=tokens, mask=mask, str_tokens=str_tokens, texts=texts, offsets=offsets)
 
 
 def _check_token_tensor(tokens: torch.Tensor, d_vocab: int) -> torch.Tensor:
@@ -171,7 +212,7 @@ def resolve_token(model: Any, token: object, what: str = "target") -> int:
     d_vocab = model.cfg.d_vocab
     if isinstance(token, bool):
         raise TypeError(f"{what} {token!r} is a bool; pass a token string or an integer id")
-    if isinstance(token, (int,)) or (isinstance(token, torch.Tensor) and token.ndim == 0):
+    if is_integer(token) or (isinstance(token, torch.Tensor) and token.ndim == 0):
         tid = int(token)
         if not 0 <= tid < d_vocab:
             raise ValueError(f"{what} id {tid} is outside the vocabulary [0, {d_vocab})")
@@ -212,14 +253,16 @@ def resolve_positions(
         positions = [-1]
     elif isinstance(positions, bool):
         raise TypeError("positions must be None, 'last', an int or a list of ints, not a bool")
-    elif isinstance(positions, int):
-        positions = [positions]
-    elif isinstance(positions, torch.Tensor):
-        positions = positions.reshape(-1).tolist()
+    elif is_integer(positions):
+        positions = [int(positions)]
+    elif hasattr(positions, "tolist") and not isinstance(positions, Sequence):  # a tensor or an array
+        positions = positions.tolist()
+        positions = positions if isinstance(positions, list) else [positions]
     if not isinstance(positions, Sequence) or len(positions) == 0:
         raise ValueError("positions must be None, 'last', an int or a non-empty list of ints")
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+    if not all(is_integer(p) for p in positions):
         raise TypeError(f"positions must be integers, got {list(positions)!r}")
+    positions = [int(p) for p in positions]
     req = torch.tensor(list(positions), device=device)[None].expand(n_batch, -1)
     index = torch.where(req < 0, req + lengths[:, None], req)
     bad = (index < 0) | (index >= lengths[:, None])

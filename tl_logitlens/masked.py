@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Union, no_type_check
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens import _compat
-from tl_logitlens.readout import Site, check_cache
+from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
+from tl_logitlens._results import ResultBase, common_fields
+from tl_logitlens._run import Rows, execute, run_cache
+from tl_logitlens.inputs import Batch, check_flag, prepare_inputs
+from tl_logitlens.readout import Site
 from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
@@ -83,67 +87,11 @@ def _check_int(value: object, name: str, low: int, high: int | None = None) -> i
     return value
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    tokens: torch.Tensor  # [batch, seq], right-padded
-    mask: torch.Tensor  # [batch, seq] bool
-    texts: tuple[str, ...] | None
-    offsets: tuple[tuple[tuple[int, int], ...], ...] | None
-
-
-def _encode(model: Any, inputs: object, attention_mask: torch.Tensor | None) -> _Encoded:
-    tok = model.tokenizer
-    cfg = model.cfg
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dtype.is_floating_point or inputs.dtype == torch.bool:
-            raise TypeError(f"token tensors must hold integer ids, not {inputs.dtype}")
-        tokens = inputs[None] if inputs.ndim == 1 else inputs
-        if tokens.ndim != 2 or tokens.numel() == 0:
-            raise ValueError(f"token tensors must be a non-empty [pos] or [batch, pos], got {tuple(inputs.shape)}")
-        bad = (tokens < 0) | (tokens >= cfg.d_vocab)
-        if bool(bad.any()):
-            raise ValueError(f"token id {int(tokens[bad][0])} is outside the vocabulary [0, {cfg.d_vocab})")
-        if attention_mask is None:
-            mask = torch.ones_like(tokens, dtype=torch.bool)
-        else:
-            mask = attention_mask[None] if attention_mask.ndim == 1 else attention_mask
-            if mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have {tuple(tokens.shape)}")
-            mask = mask.bool()
-            lengths = mask.sum(-1)
-            if not torch.equal(mask, torch.arange(mask.shape[1])[None].to(mask.device) < lengths[:, None]):
-                raise ValueError("attention_mask must be right-padded: ones, then zeros, in every row")
-        encoded = _Encoded(tokens.long().cpu(), mask.cpu(), None, None)
-    else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask is only for token-tensor inputs; text is padded and masked for you")
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        if not isinstance(texts, Sequence) or len(texts) == 0:
-            raise TypeError("inputs must be a string, a non-empty list of strings or a token tensor")
-        rows, offsets = [], []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompt {i} is a {type(text).__name__}; prompts must be strings")
-            if not text.strip():
-                raise ValueError(f"prompt {i} is empty; give at least one word of text")
-            fast = getattr(tok, "is_fast", False)
-            enc = tok(text, add_special_tokens=True, return_offsets_mapping=fast)
-            rows.append(list(enc["input_ids"]))
-            offsets.append(tuple(tuple(o) for o in enc["offset_mapping"]) if fast else None)
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = True
-        encoded = _Encoded(tokens, mask, tuple(texts), None if None in offsets else tuple(offsets))
-    if encoded.tokens.shape[1] > cfg.n_ctx:
-        raise ValueError(
-            f"the input is {encoded.tokens.shape[1]} tokens long but the model's context is {cfg.n_ctx}; "
-            "shorten it, nothing is truncated for you"
-        )
-    return encoded
+def _encode(model: Any, inputs: object, attention_mask: torch.Tensor | None) -> Batch:
+    """The masked LM's input batch (special tokens added, offsets kept), its tensors on the CPU for
+    the position bookkeeping."""
+    batch = prepare_inputs(model, inputs, attention_mask=attention_mask, special_tokens=True)
+    return replace(batch, tokens=batch.tokens.cpu(), mask=batch.mask.cpu())
 
 
 def _forbidden_ids(tok: Any) -> set[int]:
@@ -152,7 +100,7 @@ def _forbidden_ids(tok: Any) -> set[int]:
     return {int(i) for i in tok.all_special_ids if i not in keep}
 
 
-def _word_position(enc: _Encoded, tok: Any, b: int, word: str) -> int:
+def _word_position(enc: Batch, tok: Any, b: int, word: str) -> int:
     if enc.texts is None or enc.offsets is None:
         raise ValueError(
             f"the word {word!r} can only be found in text (with a fast tokenizer); for token tensors give "
@@ -178,7 +126,7 @@ def _word_position(enc: _Encoded, tok: Any, b: int, word: str) -> int:
 
 
 def _mask_positions(
-    spec: MaskSpec, enc: _Encoded, tok: Any
+    spec: MaskSpec, enc: Batch, tok: Any
 ) -> tuple[Int[torch.Tensor, "batch n"], Bool[torch.Tensor, "batch n"]]:
     """Positions to read in each prompt, and which are real (prompts may hold different numbers of masks)."""
     n_batch = enc.tokens.shape[0]
@@ -263,7 +211,9 @@ def resolve_mlm_target(model: Any, target: object) -> int:
 
 
 @dataclass(frozen=True)
-class _Rows:
+class _HoleMetrics:
+    """Lens metrics at every hole (row) and site, from the shared kernel, plus the tracked tokens."""
+
     top_ids: torch.Tensor  # [site, row, k]
     top_logprobs: torch.Tensor
     entropy: torch.Tensor  # [site, row]
@@ -276,65 +226,52 @@ class _Rows:
 
 
 @torch.inference_mode()
-def _read_rows(
+def _hole_metrics(
     model: Any,
     cache: Any,
     sites: Sequence[Site],
-    batch_index: Int[torch.Tensor, " row"],
-    pos_index: Int[torch.Tensor, " row"],
+    rows: Rows,
     query: Int[torch.Tensor, "row q"],
     top_k: int,
     n_track: int,
     chunk_size: int,
     keep_logprobs: bool,
-) -> _Rows:
-    """Project each (site, row) through the MLM head and reduce its log-softmax to the lens metrics."""
-    n_rows, n_sites = batch_index.shape[0], len(sites)
-    outs: dict[str, list[torch.Tensor]] = {k: [] for k in _Rows.__dataclass_fields__}
+) -> _HoleMetrics:
+    """Project each (site, hole) through the MLM head and reduce it with the lens's metric kernel.
+
+    The final site is the last of ``sites``. A chunk's logits stay for every site, because the
+    tracked tokens are those with the largest probability at *any* site (few holes, so small).
+    """
+    n_rows, n_sites = len(rows), len(sites)
+    d_vocab = model.cfg.d_vocab
+    ws = Workspace(min(chunk_size, max(n_rows, 1)), d_vocab, query.device)
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in _HoleMetrics.__dataclass_fields__}
     for start in range(0, n_rows, chunk_size):
-        b, p, q = (t[start : start + chunk_size] for t in (batch_index, pos_index, query))
-        lp = torch.stack(
-            [torch.log_softmax(mlm_logits(model, cache[s.hook][b, p]), dim=-1) for s in sites]
-        )  # [site, chunk, d_vocab]
-        probs = lp.exp()
-        top_lp, top_ids = lp.topk(top_k, dim=-1)
-        outs["top_ids"].append(top_ids)
-        outs["top_logprobs"].append(top_lp)
-        outs["entropy"].append(-(probs * lp).sum(-1))
-        outs["kl_to_final"].append((probs[-1] * (lp[-1] - lp)).sum(-1))
-        qlp = lp.gather(-1, q[None].expand(n_sites, -1, -1))
-        outs["query_logprobs"].append(qlp)
-        outs["query_ranks"].append(_ranks(lp, qlp))
+        sl = slice(start, start + chunk_size)
+        b, p, q = rows.b[sl], rows.p[sl], query[sl]
+        z = torch.stack([mlm_logits(model, cache[s.hook][b, p]) for s in sites])  # [site, chunk, d_vocab]
+        final = final_distribution(z[-1], ws)
+        per_site = [block_metrics(z[s], final, q, top_k, ws) for s in range(n_sites)]
+        for name in BlockMetrics.__dataclass_fields__:
+            outs[name].append(torch.stack([getattr(m, name) for m in per_site]))
+        lp = torch.log_softmax(z, dim=-1)
         tracked = lp.amax(0).topk(n_track, dim=-1).indices  # [chunk, n_track]
         outs["tracked_ids"].append(tracked)
         outs["tracked_logprobs"].append(lp.gather(-1, tracked[None].expand(n_sites, -1, -1)))
         if keep_logprobs:
             outs["full_logprobs"].append(lp)
     cat = {k: torch.cat(v, dim=0 if k == "tracked_ids" else 1) for k, v in outs.items() if v}
-    return _Rows(**{k: cat.get(k) for k in _Rows.__dataclass_fields__})
+    return _HoleMetrics(**{k: cat.get(k) for k in _HoleMetrics.__dataclass_fields__})
 
 
-def _ranks(lp: Float[torch.Tensor, "site row d_vocab"], qlp: Float[torch.Tensor, "site row q"]) -> torch.Tensor:
-    """1 + the number of tokens with a strictly larger log-prob, for each query column."""
-    return 1 + torch.stack([(lp > qlp[..., i : i + 1]).sum(-1) for i in range(qlp.shape[-1])], dim=-1)
-
-
-def _run(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str]) -> Any:
-    wanted = set(hooks)
-    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted, "return_type": None}
-    if not bool(mask.all()):
-        kwargs["attention_mask" if _compat.is_bridge(model) else "one_zero_attention_mask"] = mask.long()
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, **kwargs)
-    return cache
-
-
-@dataclass(frozen=True)
-class MaskedLensResult:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class MaskedLensResult(ResultBase):
     """Per site, prompt and masked position: the MLM head's prediction for the hole.
 
-    Tensors are indexed ``[site, batch, mask]``; ``mask_positions[b, j]`` is the token position of
-    hole ``j`` in prompt ``b`` and ``valid`` marks real holes (prompts may hold different numbers).
+    Tensors are indexed ``[site, batch, mask]``; ``positions[b, j]`` (also ``mask_positions``) is the
+    token position of hole ``j`` in prompt ``b`` and ``valid`` marks real holes (prompts may hold
+    different numbers). ``masked`` says whether the holes held the mask token (``mask=False``: the
+    unmasked read, each layer's view of the real token).
     ``original_ids`` is the token that stood there before masking (-1 where the text already held
     the mask token). ``tracked_ids`` are the ``n_track`` tokens with the largest probability at
     *any* site (their maximum over layers), and ``tracked_logprobs`` their log-probs at every site.
@@ -342,11 +279,8 @@ class MaskedLensResult:
     """
 
     labels: tuple[str, ...]
-    tokens: Int[torch.Tensor, "batch seq"]
     original_tokens: Int[torch.Tensor, "batch seq"]
-    str_tokens: tuple[tuple[str, ...], ...]
-    mask_positions: Int[torch.Tensor, "batch mask"]
-    valid: Bool[torch.Tensor, "batch mask"]
+    masked: bool = True
     original_ids: Int[torch.Tensor, "batch mask"]
     top_ids: Int[torch.Tensor, "site batch mask k"]
     top_logprobs: Float[torch.Tensor, "site batch mask k"]
@@ -359,9 +293,12 @@ class MaskedLensResult:
     target_ranks: Int[torch.Tensor, "site batch mask target"] | None
     tracked_ids: Int[torch.Tensor, "batch mask track"]
     tracked_logprobs: Float[torch.Tensor, "site batch mask track"]
-    full_logprobs: Float[torch.Tensor, "site batch mask d_vocab"] | None = field(default=None, repr=False)
-    model_name: str = ""
-    tokenizer: Any = field(default=None, repr=False, compare=False)
+    full_logprobs: Float[torch.Tensor, "site batch mask d_vocab"] | None = None
+
+    @property
+    def mask_positions(self) -> Int[torch.Tensor, "batch mask"]:
+        """The token position of each hole (``positions``), -1 at padding."""
+        return self.positions
 
     @property
     def predicted_ids(self) -> Int[torch.Tensor, "site batch mask"]:
@@ -415,8 +352,8 @@ class MaskedLensResult:
         return vocab_figure(self, site=site, prompt=prompt, mask=mask, **kwargs)
 
 
-def _check_common(model: Any, top_k: object, chunk_size: object, n_track: object) -> None:
-    check_encoder(model)
+def _check_common(model: Any, top_k: object, chunk_size: object, n_track: object, what: str = "masked_lens") -> None:
+    check_encoder(model, what)
     _check_int(top_k, "top_k", 1, model.cfg.d_vocab)
     _check_int(chunk_size, "chunk_size", 1)
     _check_int(n_track, "n_track", 1, model.cfg.d_vocab)
@@ -425,9 +362,10 @@ def _check_common(model: Any, top_k: object, chunk_size: object, n_track: object
 @no_type_check  # checks its own arguments with messages that say what to do
 def masked_lens(
     model: Any,
-    text_or_tokens: str | Sequence[str] | torch.Tensor,
+    inputs: str | Sequence[str] | torch.Tensor,
     *,
     mask_positions: MaskSpec = None,
+    mask: bool = True,
     targets: TargetSpec = None,
     top_k: int = 5,
     n_track: int = 5,
@@ -441,12 +379,15 @@ def masked_lens(
     Args:
         model: a masked LM (BERT, RoBERTa) in eval mode: a ``HookedEncoder``, or on TransformerLens 4.x
             the compatibility-mode bridge ``tl_logitlens.load_model`` returns for a ``*ForMaskedLM``.
-        text_or_tokens: a string, a list of strings (right-padded, masked from attention), or token ids
+        inputs: a string, a list of strings (right-padded, masked from attention), or token ids
             including the special tokens ([CLS]/[SEP], <s>/</s>).
         mask_positions: where to put the hole: a token position (counting the leading special token;
             negative counts back from the end), a word of the text (it must occur once and be one
             token), or a list of these (several holes at once). ``None``: the text already holds the
             mask token, and every mask token is read.
+        mask: ``True`` (default) replaces the token at each of ``mask_positions`` with the mask token;
+            ``False`` reads those positions with their real tokens in place (the unmasked read: how
+            each layer sees a word it is given).
         targets: words (each one token) or ids whose log-prob and rank are reported at each hole.
         n_track: how many tokens to track by their maximum probability over the sites.
         cache: an ``ActivationCache`` of the *masked* tokens (``result.tokens``) on this model.
@@ -454,85 +395,77 @@ def masked_lens(
         chunk_size: rows projected at once; peak memory about ``3 · n_sites · chunk_size · d_vocab · 4`` bytes.
     """
     _check_common(model, top_k, chunk_size, n_track)
+    check_flag(mask, "mask")
+    check_flag(keep_logprobs, "keep_logprobs")
+    if not mask and mask_positions is None:
+        raise ValueError("mask=False reads given positions unmasked; pass mask_positions (ints or words)")
     tok = model.tokenizer
-    enc = _encode(model, text_or_tokens, attention_mask)
+    enc = _encode(model, inputs, attention_mask)
     positions, valid = _mask_positions(mask_positions, enc, tok)
-    device = torch.device(model.cfg.device)
     rows_b, rows_j = valid.nonzero(as_tuple=True)
-    rows_p = positions[rows_b, rows_j]
-    original = enc.tokens[rows_b, rows_p]
-    masked = enc.tokens.clone()
-    masked[rows_b, rows_p] = tok.mask_token_id
+    original = enc.tokens[rows_b, rows_p := positions[rows_b, rows_j]]
+    read = enc.tokens.clone()
+    if mask:
+        read[rows_b, rows_p] = tok.mask_token_id
     known = original != tok.mask_token_id
-    if targets is None:
-        target_ids = None
-    else:
-        items = [targets] if isinstance(targets, (str, int)) else list(targets)
-        if not items:
-            raise ValueError("targets is empty; pass a word, an id, or a list of them")
-        target_ids = torch.tensor([resolve_mlm_target(model, t) for t in items])
+    target_ids = _mlm_targets(model, targets)
     sites = encoder_sites(model)
-    hooks = [s.hook for s in sites]
-    tokens_dev, mask_dev = masked.to(device), enc.mask.to(device)
-    if cache is None:
-        cache = _run(model, tokens_dev, mask_dev, hooks)
-    else:
-        check_cache(cache, model, hooks, tokens_dev)
-        with torch.inference_mode():
-            embedded = _compat.encoder_embeddings(model, tokens_dev)[rows_b.to(device), rows_p.to(device)]
-        cached = cache["blocks.0.hook_resid_pre"][rows_b.to(device), rows_p.to(device)]
-        if not torch.allclose(embedded, cached, atol=1e-4, rtol=1e-4):
-            raise ValueError(
-                "the cache does not hold the masked tokens at the holes; compute it on the masked input "
-                "(model.run_with_cache(tokens_with_mask)), or leave cache=None"
-            )
+    device = torch.device(model.cfg.device)
+    batch = Batch(
+        tokens=read.to(device),
+        mask=enc.mask.to(device),
+        str_tokens=tuple(tuple(display_tokens(tok, row[m].tolist())) for row, m in zip(read, enc.mask)),
+    )
+    run = execute(
+        model, batch, torch.where(valid, positions, -1).to(device), valid.to(device), [s.hook for s in sites], cache
+    )
     query = original.clamp(min=0)[:, None]
     if target_ids is not None:
         query = torch.cat([query, target_ids[None].expand(len(original), -1)], dim=-1)
-    r = _read_rows(
-        model, cache, sites, rows_b.to(device), rows_p.to(device), query.to(device), top_k, n_track,
-        chunk_size, keep_logprobs,
-    )
-    n_sites, (n_batch, n_mask) = len(sites), positions.shape
+    rows = Rows(rows_b.to(device), rows_j.to(device), rows_p.to(device))
+    r = _hole_metrics(model, run.cache, sites, rows, query.to(device), top_k, n_track, chunk_size, keep_logprobs)
+    scatter = _scatter(rows, positions.shape)
     nan = float("nan")
-
-    def scatter(values: torch.Tensor, fill: float, site_dim: bool = True) -> torch.Tensor:
-        values = values.cpu()
-        lead = (n_sites,) if site_dim else ()
-        out = torch.full((*lead, n_batch, n_mask, *values.shape[len(lead) + 1 :]), fill, dtype=values.dtype)
-        if site_dim:
-            out[:, rows_b, rows_j] = values
-        else:
-            out[rows_b, rows_j] = values
-        return out
-
-    orig_lp = torch.where(known.to(r.query_logprobs.device), r.query_logprobs[..., 0], nan)
-    orig_rank = torch.where(known.to(r.query_ranks.device), r.query_ranks[..., 0], -1)
+    known = known.to(device)
     return MaskedLensResult(
+        **common_fields(model, batch, run.positions, run.valid, "logit lens"),
         labels=tuple(s.label for s in sites),
-        tokens=masked,
-        original_tokens=enc.tokens,
-        str_tokens=tuple(
-            tuple(display_tokens(tok, row[m].tolist())) for row, m in zip(masked, enc.mask)
-        ),
-        mask_positions=torch.where(valid, positions, -1),
-        valid=valid,
-        original_ids=scatter(torch.where(known, original, -1), -1, site_dim=False),
+        original_tokens=enc.tokens.to(device),
+        masked=mask,
+        original_ids=scatter(torch.where(known, original.to(device), -1)[None], -1)[0],
         top_ids=scatter(r.top_ids, -1),
         top_logprobs=scatter(r.top_logprobs, nan),
         entropy=scatter(r.entropy, nan),
         kl_to_final=scatter(r.kl_to_final, nan),
-        original_logprobs=scatter(orig_lp, nan),
-        original_ranks=scatter(orig_rank, -1),
-        target_ids=target_ids,
+        original_logprobs=scatter(torch.where(known, r.query_logprobs[..., 0], nan), nan),
+        original_ranks=scatter(torch.where(known, r.query_ranks[..., 0], -1), -1),
+        target_ids=None if target_ids is None else target_ids.to(device),
         target_logprobs=None if target_ids is None else scatter(r.query_logprobs[..., 1:], nan),
         target_ranks=None if target_ids is None else scatter(r.query_ranks[..., 1:], -1),
-        tracked_ids=scatter(r.tracked_ids, -1, site_dim=False),
+        tracked_ids=scatter(r.tracked_ids[None], -1)[0],
         tracked_logprobs=scatter(r.tracked_logprobs, nan),
         full_logprobs=None if r.full_logprobs is None else scatter(r.full_logprobs, nan),
-        model_name=getattr(model.cfg, "model_name", ""),
-        tokenizer=tok,
     )
+
+
+def _mlm_targets(model: Any, targets: TargetSpec) -> torch.Tensor | None:
+    if targets is None:
+        return None
+    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if not items:
+        raise ValueError("targets is empty; pass a word, an id, or a list of them")
+    return torch.tensor([resolve_mlm_target(model, t) for t in items])
+
+
+def _scatter(rows: Rows, shape: tuple[int, int]):
+    """Put ``[site, row, ...]`` hole values back on the ``[site, batch, mask, ...]`` grid."""
+
+    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        out = torch.full((values.shape[0], *shape, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
+        out[:, rows.b, rows.j] = values
+        return out
+
+    return scatter
 
 
 @dataclass(frozen=True)
@@ -620,7 +553,7 @@ def sliding_mask_lens(
     All masked copies (one per non-special token) go through the model in one batched forward; copy
     ``j`` is read only at its own hole. Special tokens ([CLS], [SEP], <s>, </s>, pads) are never masked.
     """
-    _check_common(model, top_k, chunk_size, n_track)
+    _check_common(model, top_k, chunk_size, n_track, what="sliding_mask_lens")
     tok = model.tokenizer
     if isinstance(text, torch.Tensor):
         if text.ndim == 2 and text.shape[0] == 1:
@@ -637,30 +570,28 @@ def sliding_mask_lens(
         raise ValueError("the text has no token to mask (only special tokens)")
     n = positions.shape[0]
     copies = tokens[None].repeat(n, 1)
-    rows = torch.arange(n)
-    copies[rows, positions] = tok.mask_token_id
+    index = torch.arange(n)
+    copies[index, positions] = tok.mask_token_id
     original = tokens[positions]
     device = torch.device(model.cfg.device)
     sites = encoder_sites(model)
-    cache = _run(model, copies.to(device), torch.ones_like(copies, dtype=torch.bool).to(device), [s.hook for s in sites])
-    r = _read_rows(
-        model, cache, sites, rows.to(device), positions.to(device), original[:, None].to(device), top_k,
-        n_track, chunk_size, False,
-    )
-    known = (original != tok.mask_token_id).to(r.query_logprobs.device)
+    cache = run_cache(model, copies.to(device), torch.ones_like(copies, dtype=torch.bool).to(device), [s.hook for s in sites])
+    rows = Rows(index.to(device), torch.zeros_like(index).to(device), positions.to(device))
+    r = _hole_metrics(model, cache, sites, rows, original[:, None].to(device), top_k, n_track, chunk_size, False)
+    known = (original != tok.mask_token_id).to(device)
     return SlidingMaskResult(
         labels=tuple(s.label for s in sites),
-        tokens=tokens,
+        tokens=tokens.to(device),
         str_tokens=tuple(display_tokens(tok, tokens)),
-        positions=positions,
-        original_ids=original,
-        top_ids=r.top_ids.cpu(),
-        top_logprobs=r.top_logprobs.cpu(),
-        entropy=r.entropy.cpu(),
-        original_logprobs=torch.where(known, r.query_logprobs[..., 0], float("nan")).cpu(),
-        original_ranks=torch.where(known, r.query_ranks[..., 0], -1).cpu(),
-        tracked_ids=r.tracked_ids.cpu(),
-        tracked_logprobs=r.tracked_logprobs.cpu(),
+        positions=positions.to(device),
+        original_ids=original.to(device),
+        top_ids=r.top_ids,
+        top_logprobs=r.top_logprobs,
+        entropy=r.entropy,
+        original_logprobs=torch.where(known, r.query_logprobs[..., 0], float("nan")),
+        original_ranks=torch.where(known, r.query_ranks[..., 0], -1),
+        tracked_ids=r.tracked_ids,
+        tracked_logprobs=r.tracked_logprobs,
         model_name=getattr(model.cfg, "model_name", ""),
         tokenizer=tok,
     )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._compat import ActivationCache, normalization_type, output_logits_transform
+from tl_logitlens._compat import normalization_type, output_logits_transform
 from tl_logitlens.lenses import Lens
 
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
@@ -54,10 +54,21 @@ def resolve_sites(model: Any, sites: str | Sequence[str]) -> tuple[Site, ...]:
     n_layers = model.cfg.n_layers
     if isinstance(sites, str):
         sites = [sites]
+    if not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
+        raise TypeError(
+            f"sites must be a kind ('resid_pre', 'resid_mid', 'resid_post'), a list of kinds, or a list of "
+            f"labels like '0_pre' and 'final_post', not {sites!r}"
+        )
     sites = list(sites)
     if not sites:
         raise ValueError("sites is empty; pass e.g. 'resid_pre' or ['resid_pre', 'resid_mid']")
-    if all(s in SITE_KINDS for s in sites):
+    kinds = [s for s in sites if s in SITE_KINDS]
+    if kinds and len(kinds) != len(sites):
+        raise ValueError(
+            f"sites {sites} mixes kinds {kinds} with labels; pass either kinds (every layer of each) or "
+            "labels (exactly those sites), e.g. ['resid_pre'] or ['0_pre', '2_mid', 'final_post']"
+        )
+    if kinds:
         if len(set(sites)) != len(sites):
             raise ValueError(f"sites {sites} lists a kind twice")
         order = [k for k in SITE_KINDS if k in sites]
@@ -67,12 +78,12 @@ def resolve_sites(model: Any, sites: str | Sequence[str]) -> tuple[Site, ...]:
                 if kind == "resid_post" and layer == n_layers - 1:
                     continue
                 out.append(Site(f"{layer}_{_SUFFIX[kind]}", f"blocks.{layer}.hook_{kind}"))
-        out.append(Site("final_post", f"blocks.{n_layers - 1}.hook_resid_post"))
+        out.append(final_site(model))
         return tuple(out)
     out = []
     for s in sites:
         if s == "final_post":
-            out.append(Site(s, f"blocks.{n_layers - 1}.hook_resid_post"))
+            out.append(final_site(model))
             continue
         m = _LABEL_RE.match(s) if isinstance(s, str) else None
         if m is None or int(m.group(1)) >= n_layers:
@@ -85,6 +96,11 @@ def resolve_sites(model: Any, sites: str | Sequence[str]) -> tuple[Site, ...]:
     if len({s.label for s in out}) != len(out):
         raise ValueError(f"sites {sites} lists a site twice")
     return tuple(out)
+
+
+def final_site(model: Any) -> Site:
+    """``final_post``: the last block's output, the stream the final norm and unembedding read."""
+    return Site("final_post", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
 
 
 def check_norm(norm: str) -> None:
@@ -101,44 +117,6 @@ def required_hooks(model: Any, sites: Sequence[Site], norm: str) -> list[str]:
     if norm == "cached" and has_final_norm(model):
         hooks.append("ln_final.hook_scale")
     return hooks
-
-
-def check_cache(cache: Any, model: Any, hooks: Sequence[str], tokens: torch.Tensor) -> None:
-    """A precomputed cache must be an ``ActivationCache`` of this model, over these tokens, with ``hooks``."""
-    if not isinstance(cache, ActivationCache):
-        raise TypeError(
-            f"cache must be a transformer_lens ActivationCache (from model.run_with_cache), not "
-            f"{type(cache).__name__}"
-        )
-    if getattr(cache, "model", model) is not model:
-        raise ValueError(
-            "the cache came from another model; run model.run_with_cache(...) on the model you pass, "
-            "or leave cache=None"
-        )
-    keys = set(cache.keys())
-    missing = [h for h in hooks if h not in keys]
-    if missing:
-        raise ValueError(
-            f"the cache lacks {missing}; run model.run_with_cache without a names_filter that drops "
-            "them, or leave cache=None"
-        )
-    shape = tuple(cache[hooks[0]].shape[:2])
-    if shape != tuple(tokens.shape):
-        raise ValueError(
-            f"the cache holds [batch, pos] = {list(shape)} but the inputs tokenize to "
-            f"{list(tokens.shape)}; pass the same inputs the cache was computed from"
-        )
-
-
-def run_cache(model: Any, tokens: torch.Tensor, mask: torch.Tensor | None, hooks: Sequence[str]) -> Any:
-    """A forward pass that keeps only ``hooks``."""
-    wanted = set(hooks)
-    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
-    if mask is not None:
-        kwargs["attention_mask"] = mask.long()
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, **kwargs)
-    return cache
 
 
 def check_model(model: Any) -> None:

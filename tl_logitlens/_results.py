@@ -1,0 +1,109 @@
+"""What every result shares: the inputs it was computed on, where it read, and how to show it.
+
+One policy for every analysis, stated once:
+
+- **statistics in float32**: the lens's unembedding runs in the model's own dtype, exactly as the
+  model's forward pass does; everything computed from it (log-probs, entropy, KL, ranks, logit
+  differences, attributions) is float32;
+- **results live on the model's device**, like the ``ActivationCache`` they come from (``.cpu()``
+  them, or read ``to_dataframe()``, which is on the CPU);
+- **padding cells** (``valid`` False) hold ids -1 and NaN values, and display as ``""``;
+- **ids without a tokenizer** display as ``<id N>``, everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from html import escape
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+
+from tl_logitlens._frames import input_tokens
+from tl_logitlens.tokens import display_tokens
+
+
+def token_strings(tokenizer: Any, ids: torch.Tensor | Sequence[int]) -> list[str]:
+    """Readable strings for ids, ``""`` for the -1 of padding cells (see :func:`display_tokens`)."""
+    flat = torch.as_tensor(ids).reshape(-1).cpu()
+    shown = display_tokens(tokenizer, flat.clamp(min=0))
+    return ["" if i < 0 else t for i, t in zip(flat.tolist(), shown)]
+
+
+def nested_token_strings(tokenizer: Any, ids: torch.Tensor) -> list:
+    """:func:`token_strings` of an id tensor, nested like the tensor (``tolist`` shape)."""
+    flat = iter(token_strings(tokenizer, ids))
+
+    def build(shape: Sequence[int]) -> Any:
+        if not shape:
+            return next(flat)
+        return [build(shape[1:]) for _ in range(shape[0])]
+
+    return build(tuple(ids.shape))
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ResultBase:
+    """The fields every result has: the inputs, the read positions and how the numbers were made.
+
+    ``tokens`` are the (right-padded) input ids, ``str_tokens`` each prompt's tokens as text,
+    ``positions[b, j]`` the token position of read column ``j`` in prompt ``b``, ``valid`` the real
+    (not padding) read cells. ``model_name``, ``n_layers`` and ``lens_name`` (``"logit lens"``,
+    ``"tuned lens"``, ...) say what made it, for figures and tables.
+    """
+
+    tokens: Int[torch.Tensor, "batch seq"]
+    str_tokens: tuple[tuple[str, ...], ...]
+    positions: Int[torch.Tensor, "batch pos"]
+    valid: Bool[torch.Tensor, "batch pos"]
+    model_name: str = ""
+    n_layers: int | None = None
+    lens_name: str = "logit lens"
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def input_tokens(self) -> list[list[str]]:
+        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
+        return input_tokens(self.positions, self.str_tokens)
+
+    def _summary(self) -> dict[str, str]:
+        """The few facts a repr shows: shapes and settings, never tensor contents."""
+        n_batch, n_pos = self.valid.shape
+        out = {"model": self.model_name or "?", "prompts": str(n_batch), "read positions": str(n_pos)}
+        labels = getattr(self, "labels", None)
+        if labels:
+            shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ..., {labels[-1]}"
+            out["sites" if "final_post" in labels or "_pre" in str(labels[0]) else "rows"] = f"{len(labels)} ({shown})"
+        for name in ("unit", "kind", "metric", "norm"):
+            value = getattr(self, name, None)
+            if isinstance(value, str):
+                out[name] = value
+        out["lens"] = self.lens_name
+        return out
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v}" for k, v in self._summary().items())
+        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return f"{type(self).__name__}({body}; tensors: {', '.join(tensors)})"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>{escape(v)}</td></tr>"
+            for k, v in self._summary().items()
+        )
+        return f"<b>{escape(type(self).__name__)}</b><table>{rows}</table>"
+
+
+def common_fields(model: Any, batch: Any, positions: torch.Tensor, valid: torch.Tensor, lens_name: str) -> dict:
+    """The :class:`ResultBase` fields of a result computed on ``model`` over ``batch``."""
+    return {
+        "tokens": batch.tokens,
+        "str_tokens": batch.str_tokens,
+        "positions": positions,
+        "valid": valid,
+        "model_name": getattr(model.cfg, "model_name", "") or "",
+        "n_layers": int(model.cfg.n_layers),
+        "lens_name": lens_name,
+        "tokenizer": getattr(model, "tokenizer", None),
+    }
