@@ -9,12 +9,10 @@ import tl_logitlens
 from tests.encoder_helpers import hf_bert, hf_roberta, save_folder
 from tests.encoder_helpers import tiny_encoder as _hooked_encoder
 from tests.helpers import SENTENCES, assert_close, requires_hooked_encoder
-from tests.test_masked import NO_ROBERTA
 from tl_logitlens import _compat
 from tl_logitlens.encoders import bert_to_hooked_encoder, is_encoder_name, roberta_to_hooked_encoder
 
 KINDS = ["bert", "roberta"]
-BRIDGE_KINDS = ["bert", pytest.param("roberta", marks=NO_ROBERTA)]
 TEXTS = ["The cat sat on the mat.", SENTENCES[0]]
 
 
@@ -73,7 +71,7 @@ def test_post_ln_hooks(kind):
     assert_close(cache["blocks.0.hook_normalized_resid_post"], normed, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", BRIDGE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_load_model_from_local_folder(kind):
     hf, tok = _hf(kind)
     model = tl_logitlens.load_model(save_folder(hf, tok))
@@ -110,7 +108,7 @@ def test_load_model_takes_no_loading_options():
         tl_logitlens.load_model(save_folder(*hf_bert()), fold_ln=True)
 
 
-@pytest.mark.parametrize("kind", BRIDGE_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_sites_are_hugging_face_hidden_states(kind):
     """What the lens reads: the embedding output and each block's output equal HF's hidden states."""
     from tl_logitlens.masked import encoder_sites
@@ -127,9 +125,3 @@ def test_sites_are_hugging_face_hidden_states(kind):
     assert len(hooks) == len(ref.hidden_states) == model.cfg.n_layers + 1
     for hook, state in zip(hooks, ref.hidden_states):
         assert_close(cache[hook][real], state[real], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.skipif(_compat.HookedEncoder is not None, reason="the 4.x bridge path only")
-def test_bridge_refuses_roberta():
-    with pytest.raises(ValueError, match="loads BERT masked LMs only"):
-        tl_logitlens.load_model(save_folder(*hf_roberta()))

@@ -53,8 +53,11 @@ def is_masked_lm_bridge(model: object) -> bool:
     )
 
 
-def load_masked_lm_bridge(source: str, *, device: Any, dtype: torch.dtype, tokenizer: Any) -> Any:
-    """A compatibility-mode bridge in eval mode over a local ``*ForMaskedLM`` folder or hub name (4.x).
+def load_masked_lm_bridge(
+    source: str, *, device: Any, dtype: torch.dtype, tokenizer: Any, hf_model: Any = None
+) -> Any:
+    """A compatibility-mode bridge in eval mode over a local ``*ForMaskedLM`` folder, a hub name, or
+    (``hf_model=``) a loaded Hugging Face model, which the bridge then wraps (4.x).
 
     No weight processing (``no_processing=True``): BERT is post-LN, its LayerNorms cannot be folded,
     and the bridge's logits then equal the Hugging Face model's. ``tokenizer`` (a fresh, unshared one)
@@ -62,12 +65,29 @@ def load_masked_lm_bridge(source: str, *, device: Any, dtype: torch.dtype, token
     """
     if TransformerBridge is None:
         raise ImportError(f"this TransformerLens ({TL_VERSION}) has no TransformerBridge")
-    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    extra = {} if hf_model is None else {"hf_model": hf_model}
+    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, **extra)
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    bridge.tokenizer = tokenizer
+    _set_tokenizer_as_is(bridge, tokenizer)
+    return bridge.eval()
+
+
+def _set_tokenizer_as_is(bridge: Any, tokenizer: Any) -> None:
+    """Give a bridge this tokenizer unchanged, with the BOS/EOS flags its setter would record.
+
+    The bridge's ``tokenizer`` setter re-runs TransformerLens's tokenizer setup, which reloads a
+    tokenizer that has a BOS token with ``add_bos_token=True``: RoBERTa's then encodes ``<s> text``
+    without the closing ``</s>`` that the model was trained with. So the attribute behind the
+    property is set directly.
+    """
+    from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
+
+    if not hasattr(bridge, "_tokenizer"):  # a TransformerLens this code does not know
+        raise RuntimeError(f"TransformerLens {TL_VERSION}'s bridge keeps its tokenizer elsewhere")
+    bridge._tokenizer = tokenizer
+    bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = detect_tokenizer_bos_eos(tokenizer)
     if bridge.tokenizer is not tokenizer:  # a bug in this TransformerLens, not user input
         raise RuntimeError("the bridge did not take the checkpoint's own tokenizer")
-    return bridge.eval()
 
 
 def masked_lm_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

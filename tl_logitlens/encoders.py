@@ -283,38 +283,67 @@ def load_encoder(
     dtype = dtype or torch.float32
     source = os.fspath(name_or_path)
     if _compat.HookedEncoder is None:  # 4.x: a compatibility-mode bridge over the Hugging Face model
-        return _load_bridge(source, device=device, dtype=dtype)
-    hf_model = AutoModelForMaskedLM.from_pretrained(source, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model_type = hf_model.config.model_type
-    if model_type == "bert":
-        model = bert_to_hooked_encoder(hf_model, tokenizer, device=device)
-    elif model_type in ("roberta", "xlm-roberta"):
-        model = roberta_to_hooked_encoder(hf_model, tokenizer, device=device)
+        model = _load_bridge(source, device=device, dtype=dtype, tokenizer=AutoTokenizer.from_pretrained(source))
     else:
-        raise ValueError(
-            f"{source!r} is a {type(hf_model).__name__} (model_type {model_type!r}); tl_logitlens converts "
-            "BERT and RoBERTa masked LMs only"
-        )
+        hf_model = AutoModelForMaskedLM.from_pretrained(source, dtype=dtype).eval()
+        model = _convert(hf_model, AutoTokenizer.from_pretrained(source), device=device, source=source)
     model.cfg.model_name = Path(source).name if Path(source).exists() else source
     return model
 
 
-def _load_bridge(source: str, *, device: Any, dtype: torch.dtype) -> Any:
-    from transformers import AutoConfig, AutoTokenizer
-
-    model_type = AutoConfig.from_pretrained(source).model_type
-    if model_type != "bert":  # 4.x's RoBERTa bridge swaps in a tokenizer without </s>: not supported
+def encoder_from_hf(hf_model: Any, tokenizer: Any, *, device: Any = None, dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
+    """A masked LM from a Hugging Face ``BertForMaskedLM``/``RobertaForMaskedLM`` object and its tokenizer:
+    a ``HookedEncoder`` on 3.x (converted; the object is not modified), a bridge over a copy on 4.x."""
+    if kwargs:
         raise ValueError(
-            f"{source!r} has model_type {model_type!r}; on TransformerLens {_compat.TL_VERSION} tl_logitlens "
-            "loads BERT masked LMs only (RoBERTa needs TransformerLens 3.9: pip install 'transformer_lens>=3.9,<4')"
+            f"masked language models take no loading options, got {sorted(kwargs)}; their post-LN "
+            "LayerNorms cannot be folded"
+        )
+    import copy
+
+    dtype = dtype or next(hf_model.parameters()).dtype
+    copied = copy.deepcopy(hf_model).to(dtype).eval()
+    name = str(getattr(hf_model, "name_or_path", "") or type(hf_model).__name__)
+    if _compat.HookedEncoder is None:
+        source = name if Path(name).exists() else type(hf_model).__name__
+        model = _load_bridge(source, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=copied)
+    else:
+        model = _convert(copied, tokenizer, device=device, source=name)
+    model.cfg.model_name = Path(name).name if Path(name).exists() else name
+    return model
+
+
+_MASKED_TYPES = ("bert", "roberta", "xlm-roberta")
+
+
+def _convert(hf_model: Any, tokenizer: Any, *, device: Any, source: str) -> Any:
+    model_type = hf_model.config.model_type
+    if model_type == "bert":
+        return bert_to_hooked_encoder(hf_model, tokenizer, device=device)
+    if model_type in ("roberta", "xlm-roberta"):
+        return roberta_to_hooked_encoder(hf_model, tokenizer, device=device)
+    raise ValueError(
+        f"{source!r} is a {type(hf_model).__name__} (model_type {model_type!r}); tl_logitlens converts "
+        "BERT and RoBERTa masked LMs only"
+    )
+
+
+def _load_bridge(source: str, *, device: Any, dtype: torch.dtype, tokenizer: Any, hf_model: Any = None) -> Any:
+    """TransformerLens 4.x: the bridge over a BERT or RoBERTa masked LM, with the checkpoint's own
+    tokenizer (the bridge's replacement drops BERT's [CLS]/[SEP] and RoBERTa's </s>)."""
+    if hf_model is None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(source).model_type
+    else:
+        model_type = hf_model.config.model_type
+    if model_type not in _MASKED_TYPES:
+        raise ValueError(
+            f"{source!r} has model_type {model_type!r}; tl_logitlens loads BERT and RoBERTa masked LMs only"
         )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _compat.load_masked_lm_bridge(
-        source, device=device, dtype=dtype, tokenizer=AutoTokenizer.from_pretrained(source)
-    )
+    model = _compat.load_masked_lm_bridge(source, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model)
     if not _compat.is_masked_lm_bridge(model):  # a bug in the bridge's adapter, not user input
         raise RuntimeError(f"TransformerLens loaded {source!r} without its masked-LM head")
-    model.cfg.model_name = Path(source).name if Path(source).exists() else source
     return model
