@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens.readout import has_final_norm
+from tl_logitlens.readout import CachedNorm
 
 
 def gather_rows(t: torch.Tensor, pos_index: Int[torch.Tensor, "batch n"]) -> torch.Tensor:
@@ -79,22 +79,18 @@ def cached_readout(
     pos_index: Int[torch.Tensor, "batch n"],
 ) -> CachedReadout:
     """Build the :class:`CachedReadout` for ``direction`` (unembedding columns or their difference)."""
-    g = direction
-    norm_bias = torch.zeros(direction.shape[:2], device=direction.device)
     n_batch, n = pos_index.shape
-    inv_scale = torch.ones(n_batch, n, device=direction.device)
-    if has_final_norm(model):
-        ln = model.ln_final
-        w = getattr(ln, "w", None)
-        if w is not None:
-            g = g * w.detach().float()
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            g = g - g.mean(-1, keepdim=True)
-        b = getattr(ln, "b", None)
-        if b is not None:
-            norm_bias = direction @ b.detach().float()
-        inv_scale = 1.0 / gather_rows(cache["ln_final.hook_scale"], pos_index)[..., 0]
-    return CachedReadout(g=g, inv_scale=inv_scale, norm_bias=norm_bias, unembed_bias=bias_diff)
+    rows_b = torch.arange(n_batch, device=pos_index.device).repeat_interleave(n)
+    norm = CachedNorm.of(model, cache, rows_b, pos_index.reshape(-1))
+    norm_bias = torch.zeros(direction.shape[:2], device=direction.device)
+    if norm.bias is not None:
+        norm_bias = direction @ norm.bias.float()
+    return CachedReadout(
+        g=norm.pullback(direction),
+        inv_scale=norm.inv_scale.reshape(n_batch, n),
+        norm_bias=norm_bias,
+        unembed_bias=bias_diff,
+    )
 
 
 def head_vectors(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 
 from tl_logitlens import _compat
 from tl_logitlens._dla import (
@@ -29,11 +29,13 @@ from tl_logitlens._dla import (
     unembed_bias,
     unembed_columns,
 )
-from tl_logitlens._frames import input_tokens, long_index, position_columns
+from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._pairs import resolve_pairs
+from tl_logitlens._results import ResultBase, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
 from tl_logitlens.readout import (
+    CachedNorm,
     check_model,
     final_norm_bias,
     has_final_norm,
@@ -41,7 +43,6 @@ from tl_logitlens.readout import (
     soft_cap,
     transform_logits,
 )
-from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,8 +58,8 @@ DEFAULT_CHUNK_SIZE = 256
 # results
 
 
-@dataclass(frozen=True)
-class AttributionResult:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class AttributionResult(ResultBase):
     """Direct logit attribution rows that add up to the model's own final logit (difference).
 
     Fields (``pos`` runs over the *read* positions: ``positions[b, j]`` is the token position of
@@ -100,15 +101,9 @@ class AttributionResult:
     total: Float[torch.Tensor, "batch pos pair"]
     grid_size: tuple[int, int] | None
     source_attribution: Float[torch.Tensor, "layer head seq batch pos pair"] | None
-    positions: Int[torch.Tensor, "batch pos"]
-    valid: Bool[torch.Tensor, "batch pos"]
-    tokens: Int[torch.Tensor, "batch seq"]
-    str_tokens: tuple[tuple[str, ...], ...]
     correct_ids: Int[torch.Tensor, "batch pair"]
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
     pair_labels: tuple[str, ...]
-    model_name: str = ""
-    tokenizer: Any = field(default=None, repr=False, compare=False)
 
     @property
     def unexplained(self) -> Float[torch.Tensor, "batch pos pair"]:
@@ -121,10 +116,6 @@ class AttributionResult:
             raise ValueError(f"grid() needs unit 'head', 'head_source' or 'neuron'; this result is {self.unit!r}")
         n_layers, width = self.grid_size
         return self.attribution[: n_layers * width].reshape(n_layers, width, *self.attribution.shape[1:])
-
-    def input_tokens(self) -> list[list[str]]:
-        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        return input_tokens(self.positions, self.str_tokens)
 
     def mean_attribution(self, pair: int = 0) -> Float[torch.Tensor, " row"]:
         """Each row's attribution averaged over prompts and read positions (padding left out)."""
@@ -187,10 +178,7 @@ class AttributionResult:
         index = torch.tensor(self.row_index)
 
         def names(ids: torch.Tensor | None) -> list[str]:
-            if ids is None:
-                return [""] * len(b)
-            sel = ids.cpu()[b, k]
-            return display_tokens(self.tokenizer, sel) if self.tokenizer is not None else [str(i) for i in sel.tolist()]
+            return [""] * len(b) if ids is None else token_strings(self.tokenizer, ids.cpu()[b, k])
 
         return pd.DataFrame(
             {
@@ -220,8 +208,8 @@ class AttributionResult:
         return component_bars_figure(self, **kwargs)
 
 
-@dataclass(frozen=True)
-class ComponentLensResult:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ComponentLensResult(ResultBase):
     """Per component (or head) and read position: the tokens its output promotes and suppresses.
 
     Each row's output is read through the final norm's cached scale and ``W_U`` (the direct effect
@@ -244,32 +232,14 @@ class ComponentLensResult:
     promoted_logits: Float[torch.Tensor, "row batch pos k"]
     suppressed_ids: Int[torch.Tensor, "row batch pos k"]
     suppressed_logits: Float[torch.Tensor, "row batch pos k"]
-    positions: Int[torch.Tensor, "batch pos"]
-    valid: Bool[torch.Tensor, "batch pos"]
-    tokens: Int[torch.Tensor, "batch seq"]
-    str_tokens: tuple[tuple[str, ...], ...]
-    model_name: str = ""
-    tokenizer: Any = field(default=None, repr=False, compare=False)
-
-    def input_tokens(self) -> list[list[str]]:
-        """The input token at each read position, ``[batch][pos]`` (pads: ``""``)."""
-        return input_tokens(self.positions, self.str_tokens)
-
-    def _strings(self, ids: torch.Tensor) -> list:
-        flat = display_tokens(self.tokenizer, ids.clamp(min=0).reshape(-1))
-        r_n, b_n, p_n, k = ids.shape
-        it = iter(flat)
-        return [
-            [[[next(it) for _ in range(k)] for _ in range(p_n)] for _ in range(b_n)] for _ in range(r_n)
-        ]
 
     def promoted_tokens(self) -> list:
-        """Promoted tokens as strings, nested ``[row][batch][pos][k]``."""
-        return self._strings(self.promoted_ids)
+        """Promoted tokens as strings, nested ``[row][batch][pos][k]`` (pads: ``""``)."""
+        return nested_token_strings(self.tokenizer, self.promoted_ids)
 
     def suppressed_tokens(self) -> list:
-        """Suppressed tokens as strings, nested ``[row][batch][pos][k]``."""
-        return self._strings(self.suppressed_ids)
+        """Suppressed tokens as strings, nested ``[row][batch][pos][k]`` (pads: ``""``)."""
+        return nested_token_strings(self.tokenizer, self.suppressed_ids)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format, one row per component × prompt × position × effect × rank; padding left out.
@@ -298,7 +268,7 @@ class ComponentLensResult:
                         "effect": effect,
                         "rank": (k + 1).numpy(),
                         "token_id": sel.numpy(),
-                        "token": display_tokens(self.tokenizer, sel),
+                        "token": token_strings(self.tokenizer, sel),
                         "logit": vals.cpu()[r, b, j, k].numpy(),
                     }
                 )
@@ -413,10 +383,17 @@ def _linear_logit_scale(model: Any) -> float:
     return scale
 
 
-def _check_sum(actual: torch.Tensor, expected: torch.Tensor, what: str, units: str = "logits") -> None:
-    """Guard the identities the attribution rests on; a failure means an unsupported architecture."""
+def _check_sum(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, units: str = "logits", dtype: torch.dtype = torch.float32
+) -> None:
+    """Guard the identities the attribution rests on; a failure means an unsupported architecture.
+
+    The tolerance follows the model's dtype: the cached activations were rounded to it, so a bf16
+    model's parts add up to its whole only to bf16 precision (measured 2e-3 to 7e-3 on stories260K).
+    """
     err = float((actual - expected).abs().nan_to_num(0.0).max()) if actual.numel() else 0.0
-    tol = 1e-3 * (1.0 + float(expected.abs().nan_to_num(0.0).max()))
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    tol = max(1e-3, 4 * eps) * (1.0 + float(expected.abs().nan_to_num(0.0).max()))
     if err > tol:
         raise ValueError(
             f"{what} (off by {err:.3g} {units}): this architecture writes to the residual stream in a "
@@ -444,7 +421,7 @@ def _run(
 
 
 @dataclass
-class _Rows:
+class _AttributionRows:
     """Rows as they are computed: the grid blocks (one per layer) and the other rows."""
 
     grid: list[torch.Tensor] = field(default_factory=list)
@@ -460,40 +437,43 @@ class _Rows:
 
 
 @torch.inference_mode()
-def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: torch.Tensor) -> _Rows:
-    rows = _Rows()
+def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_index: torch.Tensor) -> _AttributionRows:
+    rows = _AttributionRows()
+    dtype = model.cfg.dtype
 
     def at(hook: str) -> torch.Tensor:
         return gather_rows(cache[hook], pos_index)
 
-    rows.add("embed", -1, ro.states(at("hook_embed")))
+    rows.add("embed", -1, projector.states(at("hook_embed")))
     if _has_pos_embed(model):
-        rows.add("pos_embed", -1, ro.states(at("hook_pos_embed")))
+        rows.add("pos_embed", -1, projector.states(at("hook_pos_embed")))
     for layer, block in enumerate(model.blocks):
-        b_O = ro.vector(_compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U))
-        heads_sum = ro.states(at(f"blocks.{layer}.hook_attn_out")) - b_O
+        b_O = projector.vector(_compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U))
+        heads_sum = projector.states(at(f"blocks.{layer}.hook_attn_out")) - b_O
         if unit in _HEAD_UNITS:
-            vecs = head_vectors(block.attn.W_O, ro.g)
-            heads = head_contributions(at(f"blocks.{layer}.attn.hook_z"), vecs, ro.inv_scale)
-            _check_sum(heads.sum(0), heads_sum, f"layer {layer}'s heads do not add up to its attention output")
+            vecs = head_vectors(block.attn.W_O, projector.g)
+            heads = head_contributions(at(f"blocks.{layer}.attn.hook_z"), vecs, projector.inv_scale)
+            _check_sum(heads.sum(0), heads_sum, f"layer {layer}'s heads do not add up to its attention output", dtype=dtype)
             rows.grid.append(heads)
             if unit == "head_source":
                 pattern = cache[f"blocks.{layer}.attn.hook_pattern"].permute(0, 2, 1, 3)
                 pattern_rows = gather_rows(pattern, pos_index).permute(0, 2, 1, 3)
                 v = cache[f"blocks.{layer}.attn.hook_v"].float()
-                src = head_source_contributions(pattern_rows, v, vecs, ro.inv_scale)
-                _check_sum(src.sum(1), heads, f"layer {layer}'s source terms do not add up to its heads")
+                src = head_source_contributions(pattern_rows, v, vecs, projector.inv_scale)
+                _check_sum(src.sum(1), heads, f"layer {layer}'s source terms do not add up to its heads", dtype=dtype)
                 rows.sources.append(src)
         else:
             rows.add(f"{layer}_attn_out", layer, heads_sum)
         rows.add(f"{layer}_attn_b_O", layer, b_O)
         if not _has_mlp(model):
             continue
-        mlp_out = ro.states(at(f"blocks.{layer}.hook_mlp_out"))
+        mlp_out = projector.states(at(f"blocks.{layer}.hook_mlp_out"))
         if unit == "neuron":
-            b_out = ro.vector(_compat.output_bias(block.mlp, "b_out", model.cfg.d_model, model.W_U))
-            neurons = neuron_contributions(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, ro.g, ro.inv_scale)
-            _check_sum(neurons.sum(0) + b_out, mlp_out, f"layer {layer}'s neurons do not add up to its MLP output")
+            b_out = projector.vector(_compat.output_bias(block.mlp, "b_out", model.cfg.d_model, model.W_U))
+            neurons = neuron_contributions(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, projector.g, projector.inv_scale)
+            _check_sum(
+                neurons.sum(0) + b_out, mlp_out, f"layer {layer}'s neurons do not add up to its MLP output", dtype=dtype
+            )
             rows.grid.append(neurons)
             rows.add(f"{layer}_mlp_b_out", layer, b_out)
         else:
@@ -504,13 +484,14 @@ def _attribute(model: Any, cache: Any, unit: str, ro: CachedReadout, pos_index: 
         written = written + torch.stack([g.sum(0) for g in rows.grid]).sum(0)
     _check_sum(
         written,
-        ro.states(at(_final_hook(model))),
+        projector.states(at(_final_hook(model))),
         "the embeddings, attention and MLP outputs do not add up to the final residual stream",
+        dtype=dtype,
     )
     if final_norm_bias(model) is not None:
-        rows.add("final_norm_bias", -1, ro.constant(ro.norm_bias))
+        rows.add("final_norm_bias", -1, projector.constant(projector.norm_bias))
     if getattr(model, "b_U", None) is not None:
-        rows.add("unembed_bias", -1, ro.constant(ro.unembed_bias))
+        rows.add("unembed_bias", -1, projector.constant(projector.unembed_bias))
     return rows
 
 
@@ -588,8 +569,8 @@ def direct_logit_attribution(
         direction = direction - unembed_columns(model, pairs.incorrect)
         bias = bias - unembed_bias(model, pairs.incorrect)
     direction, bias = direction * scale, bias * scale
-    ro = cached_readout(model, cache, direction, bias, pos_index)
-    rows = _attribute(model, cache, unit, ro, pos_index)
+    projector = cached_readout(model, cache, direction, bias, pos_index)
+    rows = _attribute(model, cache, unit, projector, pos_index)
     c_ids = pairs.correct.expand(n_batch, -1).clone()
     i_ids = None if pairs.incorrect is None else pairs.incorrect.expand(n_batch, -1).clone()
     total = _model_total(model, cache, pos_index, c_ids, i_ids)
@@ -628,15 +609,10 @@ def direct_logit_attribution(
         total=torch.where(keep, total, nan),
         grid_size=grid_size,
         source_attribution=source,
-        positions=pos_index,
-        valid=valid,
-        tokens=batch.tokens,
-        str_tokens=batch.str_tokens,
         correct_ids=c_ids,
         incorrect_ids=i_ids,
         pair_labels=pairs.labels,
-        model_name=getattr(model.cfg, "model_name", ""),
-        tokenizer=getattr(model, "tokenizer", None),
+        **common_fields(model, batch, pos_index, valid, "logit lens"),
     )
 
 
@@ -685,25 +661,16 @@ def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor, scal
 
 
 @torch.inference_mode()
-def _term_logits(
-    model: Any, term: _Term, inv_scale: torch.Tensor, sl: slice, w_u: torch.Tensor
-) -> Float[torch.Tensor, "rows d_vocab"]:
+def _term_logits(term: _Term, norm: CachedNorm, sl: slice, w_u: torch.Tensor) -> Float[torch.Tensor, "rows d_vocab"]:
     """The term's direct effect on every logit at the flattened read rows ``sl``."""
-    n_rows = inv_scale[sl].shape[0]
+    n_rows = norm.inv_scale[sl].shape[0]
     if term.kind == "logit":
         return term.value[None].expand(n_rows, -1)
     if term.kind == "post":
         return (term.value @ w_u)[None].expand(n_rows, -1)
-    x = term.value if term.kind == "vector" else term.value.reshape(-1, term.value.shape[-1])[sl]
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        x = x - x.mean(-1, keepdim=True)
-    w = getattr(model.ln_final, "w", None) if has_final_norm(model) else None
-    if w is not None:
-        x = x * w.detach().float()
-    logits = x @ w_u
-    if term.kind == "vector":
-        logits = logits[None]
-    return logits * inv_scale[sl, None]
+    x = term.value.expand(n_rows, -1) if term.kind == "vector" else term.value.reshape(-1, term.value.shape[-1])[sl]
+    rows = CachedNorm(norm.inv_scale[sl], norm.gain, None, norm.centre)
+    return rows.apply(x.float(), bias=False) @ w_u
 
 
 @no_type_check  # checks its own arguments (see lens.logit_lens)
@@ -738,10 +705,8 @@ def component_lens(
     run = _run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch, n = pos_index.shape
-    if has_final_norm(model):
-        inv_scale = 1.0 / gather_rows(cache["ln_final.hook_scale"], pos_index)[..., 0].reshape(-1)
-    else:
-        inv_scale = torch.ones(n_batch * n, device=pos_index.device)
+    rows = run.all_rows()
+    norm = CachedNorm.of(model, cache, rows.b, rows.p)
     # a logit scaling after W_U (Granite, Cohere) is linear and applies to every row; a soft cap is not
     scale = logit_scale(model) or 1.0
     w_u = model.W_U.detach().float() * scale
@@ -757,7 +722,7 @@ def component_lens(
             index.append(term.index)
             parts = [[], [], [], []]
             for start in range(0, n_batch * n, chunk_size):
-                logits = _term_logits(model, term, inv_scale, slice(start, start + chunk_size), w_u)
+                logits = _term_logits(term, norm, slice(start, start + chunk_size), w_u)
                 hi = logits.topk(top_k, dim=-1)
                 lo = logits.topk(top_k, dim=-1, largest=False)
                 for p, t in zip(parts, (hi.indices, hi.values, lo.indices, lo.values)):
@@ -770,6 +735,7 @@ def component_lens(
             torch.where(valid[..., None], final, 0.0),
             "the embeddings, attention and MLP outputs do not add up to the final residual stream",
             units="in the residual stream",
+            dtype=model.cfg.dtype,
         )
 
     keep = valid[None, ..., None]
@@ -788,10 +754,5 @@ def component_lens(
         promoted_logits=finish(top_v, nan),
         suppressed_ids=finish(bot_i, -1),
         suppressed_logits=finish(bot_v, nan),
-        positions=pos_index,
-        valid=valid,
-        tokens=batch.tokens,
-        str_tokens=batch.str_tokens,
-        model_name=getattr(model.cfg, "model_name", ""),
-        tokenizer=getattr(model, "tokenizer", None),
+        **common_fields(model, batch, pos_index, valid, "logit lens"),
     )

@@ -160,17 +160,57 @@ def normalise(
         flat = states.reshape(1, -1, states.shape[-1])
         return ln(flat).reshape(states.shape)
     # cached: the final layer's own scale, linear in the state
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        states = states - states.mean(-1, keepdim=True)
-    scale = cache["ln_final.hook_scale"][batch_index, pos_index]  # [row, 1]
-    out = states / scale
-    w = getattr(ln, "w", None)
-    if w is not None:
-        out = out * w
-    b = getattr(ln, "b", None)
-    if norm_bias and b is not None:
-        out = out + b
-    return out
+    return CachedNorm.of(model, cache, batch_index, pos_index).apply(states, bias=norm_bias)
+
+
+@dataclass(frozen=True)
+class CachedNorm:
+    """The final norm with the scale it computed on the final residual stream: a linear map.
+
+    ``norm(x) = centre(x) · inv_scale · gain + bias`` (``centre`` for LayerNorm only; ``gain`` and
+    ``bias`` only on unfolded models; ``inv_scale`` is 1 where the model has no final norm). The lens's
+    ``norm="cached"``, direct logit attribution and the component lens all read through this one map.
+    """
+
+    inv_scale: Float[torch.Tensor, " row"]
+    gain: Float[torch.Tensor, " d_model"] | None
+    bias: Float[torch.Tensor, " d_model"] | None
+    centre: bool
+
+    @classmethod
+    def of(
+        cls, model: Any, cache: Any, batch_index: Int[torch.Tensor, " row"], pos_index: Int[torch.Tensor, " row"]
+    ) -> CachedNorm:
+        if not has_final_norm(model):
+            return cls(torch.ones(batch_index.shape[0], device=batch_index.device), None, None, False)
+        ln = model.ln_final
+        scale = cache["ln_final.hook_scale"][batch_index, pos_index][..., 0]
+        gain, bias = getattr(ln, "w", None), getattr(ln, "b", None)
+        return cls(
+            inv_scale=1.0 / scale.float(),
+            gain=None if gain is None else gain.detach(),
+            bias=None if bias is None else bias.detach(),
+            centre=model.cfg.normalization_type in ("LN", "LNPre"),
+        )
+
+    def apply(self, states: Float[torch.Tensor, "*site row d_model"], bias: bool = True) -> torch.Tensor:
+        """The normalised states (in their own dtype), one row per ``inv_scale`` entry."""
+        if self.centre:
+            states = states - states.mean(-1, keepdim=True)
+        out = states * self.inv_scale[:, None].to(states.dtype)
+        if self.gain is not None:
+            out = out * self.gain.to(out.dtype)
+        if bias and self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def pullback(self, direction: Float[torch.Tensor, "*any d_model"]) -> Float[torch.Tensor, "*any d_model"]:
+        """``g = centre(gain ⊙ D)``: a pre-norm state ``x`` reads ``norm(x) · D = (x · g) · inv_scale
+        (+ bias · D)``, because centring is a symmetric projection."""
+        g = direction.float()
+        if self.gain is not None:
+            g = g * self.gain.float()
+        return g - g.mean(-1, keepdim=True) if self.centre else g
 
 
 def final_norm_bias(model: Any) -> torch.Tensor | None:
