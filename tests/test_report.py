@@ -1,8 +1,11 @@
-"""The HTML report: self-contained, and every figure renders in a headless Chromium without errors."""
+"""The HTML report: self-contained, every figure renders in a headless Chromium without errors and fits a
+1280-px window, causal and masked LMs, plotly.js inline/CDN/shared, and a path checked before any work."""
 
 from __future__ import annotations
 
 import base64
+import html
+import os
 import time
 
 import pytest
@@ -10,7 +13,15 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, require_browser
-from tl_logitlens.reporting import compute_report, concat_lens, report, top_table_html
+from tl_logitlens.reporting import (
+    MaskedReportData,
+    compute_report,
+    concat_lens,
+    report,
+    top_table_html,
+    write_report,
+)
+from tl_logitlens.tokens import visible_token
 
 CHROME_FLAGS = (
     "--headless",
@@ -20,7 +31,7 @@ CHROME_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
-    "--window-size=1400,1000",
+    "--window-size=1280,900",  # the window every figure and table must fit
 )
 
 
@@ -66,6 +77,24 @@ def _rendered(driver, expected: int, timeout: float = 30.0) -> list:
         time.sleep(0.2)
 
 
+# the window's width, the page's, and each figure's and table's right edge and own scroll width
+_WIDTHS = """
+return [window.innerWidth, document.documentElement.clientWidth, document.documentElement.scrollWidth,
+    Array.from(document.querySelectorAll('.js-plotly-plot, table, figure')).map(e => [
+        e.id || e.tagName, e.getBoundingClientRect().right, e.scrollWidth, e.clientWidth])];
+"""
+
+
+def _assert_fits(driver) -> None:
+    """No figure or table is wider than the 1280-px window, and the page does not scroll sideways."""
+    inner, client, page, items = driver.execute_script(_WIDTHS)
+    assert inner == 1280
+    assert page <= client, f"the page is {page} px wide in a {client} px window"
+    for name, right, scroll, width in items:
+        assert right <= client, f"{name} reaches {right:.0f} px in a {client} px window"
+        assert scroll <= width + 1, f"{name} scrolls: {scroll} px of content in {width} px"
+
+
 # mean and variance of the screenshot's grey levels, computed in the browser on a canvas
 _PIXEL_STATS = """
 const done = arguments[arguments.length - 1];
@@ -87,10 +116,13 @@ img.src = 'data:image/png;base64,' + arguments[0];
 """
 
 
+LONG = " ".join(SENTENCES[:4])  # 57 positions (with BOS): wider than a 1280-px window at a column each
+
+
 @pytest.fixture(scope="module")
 def full_report(ln_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    path = report(ln_model, SENTENCES, target=" the", versus=" and", out=out)
+    path = report(ln_model, [LONG, *SENTENCES], target=" the", versus=" and", out=out)
     return path
 
 
@@ -98,23 +130,33 @@ def test_report_is_one_self_contained_file(full_report):
     page = full_report.read_text(encoding="utf-8")
     assert "<script src" not in page and "http://" not in page.split("<script", 1)[0]
     assert page.count("plotly.js v") >= 1  # the library's banner, inlined once
-    assert page.count("Plotly.newPlot") == 10
+    assert page.count("Plotly.newPlot") == 11
     assert "<table>" in page and "top tokens per layer" in page.lower()
+    # every figure has a caption; the page says how to read it and which lens made it
+    assert page.count("<figcaption>") == 11
+    assert "How to read this" in page and "final_post" in page and html.escape('norm="cached"') in page
+    assert "lens <b>logit lens</b>" in page
+    assert "Entropy and KL to the final layer" in page
+    # the long prompt is clipped to its last positions, and the caption says so
+    assert "Only the last" in page and "of the prompt's 57 positions are drawn" in page
+    # the note on prompts left out is not styled as an error
+    assert "3 more prompt(s)" in page and "#a33" not in page.split("<style>")[1].split("</style>")[0]
 
 
 def test_report_renders_every_figure_without_console_errors(driver, full_report, tmp_path):
     driver.get(full_report.resolve().as_uri())
-    rendered = _rendered(driver, 10)
-    assert len(rendered) == 10  # 3 lens heatmaps, text view, evolution, 2 trajectories, diff, 2 DLA
+    rendered = _rendered(driver, 11)
+    assert len(rendered) == 11  # 3 lens heatmaps, text view, entropy/KL, evolution, 2 trajectories, diff, 2 DLA
     for name, svgs, drawn in rendered:
         assert svgs >= 1 and drawn >= 1, f"figure {name} did not render ({svgs} svg, {drawn} drawn)"
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
+    _assert_fits(driver)
     png = driver.get_screenshot_as_png()
     (tmp_path / "report.png").write_bytes(png)
     driver.get("about:blank")
     width, height, mean, var = driver.execute_async_script(_PIXEL_STATS, base64.b64encode(png).decode())
-    assert (width, height) == (1400, 1000) or width * height > 500_000
+    assert (width, height) == (1280, 900) or width * height > 500_000
     assert 100 < mean < 254.5, f"the screenshot is blank or black (mean grey {mean:.1f})"
     assert var > 100, f"the screenshot is nearly uniform (variance {var:.1f})"
 
@@ -122,10 +164,11 @@ def test_report_renders_every_figure_without_console_errors(driver, full_report,
 def test_report_without_target_has_the_lens_figures_only(driver, ln_model, tmp_path):
     path = report(ln_model, SENTENCES[0], out=tmp_path / "one.html", top_k=3)
     driver.get(path.resolve().as_uri())
-    rendered = _rendered(driver, 3)
-    assert len(rendered) == 3  # lens heatmap, text view, evolution
+    rendered = _rendered(driver, 4)
+    assert len(rendered) == 4  # lens heatmap, text view, entropy/KL, evolution
     assert all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    _assert_fits(driver)
 
 
 def test_batched_results_join_to_the_one_batch_result(ln_model):
@@ -164,7 +207,7 @@ def test_top_table_lists_the_top_tokens_at_the_last_token(ln_model):
     for s in range(len(lens.labels)):
         p = float(lens.top_probs[s, 1, col, 0])
         assert f"{p:.3f}" in table
-        assert repr(top[s][1][col][0]).replace("'", "&#x27;") in table
+        assert f"<code>{html.escape(visible_token(top[s][1][col][0]))}</code> {p:.3f}" in table
     assert table.count("<tr>") == len(lens.labels) + 1
 
 
@@ -173,11 +216,157 @@ def test_report_errors(ln_model, tmp_path):
         report(ln_model, SENTENCES[0], versus=" and", out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="not a single token"):
         report(ln_model, SENTENCES[0], target=" elephantine", out=tmp_path / "r.html")
-    with pytest.raises(ValueError, match="ending in .html"):
-        report(ln_model, SENTENCES[0], out=tmp_path / "r.pdf")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        report(ln_model, SENTENCES[0], out=tmp_path / "missing" / "r.html")
     with pytest.raises(ValueError, match="no prompts were given"):
         report(ln_model, [], out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="is empty"):
         report(ln_model, "  ", out=tmp_path / "r.html")
+    with pytest.raises(ValueError, match="plotly_js='svg' is not understood"):
+        report(ln_model, SENTENCES[0], out=tmp_path / "r.html", plotly_js="svg")
+    with pytest.raises(ValueError, match="mask_positions is for masked LMs"):
+        report(ln_model, SENTENCES[0], out=tmp_path / "r.html", mask_positions=2)
+
+
+class _Boom:
+    """A model stand-in that fails if the report starts computing."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the report computed (read model.{name}) before checking its path")
+
+
+def test_report_checks_its_path_before_computing(tmp_path):
+    folder = tmp_path / "existing.html"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder; give the report a file name"):
+        report(_Boom(), SENTENCES[0], out=folder)
+    with pytest.raises(ValueError, match="is a folder"):
+        report(_Boom(), SENTENCES[0], out=tmp_path)
+    with pytest.raises(ValueError, match="ending in .html"):
+        report(_Boom(), SENTENCES[0], out=tmp_path / "r.pdf")
+    with pytest.raises(ValueError, match="does not exist; create it"):
+        report(_Boom(), SENTENCES[0], out=tmp_path / "missing" / "r.html")
+    with pytest.raises(TypeError, match="out must be a file path"):
+        report(_Boom(), SENTENCES[0], out=3)
+    with pytest.raises(ValueError, match="plotly_js"):
+        report(_Boom(), SENTENCES[0], out=tmp_path / "r.html", plotly_js="nope")
+    if os.geteuid() != 0:  # root may write anywhere, so permissions cannot be tested as root
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(ValueError, match="may not be written"):
+                report(_Boom(), SENTENCES[0], out=locked / "r.html")
+        finally:
+            locked.chmod(0o700)
+    else:
+        with pytest.raises(ValueError, match="may not be written"):
+            report(_Boom(), SENTENCES[0], out="/proc/r.html")
+
+
+def test_plotly_js_inline_cdn_and_directory(ln_model, tmp_path):
+    data = compute_report(ln_model, SENTENCES[:2])
+    inline = write_report(data, tmp_path / "inline.html")
+    cdn = write_report(data, tmp_path / "cdn.html", plotly_js="cdn")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first = write_report(data, shared / "a.html", plotly_js="directory")
+    second = write_report(data, shared / "b.html", plotly_js="directory")
+    import plotly.offline
+
+    js = plotly.offline.get_plotlyjs()
+    assert js in inline.read_text(encoding="utf-8") and "<script src" not in inline.read_text(encoding="utf-8")
+    page = cdn.read_text(encoding="utf-8")
+    version = plotly.offline.get_plotlyjs_version()
+    assert f'src="https://cdn.plot.ly/plotly-{version}.min.js"' in page and 'integrity="sha384-' in page
+    assert js not in page and cdn.stat().st_size < inline.stat().st_size / 10
+    assert (shared / "plotly.min.js").read_text(encoding="utf-8") == js  # one shared copy for both reports
+    for path in (first, second):
+        text = path.read_text(encoding="utf-8")
+        assert 'src="plotly.min.js"' in text and js not in text
+    # the reports in the folder are the same page bar the time stamp
+    assert first.stat().st_size == second.stat().st_size
+
+
+def test_shared_plotly_js_report_renders(driver, ln_model, tmp_path):
+    path = report(ln_model, SENTENCES[0], out=tmp_path / "light.html", plotly_js="directory")
+    driver.get(path.resolve().as_uri())
+    rendered = _rendered(driver, 4)
+    assert len(rendered) == 4 and all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
+
+
+class _NamedLens:
+    name = "tuned lens (test)"
+
+
+def test_report_names_its_lens(ln_model, tmp_path, monkeypatch):
+    import inspect
+
+    from tl_logitlens import reporting
+
+    if "lens" not in inspect.signature(reporting.logit_lens).parameters:
+        with pytest.raises(ValueError, match="takes no lens="):
+            report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=_NamedLens())
+        return
+    seen = []
+
+    def fake_lens(model, inputs, **kwargs):  # the lens object reaches the analysis
+        seen.append(kwargs.get("lens"))
+        kwargs.pop("lens")
+        return tl.logit_lens(model, inputs, **kwargs)
+
+    fake_lens.__signature__ = inspect.signature(reporting.logit_lens)
+    monkeypatch.setattr(reporting, "logit_lens", fake_lens)
+    lens = _NamedLens()
+    path = report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=lens)
+    assert seen and all(x is lens for x in seen)
+    page = path.read_text(encoding="utf-8")
+    assert "lens <b>tuned lens (test)</b>" in page and "Lens report (tuned lens (test))" in page
+
+
+# ------------------------------------------------------------------------------------------------
+# masked LMs
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tl.load_model("demo-bert")
+
+
+@pytest.fixture(scope="module")
+def masked_report(bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("masked") / "masked.html"
+    prompts = ["The cat sat on the [MASK].", "Tom and Anna went to the shop to buy some bread and milk today."]
+    return report(bert, prompts, out=out)
+
+
+def test_masked_report_holds_the_masked_lens_profiles_and_sliding_mask(bert, masked_report):
+    data = compute_report(bert, ["The cat sat on the [MASK].", "The dog ran to the park."])
+    assert isinstance(data, MaskedReportData)
+    first, second = data.masked
+    # prompt 0's hole is its [MASK]; prompt 1 has none, so its last word is masked
+    assert first.original_ids[0, 0] == -1 and "[MASK] token(s) in the text" in data.notes[0]
+    ref = tl.masked_lens(bert, "The dog ran to the park.", mask_positions="park")
+    assert_close(second.top_logprobs, ref.top_logprobs, atol=1e-6)
+    assert "last word 'park'" in data.notes[1]
+    assert data.profiles[0].target == "max" and data.profiles[1].target == "original token"
+    assert data.profiles[1].depths.tolist() == list(range(bert.cfg.n_layers + 1))
+    slide = tl.sliding_mask_lens(bert, "The dog ran to the park.")
+    assert_close(data.sliding[1].original_logprobs, slide.original_logprobs, atol=1e-6)
+    page = masked_report.read_text(encoding="utf-8")
+    assert page.count("Plotly.newPlot") == page.count("<figcaption>") == 9
+    for heading in ("Masked lens, prompt 0, hole 0", "Depth profile, prompt 1, hole 0", "Sliding mask, prompt 1",
+                    "Entropy and KL to the final layer"):
+        assert heading in page
+    with pytest.raises(ValueError, match="for causal LMs"):
+        compute_report(bert, "The cat sat.", target="dog", versus="cat")
+    with pytest.raises(ValueError, match="sites, norm and lens do not apply"):
+        compute_report(bert, "The cat sat.", norm="cached")
+
+
+def test_masked_report_renders_and_fits(driver, masked_report):
+    driver.get(masked_report.resolve().as_uri())
+    rendered = _rendered(driver, 9)
+    assert len(rendered) == 9  # per prompt: masked lens, depth profile, sliding mask, sliding profiles; entropy/KL
+    for name, svgs, drawn in rendered:
+        assert svgs >= 1 and drawn >= 1, f"figure {name} did not render ({svgs} svg, {drawn} drawn)"
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    _assert_fits(driver)
