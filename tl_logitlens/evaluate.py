@@ -1,0 +1,590 @@
+"""Corpus-scale lens evaluation: how close each site's readout is to the model, over a corpus.
+
+:func:`evaluate_lenses` scores every position of every document through each lens with the same
+chunked kernel as :func:`tl_logitlens.logit_lens` (so the numbers agree with it to float32
+rounding), keeps float64 running sums, and returns a :class:`LensEvaluation` with token-weighted
+means, bits per byte and bootstrap confidence intervals over documents. Under ``torch.distributed``
+(``torchrun``) documents are dealt to the ranks and the sums are added across them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, no_type_check
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
+from tl_logitlens._kernel import site_metrics
+from tl_logitlens.corpus import (
+    Document,
+    corpus_length,
+    decoded_bytes,
+    document_windows,
+    iter_texts,
+    tokenize_document,
+)
+from tl_logitlens.lenses import lens_name, resolve_lens
+from tl_logitlens.readout import Readout, Site, check_model, resolve_sites
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+STATISTICS: tuple[str, ...] = ("kl_to_final", "cross_entropy", "entropy", "top1_agreement")
+UNITS: dict[str, str] = {
+    "kl_to_final": "nats",
+    "cross_entropy": "nats",
+    "entropy": "nats",
+    "top1_agreement": "fraction",
+}
+TITLES: dict[str, str] = {
+    "kl_to_final": "KL(final ‖ site)",
+    "cross_entropy": "next-token cross-entropy",
+    "entropy": "entropy",
+    "top1_agreement": "top-1 agreement with final",
+}
+# statistics that have a bits-per-byte form (a sum of nats over the bytes of the text)
+BPB_STATISTICS: tuple[str, ...] = ("kl_to_final", "cross_entropy", "entropy")
+# per-document counts, in this order: positions scored, positions with a next token, bytes, 1, windows
+_COUNTS = ("n_tokens", "n_predicted", "n_bytes", "n_documents", "n_windows")
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_CHUNK_SIZE = 256
+_BUFFER_BATCHES = 4  # windows are read this many batches ahead and sorted by length to cut padding
+
+DEFINITION = (
+    "Each document is tokenised with the model's BOS and its tokens after BOS are cut into windows "
+    "of at most seq_len tokens, each led by BOS. Every position of every window is scored: "
+    "KL(final || site) and the entropy of the site's distribution (nats), and whether the site's "
+    "top-1 token equals the final layer's; the next-token cross-entropy (nats) wherever the window "
+    "holds a next token, so every token of a document is predicted exactly once. Means are "
+    "token-weighted over the whole corpus. Bits per byte are sums of nats / ln 2 over the UTF-8 "
+    "bytes of the decoded documents. Intervals are 95% percentile intervals of a Poisson bootstrap "
+    "over documents (each document's weight in each replicate is Poisson(1), seeded by the seed "
+    "and the document's index, so a sharded run draws exactly the same replicates)."
+)
+
+
+@dataclass(frozen=True)
+class LensEvaluation:
+    """Corpus means of each lens at each site, with bootstrap intervals.
+
+    ``mean``/``low``/``high`` are ``[lens, site, statistic]`` in the order of :data:`STATISTICS`
+    (nats, except ``top1_agreement``, a fraction); the ``*_bpb`` arrays are the same in bits per
+    byte for :data:`BPB_STATISTICS`. ``low``/``high`` bound a ``confidence`` interval from
+    ``n_bootstrap`` bootstrap replicates over documents. The definition is :data:`DEFINITION`.
+    """
+
+    lenses: tuple[str, ...]
+    sites: tuple[str, ...]
+    mean: Float[torch.Tensor, "lens site stat"]
+    low: Float[torch.Tensor, "lens site stat"]
+    high: Float[torch.Tensor, "lens site stat"]
+    mean_bpb: Float[torch.Tensor, "lens site bpb"]
+    low_bpb: Float[torch.Tensor, "lens site bpb"]
+    high_bpb: Float[torch.Tensor, "lens site bpb"]
+    n_tokens: int
+    n_predicted: int
+    n_bytes: int
+    n_documents: int
+    n_windows: int
+    seq_len: int
+    seed: int
+    n_bootstrap: int
+    confidence: float = 0.95
+    model_name: str = ""
+    world_size: int = 1
+    sums: Float[torch.Tensor, "lens site stat"] | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"LensEvaluation(lenses={list(self.lenses)}, sites={len(self.sites)} ({self.sites[0]} .. "
+            f"{self.sites[-1]}), n_documents={self.n_documents}, n_tokens={self.n_tokens}, "
+            f"seq_len={self.seq_len}, model={self.model_name!r})"
+        )
+
+    def value(self, statistic: str, lens: str | None = None, site: str | None = None) -> Float[torch.Tensor, ...]:
+        """The mean of ``statistic``, for one lens and/or site or all of them."""
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; use one of {list(STATISTICS)}")
+        out = self.mean[..., STATISTICS.index(statistic)]
+        if lens is not None:
+            out = out[self._lens_index(lens)]
+        if site is not None:
+            if site not in self.sites:
+                raise ValueError(f"site {site!r} is not in this evaluation; it has {list(self.sites)}")
+            out = out[..., self.sites.index(site)]
+        return out
+
+    def _lens_index(self, lens: str) -> int:
+        if lens not in self.lenses:
+            raise ValueError(f"lens {lens!r} is not in this evaluation; it has {list(self.lenses)}")
+        return self.lenses.index(lens)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per site × lens: ``site``, ``lens``, each statistic with ``_low``/``_high``, the
+        bits-per-byte forms (``*_bpb``), ``n_tokens`` (positions scored) and ``n_predicted``."""
+        import pandas as pd
+
+        rows = []
+        for s, site in enumerate(self.sites):
+            for k, lens in enumerate(self.lenses):
+                row: dict[str, Any] = {"site": site, "site_index": s, "lens": lens}
+                for i, stat in enumerate(STATISTICS):
+                    row[stat] = float(self.mean[k, s, i])
+                    row[f"{stat}_low"] = float(self.low[k, s, i])
+                    row[f"{stat}_high"] = float(self.high[k, s, i])
+                for i, stat in enumerate(BPB_STATISTICS):
+                    row[f"{stat}_bpb"] = float(self.mean_bpb[k, s, i])
+                    row[f"{stat}_bpb_low"] = float(self.low_bpb[k, s, i])
+                    row[f"{stat}_bpb_high"] = float(self.high_bpb[k, s, i])
+                row["n_tokens"] = self.n_tokens
+                row["n_predicted"] = self.n_predicted
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, counts, the definition and the table (as :meth:`to_dataframe` records)."""
+        return {
+            "model": self.model_name,
+            "lenses": list(self.lenses),
+            "sites": list(self.sites),
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "n_bootstrap": self.n_bootstrap,
+            "confidence": self.confidence,
+            "n_documents": self.n_documents,
+            "n_windows": self.n_windows,
+            "n_tokens": self.n_tokens,
+            "n_predicted": self.n_predicted,
+            "n_bytes": self.n_bytes,
+            "world_size": self.world_size,
+            "units": {**UNITS, **{f"{s}_bpb": "bits per byte" for s in BPB_STATISTICS}},
+            "definition": DEFINITION,
+            "results": json.loads(self.to_dataframe().to_json(orient="records")),
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        """:meth:`to_dict` as JSON text; written to ``path`` too when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def plot(self, statistics: Sequence[str] = STATISTICS, **kwargs: Any) -> go.Figure:
+        """Per-site curves with their intervals, one panel per statistic, lenses side by side;
+        see :func:`tl_logitlens.plotting.evaluation.evaluation_figure`."""
+        from tl_logitlens.plotting.evaluation import evaluation_figure
+
+        return evaluation_figure(self, statistics=statistics, **kwargs)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}={value} must be at least {low}")
+    return int(value)
+
+
+def _resolve_lenses(model: Any, lenses: object) -> dict[str, Any]:
+    if lenses is None:
+        return {lens_name(None): resolve_lens(model, None)}
+    if isinstance(lenses, Mapping):
+        if not lenses:
+            raise ValueError("lenses is an empty dict; pass None for the logit lens or {name: lens, ...}")
+        out = {}
+        for name, lens in lenses.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"lens names must be non-empty strings, got {name!r}")
+            out[name] = resolve_lens(model, lens)
+        return out
+    if isinstance(lenses, (list, tuple)):
+        names = [lens_name(lens) for lens in lenses]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two lenses share a name in {names}; pass a dict {{name: lens}} instead")
+        return {n: resolve_lens(model, lens) for n, lens in zip(names, lenses)}
+    lens = resolve_lens(model, lenses)
+    return {lens_name(lens): lens}
+
+
+def _bootstrap_weights(seed: int, index: int, n: int) -> np.ndarray:
+    """Document ``index``'s Poisson(1) weight in each of ``n`` replicates: fixed by (seed, index)."""
+    return np.random.default_rng([seed, index]).poisson(1.0, n)
+
+
+@dataclass
+class _Accumulator:
+    """Float64 sums of every statistic and count, unweighted (row 0) and per bootstrap replicate."""
+
+    stats: torch.Tensor  # [1 + n_boot, lens, site, stat]
+    counts: torch.Tensor  # [1 + n_boot, count]
+    seed: int
+
+    def add(self, index: int, stats: torch.Tensor, counts: torch.Tensor) -> None:
+        n_boot = self.stats.shape[0] - 1
+        w = torch.ones(1 + n_boot, dtype=torch.float64)
+        w[1:] = torch.from_numpy(_bootstrap_weights(self.seed, index, n_boot)).double()
+        self.stats += w[:, None, None, None] * stats
+        self.counts += w[:, None] * counts
+
+
+@dataclass
+class _Open:
+    """A document whose windows are not all scored yet."""
+
+    stats: torch.Tensor
+    counts: torch.Tensor
+    remaining: int
+
+
+class _Reporter:
+    """A rich progress bar on stderr (rank 0 only): tokens, tokens/s and the time left."""
+
+    def __init__(self, enabled: bool, total_tokens: int | None, total_docs: int | None) -> None:
+        self.enabled = enabled
+        self.tokens = 0
+        self.docs = 0
+        self.start = time.perf_counter()
+        self.total_tokens, self.total_docs = total_tokens, total_docs
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("evaluating"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        total = total_tokens if total_tokens is not None else total_docs
+        self.task = self.progress.add_task("eval", total=total, info="")
+        self.progress.start()
+
+    def update(self, tokens: int, docs: int, world: int) -> None:
+        self.tokens += tokens * world
+        self.docs += docs * world
+        if not self.enabled:
+            return
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        info = f"{self.tokens:,} tok  {rate:,.0f} tok/s"
+        if self.total_docs is not None and self.total_tokens is None:
+            info += f"  {min(self.docs, self.total_docs):,}/{self.total_docs:,} docs"
+        completed = self.tokens if self.total_tokens is not None else self.docs
+        self.progress.update(self.task, completed=completed, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def _documents(
+    model: Any, texts: object, world: World, max_tokens: int | None, text_field: str
+) -> Iterator[Document]:
+    """This rank's documents, tokenised, in corpus order; with ``max_tokens`` the corpus is cut
+    after that many document tokens (BOS included), in corpus order, the same on every rank."""
+    taken = 0
+    tokenizer = getattr(model, "tokenizer", None)
+    for index, text in enumerate(iter_texts(texts, text_field=text_field)):
+        if max_tokens is not None:
+            if taken >= max_tokens:
+                return
+            doc = tokenize_document(model, text, index)
+            if taken + len(doc.ids) > max_tokens:
+                ids = doc.ids[: max_tokens - taken]
+                doc = Document(index, ids, decoded_bytes(tokenizer, ids[1:]))
+            taken += len(doc.ids)
+            if world.owns(index):
+                yield doc
+        elif world.owns(index):
+            yield tokenize_document(model, text, index)
+
+
+def _forward(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str]) -> Any:
+    wanted = set(hooks)
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
+    if not bool(mask.all()):
+        kwargs["attention_mask"] = mask.long()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, **kwargs)
+    return cache
+
+
+def _score_batch(
+    model: Any,
+    readouts: Sequence[Readout],
+    sites: Sequence[Site],
+    final: Site,
+    windows: Sequence[list[int]],
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of each statistic per window ``[window, lens, site, stat]`` (float64), and the
+    positions and next-token positions per window."""
+    device = model.cfg.device
+    lengths = torch.tensor([len(w) for w in windows])
+    width = int(lengths.max())
+    tokens = torch.zeros(len(windows), width, dtype=torch.long)
+    for i, w in enumerate(windows):
+        tokens[i, : len(w)] = torch.tensor(w)
+    mask = torch.arange(width)[None] < lengths[:, None]
+    tokens, mask = tokens.to(device), mask.to(device)
+    hooks = sorted({h for r in readouts for h in r.hooks([*sites, final])})
+    cache = _forward(model, tokens, mask, hooks)
+    rows_b, rows_p = mask.nonzero(as_tuple=True)
+    has_next = rows_p + 1 < lengths.to(device)[rows_b]
+    next_ids = torch.where(has_next, tokens[rows_b, (rows_p + 1).clamp(max=width - 1)], 0)
+    finals = frozenset(s for s, site in enumerate(sites) if site.hook == final.hook)
+    out = torch.zeros(len(windows), len(readouts), len(sites), len(STATISTICS), dtype=torch.float64, device=device)
+    for k, readout in enumerate(readouts):
+        m = site_metrics(
+            lambda s, sl, r=readout: r.logits(cache, sites[s], rows_b[sl], rows_p[sl]),
+            len(sites),
+            lambda sl, r=readout: r.logits(cache, final, rows_b[sl], rows_p[sl]),
+            finals,
+            next_ids[:, None],
+            1,
+            chunk_size,
+            model.cfg.d_vocab,
+            device,
+        )
+        per_row = torch.stack(
+            [
+                m.kl_to_final.double(),
+                torch.where(has_next, -m.query_logprobs[..., 0].double(), 0.0),
+                m.entropy.double(),
+                (m.top_ids[..., 0] == m.final_top1).double(),
+            ],
+            dim=-1,
+        )  # [site, row, stat]
+        out[:, k].index_add_(0, rows_b, per_row.transpose(0, 1))
+    positions = lengths.double()
+    return out.cpu(), torch.stack([positions, positions - 1], dim=-1)
+
+
+def _interval(
+    num: torch.Tensor, den: torch.Tensor, confidence: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Point estimate ``num[0] / den[0]`` and the percentile interval of the replicates' ratios."""
+    ratio = torch.where(den > 0, num / den.clamp(min=1e-300), torch.nan)
+    point = ratio[0]
+    reps = ratio[1:]
+    alpha = (1 - confidence) / 2
+    if reps.shape[0] == 0:
+        return point, torch.full_like(point, torch.nan), torch.full_like(point, torch.nan)
+    low = torch.nanquantile(reps, alpha, dim=0)
+    high = torch.nanquantile(reps, 1 - alpha, dim=0)
+    return point, low, high
+
+
+# Entry points check their own arguments (see lens.logit_lens).
+@no_type_check
+def evaluate_lenses(
+    model: Any,
+    texts: Any,
+    *,
+    lenses: Any = None,
+    sites: str | Sequence[str] = "resid_pre",
+    seq_len: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    text_field: str = "text",
+) -> LensEvaluation:
+    """Evaluate lenses over a corpus: per site, KL to the final distribution, next-token
+    cross-entropy, entropy and top-1 agreement with the final layer, with bootstrap intervals.
+
+    Definition (also :data:`DEFINITION`): each text is tokenised with the model's BOS and its
+    tokens after BOS are cut into consecutive windows of at most ``seq_len`` tokens, each led by
+    BOS (see :func:`tl_logitlens.corpus.document_windows`). Every position is scored:
+    ``KL(final ‖ site)`` and the site's entropy (nats), and top-1 agreement (the site's argmax
+    equals the final layer's); the next-token cross-entropy ``-log p_site(next token)`` (nats)
+    where the window holds a next token, so each token of a document is predicted once. Means are
+    token-weighted (sums over the corpus / counts). Bits per byte (``*_bpb``) are the sums in bits
+    over the UTF-8 bytes of the decoded documents. The ``confidence`` intervals are percentile
+    intervals of ``n_bootstrap`` Poisson-bootstrap replicates over documents, seeded by ``seed``
+    and each document's index. Each statistic goes through the same chunked float32 kernel as
+    :func:`~tl_logitlens.logit_lens` and is summed in float64; memory does not grow with the corpus
+    (sums, not per-token values, are kept).
+
+    In a process with an initialised ``torch.distributed`` process group (e.g. under
+    ``torchrun``), document ``i`` is scored by rank ``i % world_size`` and the sums are added
+    across ranks in rank order: every rank returns the same result, equal to one process's up to
+    float64 summation order, with the same bootstrap replicates. Every rank must pass the same
+    corpus; a rank with no document still takes part.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode, with a tokenizer.
+        texts: a list or iterable of strings, a ``.txt``/``.json``/``.jsonl`` path, or a Hugging
+            Face ``datasets`` split, streaming or not (see :func:`tl_logitlens.corpus.iter_texts`).
+        lenses: ``None`` (the logit lens), one lens, a list of lenses, or a dict ``{name: lens}``.
+        sites: as in :func:`~tl_logitlens.logit_lens` (``"resid_pre"``: every layer's input, then
+            ``final_post``).
+        seq_len: the longest window, BOS included (default and maximum: the model's ``n_ctx``).
+        batch_size: windows per forward pass.
+        max_tokens: stop after this many document tokens (BOS included), in corpus order; the
+            document that crosses the limit is cut.
+        progress: show a progress bar (tokens/s, time left) on stderr, on rank 0 only.
+        seed: the bootstrap's seed.
+        n_bootstrap: bootstrap replicates (0: no intervals, they are NaN).
+        confidence: the intervals' coverage.
+        chunk_size: rows projected to the vocabulary at once (memory, not results).
+        text_field: the field or column holding text in JSON objects and data sets.
+
+    Raises:
+        ValueError: an empty corpus, a file that is not a corpus, ``seq_len`` above ``n_ctx``, a
+            lens made for another model.
+        TypeError: a text that is not a string; a lens that is not a lens.
+
+    Example:
+        >>> ev = tl.evaluate_lenses(model, ["Once upon a time, there was a girl."], progress=False)
+        >>> ev.to_dataframe()[["site", "lens", "kl_to_final", "cross_entropy"]]  # doctest: +SKIP
+    """
+    check_model(model)
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("evaluate_lenses reads text, and this model has no tokenizer; set one with model.set_tokenizer(...)")
+    n_ctx = model.cfg.n_ctx
+    seq_len = n_ctx if seq_len is None else _check_int("seq_len", seq_len, 2)
+    if seq_len > n_ctx:
+        raise ValueError(f"seq_len={seq_len} is above the model's context of {n_ctx} tokens; use at most {n_ctx}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        max_tokens = _check_int("max_tokens", max_tokens, 1)
+    n_bootstrap = _check_int("n_bootstrap", n_bootstrap, 0)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    seed = _check_int("seed", seed, 0)
+    if not isinstance(confidence, float) or not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r} must be a float between 0 and 1, e.g. 0.95")
+    named = _resolve_lenses(model, lenses)
+    readouts = [Readout(model, lens, "recompute", True) for lens in named.values()]
+    site_list = resolve_sites(model, sites)
+    final = resolve_sites(model, ["final_post"])[0]
+    world = current_world()
+
+    n_lens, n_sites = len(readouts), len(site_list)
+    acc = _Accumulator(
+        stats=torch.zeros(1 + n_bootstrap, n_lens, n_sites, len(STATISTICS), dtype=torch.float64),
+        counts=torch.zeros(1 + n_bootstrap, len(_COUNTS), dtype=torch.float64),
+        seed=seed,
+    )
+    total_docs = corpus_length(texts) if max_tokens is None else None
+    reporter = _Reporter(bool(progress) and world.is_main, max_tokens, total_docs)
+    error: str | None = None
+    try:
+        _run(model, texts, world, max_tokens, text_field, seq_len, batch_size, chunk_size,
+             readouts, site_list, final, acc, reporter)
+    except (ValueError, TypeError) as err:
+        if world.size == 1:
+            raise
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        reporter.close()
+    error = broadcast_error(error, world)
+    if error is not None:
+        raise ValueError(f"a rank stopped with {error}")
+
+    stats = sum_over_ranks(acc.stats, world)
+    counts = sum_over_ranks(acc.counts, world)
+    n_tokens, n_predicted, n_bytes, n_documents, n_windows = (int(round(float(c))) for c in counts[0])
+    # KL, entropy and agreement are averaged over every position; cross-entropy over predicted ones
+    den = torch.stack(
+        [counts[:, 0], counts[:, 1], counts[:, 0], counts[:, 0]], dim=-1
+    )[:, None, None, :]
+    mean, low, high = _interval(stats, den.expand_as(stats), confidence)
+    bpb_idx = [STATISTICS.index(s) for s in BPB_STATISTICS]
+    bits = stats[..., bpb_idx] / math.log(2)
+    bytes_ = counts[:, 2][:, None, None, None].expand_as(bits)
+    mean_bpb, low_bpb, high_bpb = _interval(bits, bytes_, confidence)
+    return LensEvaluation(
+        lenses=tuple(named),
+        sites=tuple(s.label for s in site_list),
+        mean=mean,
+        low=low,
+        high=high,
+        mean_bpb=mean_bpb,
+        low_bpb=low_bpb,
+        high_bpb=high_bpb,
+        n_tokens=n_tokens,
+        n_predicted=n_predicted,
+        n_bytes=n_bytes,
+        n_documents=n_documents,
+        n_windows=n_windows,
+        seq_len=seq_len,
+        seed=seed,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        model_name=str(getattr(model.cfg, "model_name", "")),
+        world_size=world.size,
+        sums=stats[0],
+    )
+
+
+def _run(
+    model: Any,
+    texts: Any,
+    world: World,
+    max_tokens: int | None,
+    text_field: str,
+    seq_len: int,
+    batch_size: int,
+    chunk_size: int,
+    readouts: Sequence[Readout],
+    sites: Sequence[Site],
+    final: Site,
+    acc: _Accumulator,
+    reporter: _Reporter,
+) -> None:
+    """Score this rank's documents into ``acc``, ``batch_size`` windows at a time."""
+    n_lens, n_sites = len(readouts), len(sites)
+    open_docs: dict[int, _Open] = {}
+    pending: list[tuple[int, list[int]]] = []
+    seen = 0
+
+    def flush(final_flush: bool) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        pending.sort(key=lambda item: -len(item[1]))
+        while pending and (final_flush or len(pending) >= batch_size):
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            sums, counts = _score_batch(model, readouts, sites, final, [w for _, w in chunk], chunk_size)
+            done = 0
+            for (index, _), s, c in zip(chunk, sums, counts):
+                doc = open_docs[index]
+                doc.stats += s
+                doc.counts[:2] += c
+                doc.remaining -= 1
+                if doc.remaining == 0:
+                    acc.add(index, doc.stats, doc.counts)
+                    del open_docs[index]
+                    done += 1
+            reporter.update(int(counts[:, 0].sum()), done, world.size)
+
+    for doc in _documents(model, texts, world, max_tokens, text_field):
+        seen += 1
+        windows = document_windows(doc.ids, seq_len)
+        counts = torch.zeros(len(_COUNTS), dtype=torch.float64)
+        counts[2], counts[3], counts[4] = doc.n_bytes, 1, len(windows)
+        open_docs[doc.index] = _Open(
+            torch.zeros(n_lens, n_sites, len(STATISTICS), dtype=torch.float64), counts, len(windows)
+        )
+        pending.extend((doc.index, w) for w in windows)
+        if len(pending) >= _BUFFER_BATCHES * batch_size:
+            flush(False)
+    flush(True)
+    assert not open_docs, "every window of every document was scored"
