@@ -7,6 +7,7 @@ from tl_logitlens.attribution import (
     direct_logit_attribution,
 )
 from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff
+from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses
 from tl_logitlens.inputs import Batch, prepare_inputs
 from tl_logitlens.lens import LensResult, logit_lens
 from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
@@ -23,7 +24,9 @@ __all__ = [
     "direct_logit_attribution",
     "direction_lens",
     "DirectionResult",
+    "evaluate_lenses",
     "display_tokens",
+    "LensEvaluation",
     "LensResult",
     "load_model",
     "logit_diff",
