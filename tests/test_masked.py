@@ -229,7 +229,7 @@ def test_figures():
     model = tiny_encoder("roberta")
     res = masked_lens(model, TEXT, mask_positions=2, targets=" dog", keep_logprobs=True)
     fig = res.plot_vocab(site="1_pre")
-    assert isinstance(fig, go.Figure) and any(tr.name == "target: ' dog'" for tr in fig.data)
+    assert isinstance(fig, go.Figure) and any(tr.name.startswith("target '␣dog': rank ") for tr in fig.data)
     assert len(fig.data[0].y) == model.cfg.d_vocab
     prof = res.plot()
     assert any("√layer" in (tr.name or "") for tr in prof.data)

@@ -16,6 +16,7 @@ from tl_logitlens.plotting import (
     component_bars_figure,
     component_lens_figure,
     head_grid_figure,
+    head_source_figure,
     lens_heatmap,
     logit_diff_figure,
     save_figures,
@@ -23,6 +24,7 @@ from tl_logitlens.plotting import (
     text_heatmap,
     top_token_evolution,
 )
+from tl_logitlens.plotting._common import clip, colour_scale, log_ticks, pair_name, wrap_title
 
 PROMPTS = SENTENCES[:3]
 
@@ -51,7 +53,8 @@ def _z(trace):
 
 
 def test_cell_text_escapes_markup_and_control_characters():
-    assert cell_text(" the") == " the"
+    assert cell_text(" the") == "␣the"  # whitespace is visible: " w" and "w" differ
+    assert cell_text(" ") == "␣" and cell_text("a b\n") == "a␣b↵"
     assert cell_text("<b>x</b>") == "&lt;b&gt;x&lt;/b&gt;"
     assert cell_text("a&b") == "a&amp;b"
     assert cell_text("\n\t\r") == "↵⇥␍"
@@ -67,13 +70,17 @@ def test_lens_heatmap_cells_are_the_top_tokens_and_colour_is_top_prob(lens, prom
     # rows: sites in depth order, the first at the bottom (plotly draws y from the bottom up)
     assert list(hm.y) == list(lens.labels)
     assert fig.layout.yaxis.autorange in (None, True)
-    expected = [[cell_text(top[s][prompt][j][0]) for j in cols] for s in range(len(lens.labels))]
+    expected = [[clip(cell_text(top[s][prompt][j][0])) for j in cols] for s in range(len(lens.labels))]
     assert [list(r) for r in hm.text] == expected
+    assert any("␣" in t for row in hm.text for t in row)  # leading spaces are drawn
     assert hm.texttemplate == "%{text}"
-    assert list(fig.layout.xaxis.ticktext) == [cell_text(lens.input_tokens()[prompt][j]) for j in cols]
-    assert_close(_z(hm), lens.top_logprobs[:, prompt, cols, 0].exp().double(), atol=1e-12, rtol=0)
-    assert (hm.zmin, hm.zmax) == (0.0, 1.0)
-    assert fig.layout.xaxis.title.text == "input token"
+    assert list(fig.layout.xaxis.ticktext) == [clip(cell_text(lens.input_tokens()[prompt][j])) for j in cols]
+    probs = lens.top_logprobs[:, prompt, cols, 0].exp().double()
+    assert_close(_z(hm), probs, atol=1e-12, rtol=0)
+    # adaptive range: from 0 to the largest probability shown, not a fixed 0..1
+    assert hm.zmin == 0.0 and hm.zmax == pytest.approx(float(probs.max()), abs=1e-12)
+    assert fig.layout.xaxis.tickangle in (0, -45)
+    assert fig.layout.xaxis.title.text.startswith("input token")
     assert fig.layout.yaxis.title.text.startswith("layer")
     # hover: the top-k tokens with their probabilities, for every cell
     s, c = len(lens.labels) - 1, len(cols) - 1
@@ -88,16 +95,63 @@ def test_lens_heatmap_cells_are_the_top_tokens_and_colour_is_top_prob(lens, prom
     [
         ("logprob", None, lambda r, b, c: r.top_logprobs[:, b, c, 0]),
         ("entropy", None, lambda r, b, c: r.entropy[:, b, c]),
-        ("kl", None, lambda r, b, c: r.kl_to_final[:, b, c]),
+        ("kl", None, lambda r, b, c: r.kl_to_final[:, b, c].double().clamp(min=1e-300)),
         ("prob", " and", lambda r, b, c: r.target_logprobs[:, b, c, 1].exp()),
         ("logprob", " the", lambda r, b, c: r.target_logprobs[:, b, c, 0]),
         ("rank", " and", lambda r, b, c: r.target_ranks[:, b, c, 1].double().log10()),
     ],
 )
 def test_lens_heatmap_colour_equals_the_metric(lens, color, target, field):
-    hm = _heatmap(lens_heatmap(lens, color=color, target=target, prompt=1))
+    hm = _heatmap(lens_heatmap(lens, color=color, target=target, prompt=1, scale="linear"))
     cols = _cols(lens, 1)
-    assert_close(_z(hm), field(lens, 1, cols).double(), atol=1e-12, rtol=0)
+    values = field(lens, 1, cols).double()
+    if color == "rank":  # field gives log10(rank); the linear scale draws the rank itself
+        values = 10**values
+    if color == "kl":
+        values = lens.kl_to_final[:, 1, cols].double()
+    assert_close(_z(hm), values, atol=1e-9, rtol=1e-12)
+    assert hm.zmax == pytest.approx(float(values.max()))
+
+
+def test_lens_heatmap_kl_defaults_to_a_log_scale_labelled_in_nats(lens):
+    hm = _heatmap(lens_heatmap(lens, color="kl", prompt=1))
+    cols = _cols(lens, 1)
+    kl = lens.kl_to_final[:, 1, cols].double()
+    hi = float(kl.max())
+    lo = max(float(kl[kl > 0].min()), hi * 1e-4)
+    assert_close(_z(hm), kl.clamp(min=lo).log10(), atol=1e-9, rtol=0)  # final_post (KL 0) sits at the floor
+    assert (hm.zmin, hm.zmax) == (pytest.approx(math.log10(lo)), pytest.approx(math.log10(hi)))
+    ticks = list(hm.colorbar.ticktext)
+    assert [float(t.replace(",", "")) for t in ticks] == pytest.approx([10**v for v in hm.colorbar.tickvals])
+    assert "log" in hm.colorbar.title.text and "nats" in hm.colorbar.title.text
+    # the user chooses: a linear scale, or a fixed range in nats
+    lin = _heatmap(lens_heatmap(lens, color="kl", prompt=1, scale="linear", zmin=0.0, zmax=10.0))
+    assert (lin.zmin, lin.zmax) == (0.0, 10.0) and lin.colorbar.tickvals is None
+
+
+def test_lens_heatmap_prob_on_a_log_scale_and_a_fixed_range(lens):
+    fixed = _heatmap(lens_heatmap(lens, zmin=0.0, zmax=1.0))
+    assert (fixed.zmin, fixed.zmax) == (0.0, 1.0)
+    log = _heatmap(lens_heatmap(lens, scale="log", zmin=1e-3))
+    cols = _cols(lens, 0)
+    p = lens.top_logprobs[:, 0, cols, 0].exp().double()
+    assert_close(_z(log), p.clamp(min=1e-3).log10(), atol=1e-9, rtol=0)
+    assert log.zmin == pytest.approx(-3.0) and log.colorbar.ticktext[0] == "0.001"
+    assert [float(t) for t in log.colorbar.ticktext] == pytest.approx([10**v for v in log.colorbar.tickvals])
+    with pytest.raises(ValueError, match="already on a log scale"):
+        lens_heatmap(lens, color="logprob", scale="log")
+    with pytest.raises(ValueError, match="scale='cubic' is not one of"):
+        lens_heatmap(lens, scale="cubic")
+    with pytest.raises(TypeError, match="zmax"):  # our message, or the run-time type check under pytest
+        lens_heatmap(lens, zmax="1")
+
+
+def test_log_ticks_are_decades_labelled_as_numbers():
+    vals, text = log_ticks(1.0, 5000.0)
+    assert text == ["1", "10", "100", "1,000"] and vals == pytest.approx([0, 1, 2, 3])
+    assert log_ticks(0.03, 0.8)[1] == ["0.03", "0.1", "0.3"]  # under three decades: 1-3 steps
+    scale = colour_scale(torch.tensor([1.0, 10.0, float("nan")]), scale="log", zmin=None, zmax=None, floor=1.0)
+    assert scale.z[:2].tolist() == [0.0, 1.0] and math.isnan(scale.z[2])
 
 
 def test_lens_heatmap_rank_defaults_to_the_next_token_without_targets(plain):
@@ -106,6 +160,8 @@ def test_lens_heatmap_rank_defaults_to_the_next_token_without_targets(plain):
     expected = torch.where(ranks > 0, ranks.log10(), torch.nan)  # the last token has no next token
     assert_close(_z(hm), expected, atol=1e-12, rtol=0)
     assert torch.isnan(_z(hm)[:, -1]).all()
+    # log colour scale from rank 1, its bar labelled 1, 10, 100 (not exponents)
+    assert hm.zmin == 0.0 and list(hm.colorbar.ticktext)[:2] == ["1", "10"]
 
 
 def test_lens_heatmap_target_by_id_matches_target_by_string(lens, ln_model):
@@ -124,9 +180,9 @@ def test_lens_heatmap_long_prompts_are_clipped_or_strided_with_a_note(lens, long
     assert shown <= 5
     inputs = lens.input_tokens()[0]
     ticks = list(fig.layout.xaxis.ticktext)
-    assert ticks[-1] == cell_text(inputs[cols[-1]])  # the last position is always shown
+    assert ticks[-1] == clip(cell_text(inputs[cols[-1]]))  # the last position is always shown
     if long == "clip":
-        assert ticks == [cell_text(inputs[j]) for j in cols[-5:]]
+        assert ticks == [clip(cell_text(inputs[j])) for j in cols[-5:]]
     notes = [a.text for a in fig.layout.annotations]
     assert len(notes) == 1 and f"of {len(cols)} positions" in notes[0]
     assert not lens_heatmap(lens).layout.annotations  # no note when everything fits
@@ -150,7 +206,7 @@ def test_lens_heatmap_reads_48_layers_by_40_positions(ln_model):
     fig = lens_heatmap(big)
     hm = _heatmap(fig)
     assert len(hm.y) == 64 and len(hm.x) == 40
-    assert fig.layout.height >= 20 * 64 and fig.layout.width >= 60 * 40  # about 20 x 60 px per cell
+    assert fig.layout.height >= 20 * 64 and fig.layout.width >= 56 * 40  # at least 20 x 56 px per cell
     assert f"Showing the last 40 of {n_pos} positions" in fig.layout.annotations[0].text
 
 
@@ -187,16 +243,25 @@ def test_target_trajectory_mean_band_and_prompt_lines(lens):
         mean = [sum(r) / n_batch for r in rows]
         sd = [math.sqrt(sum((v - m) ** 2 for v in r) / (n_batch - 1)) for r, m in zip(rows, mean)]
         half = [1.959963984540054 * s / math.sqrt(n_batch) for s in sd]
-        (line,) = [tr for tr in fig.data if tr.name == f"'{tok}' mean over {n_batch} prompts"]
+        (line,) = [tr for tr in fig.data if tr.name == f"'{cell_text(tok)}' mean over {n_batch} prompts"]
         assert_close(list(line.y), mean, atol=1e-9, rtol=0)
-        (band,) = [tr for tr in fig.data if tr.name == f"'{tok}' 95% band"]
+        (band,) = [tr for tr in fig.data if tr.name == f"'{cell_text(tok)}' 95% band (n={n_batch})"]
         assert_close(list(band.y), [m + h for m, h in zip(mean, half)] + [m - h for m, h in zip(mean, half)][::-1], atol=1e-9, rtol=0)
-        prompt_lines = [tr for tr in fig.data if tr.name.startswith(f"'{tok}' prompt ")]
+        prompt_lines = [tr for tr in fig.data if tr.name.startswith(f"'{cell_text(tok)}' prompt ")]
         assert len(prompt_lines) == n_batch
         assert_close(list(prompt_lines[1].y), [r[1] for r in rows], atol=1e-9, rtol=0)
     assert len(names) == 2 * (n_batch + 2)
     assert fig.layout.yaxis.title.text == "log-prob (nats)"
     assert list(fig.layout.xaxis.ticktext) == list(lens.labels)
+    assert fig.layout.title.text.startswith("Log-prob of the targets")
+
+
+def test_target_trajectory_draws_no_band_below_three_prompts(ln_model):
+    two = tl.logit_lens(ln_model, PROMPTS[:2], targets=[" the"], positions="last")
+    fig = target_trajectory(two)
+    assert not [t for t in fig.data if "band" in t.name]
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["'␣the' mean over 2 prompts"]
+    assert "too few for a band" in fig.layout.title.text
 
 
 def test_target_trajectory_rank_is_a_geometric_mean_on_a_log_axis(lens):
@@ -207,6 +272,12 @@ def test_target_trajectory_rank_is_a_geometric_mean_on_a_log_axis(lens):
     assert_close(list(line.y), 10 ** ranks.log10().mean(1), atol=1e-9, rtol=1e-9)
     assert fig.layout.yaxis.type == "log"
     assert len(fig.data) == 2  # band and mean, no prompt lines
+    # the log axis is labelled at decades 1, 10, 100 (plotly's own ticks read "10, 2, 5, 100")
+    ticks = list(fig.layout.yaxis.ticktext)
+    assert ticks[:2] == ["1", "10"] and all(t.replace(",", "").strip("0") == "1" for t in ticks)
+    assert list(fig.layout.yaxis.tickvals) == pytest.approx([float(t.replace(",", "")) for t in ticks])
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert fig.layout.title.text.startswith("Rank of the targets")  # not the log-prob title
 
 
 def test_target_trajectory_errors(lens, plain, ln_model):
@@ -235,22 +306,30 @@ def test_top_token_evolution_reads_the_targets_log_probs(ln_model):
         top_token_evolution(first)
 
 
-def test_text_heatmap_boxes_are_the_top_tokens_shaded_by_probability(lens):
+def test_text_heatmap_aligns_each_prediction_under_the_token_it_follows(lens):
     fig = text_heatmap(lens, prompt=2)
-    assert [type(t) for t in fig.data] == [go.Bar, go.Bar]
+    assert [type(t) for t in fig.data] == [go.Heatmap, go.Heatmap]
     inputs, preds = fig.data
+    assert (inputs.name, preds.name) == ("input", "predictions")
     cols = _cols(lens, 2)
     top = lens.top_tokens()
-    assert list(inputs.text) == [cell_text(lens.input_tokens()[2][j]) for j in cols]
-    assert list(preds.text) == [cell_text(top[s][2][j][0]) for s in range(len(lens.labels)) for j in cols]
-    probs = [float(lens.top_probs[s, 2, j, 0]) for s in range(len(lens.labels)) for j in cols]
-    assert_close(list(preds.marker.color), probs, atol=1e-7, rtol=0)
-    assert list(preds.y) == [lab for lab in lens.labels for _ in cols]
-    # boxes tile each row left to right
-    widths, bases = list(preds.x), list(preds.base)
-    for start in range(0, len(widths), len(cols)):
-        for i in range(start + 1, start + len(cols)):
-            assert bases[i] == bases[i - 1] + widths[i - 1]
+    n_sites = len(lens.labels)
+    assert list(inputs.text[0]) == [cell_text(lens.input_tokens()[2][j]) for j in cols]
+    assert [list(r) for r in preds.text] == [[cell_text(top[s][2][j][0]) for j in cols] for s in range(n_sites)]
+    probs = lens.top_probs[:, 2, cols, 0].double()
+    assert_close(_z(preds), probs, atol=1e-7, rtol=0)
+    assert preds.zmin == 0.0 and preds.zmax == pytest.approx(float(probs.max()))
+    # one set of column edges for both traces: the prediction after token j sits under token j,
+    # and each column is as wide as its longest text
+    assert list(inputs.x) == list(preds.x) and len(preds.x) == len(cols) + 1
+    widths = [b - a for a, b in zip(preds.x[:-1], preds.x[1:])]
+    for c in range(len(cols)):
+        longest = max(len(inputs.text[0][c]), *(len(preds.text[s][c]) for s in range(n_sites)))
+        assert widths[c] == longest + 2
+    # the input row is on top, then the sites from the last down to the first
+    assert list(inputs.y) == [n_sites] and list(preds.y) == list(range(n_sites))
+    assert list(fig.layout.yaxis.ticktext) == list(lens.labels) + ["input"]
+    assert preds.textfont.size >= 12 and "Mono" in preds.textfont.family  # readable, horizontal text
 
 
 @pytest.fixture(scope="module")
@@ -260,20 +339,40 @@ def diff(ln_model):
 
 def test_logit_diff_figure_draws_mean_ci_and_prompt_lines(diff):
     fig = logit_diff_figure(diff, per_prompt=True)
-    for k, label in enumerate(diff.pair_labels):
-        name = cell_text(label)
+    for k, (c, i) in enumerate([(" the", " and"), (" a", " to")]):
+        name = f"'{cell_text(c)}' − '{cell_text(i)}'"
+        assert pair_name(diff, k) == name
         (mean,) = [t for t in fig.data if t.name.startswith(f"{name} mean")]
         assert_close(list(mean.y), diff.mean[:, 0, k].double(), atol=1e-7, rtol=0)
-        (band,) = [t for t in fig.data if t.name == f"{name} 95% CI"]
+        (band,) = [t for t in fig.data if t.name == f"{name} 95% CI (n=4)"]
         assert_close(list(band.y), torch.cat([diff.ci_high[:, 0, k], diff.ci_low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
         lines = [t for t in fig.data if t.name.startswith(f"{name} prompt ")]
         assert len(lines) == 4
         assert_close(list(lines[3].y), diff.values[:, 3, 0, k].double(), atol=1e-7, rtol=0)
-    assert len(logit_diff_figure(diff, pair=1).data) == 2
+    one = logit_diff_figure(diff, pair=1)
+    assert len(one.data) == 2
+    assert "'␣a' − '␣to'" in one.layout.title.text
     assert fig.layout.yaxis.title.text == "logit difference (logits)"
     assert isinstance(diff.plot(), go.Figure)
     with pytest.raises(ValueError, match="pair=5 is out of range"):
         logit_diff_figure(diff, pair=5)
+
+
+def test_logit_diff_figure_names_per_prompt_pairs_by_their_tokens_and_skips_small_bands(ln_model):
+    per = tl.logit_diff(ln_model, SENTENCES[:2], [" the", " a"], [" and", " to"], per_prompt=True, n_bootstrap=50)
+    assert per.pair_labels[0].startswith("correct[0]")  # the core's label; the figure names the tokens
+    fig = logit_diff_figure(per)
+    assert "'␣the' − '␣and'" in fig.layout.title.text and "correct[" not in fig.layout.title.text
+    assert not [t for t in fig.data if "CI" in t.name]  # two prompts: no band
+    assert "too few for a band" in fig.layout.title.text
+    assert [t.name for t in fig.data] == ["pair 0 mean over 2 prompts"]
+
+
+def test_titles_wrap_to_the_figure_width():
+    long = "A title that is much too long to fit in a narrow figure of a few hundred pixels wide"
+    lines = wrap_title(long + "<br><sup>" + long + "</sup>", 400)
+    assert len(lines) >= 4 and all(len(line.replace("<sup>", "").replace("</sup>", "")) <= 60 for line in lines)
+    assert " ".join(x.replace("<sup>", "").replace("</sup>", "") for x in lines) == long + " " + long
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +396,28 @@ def test_head_grid_is_layer_by_head_centred_on_zero(head_dla, ln_model):
     comp = tl.direct_logit_attribution(ln_model, SENTENCES[:3], " the", " and")
     with pytest.raises(ValueError, match="needs a result with unit='head'"):
         head_grid_figure(comp)
+
+
+def test_head_source_figure_is_the_source_attribution(ln_model):
+    res = tl.direct_logit_attribution(ln_model, SENTENCES[:2], " the", " and", unit="head_source")
+    fig = head_source_figure(res, prompt=1)
+    hm = _heatmap(fig)
+    n_layers, n_heads = ln_model.cfg.n_layers, ln_model.cfg.n_heads
+    col = _cols(res, 1)[-1]
+    n_src = int(res.positions[1, col]) + 1
+    expected = res.source_attribution[:, :, :n_src, 1, col, 0].reshape(n_layers * n_heads, n_src).double()
+    assert_close(_z(hm), expected, atol=1e-7, rtol=0)
+    assert list(hm.y) == [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
+    assert list(fig.layout.xaxis.ticktext) == [f"{i}:{cell_text(t)}" for i, t in enumerate(res.str_tokens[1][:n_src])]
+    bound = float(expected.abs().max())
+    assert hm.zmid == 0 and (hm.zmin, hm.zmax) == (pytest.approx(-bound), pytest.approx(bound))
+    # each row sums to that head's entry of the layer x head grid
+    assert_close(_z(hm).sum(1), res.grid()[:, :, 1, col, 0].reshape(-1).double(), atol=1e-5, rtol=0)
+    head = tl.direct_logit_attribution(ln_model, SENTENCES[:2], " the", " and", unit="head")
+    with pytest.raises(ValueError, match="needs a result with unit='head_source'"):
+        head_source_figure(head)
+    with pytest.raises(ValueError, match="prompt=2 is out of range"):
+        head_source_figure(res, prompt=2)
 
 
 def test_component_bars_are_the_rows_and_the_total(ln_model, head_dla):
@@ -324,8 +445,8 @@ def test_component_lens_figure_shows_promoted_and_suppressed_tokens(ln_model):
     hm = _heatmap(fig)
     prom, sup = res.promoted_tokens(), res.suppressed_tokens()
     for r in range(len(res.labels)):
-        assert list(hm.text[r]) == [cell_text(sup[r][1][-1][i]) for i in (2, 1, 0)] + [
-            cell_text(prom[r][1][-1][i]) for i in range(3)
+        assert list(hm.text[r]) == [clip(cell_text(sup[r][1][-1][i])) for i in (2, 1, 0)] + [
+            clip(cell_text(prom[r][1][-1][i])) for i in range(3)
         ]
     assert hm.zmid == 0
     assert isinstance(res.plot(), go.Figure)
@@ -342,7 +463,7 @@ def test_static_export_png_svg_html(lens, tmp_path):
     assert (width, height) == (figs[0].layout.width, figs[0].layout.height)
     svg = paths[1].read_text()
     assert svg.lstrip().startswith("<svg") and "</svg>" in svg
-    assert cell_text(lens.top_tokens()[0][0][1][0]).strip() in svg
+    assert cell_text(lens.top_tokens()[0][0][1][0]).strip("␣") in svg
     page = paths[2].read_text()
     assert "<script src=" not in page and "Plotly.newPlot" in page and len(page) > 1_000_000
     with pytest.raises(ValueError, match="cannot tell the format"):

@@ -4,8 +4,13 @@ Every function returns a ``plotly.graph_objects.Figure``; :func:`save_figure` wr
 ``.html`` (self-contained), ``.png``, ``.svg`` or ``.pdf``.
 """
 
-from tl_logitlens.plotting._common import cell_text
-from tl_logitlens.plotting.attribution import component_bars_figure, component_lens_figure, head_grid_figure
+from tl_logitlens.plotting._common import cell_text, visible_whitespace
+from tl_logitlens.plotting.attribution import (
+    component_bars_figure,
+    component_lens_figure,
+    head_grid_figure,
+    head_source_figure,
+)
 from tl_logitlens.plotting.comparison import logit_diff_figure
 from tl_logitlens.plotting.export import save_figure, save_figures
 from tl_logitlens.plotting.lens import lens_heatmap, target_trajectory, top_token_evolution
@@ -17,6 +22,7 @@ __all__ = [
     "component_bars_figure",
     "component_lens_figure",
     "head_grid_figure",
+    "head_source_figure",
     "lens_heatmap",
     "logit_diff_figure",
     "profile_figure",
@@ -27,5 +33,6 @@ __all__ = [
     "target_trajectory",
     "text_heatmap",
     "top_token_evolution",
+    "visible_whitespace",
     "vocab_figure",
 ]

@@ -1,8 +1,10 @@
-"""Helpers every figure shares: token labels safe for plotly's text, picking a prompt's columns."""
+"""Helpers every figure shares: visible token labels, the house style, colour scales, picking columns."""
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 import plotly.graph_objects as go
 import torch
@@ -11,18 +13,35 @@ from tl_logitlens.lens import LensResult
 
 # plotly draws text as a small subset of HTML: '<b>' makes bold, '\n' breaks the line, '&amp;' is an
 # entity. Tokens are data, not markup, so these characters are escaped or shown as visible symbols.
-_VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+# Whitespace is drawn visibly everywhere a person reads a token (cells, ticks, hover, titles): a space
+# as "␣", so " w" and "w" differ and a lone " " token is not an empty cell.
+SPACE = "\u2423"  # ␣
+_VISIBLE = {" ": SPACE, "\n": "↵", "\r": "␍", "\t": "⇥"}
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
+def visible_whitespace(token: str) -> str:
+    """``token`` with whitespace drawn: ``" "`` as ``␣``, ``"\\n"`` as ``↵``, ``"\\t"`` as ``⇥``.
+
+    Uses :func:`tl_logitlens.tokens.visible_token` when that module provides it (one convention
+    for the whole package); this fallback follows the same convention.
+    """
+    from tl_logitlens import tokens
+
+    shared = getattr(tokens, "visible_token", None)
+    if shared is not None:
+        return shared(token)
+    return "".join(_VISIBLE.get(ch, ch) for ch in token)
+
+
 def cell_text(token: str) -> str:
-    """A token as plotly should show it: newlines and tabs as visible symbols, ``& < >`` escaped.
+    """A token as plotly should show it: whitespace visible (``␣``, ``↵``, ``⇥``), ``& < >`` escaped.
 
     Plotly turns the entities back into the characters on screen, so what is drawn is the token
     itself; the escaping only stops ``"<b>"`` being read as markup. Other control characters
     (which SVG cannot hold) show as their Control Pictures symbol (``␀``..``␟``, ``␡``) or ``\\x85``.
     """
-    return "".join(_ESCAPES.get(ch, _VISIBLE.get(ch)) or _control(ch) for ch in token)
+    return "".join(_ESCAPES.get(ch) or _control(ch) for ch in visible_whitespace(token))
 
 
 def _control(ch: str) -> str:
@@ -37,8 +56,17 @@ def _control(ch: str) -> str:
     return ch
 
 
+CELL_CHARS = 12  # the most characters a heatmap cell shows; longer tokens end in "…" (hover has them whole)
+
+
+def clip(text: str, n: int = CELL_CHARS) -> str:
+    """``text`` cut to ``n`` visible characters with a trailing ``…`` (entities count as one)."""
+    parts = re.findall(r"&[a-z]+;|.", text, flags=re.S)
+    return text if len(parts) <= n else "".join(parts[: n - 1]) + "…"
+
+
 def quoted(token: str) -> str:
-    """A token in quotes for hover text and titles, so leading spaces are visible."""
+    """A token in quotes for hover text and titles (whitespace drawn as in :func:`cell_text`)."""
     return "'" + cell_text(token) + "'"
 
 
@@ -139,3 +167,195 @@ def band_trace(x: list, low: list, high: list, colour: str, name: str, group: st
         legendgroup=group,
         hoverinfo="skip",
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# House style: one template, one font, titles that wrap instead of running off the figure.
+
+FONT = "Inter, 'Helvetica Neue', Helvetica, Arial, sans-serif"
+MONO = "'DejaVu Sans Mono', Menlo, Consolas, monospace"
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+MIN_BAND_N = 3  # fewer prompts than this: no confidence band is drawn (it would say nothing)
+_TITLE_PX = 9.0  # average width of a title character at 16 px
+_SUB_PX = 6.6  # ... of a <sup> subtitle character
+
+
+def _plain_length(text: str) -> int:
+    return len(re.sub(r"<[^>]+>", "", re.sub(r"&[a-z]+;", "x", text)))
+
+
+def wrap_title(title: str, width: int) -> list[str]:
+    """``title``'s lines (split at ``<br>``), each wrapped at spaces to fit ``width`` pixels."""
+    lines = []
+    for part in title.split("<br>"):
+        sub = part.startswith("<sup>")
+        inner = part[5:-6] if sub and part.endswith("</sup>") else part
+        limit = max(20, int((width - 60) / (_SUB_PX if sub else _TITLE_PX)))
+        words, line = inner.split(" "), ""
+        for word in words:
+            if line and _plain_length(line) + 1 + _plain_length(word) > limit:
+                lines.append(f"<sup>{line}</sup>" if sub else line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(f"<sup>{line}</sup>" if sub else line)
+    return lines
+
+
+def house_style(fig: go.Figure, *, title: str, width: int, height: int, legend_below: bool = False) -> go.Figure:
+    """The look every figure here shares: white template, one font, a left-aligned wrapped title.
+
+    The title wraps to the figure's ``width`` (so nothing is cut at the export size) and the top
+    margin and height grow by one line per extra title line.
+    """
+    lines = wrap_title(title, width)
+    extra = 22 * (len(lines) - 1)
+    fig.update_layout(
+        template="plotly_white",
+        font={"family": FONT, "size": 13, "color": "#222"},
+        title={
+            "text": "<br>".join(lines),
+            "x": 0.0,
+            "xanchor": "left",
+            "xref": "paper",
+            "y": 1.0,
+            "yanchor": "bottom",
+            "yref": "container",
+            "pad": {"t": 12},
+            "font": {"size": 16},
+        },
+        width=width,
+        height=height + extra,
+        margin={"t": 70 + extra, "l": 80, "r": 30, "b": 70},
+        hoverlabel={"font": {"family": FONT}},
+    )
+    # the title sits in the top margin, just above the plot: anchor it from the container top
+    fig.update_layout(title={"y": 1 - 12 / (height + extra), "yanchor": "top"})
+    if legend_below:
+        fig.update_layout(legend={"orientation": "h", "x": 0.0, "y": -0.22, "yanchor": "top"})
+    return fig
+
+
+def pair_name(result: object, k: int, *, short: bool = False) -> str:
+    """A readable name of pair ``k`` of a logit-difference result, whitespace visible.
+
+    Built from ``correct_ids``/``incorrect_ids`` and the tokenizer: ``'␣play' − '␣happy'`` when every
+    prompt shares the pair; with per-prompt pairs, the distinct pairs (up to three). Results with
+    no ids (directions) use their ``pair_labels``. ``short=True`` (for legends) names per-prompt
+    pairs ``pair k`` instead of listing them.
+    """
+    from tl_logitlens.tokens import display_tokens
+
+    c_ids = getattr(result, "correct_ids", None)
+    tokenizer = getattr(result, "tokenizer", None)
+    if c_ids is None or tokenizer is None:
+        return cell_text(result.pair_labels[k])
+    i_ids = getattr(result, "incorrect_ids", None)
+    rows = []
+    for b in range(c_ids.shape[0]):
+        c = int(c_ids[b, k])
+        i = None if i_ids is None else int(i_ids[b, k])
+        if (c, i) not in rows:
+            rows.append((c, i))
+
+    def one(c: int, i: int | None) -> str:
+        text = quoted(display_tokens(tokenizer, [c])[0])
+        return text if i is None else f"{text} − {quoted(display_tokens(tokenizer, [i])[0])}"
+
+    if len(rows) == 1:
+        return one(*rows[0])
+    if short:
+        return f"pair {k}"
+    shown = ", ".join(one(c, i) for c, i in rows[:3]) + (", …" if len(rows) > 3 else "")
+    what = "correct" if i_ids is None else "correct − incorrect"
+    return f"{what} per prompt ({shown})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Colour scales: adaptive to the cells shown, linear or log, the range overridable.
+
+SCALES = ("linear", "log")
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """What a heatmap draws: ``z`` (the values, or their ``log10``), its range and colour-bar ticks."""
+
+    z: torch.Tensor
+    zmin: float
+    zmax: float
+    log: bool
+    tickvals: list[float] | None
+    ticktext: list[str] | None
+
+
+def _number(v: float) -> str:
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 1:
+        return f"{v:g}"
+    return f"{v:.10f}".rstrip("0")
+
+
+def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    """Tick positions (``log10``) and labels (the values: 1, 10, 100, ...) between ``lo`` and ``hi``.
+
+    Decades only, unless that gives fewer than three ticks; then 1-3 steps (0.1, 0.3, 1, 3).
+    """
+    lo_e, hi_e = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
+    values = [10.0**e for e in range(lo_e, hi_e + 1)]
+    inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+    if len(inside) < 3:
+        values = [m * 10.0**e for e in range(lo_e, hi_e + 1) for m in (1, 3)]
+        inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+    return [math.log10(v) for v in inside], [_number(v) for v in inside]
+
+
+def colour_scale(
+    values: torch.Tensor,
+    *,
+    scale: str,
+    zmin: float | None,
+    zmax: float | None,
+    floor: float | None = None,
+    lower: float | None = None,
+    log_decades: float = 4.0,
+) -> ColourScale:
+    """The colour range of ``values`` (NaN: no cell), adapted to the finite values shown.
+
+    ``scale="linear"``: from ``zmin`` (default: ``lower`` if given, else the smallest value) to
+    ``zmax`` (default: the largest value). ``scale="log"``: ``log10`` of the values, from ``zmin``
+    (default: ``floor`` if given, else the smallest positive value but at most ``log_decades``
+    decades below the largest) to ``zmax``; values below the range are drawn at its bottom.
+    ``zmin``/``zmax`` are in the values' own units in both cases.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {list(SCALES)}")
+    for name, v in (("zmin", zmin), ("zmax", zmax)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise TypeError(f"{name} must be a finite number or None, got {v!r}")
+    vals = values.detach().cpu().double()
+    finite = vals[torch.isfinite(vals)]
+    if scale == "linear":
+        lo = zmin if zmin is not None else lower if lower is not None else float(finite.min()) if finite.numel() else 0.0
+        hi = zmax if zmax is not None else float(finite.max()) if finite.numel() else lo + 1.0
+        if hi <= lo:
+            hi = lo + (abs(lo) * 1e-3 or 1e-3)
+        return ColourScale(vals, float(lo), float(hi), False, None, None)
+    positive = finite[finite > 0]
+    if zmin is not None and zmin <= 0 or zmax is not None and zmax <= 0:
+        raise ValueError(f"scale='log' needs positive zmin/zmax, got zmin={zmin!r}, zmax={zmax!r}")
+    if zmax is None and positive.numel() == 0:
+        raise ValueError("scale='log' needs positive values, and none of the cells shown is positive; use scale='linear'")
+    hi = zmax if zmax is not None else float(positive.max())
+    if zmin is not None:
+        lo = zmin
+    elif floor is not None:
+        lo = floor
+    else:
+        lo = max(float(positive.min()) if positive.numel() else hi, hi * 10.0 ** (-log_decades))
+    if hi <= lo:
+        hi = lo * 10.0
+    z = torch.where(torch.isfinite(vals), vals.clamp(min=lo).log10(), vals)
+    tickvals, ticktext = log_ticks(lo, hi)
+    return ColourScale(z, math.log10(lo), math.log10(hi), True, tickvals, ticktext)

@@ -6,7 +6,16 @@ import plotly.graph_objects as go
 import torch
 
 from tl_logitlens.attribution import AttributionResult, ComponentLensResult
-from tl_logitlens.plotting._common import as_list, cell_text, quoted
+from tl_logitlens.plotting._common import (
+    MONO,
+    _plain_length,
+    as_list,
+    cell_text,
+    clip,
+    house_style,
+    pair_name,
+    quoted,
+)
 from tl_logitlens.plotting.comparison import _check_index
 
 
@@ -76,7 +85,7 @@ def head_grid_figure(
             y=list(range(n_layers)),
             text=[[f"{v:+.2f}" if v is not None else "" for v in row] for row in z] if show_text else None,
             texttemplate="%{text}" if show_text else None,
-            textfont={"size": 10},
+            textfont={"size": 12},
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             colorscale="RdBu",
@@ -88,15 +97,15 @@ def head_grid_figure(
     )
     fig.update_xaxes(title_text="head", tickvals=list(range(n_heads)), type="linear")
     fig.update_yaxes(title_text="layer", tickvals=list(range(n_layers)), type="linear")
-    pair_label = cell_text(result.pair_labels[_check_index("pair", pair, len(result.pair_labels))])
-    fig.update_layout(
-        title={
-            "text": title
-            or f"Direct logit attribution per head: {pair_label}<br><sup>{caption}; model total {total:+.3f}</sup>"
-        },
-        width=max(480, 220 + 48 * n_heads),
-        height=max(320, 160 + 30 * n_layers),
-        plot_bgcolor="white",
+    pair_label = pair_name(result, _check_index("pair", pair, len(result.pair_labels)))
+    fig.update_xaxes(showgrid=False)
+    fig.update_yaxes(showgrid=False)
+    house_style(
+        fig,
+        title=title
+        or f"Direct logit attribution per head: {pair_label}<br><sup>{caption}; model total {total:+.3f}</sup>",
+        width=max(560, 240 + 52 * n_heads),
+        height=max(340, 170 + 32 * n_layers),
     )
     return fig
 
@@ -150,14 +159,14 @@ def component_bars_figure(
     fig.add_hline(y=0, line={"color": "#444", "width": 1})
     fig.update_xaxes(title_text="component", type="category", tickangle=-45)
     fig.update_yaxes(title_text=f"direct contribution to the {_unit_name(result)} (logits)")
-    pair_label = cell_text(result.pair_labels[_check_index("pair", pair, len(result.pair_labels))])
-    fig.update_layout(
-        title={"text": title or f"Direct logit attribution: {pair_label}<br><sup>{caption}{note}</sup>"},
-        width=max(560, 160 + 34 * len(labels)),
-        height=460,
-        plot_bgcolor="white",
-        showlegend=False,
+    pair_label = pair_name(result, _check_index("pair", pair, len(result.pair_labels)))
+    house_style(
+        fig,
+        title=title or f"Direct logit attribution: {pair_label}<br><sup>{caption}{note}</sup>",
+        width=max(600, 180 + 36 * len(labels)),
+        height=500,
     )
+    fig.update_layout(showlegend=False, margin={"b": 120})
     return fig
 
 
@@ -207,7 +216,7 @@ def component_lens_figure(
             result.promoted_logits[r, prompt, column, :k]
         )
         z.append(vals)
-        text.append([cell_text(t) for t in toks])
+        text.append([clip(cell_text(t)) for t in toks])
         hover.append(
             [f"<b>{result.labels[r]}</b><br>{quoted(t)}: {_fmt(v)} logits" for t, v in zip(toks, vals)]
         )
@@ -219,7 +228,7 @@ def component_lens_figure(
             y=list(result.labels),
             text=text,
             texttemplate="%{text}",
-            textfont={"size": 10},
+            textfont={"size": 12, "family": MONO},
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             colorscale="RdBu",
@@ -231,11 +240,97 @@ def component_lens_figure(
     )
     where = quoted(result.input_tokens()[prompt][column])
     fig.update_xaxes(title_text="most suppressed ← rank → most promoted", type="category")
-    fig.update_yaxes(title_text="component", type="category")
-    fig.update_layout(
-        title={"text": title or f"Component lens: tokens each component pushes up and down (after {where})"},
-        width=max(560, 200 + 70 * 2 * k),
-        height=max(320, 150 + 22 * n_rows),
-        plot_bgcolor="white",
+    fig.update_yaxes(title_text="component", type="category", showgrid=False)
+    fig.update_xaxes(showgrid=False)
+    longest = max([_plain_length(t) for row in text for t in row] + [4])
+    house_style(
+        fig,
+        title=title or f"Component lens: the tokens each component pushes up and down (after {where})",
+        width=max(600, 260 + 2 * k * max(64, int(8.0 * longest) + 14)),
+        height=max(340, 170 + 24 * n_rows),
+    )
+    return fig
+
+
+def head_source_figure(
+    result: AttributionResult,
+    *,
+    prompt: int = 0,
+    column: int = -1,
+    pair: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """Each head's direct contribution split over the source positions it attends to.
+
+    Rows: heads ``L{layer}H{head}`` (the first layer at the top); columns: the source tokens of
+    ``prompt`` up to the read position ``column`` (later sources cannot be attended to and are
+    left out). A cell is ``result.source_attribution[layer, head, source, prompt, column, pair]``
+    (attention weight × value vector through ``W_O``, the final scale and the unembedding, in
+    logits); a row sums to that head's entry in :func:`head_grid_figure`. The colour scale is
+    diverging, centred on zero and symmetric about it (blue raises, red lowers the pair's value).
+
+    Raises:
+        ValueError: the result is not ``unit="head_source"``, or the column is padding.
+    """
+    if result.unit != "head_source" or result.source_attribution is None:
+        raise ValueError(
+            f"head_source_figure needs a result with unit='head_source', not {result.unit!r}; "
+            "run direct_logit_attribution(..., unit='head_source')"
+        )
+    n_layers, n_heads, n_seq, n_batch, n_cols, n_pairs = result.source_attribution.shape
+    prompt = _check_index("prompt", prompt, n_batch)
+    column = _check_index("column", column, n_cols)
+    pair = _check_index("pair", pair, n_pairs)
+    if not bool(result.valid[prompt, column]):
+        raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
+    read_at = int(result.positions[prompt, column])
+    tokens = list(result.str_tokens[prompt][: read_at + 1])
+    values = result.source_attribution[:, :, : len(tokens), prompt, column, pair].reshape(n_layers * n_heads, -1)
+    z = as_list(values)
+    rows = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
+    xs = [f"{i}:{cell_text(t)}" for i, t in enumerate(tokens)]
+    finite = values[torch.isfinite(values)]
+    bound = float(finite.abs().max()) if finite.numel() else 1.0
+    hover = [
+        [f"<b>{rows[r]}</b> reading {quoted(tokens[i])} (position {i})<br>{_fmt(z[r][i])} logits" for i in range(len(tokens))]
+        for r in range(len(rows))
+    ]
+    show_text = len(rows) * len(tokens) <= 600
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(len(tokens))),
+            y=rows,
+            text=[[f"{v:+.2f}" if v is not None else "" for v in row] for row in z] if show_text else None,
+            texttemplate="%{text}" if show_text else None,
+            textfont={"size": 11},
+            hovertext=hover,
+            hovertemplate="%{hovertext}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0.0,
+            zmin=-(bound or 1.0),
+            zmax=bound or 1.0,
+            colorbar={"title": {"text": f"{_unit_name(result)} (logits)", "side": "right"}},
+            xgap=1,
+            ygap=1,
+        )
+    )
+    fig.update_xaxes(
+        title_text="source position (the token the head attends to)",
+        tickvals=list(range(len(tokens))),
+        ticktext=xs,
+        tickfont={"family": MONO},
+        tickangle=0 if max(len(x) for x in xs) <= 8 else -45,
+        showgrid=False,
+    )
+    fig.update_yaxes(title_text="head", type="category", autorange="reversed", showgrid=False)
+    where = quoted(tokens[-1])
+    house_style(
+        fig,
+        title=title
+        or f"Head × source position: {pair_name(result, pair)}<br><sup>prompt {prompt}, read after {where}; "
+        f"each row sums to the head's direct attribution</sup>",
+        width=max(600, 260 + 64 * len(tokens)),
+        height=max(360, 170 + 22 * len(rows)),
     )
     return fig

@@ -5,9 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from tl_logitlens.directions import DirectionResult
-from tl_logitlens.plotting._common import as_list, band_trace, cell_text
-
-_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+from tl_logitlens.plotting._common import MIN_BAND_N, PALETTE, as_list, band_trace, house_style, pair_name
 
 
 def _check_index(name: str, value: object, n: int) -> int:
@@ -29,7 +27,8 @@ def logit_diff_figure(
     """The mean value over prompts at each site with the result's confidence band.
 
     The line is ``result.mean`` and the band ``result.ci_low``..``result.ci_high`` (the percentile
-    bootstrap interval :func:`~tl_logitlens.logit_diff` computed, at ``result.ci_level``); with
+    bootstrap interval :func:`~tl_logitlens.logit_diff` computed, at ``result.ci_level``), drawn
+    from three prompts on (the legend says how many); with
     ``per_prompt=True`` each prompt's own ``values`` are drawn as thin lines. ``pair``: one pair
     (index), or all of them (``None``). ``column``: which read-position column (``logit_diff``'s
     default reads each prompt's last token, a single column). Units: logits for logit differences.
@@ -42,8 +41,8 @@ def logit_diff_figure(
     prompts = [b for b in range(result.values.shape[1]) if bool(result.valid[b, column])]
     fig = go.Figure()
     for i, k in enumerate(pairs):
-        colour = _PALETTE[i % len(_PALETTE)]
-        name = cell_text(result.pair_labels[k])
+        colour = PALETTE[i % len(PALETTE)]
+        name = pair_name(result, k, short=True)
         if per_prompt:
             for b in prompts:
                 fig.add_trace(
@@ -59,16 +58,17 @@ def logit_diff_figure(
                         hovertemplate=f"{name} prompt {b}<br>%{{y:.4g}}<extra></extra>",
                     )
                 )
-        fig.add_trace(
-            band_trace(
-                x,
-                as_list(result.ci_low[:, column, k]),
-                as_list(result.ci_high[:, column, k]),
-                colour,
-                f"{name} {result.ci_level:.0%} CI",
-                name,
+        if len(prompts) >= MIN_BAND_N:
+            fig.add_trace(
+                band_trace(
+                    x,
+                    as_list(result.ci_low[:, column, k]),
+                    as_list(result.ci_high[:, column, k]),
+                    colour,
+                    f"{name} {result.ci_level:.0%} CI (n={len(prompts)})",
+                    name,
+                )
             )
-        )
         fig.add_trace(
             go.Scatter(
                 x=x,
@@ -85,14 +85,17 @@ def logit_diff_figure(
     fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
     fig.update_yaxes(title_text=y_title)
     what = "Logit difference" if result.kind == "logit_diff" else "Direction"
-    fig.update_layout(
-        title={
-            "text": title
-            or f"{what} across layers (norm={result.norm}; band: {result.ci_level:.0%} bootstrap CI over prompts)"
-        },
-        height=420,
-        width=760,
-        plot_bgcolor="white",
-        legend={"orientation": "h", "y": -0.25},
+    if len(prompts) >= MIN_BAND_N:
+        band = f"band: {result.ci_level:.0%} bootstrap CI over {len(prompts)} prompts"
+    else:
+        band = f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, too few for a band"
+    many = "pairs" if result.kind == "logit_diff" else "directions"
+    heading = pair_name(result, pairs[0]) if len(pairs) == 1 else f"{len(pairs)} {many}"
+    house_style(
+        fig,
+        title=title or f"{what} across layers: {heading}<br><sup>norm={result.norm}; {band}</sup>",
+        width=780,
+        height=460,
+        legend_below=True,
     )
     return fig

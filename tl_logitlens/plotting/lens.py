@@ -15,11 +15,19 @@ import torch
 
 from tl_logitlens.lens import LensResult
 from tl_logitlens.plotting._common import (
+    MIN_BAND_N,
+    MONO,
+    PALETTE,
+    _plain_length,
     as_list,
     band_trace,
     cell_text,
     check_prompt,
+    clip,
+    colour_scale,
     column_at,
+    house_style,
+    log_ticks,
     quoted,
     target_index,
     target_names,
@@ -32,12 +40,13 @@ _Z_CRIT = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 @dataclass(frozen=True)
 class _Colour:
-    values: torch.Tensor  # [site, pos] for the chosen prompt and columns
+    values: torch.Tensor  # [site, pos] for the chosen prompt and columns, in the metric's own units
     title: str
     colorscale: str
-    zmin: float | None
-    zmax: float | None
-    log_rank: bool = False
+    scale: str  # the default scale of this metric: "linear" or "log"
+    lower: float | None = None  # a natural lower end of a linear scale (0 for probabilities, entropy)
+    floor: float | None = None  # a natural lower end of a log scale (1 for ranks)
+    unit: str = ""
 
 
 def _colour_values(result: LensResult, color: str, target: str | int | None, prompt: int) -> _Colour:
@@ -45,14 +54,14 @@ def _colour_values(result: LensResult, color: str, target: str | int | None, pro
     if color not in COLORS:
         raise ValueError(f"color={color!r} is not one of {list(COLORS)}")
     if color == "entropy":
-        return _Colour(result.entropy[:, prompt], "entropy (nats)", "Viridis", 0.0, None)
+        return _Colour(result.entropy[:, prompt], "entropy (nats)", "Viridis_r", "linear", lower=0.0, unit="nats")
     if color == "kl":
-        return _Colour(result.kl_to_final[:, prompt], "KL(final ‖ layer) (nats)", "Reds", 0.0, None)
+        return _Colour(result.kl_to_final[:, prompt], "KL to final (nats)", "Reds", "log", unit="nats")
     if color in ("prob", "logprob") and target is None:
         lp = result.top_logprobs[:, prompt, :, 0]
         if color == "prob":
-            return _Colour(lp.exp(), "P(top token)", "Blues", 0.0, 1.0)
-        return _Colour(lp, "log P(top token) (nats)", "Blues", None, 0.0)
+            return _Colour(lp.exp(), "P(top token)", "Blues", "linear", lower=0.0)
+        return _Colour(lp, "log P(top token) (nats)", "Blues", "linear", unit="nats")
     if target is None:  # rank, no target named
         n_t = 0 if result.target_ids is None else result.target_ids.shape[-1]
         if n_t == 0:
@@ -64,16 +73,16 @@ def _colour_values(result: LensResult, color: str, target: str | int | None, pro
                 f"color='rank' needs to know which target: pass target= one of {target_names(result)}"
             )
         values = torch.where(values > 0, values, torch.nan)  # -1 marks "no next token"
-        return _Colour(values.log10(), f"rank of {name} (log scale)", "Viridis_r", 0.0, None, log_rank=True)
+        return _Colour(values, f"rank of {name}", "Viridis_r", "log", lower=1.0, floor=1.0)
     t = target_index(result, target, prompt)
     name = quoted(target_names(result)[t])
     if color == "rank":
         values = result.target_ranks[:, prompt, :, t].double()
-        return _Colour(values.log10(), f"rank of {name} (log scale)", "Viridis_r", 0.0, None, log_rank=True)
+        return _Colour(values, f"rank of {name}", "Viridis_r", "log", lower=1.0, floor=1.0)
     lp = result.target_logprobs[:, prompt, :, t]
     if color == "prob":
-        return _Colour(lp.exp(), f"P({name})", "Blues", 0.0, 1.0)
-    return _Colour(lp, f"log P({name}) (nats)", "Blues", None, 0.0)
+        return _Colour(lp.exp(), f"P({name})", "Blues", "linear", lower=0.0)
+    return _Colour(lp, f"log P({name}) (nats)", "Blues", "linear", unit="nats")
 
 
 def shown_columns(n: int, max_positions: int, long: str) -> list[int]:
@@ -98,22 +107,42 @@ def lens_heatmap(
     prompt: int = 0,
     max_positions: int = 40,
     long: str = "clip",
+    scale: str | None = None,
+    zmin: float | None = None,
+    zmax: float | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """The logit lens as a picture: sites (rows, first layer at the bottom) × input positions.
 
-    Each cell's text is the site's top token (drawn through :func:`cell_text`); its colour is
-    ``color``: ``"prob"`` / ``"logprob"`` (of the top token, or of ``target``), ``"entropy"``
-    (nats), ``"rank"`` (of ``target``; with no target named, of the result's only target or, with
-    none, of the actual next token; drawn as ``log10(rank)``), or ``"kl"`` (``KL(final ‖ layer)``,
-    nats). Hovering a cell lists its top-k tokens with their probabilities.
+    Each cell's text is the site's top token (drawn through :func:`cell_text`, whitespace visible
+    as ``␣``/``↵``); its colour is ``color``: ``"prob"`` / ``"logprob"`` (of the top token, or of
+    ``target``), ``"entropy"`` (nats), ``"rank"`` (of ``target``; with no target named, of the
+    result's only target or, with none, of the actual next token), or ``"kl"``
+    (``KL(final ‖ layer)``, nats). Hovering a cell lists its top-k tokens with their probabilities.
+
+    Colour scale: ``scale="linear"`` or ``"log"`` (default: log for ``"rank"`` and ``"kl"``, where
+    one early layer would otherwise wash out the rest; linear for the others). The range adapts to
+    the cells shown (probabilities and entropy from 0 to the largest value shown; a log scale
+    spans at most four decades below the largest value, ranks from 1); ``zmin``/``zmax`` fix either
+    end, in the metric's own units (``zmin=0, zmax=1`` for the classic fixed probability scale).
+    A log scale draws ``log10`` of the values, with the colour bar labelled in the values (1, 10, 100).
 
     Prompts longer than ``max_positions`` are clipped to their last positions (``long="clip"``) or
     strided (``long="stride"``, every k-th position, always ending at the last); a note on the
     figure says so.
+
+    Raises:
+        ValueError: an unknown ``color``/``scale``/``long``, a target the result does not hold,
+            ``scale="log"`` of log-probs (already a log scale: use ``color="prob", scale="log"``).
     """
     prompt = check_prompt(result, prompt)
     colour = _colour_values(result, color, target, prompt)
+    scale = colour.scale if scale is None else scale
+    if scale == "log" and color == "logprob":
+        raise ValueError(
+            "color='logprob' is already on a log scale (nats) and its values are negative; "
+            "use color='prob', scale='log' for a log colour scale of the probability"
+        )
     cols_all = valid_columns(result, prompt)
     shown = shown_columns(len(cols_all), max_positions, long)
     cols = [cols_all[i] for i in shown]
@@ -123,31 +152,33 @@ def lens_heatmap(
     top = result.top_tokens()
     k = result.top_ids.shape[-1]
     probs = result.top_probs[:, prompt].tolist()
-    z = colour.values[:, cols]
-    z_list = as_list(z)
+    raw = colour.values[:, cols]
+    drawn = colour_scale(
+        raw, scale=scale, zmin=zmin, zmax=zmax, floor=colour.floor, lower=colour.lower if scale == "linear" else None
+    )
+    raw_list = as_list(raw)
+    z_list = as_list(drawn.z)
 
-    text = [[cell_text(top[s][prompt][j][0]) for j in cols] for s in range(len(labels))]
+    text = [[clip(cell_text(top[s][prompt][j][0])) for j in cols] for s in range(len(labels))]
     hover = []
     for s, label in enumerate(labels):
         row = []
         for c, j in enumerate(cols):
-            value = z_list[s][c]
-            shown_value = "—" if value is None else f"{10**value:.0f}" if colour.log_rank else f"{value:.4g}"
+            value = raw_list[s][c]
+            shown_value = "—" if value is None else f"{value:.0f}" if color == "rank" else f"{value:.4g}"
             lines = [
                 f"<b>{label}</b> · position {positions[j]} {quoted(inputs[j])}",
-                f"{colour.title.replace(' (log scale)', '')}: {shown_value}",
+                f"{colour.title}: {shown_value}",
                 "top tokens:",
             ]
             lines += [f"{r + 1}. {quoted(top[s][prompt][j][r])}  {probs[s][j][r]:.3f}" for r in range(k)]
             row.append("<br>".join(lines))
         hover.append(row)
 
-    colorbar: dict = {"title": {"text": colour.title, "side": "right"}}
-    if colour.log_rank:
-        finite = z[torch.isfinite(z)]
-        top_decade = max(1, math.ceil(float(finite.max()))) if finite.numel() else 1
-        ticks = list(range(0, top_decade + 1))
-        colorbar.update(tickvals=ticks, ticktext=[f"{10**t:,}" for t in ticks])
+    bar_title = colour.title + (" · log" if drawn.log else "")
+    colorbar: dict = {"title": {"text": bar_title, "side": "right"}}
+    if drawn.log:
+        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
     n_cols, n_rows = len(cols), len(labels)
     fig = go.Figure(
         go.Heatmap(
@@ -156,34 +187,33 @@ def lens_heatmap(
             y=labels,
             text=text,
             texttemplate="%{text}",
-            textfont={"size": 10},
+            textfont={"size": 12, "family": MONO},
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             colorscale=colour.colorscale,
-            zmin=colour.zmin,
-            zmax=colour.zmax,
+            zmin=drawn.zmin,
+            zmax=drawn.zmax,
             colorbar=colorbar,
             xgap=1,
             ygap=1,
         )
     )
+    ticks = [clip(cell_text(inputs[j])) for j in cols]
+    longest = max([_plain_length(t) for t in ticks] + [_plain_length(t) for row in text for t in row] + [3])
+    col_px = max(56, int(8.0 * longest) + 14)
     fig.update_xaxes(
-        title_text="input token",
+        title_text="input token (each cell: the prediction for the token after it)",
         tickvals=list(range(n_cols)),
-        ticktext=[cell_text(inputs[j]) for j in cols],
-        tickangle=-45,
+        ticktext=ticks,
+        tickangle=0 if max((_plain_length(t) for t in ticks), default=0) * 8.0 <= col_px - 6 else -45,
+        tickfont={"family": MONO},
         side="bottom",
+        showgrid=False,
     )
-    fig.update_yaxes(title_text="layer (residual stream site)", type="category")
+    fig.update_yaxes(title_text="layer (residual stream site)", type="category", showgrid=False)
     if title is None:
         title = f"Logit lens{' — ' + result.model_name if result.model_name else ''} (norm={result.norm})"
-    fig.update_layout(
-        title={"text": title},
-        width=max(520, 170 + 62 * n_cols),
-        height=max(320, 170 + 20 * n_rows),
-        margin={"t": 80 if len(cols) < len(cols_all) else 60},
-        plot_bgcolor="white",
-    )
+    house_style(fig, title=title, width=max(560, 200 + col_px * n_cols), height=max(360, 200 + 24 * n_rows))
     if len(cols) < len(cols_all):
         how = (
             f"the last {len(cols)}"
@@ -198,7 +228,7 @@ def lens_heatmap(
             y=1.0,
             yanchor="bottom",
             showarrow=False,
-            font={"size": 11, "color": "#a33"},
+            font={"size": 12, "color": "#555"},
             name="positions-note",
         )
     return fig
@@ -215,10 +245,12 @@ def target_trajectory(
 ) -> go.Figure:
     """The log-prob (nats), probability or rank of each target across sites, at one position.
 
-    One thin line per prompt (``show_prompts``), their mean in bold and a band of mean ± 1.96
-    standard errors over prompts (a normal-approximation 95% interval; no band for one prompt).
-    Ranks are summarised on ``log10`` (geometric mean and its band) and drawn on a log axis.
-    ``position`` is a token position in each prompt (``-1``: each prompt's last token).
+    One thin line per prompt (``show_prompts``), their mean in bold and, from three prompts on, a
+    band of mean ± 1.96 standard errors over prompts (a normal-approximation 95% interval; with
+    fewer prompts no band is drawn, as it would say nothing). The legend says how many prompts.
+    Ranks are summarised on ``log10`` (geometric mean and its band) and drawn on a log axis
+    labelled 1, 10, 100, ... (up is better). ``position`` is a token position in each prompt
+    (``-1``: each prompt's last token).
     """
     metrics = ("logprob", "prob", "rank")
     if metric not in metrics:
@@ -231,10 +263,11 @@ def target_trajectory(
     cols = [column_at(result, b, position) for b in range(n_batch)]
     labels = list(result.labels)
     x = list(range(len(labels)))
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
     fig = go.Figure()
+    plural = "s" if n_batch != 1 else ""
+    all_values = []
     for i, t in enumerate(chosen):
-        colour = palette[i % len(palette)]
+        colour = PALETTE[i % len(PALETTE)]
         b_idx = torch.arange(n_batch)
         if metric == "rank":
             values = result.target_ranks[:, b_idx, cols, t].double()  # [site, batch]
@@ -244,11 +277,9 @@ def target_trajectory(
             if metric == "prob":
                 values = values.exp()
             summary_in = values
+        all_values.append(values)
         mean = summary_in.mean(1)
-        if metric == "rank":
-            centre = 10**mean
-        else:
-            centre = mean
+        centre = 10**mean if metric == "rank" else mean
         name = quoted(names[t])
         if show_prompts and n_batch > 1:
             for b in range(n_batch):
@@ -265,20 +296,21 @@ def target_trajectory(
                         hovertemplate=f"{name} prompt {b}<br>%{{y:.4g}}<extra></extra>",
                     )
                 )
-        if n_batch > 1:
+        if n_batch >= MIN_BAND_N:
             sem = summary_in.std(1, unbiased=True) / math.sqrt(n_batch)
             lo, hi = mean - _Z_CRIT * sem, mean + _Z_CRIT * sem
             if metric == "rank":
                 lo, hi = 10**lo, 10**hi
-            fig.add_trace(band_trace(x, as_list(lo), as_list(hi), colour, f"{name} 95% band", name))
+            fig.add_trace(band_trace(x, as_list(lo), as_list(hi), colour, f"{name} 95% band (n={n_batch})", name))
         label = "geometric mean" if metric == "rank" else "mean"
+        trace_name = f"{name} {label} over {n_batch} prompt{plural}" if n_batch > 1 else f"{name} (1 prompt)"
         fig.add_trace(
             go.Scatter(
                 x=x,
                 y=as_list(centre),
                 mode="lines+markers",
                 line={"color": colour, "width": 3},
-                name=f"{name} {label} over {n_batch} prompt{'s' if n_batch > 1 else ''}",
+                name=trace_name,
                 legendgroup=name,
                 hovertemplate=f"{name}<br>%{{y:.4g}}<extra></extra>",
             )
@@ -287,14 +319,27 @@ def target_trajectory(
     fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
     fig.update_yaxes(title_text=y_title, type="log" if metric == "rank" else "linear")
     if metric == "rank":
-        fig.update_yaxes(autorange="reversed")
+        ranks = torch.cat([v.reshape(-1) for v in all_values])
+        ranks = ranks[torch.isfinite(ranks) & (ranks > 0)]
+        hi = float(ranks.max()) if ranks.numel() else 10.0
+        tickvals, ticktext = log_ticks(1.0, max(hi, 10.0))
+        # decades labelled 1, 10, 100 (plotly's own log ticks read "10, 2, 5, 100"); up is better
+        fig.update_yaxes(
+            tickvals=[10**v for v in tickvals], ticktext=ticktext, autorange="reversed", minor={"showgrid": False}
+        )
     where = "last token" if position == -1 else f"position {position}"
-    fig.update_layout(
-        title={"text": title or f"Targets across layers ({where}; band: mean ± 1.96 s.e.)"},
-        height=420,
-        width=760,
-        plot_bgcolor="white",
-        legend={"orientation": "h", "y": -0.25},
+    what = {"logprob": "Log-prob", "prob": "Probability", "rank": "Rank"}[metric]
+    band = (
+        f"; band: mean ± 1.96 s.e. over {n_batch} prompts"
+        if n_batch >= MIN_BAND_N
+        else f"; {n_batch} prompt{plural}, too few for a band"
+    )
+    house_style(
+        fig,
+        title=title or f"{what} of the targets across layers<br><sup>at the {where}{band}</sup>",
+        width=780,
+        height=460,
+        legend_below=True,
     )
     return fig
 
@@ -305,9 +350,15 @@ def top_token_evolution(
     prompt: int = 0,
     position: int = -1,
     n: int = 10,
+    scale: str = "linear",
+    zmin: float | None = None,
+    zmax: float | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Probability of each of the result's first ``n`` targets at every site (a heatmap).
+
+    The colour scale (``scale="linear"`` or ``"log"``, ``zmin``/``zmax``) adapts to the cells
+    shown as in :func:`lens_heatmap`: linear from 0 to the largest probability by default.
 
     To follow the final layer's top-n tokens, run the lens twice: once for the final top tokens
     (``first.top_ids[-1, prompt, col, :n]`` with ``top_k >= n``), then with ``targets=`` those ids;
@@ -342,7 +393,11 @@ def top_token_evolution(
         ]
         for r in range(n)
     ]
-    z = as_list(probs)
+    drawn = colour_scale(probs, scale=scale, zmin=zmin, zmax=zmax, lower=0.0 if scale == "linear" else None)
+    colorbar: dict = {"title": {"text": "probability" + (" (log scale)" if drawn.log else ""), "side": "right"}}
+    if drawn.log:
+        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
+    z = as_list(drawn.z)
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -350,13 +405,13 @@ def top_token_evolution(
             y=list(range(n)),
             text=[[f"{v:.2f}" for v in row] for row in probs.tolist()],
             texttemplate="%{text}",
-            textfont={"size": 10},
+            textfont={"size": 12},
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             colorscale="Blues",
-            zmin=0.0,
-            zmax=1.0,
-            colorbar={"title": {"text": "probability", "side": "right"}},
+            zmin=drawn.zmin,
+            zmax=drawn.zmax,
+            colorbar=colorbar,
             xgap=1,
             ygap=1,
         )
@@ -370,10 +425,12 @@ def top_token_evolution(
         autorange="reversed",
     )
     heading = f"final layer's top {n} tokens" if is_final_top else "targets"
-    fig.update_layout(
-        title={"text": title or f"Probability of the {heading} across layers (after {where})"},
-        width=max(520, 200 + 55 * len(labels)),
-        height=max(300, 150 + 26 * n),
-        plot_bgcolor="white",
+    fig.update_yaxes(tickfont={"family": MONO}, showgrid=False)
+    fig.update_xaxes(showgrid=False)
+    house_style(
+        fig,
+        title=title or f"Probability of the {heading} across layers (after {where})",
+        width=max(560, 220 + 60 * len(labels)),
+        height=max(320, 170 + 28 * n),
     )
     return fig

@@ -1,17 +1,32 @@
-"""The text view of the logit lens: each layer's predictions read as a line of text."""
+"""The text view of the logit lens: the input on top, under each token what every layer predicts next."""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 
 from tl_logitlens.lens import LensResult
-from tl_logitlens.plotting._common import cell_text, check_prompt, quoted, valid_columns
+from tl_logitlens.plotting._common import (
+    MONO,
+    as_list,
+    cell_text,
+    check_prompt,
+    colour_scale,
+    house_style,
+    quoted,
+    valid_columns,
+)
 from tl_logitlens.plotting.lens import shown_columns
 
+_CHAR_PX = 8.4  # width of one 13-px monospace character
+_ROW_PX = 28
 
-def _width(label: str) -> int:
-    """A box's width in characters (monospace), one character of padding."""
-    return max(len(label), 1) + 1
+
+def column_edges(columns: list[list[str]]) -> list[float]:
+    """Left and right edges (in characters) of each column: as wide as its longest text, plus padding."""
+    edges = [0.0]
+    for texts in columns:
+        edges.append(edges[-1] + max([len(t) for t in texts] + [1]) + 2)
+    return edges
 
 
 def text_heatmap(
@@ -20,107 +35,101 @@ def text_heatmap(
     prompt: int = 0,
     max_positions: int = 40,
     long: str = "clip",
+    scale: str = "linear",
+    zmin: float | None = None,
+    zmax: float | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """The sentence each layer would write: one row per site, each position's top token in a box.
+    """The sentence each layer would write, aligned by position.
 
-    A box's shade is the top token's probability at that site (0 white, 1 dark). The top row is
-    the input itself, so the prediction after each input token sits under it in reading order
-    (boxes are as wide as their text, so columns line up only where the tokens have equal length).
-    Built from two horizontal bar traces: ``"input"`` and ``"predictions"``, whose ``text`` is the
-    top tokens (through :func:`cell_text`) and ``marker.color`` the probabilities.
+    The top row is the input; under each input token, one row per site (the last layer just below
+    the input, the embeddings at the bottom) shows that site's top prediction for the *next* token,
+    so a prediction sits under the token it follows. Columns are as wide as their longest token,
+    text is horizontal and monospace, whitespace visible (``␣``, ``↵``). A cell's shade is the top
+    token's probability (``scale``, ``zmin``, ``zmax`` as in :func:`lens_heatmap`: by default
+    linear from 0 to the largest probability shown).
+
+    Built from two heatmap traces sharing the same column edges (``x``): ``"input"`` (grey, the
+    input tokens, at ``y = n_sites``) and ``"predictions"`` (``y = 0 .. n_sites - 1``, ticks labelled
+    with the sites; ``text``: the top tokens through :func:`cell_text`; ``z``: their probabilities,
+    ``[site][column]``).
     """
     prompt = check_prompt(result, prompt)
     cols_all = valid_columns(result, prompt)
     cols = [cols_all[i] for i in shown_columns(len(cols_all), max_positions, long)]
     labels = list(result.labels)
-    inputs = [cell_text(t) for t in result.input_tokens()[prompt]]
+    raw_inputs = result.input_tokens()[prompt]
+    inputs = [cell_text(raw_inputs[j]) for j in cols]
     top = result.top_tokens()
-    probs = result.top_probs[:, prompt].tolist()
+    probs = result.top_probs[:, prompt][:, cols, 0]  # [site, column]
     positions = result.positions[prompt].tolist()
-
-    def row_boxes(tokens: list[str]) -> tuple[list[int], list[int]]:
-        widths = [_width(t) for t in tokens]
-        bases, at = [], 0
-        for w in widths:
-            bases.append(at)
-            at += w
-        return widths, bases
-
-    in_tokens = [inputs[j] for j in cols]
-    w_in, b_in = row_boxes(in_tokens)
+    preds = [[cell_text(top[s][prompt][j][0]) for j in cols] for s in range(len(labels))]
+    edges = column_edges([[inputs[c]] + [preds[s][c] for s in range(len(labels))] for c in range(len(cols))])
+    drawn = colour_scale(probs, scale=scale, zmin=zmin, zmax=zmax, lower=0.0 if scale == "linear" else None)
+    colorbar: dict = {"title": {"text": "P(top token)" + (" (log scale)" if drawn.log else ""), "side": "right"}}
+    if drawn.log:
+        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
+    font = {"family": MONO, "size": 13}
     fig = go.Figure(
-        go.Bar(
+        go.Heatmap(
             name="input",
-            orientation="h",
-            y=["input"] * len(cols),
-            x=w_in,
-            base=b_in,
-            text=in_tokens,
-            textposition="inside",
-            insidetextanchor="middle",
-            marker={"color": "#eeeeee", "line": {"color": "white", "width": 2}},
-            textfont={"family": "monospace", "color": "black"},
-            hovertext=[f"input position {positions[j]} {quoted(result.input_tokens()[prompt][j])}" for j in cols],
+            x=edges,
+            y=[len(labels)],
+            z=[[0.0] * len(cols)],
+            text=[inputs],
+            texttemplate="%{text}",
+            textfont={**font, "color": "black"},
+            colorscale=[[0.0, "#e6e6e6"], [1.0, "#e6e6e6"]],
+            showscale=False,
+            hovertext=[[f"input position {positions[j]} {quoted(raw_inputs[j])}" for j in cols]],
             hovertemplate="%{hovertext}<extra></extra>",
-            showlegend=False,
+            xgap=2,
+            ygap=2,
         )
     )
-    y, x, base, text, colour, hover = [], [], [], [], [], []
-    for s, label in enumerate(labels):
-        tokens = [cell_text(top[s][prompt][j][0]) for j in cols]
-        widths, bases = row_boxes(tokens)
-        y += [label] * len(cols)
-        x += widths
-        base += bases
-        text += tokens
-        colour += [probs[s][j][0] for j in cols]
-        hover += [
-            f"<b>{label}</b> after {quoted(result.input_tokens()[prompt][j])} (position {positions[j]})"
-            f"<br>top token {quoted(top[s][prompt][j][0])}, P = {probs[s][j][0]:.3f}"
-            for j in cols
+    hover = [
+        [
+            f"<b>{label}</b> after {quoted(raw_inputs[j])} (position {positions[j]})"
+            f"<br>top token {quoted(top[s][prompt][j][0])}, P = {float(probs[s, c]):.3f}"
+            for c, j in enumerate(cols)
         ]
+        for s, label in enumerate(labels)
+    ]
     fig.add_trace(
-        go.Bar(
+        go.Heatmap(
             name="predictions",
-            orientation="h",
-            y=y,
-            x=x,
-            base=base,
-            text=text,
-            textposition="inside",
-            insidetextanchor="middle",
-            marker={
-                "color": colour,
-                "colorscale": "Blues",
-                "cmin": 0.0,
-                "cmax": 1.0,
-                "showscale": True,
-                "colorbar": {"title": {"text": "P(top token)", "side": "right"}},
-                "line": {"color": "white", "width": 2},
-            },
-            textfont={"family": "monospace"},
+            x=edges,
+            y=list(range(len(labels))),
+            z=as_list(drawn.z),
+            text=preds,
+            texttemplate="%{text}",
+            textfont=font,
+            colorscale="Blues",
+            zmin=drawn.zmin,
+            zmax=drawn.zmax,
+            colorbar=colorbar,
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
-            showlegend=False,
+            xgap=2,
+            ygap=2,
         )
     )
-    longest = max([sum(w_in)] + [sum(_width(t) for t in text[i : i + len(cols)]) for i in range(0, len(text), len(cols) or 1)])
-    fig.update_xaxes(visible=False, range=[0, longest])
+    fig.update_xaxes(visible=False, range=[edges[0], edges[-1]])
+    # a numeric y axis (rows 0..n_sites-1, the input at n_sites): plotly.js cannot draw two heatmaps
+    # on one category axis whose categories differ (the static export fails)
     fig.update_yaxes(
         title_text="layer (residual stream site)",
-        type="category",
-        categoryorder="array",
-        categoryarray=labels + ["input"],
+        tickvals=list(range(len(labels) + 1)),
+        ticktext=labels + ["input"],
+        range=[-0.5, len(labels) + 0.5],
+        showgrid=False,
+        zeroline=False,
     )
-    fig.update_layout(
-        title={"text": title or "What each layer would write next (shade: probability of its top token)"},
-        barmode="overlay",
-        uniformtext={"minsize": 8, "mode": "show"},
-        bargap=0.08,
-        width=max(520, 200 + int(8.2 * longest)),
-        height=max(300, 150 + 24 * (len(labels) + 1)),
-        plot_bgcolor="white",
-        font={"size": 12},
+    house_style(
+        fig,
+        title=title or "What each layer would write next<br><sup>under each input token, each site's top "
+        "prediction for the token after it; shade: its probability</sup>",
+        width=max(560, 230 + int(_CHAR_PX * edges[-1])),
+        height=max(320, 150 + _ROW_PX * (len(labels) + 1)),
     )
     return fig
