@@ -15,8 +15,13 @@ from tl_logitlens.models import load_model
 from tl_logitlens.profile import DepthProfile, depth_profile
 from tl_logitlens.reporting import report
 from tl_logitlens.tokens import display_tokens
+from tl_logitlens.tuned import TunedLens
+from tl_logitlens.tuned_io import load_lens
+from tl_logitlens.tuned_train import train_tuned_lens
 
 __all__ = [
+    "TunedLens",
+    "train_tuned_lens",
     "AttributionResult",
     "Batch",
     "component_lens",
@@ -28,6 +33,7 @@ __all__ = [
     "display_tokens",
     "LensEvaluation",
     "LensResult",
+    "load_lens",
     "load_model",
     "logit_diff",
     "logit_lens",
