@@ -208,7 +208,7 @@ class LensResult(ResultBase):
 
 
 def _resolve_targets(
-    model: Any, targets: Targets, n_batch: int, n_pos: int
+    model: Any, targets: object, n_batch: int, n_pos: int
 ) -> Int[torch.Tensor, "batch pos target"] | None:
     """Shared targets (a token or a list of tokens) or one id per prompt or per cell (a
     ``[batch, 1]`` or ``[batch, pos]`` tensor)."""

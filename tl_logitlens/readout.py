@@ -45,7 +45,7 @@ class Site:
     hook: str
 
 
-def resolve_sites(model: Any, sites: str | Sequence[str]) -> tuple[Site, ...]:
+def resolve_sites(model: Any, sites: object) -> tuple[Site, ...]:
     """Sites from kinds (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``) or explicit labels.
 
     Kinds give that state of every layer in depth order, followed by ``final_post`` (the stream
