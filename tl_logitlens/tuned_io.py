@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -156,47 +155,12 @@ def _load_tuned_lens_format(folder: Path) -> TunedLens:
 
 
 def read_texts(texts: Any) -> list[str]:
-    """Strings from a list/iterable of strings, a ``.txt`` (one text), ``.json`` (a list of strings or of
-    objects with ``"text"``) or ``.jsonl`` file (one string or object per line), or a Hugging Face
-    ``datasets`` split (its ``"text"`` column)."""
-    if isinstance(texts, (str, os.PathLike)):
-        path = Path(texts).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"no file at {str(texts)[:80]!r}; pass a .txt/.json/.jsonl file, or a list of strings "
-                "(a single text goes in a list: [text])"
-            )
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            out = [path.read_text()]
-        elif suffix == ".json":
-            out = _texts_from_records(json.loads(path.read_text()), str(path))
-        elif suffix == ".jsonl":
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            out = _texts_from_records([json.loads(ln) for ln in lines], str(path))
-        else:
-            raise ValueError(f"{path.name}: read .txt, .json or .jsonl files, not {suffix or 'no suffix'!r}")
-    elif hasattr(texts, "column_names") and hasattr(texts, "__getitem__"):
-        if "text" not in texts.column_names:
-            raise ValueError(f"the dataset has columns {texts.column_names}, not 'text'; pass dataset['your_column']")
-        out = list(texts["text"])
-    elif isinstance(texts, Iterable):
-        out = list(texts)
-    else:
-        raise TypeError(f"texts must be strings in a list or iterable, a file path or a datasets split, not {type(texts).__name__}")
-    bad = next((t for t in out if not isinstance(t, str)), None)
-    if bad is not None:
-        raise TypeError(f"texts must all be strings; found a {type(bad).__name__}")
-    out = [t for t in out if t.strip()]
-    if not out:
-        raise ValueError("no text to train on: every text is empty")
-    return out
+    """The documents of ``texts`` as :func:`tl_logitlens.corpus.iter_texts` reads them: a list or iterable
+    of strings, a ``.txt``/``.json``/``.jsonl`` file, or a Hugging Face ``datasets`` split (its
+    ``"text"`` column); blank documents are skipped and a corpus with none left is an error."""
+    from tl_logitlens.corpus import iter_texts
 
-
-def _texts_from_records(records: Any, where: str) -> list[str]:
-    if not isinstance(records, list):
-        raise ValueError(f"{where} should hold a list of strings or of objects with a 'text' field")
-    return [r["text"] if isinstance(r, dict) and "text" in r else r for r in records]
+    return list(iter_texts(texts))
 
 
 def pack_windows(model: Any, texts: list[str], seq_len: int | None) -> torch.Tensor:
