@@ -26,14 +26,6 @@ class Pairs:
     incorrect: Int[torch.Tensor, "B pair"] | None
     labels: tuple[str, ...]
 
-    @property
-    def shared(self) -> bool:
-        return self.correct.shape[0] == 1
-
-    def expanded(self, n_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        c = self.correct.expand(n_batch, -1)
-        return c, None if self.incorrect is None else self.incorrect.expand(n_batch, -1)
-
 
 def _as_list(value: object, what: str) -> list:
     if isinstance(value, (str, int)) or (isinstance(value, torch.Tensor) and value.ndim == 0):

@@ -11,7 +11,7 @@ promotes and suppresses. The arithmetic is in :mod:`tl_logitlens._dla`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
@@ -401,7 +401,7 @@ def _check_sum(
         )
 
 
-def _run(
+def _prepared_run(
     model: Any,
     inputs: Inputs,
     cache: Any,
@@ -420,78 +420,130 @@ def _run(
 # attribution
 
 
+@dataclass(frozen=True)
+class _Writer:
+    """One thing that writes to the residual stream, in the order rows are reported.
+
+    ``kind``: ``"state"`` (cached activations at ``hook``, minus the constant ``value`` when given:
+    an attention output without its ``b_O``), ``"vector"`` (a bias added at every position, before
+    the final norm), ``"post"`` (the final norm's bias, after it), ``"logit"`` (``b_U``), or a grid
+    of a layer's parts: ``"heads"`` (each head, from ``hook_z``) or ``"neurons"`` (each neuron, from
+    ``hook_post``), which must add up to ``hook`` (minus ``value``).
+    """
+
+    label: str
+    layer: int
+    kind: str
+    hook: str | None = None
+    value: torch.Tensor | None = None
+
+
+def _writers(model: Any, unit: str) -> list[_Writer]:
+    """Every row of an attribution (or component lens) with ``unit``, grid layers first.
+
+    Direct logit attribution and the component lens both read this one list, so their rows are
+    the same, in the same order, with the same biases.
+    """
+    d_model = model.cfg.d_model
+    grid, rest = [], [_Writer("embed", -1, "state", "hook_embed")]
+    if _has_pos_embed(model):
+        rest.append(_Writer("pos_embed", -1, "state", "hook_pos_embed"))
+    for layer, block in enumerate(model.blocks):
+        b_O = _compat.output_bias(block.attn, "b_O", d_model, model.W_U).detach().float()
+        attn_out = f"blocks.{layer}.hook_attn_out"
+        if unit in _HEAD_UNITS:
+            grid.append(_Writer(f"L{layer}H", layer, "heads", attn_out, b_O))
+        else:
+            rest.append(_Writer(f"{layer}_attn_out", layer, "state", attn_out, b_O))
+        rest.append(_Writer(f"{layer}_attn_b_O", layer, "vector", value=b_O))
+        if not _has_mlp(model):
+            continue
+        mlp_out = f"blocks.{layer}.hook_mlp_out"
+        if unit == "neuron":
+            b_out = _compat.output_bias(block.mlp, "b_out", d_model, model.W_U).detach().float()
+            grid.append(_Writer(f"L{layer}N", layer, "neurons", mlp_out, b_out))
+            rest.append(_Writer(f"{layer}_mlp_b_out", layer, "vector", value=b_out))
+        else:
+            rest.append(_Writer(f"{layer}_mlp_out", layer, "state", mlp_out))
+    b = final_norm_bias(model)
+    if b is not None:
+        rest.append(_Writer("final_norm_bias", -1, "post", value=b.detach().float()))
+    if getattr(model, "b_U", None) is not None:
+        rest.append(_Writer("unembed_bias", -1, "logit", value=model.b_U.detach().float()))
+    return grid + rest
+
+
 @dataclass
 class _AttributionRows:
-    """Rows as they are computed: the grid blocks (one per layer) and the other rows."""
+    """Attribution rows as they are computed: labels, layers, indices and ``[batch, n, pair]`` values."""
 
-    grid: list[torch.Tensor] = field(default_factory=list)
-    sources: list[torch.Tensor] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    sources: list[torch.Tensor] = field(default_factory=list)
+    grid_width: int | None = None
 
-    def add(self, label: str, layer: int, value: torch.Tensor) -> None:
+    def add(self, label: str, layer: int, value: torch.Tensor, index: int = -1) -> None:
         self.labels.append(label)
         self.layers.append(layer)
+        self.index.append(index)
         self.values.append(value)
+
+    def add_grid(self, writer: _Writer, parts: torch.Tensor) -> None:
+        self.grid_width = parts.shape[0]
+        for i, part in enumerate(parts):
+            self.add(f"{writer.label}{i}", writer.layer, part, i)
 
 
 @torch.inference_mode()
 def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_index: torch.Tensor) -> _AttributionRows:
+    """Each writer's contribution along the direction, with every identity checked on the way."""
     rows = _AttributionRows()
     dtype = model.cfg.dtype
 
     def at(hook: str) -> torch.Tensor:
         return gather_rows(cache[hook], pos_index)
 
-    rows.add("embed", -1, projector.states(at("hook_embed")))
-    if _has_pos_embed(model):
-        rows.add("pos_embed", -1, projector.states(at("hook_pos_embed")))
-    for layer, block in enumerate(model.blocks):
-        b_O = projector.vector(_compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U))
-        heads_sum = projector.states(at(f"blocks.{layer}.hook_attn_out")) - b_O
-        if unit in _HEAD_UNITS:
+    def whole(w: _Writer) -> torch.Tensor:
+        out = projector.states(at(w.hook))
+        return out if w.value is None else out - projector.vector(w.value)
+
+    for w in _writers(model, unit):
+        if w.kind == "state":
+            rows.add(w.label, w.layer, whole(w))
+        elif w.kind == "vector":
+            rows.add(w.label, w.layer, projector.vector(w.value))
+        elif w.kind == "post":
+            rows.add(w.label, w.layer, projector.constant(projector.norm_bias))
+        elif w.kind == "logit":
+            rows.add(w.label, w.layer, projector.constant(projector.unembed_bias))
+        elif w.kind == "heads":
+            block = model.blocks[w.layer]
             vecs = head_vectors(block.attn.W_O, projector.g)
-            heads = head_contributions(at(f"blocks.{layer}.attn.hook_z"), vecs, projector.inv_scale)
-            _check_sum(heads.sum(0), heads_sum, f"layer {layer}'s heads do not add up to its attention output", dtype=dtype)
-            rows.grid.append(heads)
+            heads = head_contributions(at(f"blocks.{w.layer}.attn.hook_z"), vecs, projector.inv_scale)
+            _check_sum(heads.sum(0), whole(w), f"layer {w.layer}'s heads do not add up to its attention output", dtype=dtype)
+            rows.add_grid(w, heads)
             if unit == "head_source":
-                pattern = cache[f"blocks.{layer}.attn.hook_pattern"].permute(0, 2, 1, 3)
+                pattern = cache[f"blocks.{w.layer}.attn.hook_pattern"].permute(0, 2, 1, 3)
                 pattern_rows = gather_rows(pattern, pos_index).permute(0, 2, 1, 3)
-                v = cache[f"blocks.{layer}.attn.hook_v"].float()
+                v = cache[f"blocks.{w.layer}.attn.hook_v"].float()
                 src = head_source_contributions(pattern_rows, v, vecs, projector.inv_scale)
-                _check_sum(src.sum(1), heads, f"layer {layer}'s source terms do not add up to its heads", dtype=dtype)
+                _check_sum(src.sum(1), heads, f"layer {w.layer}'s source terms do not add up to its heads", dtype=dtype)
                 rows.sources.append(src)
-        else:
-            rows.add(f"{layer}_attn_out", layer, heads_sum)
-        rows.add(f"{layer}_attn_b_O", layer, b_O)
-        if not _has_mlp(model):
-            continue
-        mlp_out = projector.states(at(f"blocks.{layer}.hook_mlp_out"))
-        if unit == "neuron":
-            b_out = projector.vector(_compat.output_bias(block.mlp, "b_out", model.cfg.d_model, model.W_U))
-            neurons = neuron_contributions(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, projector.g, projector.inv_scale)
-            _check_sum(
-                neurons.sum(0) + b_out, mlp_out, f"layer {layer}'s neurons do not add up to its MLP output", dtype=dtype
-            )
-            rows.grid.append(neurons)
-            rows.add(f"{layer}_mlp_b_out", layer, b_out)
-        else:
-            rows.add(f"{layer}_mlp_out", layer, mlp_out)
+        else:  # neurons
+            post = at(f"blocks.{w.layer}.mlp.hook_post")
+            neurons = neuron_contributions(post, model.blocks[w.layer].mlp.W_out, projector.g, projector.inv_scale)
+            _check_sum(neurons.sum(0), whole(w), f"layer {w.layer}'s neurons do not add up to its MLP output", dtype=dtype)
+            rows.add_grid(w, neurons)
     # the residual stream must be exactly the sum of what was written to it
-    written = torch.stack(rows.values).sum(0)
-    if rows.grid:
-        written = written + torch.stack([g.sum(0) for g in rows.grid]).sum(0)
+    written = [v for v, label in zip(rows.values, rows.labels) if label not in ("final_norm_bias", "unembed_bias")]
     _check_sum(
-        written,
+        torch.stack(written).sum(0),
         projector.states(at(_final_hook(model))),
         "the embeddings, attention and MLP outputs do not add up to the final residual stream",
         dtype=dtype,
     )
-    if final_norm_bias(model) is not None:
-        rows.add("final_norm_bias", -1, projector.constant(projector.norm_bias))
-    if getattr(model, "b_U", None) is not None:
-        rows.add("unembed_bias", -1, projector.constant(projector.unembed_bias))
     return rows
 
 
@@ -559,7 +611,7 @@ def direct_logit_attribution(
     _check_unit(unit, UNITS)
     check_model(model)
     scale = _linear_logit_scale(model)  # Granite, Cohere: logits scaled after W_U; linear, so rows scale too
-    run = _run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    run = _prepared_run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch = batch.tokens.shape[0]
     pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt, allow_no_incorrect=True)
@@ -575,23 +627,8 @@ def direct_logit_attribution(
     i_ids = None if pairs.incorrect is None else pairs.incorrect.expand(n_batch, -1).clone()
     total = _model_total(model, cache, pos_index, c_ids, i_ids)
 
-    n_layers = model.cfg.n_layers
-    labels, layers, index, blocks = [], [], [], []
-    grid_size = None
-    if rows.grid:
-        width = rows.grid[0].shape[0]
-        grid_size = (n_layers, width)
-        letter = "N" if unit == "neuron" else "H"
-        for layer in range(n_layers):
-            labels += [f"L{layer}{letter}{i}" for i in range(width)]
-            layers += [layer] * width
-            index += list(range(width))
-        blocks.append(torch.cat(rows.grid))
-    labels += rows.labels
-    layers += rows.layers
-    index += [-1] * len(rows.labels)
-    blocks.append(torch.stack(rows.values))
-    attribution = torch.cat(blocks)
+    attribution = torch.stack(rows.values)
+    grid_size = None if rows.grid_width is None else (model.cfg.n_layers, rows.grid_width)
 
     nan = torch.full((), float("nan"), device=attribution.device)
     keep = valid[..., None]
@@ -602,9 +639,9 @@ def direct_logit_attribution(
     return AttributionResult(
         unit=unit,
         metric="logit" if i_ids is None else "logit_diff",
-        labels=tuple(labels),
-        row_layer=tuple(layers),
-        row_index=tuple(index),
+        labels=tuple(rows.labels),
+        row_layer=tuple(rows.layers),
+        row_index=tuple(rows.index),
         attribution=torch.where(keep, attribution, nan),
         total=torch.where(keep, total, nan),
         grid_size=grid_size,
@@ -620,55 +657,33 @@ def direct_logit_attribution(
 # component lens
 
 
-@dataclass(frozen=True)
-class _Term:
-    """One row of the component lens: per-row pre-norm states, a pre-norm constant (a bias added
-    before the final norm), a post-norm constant (the final norm's bias) or a logit constant (b_U)."""
-
-    label: str
-    layer: int
-    index: int
-    kind: str
-    value: torch.Tensor
-
-
-def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor, scale: float) -> Iterator[_Term]:
-    def at(hook: str) -> torch.Tensor:
-        return gather_rows(cache[hook], pos_index)
-
-    if unit == "head":
-        for layer, block in enumerate(model.blocks):
-            z = at(f"blocks.{layer}.attn.hook_z")
-            result = torch.einsum("bnhe,hem->hbnm", z, block.attn.W_O.detach().float())
+def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> Iterator[tuple[_Writer, int, torch.Tensor]]:
+    """The component lens's rows: each writer with its index in its grid (-1 elsewhere) and its value
+    in the residual stream (``[batch, n, d_model]`` states, a ``[d_model]`` vector, or ``b_U``)."""
+    for w in _writers(model, unit):
+        if w.kind == "heads":
+            z = gather_rows(cache[f"blocks.{w.layer}.attn.hook_z"], pos_index)
+            result = torch.einsum("bnhe,hem->hbnm", z, model.blocks[w.layer].attn.W_O.detach().float())
             for h in range(result.shape[0]):
-                yield _Term(f"L{layer}H{h}", layer, h, "state", result[h])
-    yield _Term("embed", -1, -1, "state", at("hook_embed"))
-    if _has_pos_embed(model):
-        yield _Term("pos_embed", -1, -1, "state", at("hook_pos_embed"))
-    for layer, block in enumerate(model.blocks):
-        b_O = _compat.output_bias(block.attn, "b_O", model.cfg.d_model, model.W_U).detach().float()
-        if unit == "component":
-            yield _Term(f"{layer}_attn_out", layer, -1, "state", at(f"blocks.{layer}.hook_attn_out") - b_O)
-        yield _Term(f"{layer}_attn_b_O", layer, -1, "vector", b_O)
-        if _has_mlp(model):
-            yield _Term(f"{layer}_mlp_out", layer, -1, "state", at(f"blocks.{layer}.hook_mlp_out"))
-    b = final_norm_bias(model)
-    if b is not None:
-        yield _Term("final_norm_bias", -1, -1, "post", b.detach().float())
-    b_U = getattr(model, "b_U", None)
-    if b_U is not None:
-        yield _Term("unembed_bias", -1, -1, "logit", b_U.detach().float() * scale)
+                yield replace(w, label=f"{w.label}{h}", kind="state"), h, result[h]
+        elif w.kind == "state":
+            value = gather_rows(cache[w.hook], pos_index)
+            yield w, -1, value if w.value is None else value - w.value
+        else:
+            yield w, -1, w.value
 
 
 @torch.inference_mode()
-def _term_logits(term: _Term, norm: CachedNorm, sl: slice, w_u: torch.Tensor) -> Float[torch.Tensor, "rows d_vocab"]:
-    """The term's direct effect on every logit at the flattened read rows ``sl``."""
+def _term_logits(
+    kind: str, value: torch.Tensor, norm: CachedNorm, sl: slice, w_u: torch.Tensor, scale: float
+) -> Float[torch.Tensor, "rows d_vocab"]:
+    """A row's direct effect on every logit at the flattened read rows ``sl``."""
     n_rows = norm.inv_scale[sl].shape[0]
-    if term.kind == "logit":
-        return term.value[None].expand(n_rows, -1)
-    if term.kind == "post":
-        return (term.value @ w_u)[None].expand(n_rows, -1)
-    x = term.value.expand(n_rows, -1) if term.kind == "vector" else term.value.reshape(-1, term.value.shape[-1])[sl]
+    if kind == "logit":
+        return (value * scale)[None].expand(n_rows, -1)
+    if kind == "post":
+        return (value @ w_u)[None].expand(n_rows, -1)
+    x = value.expand(n_rows, -1) if kind == "vector" else value.reshape(-1, value.shape[-1])[sl]
     rows = CachedNorm(norm.inv_scale[sl], norm.gain, None, norm.centre)
     return rows.apply(x.float(), bias=False) @ w_u
 
@@ -702,7 +717,7 @@ def component_lens(
         raise ValueError(f"top_k must be an int between 1 and d_vocab={d_vocab}, got {top_k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    run = _run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    run = _prepared_run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch, n = pos_index.shape
     rows = run.all_rows()
@@ -714,15 +729,15 @@ def component_lens(
     top_i, top_v, bot_i, bot_v = [], [], [], []
     written = torch.zeros(n_batch, n, model.cfg.d_model, device=pos_index.device)
     with torch.inference_mode():
-        for term in _lens_terms(model, cache, unit, pos_index, scale):
+        for term, i, value in _lens_terms(model, cache, unit, pos_index):
             if term.kind in ("state", "vector"):
-                written = written + term.value.float()
+                written = written + value.float()
             labels.append(term.label)
             layers.append(term.layer)
-            index.append(term.index)
+            index.append(i)
             parts = [[], [], [], []]
             for start in range(0, n_batch * n, chunk_size):
-                logits = _term_logits(term, norm, slice(start, start + chunk_size), w_u)
+                logits = _term_logits(term.kind, value, norm, slice(start, start + chunk_size), w_u, scale)
                 hi = logits.topk(top_k, dim=-1)
                 lo = logits.topk(top_k, dim=-1, largest=False)
                 for p, t in zip(parts, (hi.indices, hi.values, lo.indices, lo.values)):

@@ -19,6 +19,8 @@ from tl_logitlens.tokens import display_tokens
 
 Inputs = Union[str, Sequence[str], torch.Tensor]
 TokenLike = Union[str, int]
+# what every analysis takes as targets: a token, a list of tokens, or a tensor of ids
+Targets = Union[None, TokenLike, Sequence[TokenLike], torch.Tensor]
 PositionSpec = Union[None, int, Sequence[int], str]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Union, no_type_check
+from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 from jaxtyping import Float, Int
@@ -21,7 +21,7 @@ from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import (
     Inputs,
     PositionSpec,
-    TokenLike,
+    Targets,
     check_flag,
     is_integer,
     prepare_inputs,
@@ -34,8 +34,6 @@ from tl_logitlens.readout import Readout, Site, check_model, check_norm, final_s
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
-
-Targets = Union[None, TokenLike, Sequence[TokenLike], torch.Tensor]
 
 DEFAULT_CHUNK_SIZE = 256
 # keep_logprobs=True refuses a [site, batch, pos, d_vocab] tensor above this many bytes unless raised

@@ -29,7 +29,7 @@ from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
 from tl_logitlens._results import ResultBase, common_fields
 from tl_logitlens._run import Rows, execute, run_cache
-from tl_logitlens.inputs import Batch, check_flag, prepare_inputs
+from tl_logitlens.inputs import Batch, Targets, check_flag, prepare_inputs
 from tl_logitlens.readout import Site
 from tl_logitlens.tokens import display_tokens
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 MaskSpec = Union[None, int, str, Sequence[Union[int, str]]]
-TargetSpec = Union[None, str, int, Sequence[Union[str, int]]]
 DEFAULT_CHUNK_SIZE = 16
 
 
@@ -366,7 +365,7 @@ def masked_lens(
     *,
     mask_positions: MaskSpec = None,
     mask: bool = True,
-    targets: TargetSpec = None,
+    targets: Targets = None,
     top_k: int = 5,
     n_track: int = 5,
     cache: Any = None,
@@ -448,7 +447,7 @@ def masked_lens(
     )
 
 
-def _mlm_targets(model: Any, targets: TargetSpec) -> torch.Tensor | None:
+def _mlm_targets(model: Any, targets: Targets) -> torch.Tensor | None:
     if targets is None:
         return None
     items = [targets] if isinstance(targets, (str, int)) else list(targets)
