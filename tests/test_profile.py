@@ -198,6 +198,8 @@ def test_masked_and_sliding_profiles():
         assert sp.slope[i].item() == pytest.approx(b, abs=1e-5)
         a, b, r2 = _polyfit(sp.depths, slide.max_logprobs[:, i].double())
         assert sp.max_slope[i].item() == pytest.approx(b, abs=1e-5)
+    held = depth_profile(masked_lens(model, "The cat sat on the [MASK]."))
+    assert held.row_tokens == ("[MASK]",) and held.target_ids.tolist() == [-1]
     fig = sp.plot_heatmaps()
     assert len(fig.data) == 4  # two heatmaps, two slope bar series
     assert any("√layer" in (tr.name or "") for tr in sp.plot(row=1).data)

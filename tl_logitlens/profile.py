@@ -250,7 +250,9 @@ def _rows_of(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, lis
     if isinstance(result, MaskedLensResult):
         b, j = result.valid.nonzero(as_tuple=True)
         toks = display_tokens(result.tokenizer, result.original_ids[b, j].clamp(min=0))
-        toks = [t if o >= 0 else "" for t, o in zip(toks, result.original_ids[b, j].tolist())]
+        # a hole the text already held ([MASK]) has no original token: show the mask token itself
+        held = display_tokens(result.tokenizer, result.tokens.cpu()[b, result.mask_positions.cpu()[b, j]])
+        toks = [t if o >= 0 else h for t, h, o in zip(toks, held, result.original_ids[b, j].tolist())]
         return torch.stack([b, j]), b, result.mask_positions[b, j], toks, "masked"
     if isinstance(result, LensResult):
         b, j = result.valid.cpu().nonzero(as_tuple=True)
