@@ -30,10 +30,10 @@ from tl_logitlens._dla import (
     unembed_columns,
 )
 from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._pairs import resolve_pairs
+from tl_logitlens._pairs import Pairs, resolve_pairs
 from tl_logitlens._results import ResultBase, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
-from tl_logitlens.inputs import Inputs, PositionSpec, prepare_inputs, resolve_positions
+from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
 from tl_logitlens.readout import (
     CachedNorm,
     check_model,
@@ -610,11 +610,17 @@ def direct_logit_attribution(
     """
     _check_unit(unit, UNITS)
     check_model(model)
+    check_flag(per_prompt, "per_prompt")
     scale = _linear_logit_scale(model)  # Granite, Cohere: logits scaled after W_U; linear, so rows scale too
     run = _prepared_run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    pairs = resolve_pairs(model, correct, incorrect, run.batch.tokens.shape[0], per_prompt=per_prompt, allow_no_incorrect=True)
+    return _attribution(model, run, pairs, unit, scale)
+
+
+def _attribution(model: Any, run: Run, pairs: Pairs, unit: str, scale: float) -> AttributionResult:
+    """The attribution rows of ``pairs`` over the run, and the model's own total beside them."""
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch = batch.tokens.shape[0]
-    pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt, allow_no_incorrect=True)
     direction = unembed_columns(model, pairs.correct)
     bias = unembed_bias(model, pairs.correct)
     if pairs.incorrect is not None:
@@ -718,6 +724,11 @@ def component_lens(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     run = _prepared_run(model, inputs, cache, unit, positions, prepend_bos, attention_mask)
+    return _component_lens(model, run, unit, top_k, chunk_size)
+
+
+def _component_lens(model: Any, run: Run, unit: str, top_k: int, chunk_size: int) -> ComponentLensResult:
+    """Each writer's direct effect on every logit, reduced to its top and bottom ``top_k`` tokens."""
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
     n_batch, n = pos_index.shape
     rows = run.all_rows()

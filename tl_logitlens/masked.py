@@ -29,7 +29,7 @@ from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
 from tl_logitlens._results import ResultBase, common_fields
 from tl_logitlens._run import Rows, execute, run_cache
-from tl_logitlens.inputs import Batch, Targets, check_flag, prepare_inputs
+from tl_logitlens.inputs import Batch, Targets, check_flag, is_integer, prepare_inputs
 from tl_logitlens.readout import Site
 from tl_logitlens.tokens import display_tokens
 
@@ -185,7 +185,8 @@ def resolve_mlm_target(model: Any, target: object) -> int:
     d_vocab = model.cfg.d_vocab
     if isinstance(target, bool):
         raise TypeError(f"target {target!r} is a bool; pass a word or a token id")
-    if isinstance(target, int):
+    if is_integer(target):
+        target = int(target)
         if not 0 <= target < d_vocab:
             raise ValueError(f"target id {target} is outside the vocabulary [0, {d_vocab})")
         return target
@@ -398,16 +399,31 @@ def masked_lens(
     check_flag(keep_logprobs, "keep_logprobs")
     if not mask and mask_positions is None:
         raise ValueError("mask=False reads given positions unmasked; pass mask_positions (ints or words)")
-    tok = model.tokenizer
     enc = _encode(model, inputs, attention_mask)
-    positions, valid = _mask_positions(mask_positions, enc, tok)
+    positions, valid = _mask_positions(mask_positions, enc, model.tokenizer)
+    target_ids = _mlm_targets(model, targets)
+    return _masked(model, enc, positions, valid, mask, target_ids, cache, (top_k, n_track, chunk_size, keep_logprobs))
+
+
+def _masked(
+    model: Any,
+    enc: Batch,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    mask: bool,
+    target_ids: torch.Tensor | None,
+    cache: Any,
+    settings: tuple[int, int, int, bool],
+) -> MaskedLensResult:
+    """Mask (or not) the holes, run (or check the cache), read every site through the MLM head."""
+    top_k, n_track, chunk_size, keep_logprobs = settings
+    tok = model.tokenizer
     rows_b, rows_j = valid.nonzero(as_tuple=True)
     original = enc.tokens[rows_b, rows_p := positions[rows_b, rows_j]]
     read = enc.tokens.clone()
     if mask:
         read[rows_b, rows_p] = tok.mask_token_id
     known = original != tok.mask_token_id
-    target_ids = _mlm_targets(model, targets)
     sites = encoder_sites(model)
     device = torch.device(model.cfg.device)
     batch = Batch(
@@ -450,7 +466,7 @@ def masked_lens(
 def _mlm_targets(model: Any, targets: Targets) -> torch.Tensor | None:
     if targets is None:
         return None
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    items = [targets] if isinstance(targets, str) or is_integer(targets) else list(targets)
     if not items:
         raise ValueError("targets is empty; pass a word, an id, or a list of them")
     return torch.tensor([resolve_mlm_target(model, t) for t in items])
