@@ -291,26 +291,20 @@ def load_encoder(
     return model
 
 
-def encoder_from_hf(hf_model: Any, tokenizer: Any, *, device: Any = None, dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
+def encoder_from_hf(hf_model: Any, tokenizer: Any, *, device: Any = None, source: str = "", **kwargs: Any) -> Any:
     """A masked LM from a Hugging Face ``BertForMaskedLM``/``RobertaForMaskedLM`` object and its tokenizer:
-    a ``HookedEncoder`` on 3.x (converted; the object is not modified), a bridge over a copy on 4.x."""
+    a converted ``HookedEncoder`` on 3.x, a bridge wrapping ``hf_model`` on 4.x (so pass a copy if the
+    object must stay as it is). ``source``: a folder holding its ``config.json`` (the 4.x bridge reads
+    the architecture there, offline)."""
     if kwargs:
         raise ValueError(
             f"masked language models take no loading options, got {sorted(kwargs)}; their post-LN "
             "LayerNorms cannot be folded"
         )
-    import copy
-
-    dtype = dtype or next(hf_model.parameters()).dtype
-    copied = copy.deepcopy(hf_model).to(dtype).eval()
-    name = str(getattr(hf_model, "name_or_path", "") or type(hf_model).__name__)
     if _compat.HookedEncoder is None:
-        source = name if Path(name).exists() else type(hf_model).__name__
-        model = _load_bridge(source, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=copied)
-    else:
-        model = _convert(copied, tokenizer, device=device, source=name)
-    model.cfg.model_name = Path(name).name if Path(name).exists() else name
-    return model
+        dtype = next(hf_model.parameters()).dtype
+        return _load_bridge(source, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model)
+    return _convert(hf_model, tokenizer, device=device, source=source or type(hf_model).__name__)
 
 
 _MASKED_TYPES = ("bert", "roberta", "xlm-roberta")

@@ -455,27 +455,23 @@ def _load_hf_object(hf_model: Any, tokenizer: Any, device: Any, dtype: Any, **kw
     tok = _hf_tokenizer(hf_model, tokenizer)
     own_dtype = next(hf_model.parameters()).dtype
     torch_dtype = own_dtype if dtype is None else _dtype(dtype)
-    if masked:
-        from tl_logitlens.encoders import encoder_from_hf
-
-        return encoder_from_hf(hf_model, tok, device=device, dtype=torch_dtype, **kwargs)
     name = str(getattr(hf_model, "name_or_path", "") or arch)
+    copied = copy.deepcopy(hf_model).to(torch_dtype).eval()
+    if not getattr(copied.config, "architectures", None):  # a model built from a config names none
+        copied.config.architectures = [arch]
     with tempfile.TemporaryDirectory(prefix="tl_logitlens_") as tmp:
+        # the config in a neutral-named folder: TransformerLens reads it from there, offline
         staged = Path(tmp) / "checkpoint"
         staged.mkdir()
-        _stage_config(hf_model.config.to_dict(), staged)
-        if _compat.HookedTransformer is None:
-            copied = copy.deepcopy(hf_model).to(torch_dtype).eval()
+        _stage_config(copied.config.to_dict(), staged)
+        if masked:
+            from tl_logitlens.encoders import encoder_from_hf
+
+            model = encoder_from_hf(copied, tok, device=device, source=str(staged), **kwargs)
+        elif _compat.HookedTransformer is None:
             model = _boot_bridge(str(staged), device, torch_dtype, hf_model=copied, tokenizer=tok, **kwargs)
         else:
-            model = _hooked_from_config(
-                staged,
-                lambda: copy.deepcopy(hf_model).to(torch_dtype).eval(),
-                lambda: tok,
-                device,
-                torch_dtype,
-                **kwargs,
-            )
+            model = _hooked_from_config(staged, lambda: copied, lambda: tok, device, torch_dtype, **kwargs)
     model.cfg.model_name = Path(name).name if Path(name).exists() else name
     return model
 
