@@ -12,7 +12,7 @@ from tl_logitlens.plotting.attribution import (
     head_source_figure,
 )
 from tl_logitlens.plotting.comparison import logit_diff_figure
-from tl_logitlens.plotting.export import save_figure, save_figures
+from tl_logitlens.plotting.export import save_figure, save_figures, show
 from tl_logitlens.plotting.lens import lens_heatmap, target_trajectory, top_token_evolution
 from tl_logitlens.plotting.masked import profile_figure, profile_heatmaps, sliding_text_heatmap, vocab_figure
 from tl_logitlens.plotting.text import text_heatmap
@@ -29,6 +29,7 @@ __all__ = [
     "profile_heatmaps",
     "save_figure",
     "save_figures",
+    "show",
     "sliding_text_heatmap",
     "target_trajectory",
     "text_heatmap",

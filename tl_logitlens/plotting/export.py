@@ -80,3 +80,25 @@ def save_figures(
         if missing:
             raise RuntimeError(f"kaleido did not write {missing}: plotly.js could not render those figures")
     return out
+
+
+def show(fig: go.Figure, *, png: bool = True, scale: float | int = 1.0) -> None:
+    """Display ``fig`` in a notebook as one output holding the interactive figure *and* a PNG of it.
+
+    Jupyter and VS Code draw the interactive plotly figure; GitHub, nbconvert and the docs site,
+    which cannot run plotly.js, show the PNG (rendered by kaleido, as :func:`save_figure`). With
+    ``png=False``, or where kaleido cannot find a browser, only the interactive figure is kept.
+    """
+    from IPython.display import display
+
+    bundle = {"application/vnd.plotly.v1+json": fig.to_plotly_json(), "text/plain": "<plotly figure>"}
+    if png:
+        try:
+            bundle["image/png"] = fig.to_image(
+                format="png", width=fig.layout.width, height=fig.layout.height, scale=scale
+            )
+        except Exception as err:  # no browser for kaleido: the interactive figure alone
+            import warnings
+
+            warnings.warn(f"no PNG for this figure ({err}); showing the interactive figure only", stacklevel=2)
+    display(bundle, raw=True)

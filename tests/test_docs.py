@@ -1,0 +1,72 @@
+"""The documentation site builds with ``mkdocs build --strict`` and documents every public name.
+
+Needs the ``docs`` extra (``pip install -e ".[docs]"``; CI installs it). Without mkdocs the test is
+skipped with that reason, except under CI (``CI`` set), where it fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tl_logitlens
+import tl_logitlens.plotting
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _need_mkdocs() -> None:
+    missing = [m for m in ("mkdocs", "material", "mkdocstrings_handlers", "mkdocs_jupyter") if importlib.util.find_spec(m) is None]
+    if missing:
+        why = f"the docs extra is not installed (missing {missing}): pip install -e '.[docs]'"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    _need_mkdocs()
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_docs_build_strict_documents_every_public_name(site):
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in (site / "api").rglob("index.html"))
+    anchors = set(re.findall(r'id="(tl_logitlens\.[A-Za-z_.]+)"', pages))
+    public = [f"tl_logitlens.{n}" for n in tl_logitlens.__all__]
+    public += [f"tl_logitlens.plotting.{n}" for n in tl_logitlens.plotting.__all__]
+    missing = [n for n in public if n not in anchors]
+    assert not missing, f"public names without an API entry: {missing}"
+
+
+@pytest.mark.slow
+def test_docs_site_has_the_tutorials_with_their_figures_and_the_readme(site):
+    notebooks = sorted((ROOT / "tutorials").glob("*.ipynb"))
+    assert notebooks
+    for nb in notebooks:
+        page = (site / "tutorials" / nb.stem / "index.html").read_text(encoding="utf-8")
+        assert "<img" in page and "data:image/png;base64," in page, f"{nb.name}: no PNG figure on its page"
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert "{{ README }}" not in home and "Quickstart" in home
+    # hooks and extensions are build code, not pages
+    assert not list(site.rglob("*.py"))
+
+
+def test_readme_links_the_docs_entry_page():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(docs/index.md)" in readme
+    assert (ROOT / "docs" / "index.md").is_file() and (ROOT / "mkdocs.yml").is_file()
