@@ -58,6 +58,12 @@ def _one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> None:
         (["run", "demo", "hi", "--csv", "missing_dir/x.csv"], ["does not exist"]),
         (["frobnicate"], ["invalid choice"]),
         ([], ["required"]),
+        (["--frobnicate"], ["unrecognized option '--frobnicate'"]),
+        (["run", "demo", "hi", "--device", "foo"], ["--device 'foo' is not a torch device"]),
+        (["eval", "demo"], ["--texts"]),
+        (["eval", "demo", "--texts", "missing.json"], ["no corpus at 'missing.json'"]),
+        (["eval", "demo", "--texts", "missing.json", "--seq-len", "0"], ["--seq-len", "at least 1"]),
+        (["eval", "demo", "--texts", "missing.json", "--bootstrap", "-1"], ["--bootstrap", "0 or more"]),
     ],
 )
 def test_usage_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, args, fragments):
@@ -126,21 +132,28 @@ def test_run_writes_table_report_csv_and_json(model_runs):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     # the table: one row per site, the last prompt token in the title, targets' columns
-    for label in ("0_pre", "4_pre", "final_post", "P(' p')", "P(' s')", "after ' the'"):
+    for label in ("0_pre", "4_pre", "final_post", "P(␣p)", "P(␣s)", "after '␣the'"):
         assert label in res.stdout
     final_row = next(line for line in res.stdout.splitlines() if line.startswith("final_post"))
-    assert "' p'" in final_row  # the stories model's top guess after '... outside in the'
+    assert final_row.split()[1] == "␣p"  # the stories model's top guess after '... outside in the'
     assert "1 more prompt" in res.stdout
+    # --versus: the logit difference per layer and the top attributions
+    assert "Logit difference ' p' - ' s' per layer" in res.stdout
+    assert "Top components by direct logit attribution" in res.stdout
     page = (cwd / "out.html").read_text(encoding="utf-8")
-    assert page.count("Plotly.newPlot") == 2 + 1 + 1 + 2 + 1 + 2  # 2 heatmaps, text, evolution, ...
+    # 2 heatmaps, text, evolution, trajectories, logit difference, attributions (and what the report adds)
+    assert page.count("Plotly.newPlot") >= 2 + 1 + 1 + 2 + 1 + 2
     frame = pd.read_csv(cwd / "lens.csv")
     assert set(frame["prompt"]) == {0, 1} and set(frame["rank"]) == {1, 2, 3}
     assert {"site", "position", "token", "prob", "entropy", "kl_to_final"} <= set(frame.columns)
+    assert {"target", "target_prob", "target_rank", "versus", "versus_prob", "versus_rank"} <= set(frame.columns)
+    assert set(frame["target"]) == {" p"} and set(frame["versus"]) == {" s"}
     payload = json.loads((cwd / "lens.json").read_text(encoding="utf-8"))
     assert payload["target"] == " p" and payload["versus"] == " s" and len(payload["prompts"]) == 2
     assert len(payload["lens"]) == len(frame)
     last = [r for r in payload["targets"] if r["prompt"] == 0 and r["site"] == "final_post" and r["target"] == " p"]
     assert last[-1]["rank"] == 1
+    assert payload["attribution"] and {"component", "attribution", "total"} <= set(payload["attribution"][0])
 
 
 @pytest.mark.slow
@@ -150,11 +163,11 @@ def test_demo_prints_the_table_and_writes_the_report(model_runs):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     lines = res.stdout.splitlines()
-    assert "after ' very'" in lines[0]
+    assert "after '␣very'" in lines[0]
     rows = [line for line in lines if line.split(" ")[0] in ("0_pre", "1_pre", "2_pre", "3_pre", "final_post")]
     assert len(rows) == 5
     page = (cwd / "logit_lens_report.html").read_text(encoding="utf-8")
-    assert page.count("Plotly.newPlot") == 3 and "<script src" not in page
+    assert page.count("Plotly.newPlot") >= 3 and "<script src" not in page
     assert "wrote report: logit_lens_report.html" in res.stdout
 
 
@@ -169,3 +182,119 @@ def test_entry_point_is_installed_and_helps(model_runs):
 @pytest.mark.slow
 def test_empty_prompt_in_a_subprocess_is_a_one_line_error(model_runs):
     _one_line_error(model_runs[1]["empty"], "the prompt is empty")
+
+
+def test_version_help_texts_and_examples(capsys):
+    from tl_logitlens import __version__
+    from tl_logitlens.cli import build_parser
+
+    res = _in_process(["--version"], capsys)
+    assert res.returncode == 0 and res.stdout.strip() == f"tl-logitlens {__version__}"
+    res = _in_process(["--help"], capsys)
+    assert res.returncode == 0 and "examples:" in res.stdout and "torchrun" in res.stdout
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subparsers) == {"demo", "run", "eval"}
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_cuda_device_on_a_cpu_only_torch_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error is for CPU-only machines")
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_in_process(["run", "demo", "hi", "--device", "cuda"], capsys), "--device cuda", "use --device cpu")
+    _one_line_error(_in_process(["eval", "demo", "--texts", "x.json", "--device", "cuda:0"], capsys), "--device cuda:0")
+
+
+def _lines_fit(text: str, width: int) -> None:
+    too_long = [line for line in text.splitlines() if len(line) > width]
+    assert not too_long, f"lines wider than {width} columns: {too_long}"
+
+
+@pytest.mark.parametrize("columns", [80, 132])
+def test_demo_table_fits_the_terminal(tmp_path, monkeypatch, capsys, columns):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    res = _in_process(["demo", "--no-report"], capsys)
+    assert res.returncode == 0, res.stderr
+    _lines_fit(res.stdout, columns)
+    assert "␣happy" in res.stdout and "H: entropy" in res.stdout
+    if columns == 80:
+        assert "top 4 of 5 shown" in res.stdout or "top 3 of 5 shown" in res.stdout
+    else:
+        assert "top 5" in res.stdout and "shown to fit" not in res.stdout
+
+
+def test_eval_prints_a_table_that_fits_and_writes_what_evaluate_lenses_gives(tmp_path, monkeypatch, capsys):
+    import tl_logitlens as tl
+    from tests.helpers import SENTENCES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    (tmp_path / "corpus.json").write_text(json.dumps(SENTENCES * 2), encoding="utf-8")
+    res = _in_process(
+        ["eval", "demo", "--texts", "corpus.json", "--seq-len", "8", "--bootstrap", "50", "--json", "ev.json",
+         "--csv", "ev.csv", "--no-progress"],
+        capsys,
+    )
+    assert res.returncode == 0, res.stderr
+    _lines_fit(res.stdout, 80)
+    assert "logit lens: 10 documents" in res.stdout and "final_post" in res.stdout
+    payload = json.loads((tmp_path / "ev.json").read_text(encoding="utf-8"))
+    ev = tl.evaluate_lenses(tl.load_model("demo"), SENTENCES * 2, seq_len=8, n_bootstrap=50, progress=False)
+    assert payload == json.loads(ev.to_json())
+    frame = pd.read_csv(tmp_path / "ev.csv")
+    assert {"site", "lens", "kl_to_final", "kl_to_final_low", "kl_to_final_high", "n_tokens"} <= set(frame.columns)
+
+
+@pytest.mark.slow
+def test_target_as_a_token_id(tmp_path, monkeypatch, capsys):
+    stories = str(require_shared(STORIES))
+    monkeypatch.chdir(tmp_path)
+    res = _in_process(["run", stories, PROMPT, "--target", "298", "--no-report", "--json", "t.json"], capsys)
+    assert res.returncode == 0, res.stderr
+    targets = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["targets"]
+    assert {r["target_id"] for r in targets} == {298}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_json_one_process_writes(tmp_path):
+    import socket
+
+    from tests.helpers import SENTENCES
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(SENTENCES * 3), encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    common = ["eval", "demo", "--texts", "corpus.txt", "--seq-len", "6", "--bootstrap", "100", "--no-progress"]
+    env = dict(os.environ, COLUMNS="100", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    two = subprocess.Popen(
+        [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "tl_logitlens", *common, "--json", "two.json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    one = subprocess.Popen(
+        [sys.executable, "-m", "tl_logitlens", *common, "--json", "one.json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    res_two, res_one = _finish(two, timeout=400), _finish(one, timeout=400)
+    assert res_one.returncode == 0, res_one.stderr
+    assert res_two.returncode == 0, res_two.stderr
+    assert res_two.stdout.count("logit lens: 15 documents") == 1  # rank 0 alone prints
+    a = json.loads((tmp_path / "one.json").read_text(encoding="utf-8"))
+    b = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    assert b.pop("world_size") == 2 and a.pop("world_size") == 1
+    rows_a, rows_b = a.pop("results"), b.pop("results")
+    assert a == b
+    for ra, rb in zip(rows_a, rows_b):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-6, abs=2e-6), key
+            else:
+                assert rb[key] == value

@@ -1,13 +1,17 @@
 """The ``tl-logitlens`` command: the logit lens from a terminal, with a table and an HTML report.
 
 ``tl-logitlens demo`` runs the built-in demo model on a story prompt; ``tl-logitlens run MODEL
-PROMPT`` any model. Mistakes in what was typed (an unknown model, a missing file, a target that is
-not one token, an empty prompt) end with one line on stderr saying what to do, and exit code 2.
+PROMPT`` any model; ``tl-logitlens eval MODEL --texts FILE`` scores lenses over a corpus (also
+under ``torchrun``, sharded over processes). Mistakes in what was typed (an unknown model, a
+missing file, a target that is not one token, an empty prompt, a device this machine lacks) end
+with one line on stderr saying what to do, and exit code 2. Tables fit the terminal (80 columns
+and up): columns that do not fit are left out and a legend says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +22,22 @@ PROG = "tl-logitlens"
 DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was very"
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
+COMMANDS = ("demo", "run", "eval")
+TOKEN_CHARS = 10  # a token longer than this is cut with "…" in the terminal table
+N_ATTRIBUTIONS = 8
+WIDE = 110  # at least this many columns: evaluation tables show their intervals
+
+EPILOG = f"""\
+examples:
+  {PROG} demo                                  the demo model, a table and a report
+  {PROG} run gpt2 "The Eiffel Tower is in the city of" --target " Paris" --versus " Rome"
+  {PROG} run ./my-checkpoint --prompts-file prompts.txt --sites resid_pre resid_mid --csv lens.csv
+  {PROG} run demo "The dog was very" --lens demo     read the layers through the demo tuned lens
+  {PROG} eval ./stories260K --texts stories.json --lens ./tuned-lens --json eval.json
+  torchrun --nproc-per-node 4 -m tl_logitlens eval gpt2 --texts corpus.jsonl --json eval.json
+
+'{PROG} COMMAND --help' lists a command's options.
+"""
 
 
 class UsageError(Exception):
@@ -42,13 +62,46 @@ def _positive(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tl_logitlens")
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        from tl_logitlens import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
         description="The logit lens for TransformerLens models: what each layer would predict.",
+        epilog=EPILOG,
+        formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--lens",
+            metavar="PATH|demo",
+            help="read the layers through a tuned lens: a folder saved by tl.TunedLens (or tuned-lens "
+            "0.2.0), or 'demo' for the one shipped with the demo model (default: the logit lens)",
+        )
 
     def outputs(p: argparse.ArgumentParser, default_out: str | None) -> None:
         p.add_argument("--top-k", type=_positive, default=5, help="top tokens per layer (default 5)")
@@ -58,28 +111,110 @@ def build_parser() -> argparse.ArgumentParser:
             help="HTML report to write (default: logit_lens_report.html in the current folder)",
         )
         p.add_argument("--no-report", action="store_true", help="print the table only, write no HTML")
-        p.add_argument("--csv", help="also write the lens table (one row per layer, position, rank) as CSV")
-        p.add_argument("--json", help="also write the settings and tables as JSON")
+        p.add_argument(
+            "--csv",
+            metavar="FILE",
+            help="also write the lens table as CSV: one row per layer, prompt, position and rank, with "
+            "the target's (and --versus token's) probability and rank",
+        )
+        p.add_argument(
+            "--json",
+            metavar="FILE",
+            help="also write the settings, tables, logit differences and attributions as JSON",
+        )
 
-    demo = sub.add_parser("demo", help="run the lens on the built-in demo model (offline, seconds)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the lens on the built-in demo model (offline, seconds)",
+        description="The logit lens (and the demo tuned lens) on the built-in demo model and a story prompt.",
+        formatter_class=fmt,
+    )
     outputs(demo, "logit_lens_report.html")
 
-    run = sub.add_parser("run", help="run the lens on a model and prompt(s)")
+    run = sub.add_parser(
+        "run",
+        help="run the lens on a model and prompt(s)",
+        description="What each layer of MODEL predicts after the last token of each prompt.",
+        epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" --target \" Paris\" --versus \" Rome\"",
+        formatter_class=fmt,
+    )
     run.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
-    run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or use --prompts-file)")
+    run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)")
     run.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
-    run.add_argument("--target", metavar="TOKEN", help="a token to follow across layers (exactly one token)")
-    run.add_argument("--versus", metavar="TOKEN", help="a comparison token: adds logit difference and attribution")
+    run.add_argument(
+        "--target",
+        metavar="TOKEN",
+        help="a token to follow across layers: exactly one token, as text (mind the leading space, "
+        "e.g. ' Paris') or as its integer id",
+    )
+    run.add_argument(
+        "--versus",
+        metavar="TOKEN",
+        help="a comparison token (text or id): adds the logit difference target - versus per layer and "
+        "its direct logit attribution",
+    )
     run.add_argument(
         "--sites",
         nargs="+",
         default=["resid_pre"],
         metavar="SITE",
-        help="resid_pre (default), resid_mid, resid_post, or labels like 0_pre final_post",
+        help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
+        "labels like 0_pre final_post",
     )
-    run.add_argument("--norm", choices=("recompute", "cached", "none"), default="recompute")
-    run.add_argument("--device", help="torch device, e.g. cpu or cuda (default: TransformerLens's choice)")
+    run.add_argument(
+        "--norm",
+        choices=("recompute", "cached", "none"),
+        default="recompute",
+        help="how a layer's state is normalised before the unembedding: recompute (default; the final "
+        "norm with the state's own statistics, the logit lens), cached (the final layer's scale, linear: "
+        "the attribution view) or none (raw, to show why the norm matters)",
+    )
+    run.add_argument("--device", help="torch device, e.g. cpu, cuda or cuda:1 (default: TransformerLens's choice)")
+    common(run)
     outputs(run, "logit_lens_report.html")
+
+    ev = sub.add_parser(
+        "eval",
+        help="score lenses over a corpus (KL, cross-entropy, entropy, top-1 agreement per layer)",
+        description=(
+            "Evaluate the logit lens (and --lens) over a corpus: per site, KL(final || site), next-token "
+            "cross-entropy, entropy (nats; bits per byte in --json/--csv) and top-1 agreement with the "
+            "final layer, token-weighted, with 95%% bootstrap intervals over documents. Under torchrun "
+            "the documents are split across processes (gloo on CPU, nccl on CUDA)."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} eval ./stories260K --texts stories.json --max-tokens 100000 --json eval.json\n"
+            f"  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 --texts corpus.txt --csv eval.csv"
+        ),
+        formatter_class=fmt,
+    )
+    ev.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
+    ev.add_argument(
+        "--texts",
+        metavar="FILE",
+        required=True,
+        help="the corpus: .txt (documents separated by blank lines), .json (a list of strings) or .jsonl "
+        "(one string or {\"text\": ...} per line)",
+    )
+    ev.add_argument("--text-field", default="text", metavar="NAME", help="the field holding text in JSON objects (default: text)")
+    ev.add_argument(
+        "--lens",
+        metavar="PATH|demo",
+        action="append",
+        default=[],
+        help="a tuned lens to evaluate beside the logit lens: a folder, or 'demo' (repeat for several)",
+    )
+    ev.add_argument("--sites", nargs="+", default=["resid_pre"], metavar="SITE", help="as for 'run' (default: resid_pre)")
+    ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
+    ev.add_argument("--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order")
+    ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
+    ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
+    ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")
+    ev.add_argument("--device", help="torch device (default: TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--json", metavar="FILE", help="write the settings, definition and per-site results (with intervals) as JSON")
+    ev.add_argument("--csv", metavar="FILE", help="write the per-site results as CSV (one row per site and lens)")
     return parser
 
 
@@ -105,6 +240,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt]
 
 
+def _token_arg(text: str | None) -> str | int | None:
+    """A --target/--versus value: digits are a token id (the hint for multi-token targets says
+    "pass one of those pieces or its id"); anything else is token text."""
+    if text is not None and text.strip().isdigit() and text == text.strip():
+        return int(text)
+    return text
+
+
 def _check_out(path: str | None, suffixes: Sequence[str], what: str) -> None:
     if path is None:
         return
@@ -113,104 +256,348 @@ def _check_out(path: str | None, suffixes: Sequence[str], what: str) -> None:
         raise UsageError(f"{what} {path!r} should end in {' or '.join(suffixes)}")
     if not p.parent.is_dir():
         raise UsageError(f"the folder for {what} {path!r} does not exist; create it first")
+    if p.is_dir():
+        raise UsageError(f"{what} {path!r} is a folder; give a file name")
 
 
-def _table(data: Any, prompt: int) -> Any:
-    """A rich table: per site, the top-k tokens (and targets) at the prompt's last token."""
+def check_device(device: str | None) -> None:
+    """Refuse a device string torch does not know, or a device this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: tl-logitlens runs on cpu, cuda or mps")
+
+
+def _load_lens(spec: str, model: Any) -> Any:
+    import tl_logitlens
+
+    load = getattr(tl_logitlens, "load_lens", None)
+    if load is None:
+        try:
+            from tl_logitlens.tuned_io import load_lens as load
+        except ImportError:
+            raise UsageError("--lens needs tl.load_lens (the tuned lens), which this version lacks") from None
+    return load(spec, model)
+
+
+def _demo_tuned_lens(model: Any) -> Any:
+    """The demo tuned lens, or None where this version ships none."""
+    try:
+        return _load_lens("demo", model)
+    except (UsageError, ValueError, TypeError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# tables that fit the terminal
+
+
+def _visible(token: str) -> str:
+    from tl_logitlens.tokens import visible_token
+
+    text = visible_token(token)
+    return text if len(text) <= TOKEN_CHARS else text[: TOKEN_CHARS - 1] + "…"
+
+
+def _fit(widths: Sequence[int], fixed: int, available: int) -> int:
+    """How many of the optional columns (``widths``, in order) fit beside ``fixed`` characters."""
+    used, n = fixed, 0
+    for w in widths:
+        if used + 2 + w > available:
+            break
+        used += 2 + w
+        n += 1
+    return n
+
+
+def _top_table(
+    title: str,
+    labels: Sequence[str],
+    tops: Sequence[Sequence[tuple[str, float]]],
+    entropy: Sequence[float],
+    targets: Sequence[tuple[str, Sequence[float], Sequence[int]]],
+    width: int,
+) -> tuple[Any, list[str]]:
+    """A table of the top tokens per site that fits ``width`` columns, and its legend lines.
+
+    ``tops[s]`` are (token, probability) pairs, best first; ``targets`` are (name, probability per
+    site, rank per site). Top-k columns are dropped from the right until the table fits.
+    """
     from rich.table import Table
     from rich.text import Text
+
+    cells = [[f"{_visible(tok)} {p:.2f}" for tok, p in row] for row in tops]
+    k = len(cells[0]) if cells else 0
+    top_w = [max(len(f"top {r + 1}"), *(len(c[r]) for c in cells)) for r in range(k)]
+    label_w = max(5, *(len(lab) for lab in labels))
+    fixed = label_w + 2 + 5  # the site and H columns
+    target_cols = []
+    for name, _, ranks in targets:
+        head = f"P({_visible(name)})"
+        rank_w = max(2, *(len(str(r)) for r in ranks))
+        target_cols.append((head, rank_w))
+        fixed += 2 + max(len(head), 5) + 2 + rank_w
+    n_top = max(1, _fit(top_w, fixed, width))
+    table = Table(
+        title=Text(title),
+        min_width=min(width, len(title)),
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        title_justify="left",
+    )
+    table.add_column("layer", style="bold", no_wrap=True)
+    for r in range(n_top):
+        table.add_column(f"top {r + 1}", no_wrap=True, overflow="ellipsis")
+    table.add_column("H", justify="right", no_wrap=True)
+    for head, _ in target_cols:
+        table.add_column(Text(head), justify="right", no_wrap=True)
+        table.add_column("rk", justify="right", no_wrap=True)
+    for s, label in enumerate(labels):
+        row: list[Any] = [label, *(Text(c) for c in cells[s][:n_top]), f"{entropy[s]:.2f}"]
+        for _, probs, ranks in targets:
+            row += [f"{probs[s]:.3f}", str(ranks[s])]
+        table.add_row(*row)
+    legend = ["H: entropy (nats); ␣ is a space, ↵ a newline"]
+    if targets:
+        legend.append("P(t), rk: the probability and rank of token t")
+    if n_top < k:
+        legend.append(f"top {n_top} of {k} shown to fit {width} columns; all of them in --csv/--json")
+    return table, legend
+
+
+def _lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
+    """The causal lens at prompt ``prompt``'s last token."""
+    from tl_logitlens.tokens import display_tokens
 
     lens = data.lens
     col = int(lens.valid[prompt].sum()) - 1
     top = lens.top_tokens()
     probs = lens.top_probs[:, prompt, col].tolist()
     k = lens.top_ids.shape[-1]
-    last = lens.str_tokens[prompt][-1]
+    tops = [[(top[s][prompt][col][r], probs[s][r]) for r in range(k)] for s in range(len(lens.labels))]
+    targets = []
+    if lens.target_ids is not None:
+        names = display_tokens(lens.tokenizer, lens.target_ids[prompt, col])
+        for t, name in enumerate(names):
+            targets.append(
+                (
+                    name,
+                    lens.target_logprobs[:, prompt, col, t].exp().tolist(),
+                    lens.target_ranks[:, prompt, col, t].tolist(),
+                )
+            )
+    last = _visible(lens.str_tokens[prompt][-1])
+    which = "" if data.lens_name == "logit lens" else f", {data.lens_name}"
+    title = f"Top tokens per layer after '{last}' (prompt {prompt}{which})"
+    return _top_table(title, lens.labels, tops, lens.entropy[:, prompt, col].tolist(), targets, width)
+
+
+def _masked_table(data: Any, width: int) -> tuple[Any, list[str]]:
+    """The masked lens at prompt 0's first hole."""
+    from tl_logitlens.tokens import display_tokens
+
+    res = data.masked[0]
+    k = res.top_ids.shape[-1]
+    tops = []
+    for s in range(len(res.labels)):
+        ids = res.top_ids[s, 0, 0]
+        names = display_tokens(res.tokenizer, ids.clamp(min=0))
+        tops.append(list(zip(names, res.top_logprobs[s, 0, 0].exp().tolist())))
+    title = f"Top tokens per layer at the first hole of prompt 0 ({data.lens_name})"
+    table, legend = _top_table(title, res.labels, tops, res.entropy[:, 0, 0].tolist(), [], width)
+    del k
+    return table, legend
+
+
+def _versus_tables(data: Any, width: int) -> list[Any]:
+    """With --versus: the logit difference per layer at prompt 0's last token (and the mean over
+    prompts), and the components with the largest attribution."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = []
+    ld = data.logit_diff
+    values = ld.values[:, 0, -1, 0].tolist()
+    many = ld.values.shape[1] > 1
+    title = f"Logit difference {ld.pair_labels[0]} per layer (logits)"
     table = Table(
-        title=Text(f"Top tokens per layer after {last!r} (prompt {prompt})"),
+        title=Text(title),
+        min_width=min(width, len(title)),
         box=None,
         header_style="bold",
         pad_edge=False,
+        title_justify="left",
     )
-    table.add_column("layer", style="bold")
-    for r in range(k):
-        table.add_column(f"top {r + 1}")
-    table.add_column("entropy", justify="right")
-    names = []
-    if lens.target_ids is not None:
-        from tl_logitlens.tokens import display_tokens
+    table.add_column("layer", style="bold", no_wrap=True)
+    table.add_column("prompt 0", justify="right", no_wrap=True)
+    if many:
+        table.add_column(f"mean of {ld.values.shape[1]} [{ld.ci_level:.0%} CI]", justify="right", no_wrap=True)
+    bar_w = max(8, min(30, width - 12 - 10 - (28 if many else 0)))
+    table.add_column("", no_wrap=True)
+    scale = max((abs(v) for v in values), default=1.0) or 1.0
+    for s, label in enumerate(ld.labels):
+        v = values[s]
+        n = round(abs(v) / scale * bar_w)
+        bar = Text("█" * n, style="green" if v >= 0 else "red")
+        row: list[Any] = [label, f"{v:+.3f}"]
+        if many:
+            m, lo, hi = (float(t[s, -1, 0]) for t in (ld.mean, ld.ci_low, ld.ci_high))
+            row.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        table.add_row(*row, bar)
+    out.append(table)
+    for result, what in ((data.attribution, "components"), (data.head_attribution, "heads")):
+        if result is None:
+            continue
+        top = result.top(N_ATTRIBUTIONS)
+        title = f"Top {what} by direct logit attribution to {ld.pair_labels[0]}"
+        att = Table(
+            title=Text(title),
+            min_width=min(width, len(title)),
+            box=None,
+            header_style="bold",
+            pad_edge=False,
+            title_justify="left",
+        )
+        att.add_column("#", justify="right")
+        att.add_column("row", no_wrap=True)
+        att.add_column("logits", justify="right")
+        att.add_column("share", justify="right")
+        for _, row in top.iterrows():
+            att.add_row(str(row["rank"]), str(row["label"]), f"{row['attribution']:+.3f}", f"{row['share']:.0%}")
+        out.append(att)
+    return out
 
-        names = display_tokens(lens.tokenizer, lens.target_ids[prompt, col])
-        for n in names:
-            table.add_column(Text(f"P({n!r})"), justify="right")
-            table.add_column("rank", justify="right")
-    for s, label in enumerate(lens.labels):
-        cells: list[Any] = [label]
-        cells += [Text(f"{top[s][prompt][col][r]!r} {probs[s][r]:.2f}") for r in range(k)]
-        cells.append(f"{float(lens.entropy[s, prompt, col]):.2f}")
-        for t in range(len(names)):
-            cells.append(f"{float(lens.target_logprobs[s, prompt, col, t].exp()):.3f}")
-            cells.append(str(int(lens.target_ranks[s, prompt, col, t])))
-        table.add_row(*cells)
-    return table
+
+def _lens_csv_frame(data: Any) -> Any:
+    """The lens table with the target's and the comparison token's columns beside each row."""
+    frame = data.lens.to_dataframe()
+    if data.lens.target_ids is None:
+        return frame
+    targets = data.lens.target_dataframe()
+    keys = ["site", "prompt", "position"]
+    for t, name in enumerate(("target", "versus")[: int(targets["target_index"].max()) + 1]):
+        part = targets[targets["target_index"] == t][[*keys, "target_id", "target", "logprob", "prob", "rank"]]
+        part = part.rename(
+            columns={
+                "target_id": f"{name}_id",
+                "target": name,
+                "logprob": f"{name}_logprob",
+                "prob": f"{name}_prob",
+                "rank": f"{name}_rank",
+            }
+        )
+        frame = frame.merge(part, on=keys, how="left")
+    return frame
+
+
+def _records(frame: Any) -> Any:
+    import json
+
+    return json.loads(frame.to_json(orient="records"))
 
 
 def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
-    frame = data.lens.to_dataframe()
+    from tl_logitlens.reporting import ReportData
+
+    causal = isinstance(data, ReportData)
     if csv is not None:
+        frame = _lens_csv_frame(data) if causal else data.masked[0].to_dataframe()
         frame.to_csv(csv, index=False)
-    if json_path is not None:
-        import json
+    if json_path is None:
+        return
+    import json
 
-        payload = {
-            "model": data.model_name,
-            "norm": data.norm,
-            "sites": list(data.sites),
-            "top_k": data.top_k,
-            "target": data.target,
-            "versus": data.versus,
-            "prompts": list(data.prompts),
-            "lens": json.loads(frame.to_json(orient="records")),
-            "targets": None
-            if data.lens.target_ids is None
-            else json.loads(data.lens.target_dataframe().to_json(orient="records")),
-            "logit_diff": None
-            if data.logit_diff is None
-            else json.loads(data.logit_diff.to_dataframe().to_json(orient="records")),
-        }
-        Path(json_path).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    payload: dict[str, Any] = {
+        "model": data.model_name,
+        "lens_name": data.lens_name,
+        "sites": list(data.sites),
+        "top_k": data.top_k,
+        "target": data.target,
+        "prompts": list(data.prompts),
+    }
+    if causal:
+        payload.update(
+            {
+                "norm": data.norm,
+                "versus": data.versus,
+                "lens": _records(data.lens.to_dataframe()),
+                "targets": None if data.lens.target_ids is None else _records(data.lens.target_dataframe()),
+                "logit_diff": None if data.logit_diff is None else _records(data.logit_diff.to_dataframe()),
+                "attribution": None if data.attribution is None else _records(data.attribution.to_dataframe()),
+                "head_attribution": None
+                if data.head_attribution is None
+                else _records(data.head_attribution.to_dataframe()),
+            }
+        )
+    else:
+        payload["masked"] = [_records(m.to_dataframe()) for m in data.masked]
+    Path(json_path).write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _consoles() -> tuple[Any, Any]:
     from rich.console import Console
 
-    if args.command == "demo":
-        model_name, prompts = "demo", [DEMO_PROMPT]
-        target = versus = None
-        sites, norm, device = ["resid_pre"], "recompute", None
-    else:
-        model_name, prompts = args.model, _read_prompts(args)
-        target, versus = args.target, args.versus
-        sites, norm, device = args.sites, args.norm, args.device
-        if versus is not None and target is None:
-            raise UsageError("--versus needs --target: the logit difference is target minus versus")
-    out = None if args.no_report else args.out
-    _check_out(out, (".html", ".htm"), "the report")
-    _check_out(args.csv, (".csv",), "--csv")
-    _check_out(args.json, (".json",), "--json")
+    # a terminal (or COLUMNS) sets the width; output piped to a file gets 120 columns
+    width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+    return Console(width=width, highlight=False), Console(stderr=True, highlight=False)
 
-    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
-    err = Console(stderr=True, highlight=False)
+
+def _load(model_name: str, device: str | None, err: Any) -> Any:
     with err.status(f"loading {model_name} ..."):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # one status line is enough
         from tl_logitlens.models import load_model
 
-        model = load_model(model_name, device=device)
-    from tl_logitlens.reporting import compute_report, write_report
+        return load_model(model_name, device=device)
 
-    settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm}
+
+def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
+    console.print(table)
+    for line in legend:
+        console.print(line, style="dim", markup=False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "demo":
+        model_name, prompts = "demo", [DEMO_PROMPT]
+        target = versus = None
+        sites, norm, device, lens_spec = ["resid_pre"], "recompute", None, None
+    else:
+        model_name, prompts = args.model, _read_prompts(args)
+        target, versus = _token_arg(args.target), _token_arg(args.versus)
+        sites, norm, device, lens_spec = args.sites, args.norm, args.device, args.lens
+        if versus is not None and target is None:
+            raise UsageError("--versus needs --target: the logit difference is target minus versus")
+        check_device(device)
+    out = None if args.no_report else args.out
+    _check_out(out, (".html", ".htm"), "the report")
+    _check_out(args.csv, (".csv",), "--csv")
+    _check_out(args.json, (".json",), "--json")
+
+    console, err = _consoles()
+    model = _load(model_name, device, err)
+    lens = None if lens_spec is None else _load_lens(lens_spec, model)
+    from tl_logitlens.reporting import ReportData, compute_report, write_report
+
+    settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm, "lens": lens}
     if len(prompts) > 1:
         from rich.progress import Progress
 
@@ -221,9 +608,22 @@ def _run(args: argparse.Namespace) -> int:
             )
     else:
         data = compute_report(model, prompts, **settings)
-    console.print(_table(data, 0))
+    width = console.width
+    if isinstance(data, ReportData):
+        _print_table(console, *_lens_table(data, 0, width))
+        if args.command == "demo":
+            tuned = _demo_tuned_lens(model)
+            if tuned is not None:
+                console.print()
+                _print_table(console, *_lens_table(compute_report(model, prompts, top_k=args.top_k, lens=tuned), 0, width))
+        if data.logit_diff is not None:
+            for table in _versus_tables(data, width):
+                console.print()
+                console.print(table)
+    else:
+        _print_table(console, *_masked_table(data, width))
     if len(prompts) > 1:
-        console.print(f"({len(prompts) - 1} more prompt(s); see the report or --csv/--json for all of them)")
+        console.print(f"{len(prompts) - 1} more prompt(s) in the report and in --csv/--json", style="dim")
     _write_tables(data, args.csv, args.json)
     for path, what in ((args.csv, "table"), (args.json, "JSON")):
         if path is not None:
@@ -234,14 +634,146 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
+    """One table per lens: a row per site, the four statistics (and intervals when wide enough)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from tl_logitlens.evaluate import STATISTICS
+
+    wide = width >= WIDE
+    heads = {"kl_to_final": "KL", "cross_entropy": "CE", "entropy": "H", "top1_agreement": "top-1"}
+    tables = []
+    for k, lens in enumerate(ev.lenses):
+        title = f"{lens}: {ev.n_documents:,} documents, {ev.n_tokens:,} tokens, windows of {ev.seq_len}"
+        table = Table(
+            title=Text(title),
+            min_width=min(width, len(title)),
+            box=None,
+            header_style="bold",
+            pad_edge=False,
+            title_justify="left",
+        )
+        table.add_column("site", style="bold", no_wrap=True)
+        for stat in STATISTICS:
+            table.add_column(heads[stat], justify="right", no_wrap=True)
+            if stat == "cross_entropy":
+                table.add_column("CE b/B", justify="right", no_wrap=True)
+        for s, site in enumerate(ev.sites):
+            row = [site]
+            for i, stat in enumerate(STATISTICS):
+                fmt = ".3f" if stat == "top1_agreement" else ".3f"
+                m, lo, hi = float(ev.mean[k, s, i]), float(ev.low[k, s, i]), float(ev.high[k, s, i])
+                cell = f"{m:{fmt}}"
+                if wide and ev.n_bootstrap > 0:
+                    cell += f" [{lo:{fmt}}, {hi:{fmt}}]"
+                row.append(cell)
+                if stat == "cross_entropy":
+                    row.append(f"{float(ev.mean_bpb[k, s, 1]):.3f}")
+            table.add_row(*row)
+        tables.append(table)
+    legend = [
+        "KL: KL(final ‖ site); CE: next-token cross-entropy; H: entropy (nats; b/B: bits per byte); "
+        "top-1: share of positions whose top token is the final layer's"
+    ]
+    if ev.n_bootstrap > 0:
+        legend.append(
+            f"[low, high]: {ev.confidence:.0%} bootstrap intervals over documents"
+            + ("" if wide else f" (shown from {WIDE} columns; in --json/--csv)")
+        )
+    return tables, legend
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tl_logitlens import _distributed
+
+    check_device(args.device)
+    texts = Path(args.texts)
+    if not texts.is_file():
+        raise UsageError(f"no corpus at {args.texts!r}; give a .txt, .json or .jsonl file")
+    _check_out(args.csv, (".csv",), "--csv")
+    _check_out(args.json, (".json",), "--json")
+    started = not (_distributed.launched_by_torchrun() and _is_initialized())
+    world, device = _distributed.init_from_env(args.device)
+    try:
+        console, err = _consoles()
+        model = _load(args.model, device, err)
+        lenses: dict[str, Any] = {"logit lens": None}
+        for spec in args.lens:
+            lens = _load_lens(spec, model)
+            name = str(getattr(lens, "name", spec))
+            lenses[name if name not in lenses else f"{name} ({spec})"] = lens
+        from tl_logitlens.evaluate import evaluate_lenses
+
+        ev = evaluate_lenses(
+            model,
+            texts,
+            lenses=lenses,
+            sites=args.sites,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            progress=not args.no_progress,
+            seed=args.seed,
+            n_bootstrap=args.bootstrap,
+            text_field=args.text_field,
+        )
+        if not world.is_main:
+            return 0
+        tables, legend = _eval_tables(ev, console.width)
+        for i, table in enumerate(tables):
+            if i:
+                console.print()
+            console.print(table)
+        for line in legend:
+            console.print(line, style="dim", markup=False)
+        if args.json is not None:
+            ev.to_json(args.json)
+            console.print(f"wrote JSON: {args.json}")
+        if args.csv is not None:
+            ev.to_dataframe().to_csv(args.csv, index=False)
+            console.print(f"wrote table: {args.csv}")
+        return 0
+    finally:
+        if world.size > 1 and started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text
 
 
+def _misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """An unknown option before the command (``tl-logitlens --frobnicate``) is reported as such,
+    not as a missing command (argparse checks required arguments first)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return
+        if arg.split("=", 1)[0] not in ("-h", "--help", "--version"):
+            parser.error(f"unrecognized option {arg!r}; put a command first: {', '.join(COMMANDS)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tl-logitlens``; returns the exit status (0 ok, 2 a usage mistake)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _misplaced_option(parser, argv)
     args = parser.parse_args(argv)
     try:
         return _run(args)
