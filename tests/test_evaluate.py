@@ -141,11 +141,12 @@ def test_two_lenses_side_by_side_and_outputs(ln_model, tmp_path):
             return None
 
         def translate(self, site, states):
-            return states if site == "final_post" else states * 0.5
+            # a shift (a scale would be undone by the final norm)
+            return states if site == "final_post" else states + torch.linspace(-1, 1, states.shape[-1])
 
     ev = evaluate_lenses(ln_model, DOCS, lenses={"logit": None, "half": Shifted()}, progress=False, n_bootstrap=20)
     assert ev.lenses == ("logit", "half")
-    assert not torch.allclose(ev.mean[0, :-1], ev.mean[1, :-1])
+    assert float((ev.mean[0, :-1, :3] - ev.mean[1, :-1, :3]).abs().max()) > 1e-2
     assert_close(ev.mean[0, -1], ev.mean[1, -1], atol=0, rtol=0)
     frame = ev.to_dataframe()
     assert len(frame) == 2 * len(ev.sites)
@@ -160,6 +161,11 @@ def test_two_lenses_side_by_side_and_outputs(ln_model, tmp_path):
     names = {t.name for t in fig.data if t.showlegend is not False}
     assert {"logit", "half"} <= names
     assert len(repr(ev)) < 300
+    page = ev.to_html(str(tmp_path / "ev.html"))
+    assert page.startswith("<!DOCTYPE html>") and "<script src" not in page and "Plotly.newPlot" in page
+    assert page.count("<tr>") == 1 + len(frame)
+    section = ev.to_html(include_plotlyjs=False)
+    assert section.startswith("<section") and len(section) < len(page) / 10
 
 
 def test_streaming_dataset_gives_the_same_numbers(ln_model):

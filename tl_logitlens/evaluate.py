@@ -180,6 +180,47 @@ class LensEvaluation:
             Path(path).write_text(text + "\n", encoding="utf-8")
         return text
 
+    def to_html(self, path: str | None = None, *, include_plotlyjs: bool | str = True) -> str:
+        """A self-contained HTML page (the figure, the table with intervals, the definition), or,
+        with ``include_plotlyjs=False``, a section to put in a page that loads plotly itself.
+        Written to ``path`` too when given."""
+        import html
+
+        fig = self.plot(width=1100)
+        figure = fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, config={"responsive": True})
+        frame = self.to_dataframe()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("site", "lens", *STATISTICS, "cross-entropy (bits/byte)"))
+        rows = []
+        for _, r in frame.iterrows():
+            cells = [html.escape(str(r["site"])), html.escape(str(r["lens"]))]
+            for stat in STATISTICS:
+                cells.append(f"{r[stat]:.4f} <small>[{r[f'{stat}_low']:.4f}, {r[f'{stat}_high']:.4f}]</small>")
+            cells.append(f"{r['cross_entropy_bpb']:.4f}")
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        section = (
+            '<section class="lens-evaluation"><h2>Lens evaluation over a corpus</h2>'
+            f"<p>{self.n_documents:,} documents, {self.n_tokens:,} tokens scored, windows of {self.seq_len} "
+            f"tokens; {self.confidence:.0%} bootstrap intervals over documents ({self.n_bootstrap} replicates, "
+            f"seed {self.seed}).</p>{figure}"
+            f'<table style="border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            f"<p><small>{html.escape(DEFINITION)}</small></p></section>"
+        )
+        if include_plotlyjs is False:
+            out = section
+        else:
+            out = (
+                '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Lens evaluation</title>'
+                "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:16px}"
+                "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}</style></head>"
+                f"<body>{section}</body></html>"
+            )
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(out, encoding="utf-8")
+        return out
+
     def plot(self, statistics: Sequence[str] = STATISTICS, **kwargs: Any) -> go.Figure:
         """Per-site curves with their intervals, one panel per statistic, lenses side by side;
         see :func:`tl_logitlens.plotting.evaluation.evaluation_figure`."""
