@@ -363,3 +363,39 @@ def test_readout_fingerprint_survives_weight_processing_and_dtype(stories):
     unprocessed = tl.load_model(STORIES, fold_ln=False, center_unembed=False)
     lens.check_model(unprocessed)
     lens.check_model(tl.load_model(STORIES, dtype="bfloat16"))
+
+
+def test_shipped_demo_lens_loads_for_the_demo_model_only(stories):
+    demo = tl.load_model("demo")
+    lens = tl.load_lens("demo", demo)
+    assert lens.name == "tuned lens" and lens.meta["model_name"] == "demo"
+    res = tl.logit_lens(demo, "Once upon a time, there", lens=lens)
+    assert res.lens_name == "tuned lens"
+    with pytest.raises(ValueError, match="made for a model with d_model 128"):
+        tl.load_lens("demo", stories)
+
+
+@pytest.mark.slow
+def test_shipped_demo_lens_card_figures_reproduce():
+    """The held-out KL per site in the lens's json (and card) is recomputed from the shipped files."""
+    from tl_logitlens.tuned_io import DEMO_LENSES
+
+    model = tl.load_model("demo")
+    lens = tl.load_lens("demo", model)
+    evaluation = lens.meta["evaluation"]
+    _, held = _tinystories_split()
+    stories = json.loads(require_shared(CORPUS).read_text())
+    assert [stories[i] for i in evaluation["held_out_indices"]] == held
+    windows = pack_windows(model, held, lens.meta["training"]["seq_len"])
+    assert windows.numel() == evaluation["tokens"]
+    total_logit = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
+    total_tuned = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
+    for i in range(0, len(windows), 16):
+        total_logit += tl.logit_lens(model, windows[i : i + 16], top_k=1).kl_to_final[:-1].double().sum((1, 2))
+        total_tuned += tl.logit_lens(model, windows[i : i + 16], lens=lens, top_k=1).kl_to_final[:-1].double().sum((1, 2))
+    assert_close(total_logit / windows.numel(), torch.tensor(evaluation["logit_lens_kl"]), atol=1e-4)
+    assert_close(total_tuned / windows.numel(), torch.tensor(evaluation["tuned_lens_kl"]), atol=1e-4)
+    assert (total_tuned < total_logit).all()
+    card = (DEMO_LENSES["demo"] / "LENS_CARD.md").read_text()
+    for site, lo, tu in zip(evaluation["sites"], evaluation["logit_lens_kl"], evaluation["tuned_lens_kl"]):
+        assert f"| {site} | {lo:.3f} | {tu:.3f} |" in card

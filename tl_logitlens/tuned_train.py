@@ -156,6 +156,25 @@ def _residual_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.stack([states[i] for i in range(n)]), states[n]
 
 
+def lens_kl_sum(
+    model: Any,
+    lens: TunedLens,
+    tokens: torch.Tensor,
+    wt: Float[torch.Tensor, "d_vocab d_model"],
+    b_u: torch.Tensor | None,
+    scale: float,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> torch.Tensor:
+    """``Σ_sites Σ_tokens KL(final ‖ lens)`` (nats) on ``tokens``, differentiable in the lens's parameters:
+    one forward pass of the frozen model, every site's translator applied in one batched matmul."""
+    pre, final = _residual_states(model, tokens)
+    h = pre.float().flatten(1, 2)  # [layer, row, d_model]
+    y = h + torch.baddbmm(lens.bias[:, None, :], h, lens.weight.transpose(1, 2))
+    x = final_norm_f32(model, y).flatten(0, 1)
+    x_final = final_norm_f32(model, final.float().flatten(0, 1))
+    return chunked_kl(x, x_final, wt, b_u, scale, vocab_chunk=vocab_chunk).sum()
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     """tuned-lens's schedule: linear warm-up over ``warmup`` steps, then linear decay to zero."""
     if step < warmup:
@@ -260,13 +279,7 @@ def train_tuned_lens(
         step_loss = 0.0
         for i in range(0, len(step_windows), batch):
             tokens = windows[step_windows[i : i + batch]].to(device)
-            pre, final = _residual_states(model, tokens)
-            h = pre.float().flatten(1, 2)  # [layer, row, d_model]
-            y = h + torch.baddbmm(lens.bias[:, None, :], h, lens.weight.transpose(1, 2))
-            x = final_norm_f32(model, y).flatten(0, 1)
-            x_final = final_norm_f32(model, final.float().flatten(0, 1))
-            kl = chunked_kl(x, x_final, wt, b_u, scale, vocab_chunk=vocab_chunk)
-            loss = kl.sum() / n_tokens
+            loss = lens_kl_sum(model, lens, tokens, wt, b_u, scale, vocab_chunk) / n_tokens
             loss.backward()
             step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(lens.parameters(), grad_clip)
