@@ -14,12 +14,7 @@ from tests.encoder_helpers import tiny_encoder as _hooked_encoder
 from tests.helpers import assert_close, tiny_model
 from tl_logitlens import _compat, masked_lens, sliding_mask_lens
 
-NO_ROBERTA = pytest.mark.skipif(
-    _compat.HookedEncoder is None,
-    reason=f"TransformerLens {_compat.TL_VERSION}'s RoBERTa bridge replaces the tokenizer (no </s>); "
-    "tl_logitlens loads RoBERTa with TransformerLens 3.9 only",
-)
-KINDS = ["bert", pytest.param("roberta", marks=NO_ROBERTA)]
+KINDS = ["bert", "roberta"]
 TEXT = "The cat sat on the mat and looked at the big red ball."
 
 
@@ -203,7 +198,6 @@ def test_bad_input():
         masked_lens(model, TEXT, mask_positions=2, top_k=0)
 
 
-@NO_ROBERTA
 def test_roberta_special_tokens_are_not_masked():
     roberta = tiny_encoder("roberta")
     with pytest.raises(ValueError, match="special token '<s>'"):
@@ -222,7 +216,6 @@ def test_causal_and_masked_models_are_not_mixed():
         tl_logitlens.logit_lens(tiny_encoder("bert"), "The cat sat.")
 
 
-@NO_ROBERTA  # uses the RoBERTa encoder
 def test_figures():
     import plotly.graph_objects as go
 

@@ -418,6 +418,8 @@ def test_head_source_figure_is_the_source_attribution(ln_model):
         head_source_figure(head)
     with pytest.raises(ValueError, match="prompt=2 is out of range"):
         head_source_figure(res, prompt=2)
+    # the result's own plot() of a head_source attribution is this figure
+    assert_close(_z(_heatmap(res.plot(prompt=1))), _z(hm), atol=0, rtol=0)
 
 
 def test_component_bars_are_the_rows_and_the_total(ln_model, head_dla):

@@ -197,8 +197,13 @@ class AttributionResult(ResultBase):
         )
 
     def plot(self, **kwargs: Any) -> go.Figure:
-        """Heads: :func:`tl_logitlens.plotting.head_grid_figure`; components and neurons:
-        :func:`tl_logitlens.plotting.component_bars_figure`."""
+        """Heads: :func:`tl_logitlens.plotting.head_grid_figure`; heads by source position:
+        :func:`tl_logitlens.plotting.head_source_figure` (layer·head × source token); components and
+        neurons: :func:`tl_logitlens.plotting.component_bars_figure`. Keyword arguments go to that function."""
+        if self.unit == "head_source":
+            from tl_logitlens.plotting import head_source_figure
+
+            return head_source_figure(self, **kwargs)
         if self.unit in _HEAD_UNITS:
             from tl_logitlens.plotting import head_grid_figure
 
