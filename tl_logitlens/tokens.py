@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -29,8 +28,7 @@ SPACE = "\u2423"  # ␣
 _VISIBLE = {" ": SPACE, "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
 
 
-@lru_cache(maxsize=8)
-def _byte_decoder() -> dict[str, int]:
+def _build_byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's ``bytes_to_unicode`` table (printable stand-ins for raw bytes)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -46,6 +44,9 @@ def _byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(byte_values, chars)}
+
+
+_BYTE_DECODER = _build_byte_decoder()
 
 
 def _component_types(state: Any) -> set[str]:
@@ -105,7 +106,7 @@ def is_byte_level(tokenizer: Any) -> bool:
             vocab = tokenizer.get_vocab()
         except Exception:
             vocab = {}
-        answer = bool(vocab) and all(ch in vocab for ch in _byte_decoder())
+        answer = bool(vocab) and all(ch in vocab for ch in _BYTE_DECODER)
     try:
         _BYTE_LEVEL[tokenizer] = answer
     except TypeError:  # not weak-referenceable: decide again next time
@@ -121,7 +122,7 @@ def _decode_bytes(data: bytes) -> str:
 def _piece_to_text(piece: str, byte_level: bool) -> str:
     """One vocabulary piece as text, read the way its tokenizer spells pieces."""
     if byte_level:
-        decoder = _byte_decoder()
+        decoder = _BYTE_DECODER
         if piece and all(ch in decoder for ch in piece):
             return _decode_bytes(bytes(decoder[ch] for ch in piece))
         return piece  # a special token such as <|endoftext|>
