@@ -16,7 +16,6 @@ from tests.helpers import SENTENCES, assert_close, require_browser
 from tl_logitlens.reporting import (
     MaskedReportData,
     compute_report,
-    concat_lens,
     report,
     top_table_html,
     write_report,
@@ -173,7 +172,7 @@ def test_report_without_target_has_the_lens_figures_only(driver, ln_model, tmp_p
 
 def test_batched_results_join_to_the_one_batch_result(ln_model):
     whole = tl.logit_lens(ln_model, SENTENCES, targets=[" the"])
-    parts = concat_lens(
+    parts = tl.LensResult.concat(
         [tl.logit_lens(ln_model, SENTENCES[:2], targets=[" the"]), tl.logit_lens(ln_model, SENTENCES[2:], targets=[" the"])]
     )
     for name in (

@@ -22,7 +22,7 @@ import inspect
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union, no_type_check
@@ -190,7 +190,7 @@ def compute_report(
         parts.append(logit_lens(model, chunk, sites=sites, norm=norm, top_k=top_k, targets=targets, **with_lens))
         if progress is not None:
             progress(min(start + batch_size, len(prompts)), len(prompts))
-    result = concat_lens(parts)
+    result = LensResult.concat(parts)
     first = logit_lens(model, prompts[0], sites=sites, norm=norm, top_k=EVOLUTION_N, positions="last", **with_lens)
     evolution = logit_lens(
         model,
@@ -292,59 +292,6 @@ def compute_masked_report(
         top_k=top_k,
         sites=masked[0].labels,
     )
-
-
-def concat_lens(parts: Sequence[LensResult]) -> LensResult:
-    """Lens results of disjoint batches (same sites, settings, targets) joined along the batch.
-
-    Shorter batches are padded along ``pos`` (and ``seq``) exactly as ``logit_lens`` pads a batch:
-    ``valid`` False, ids -1, values NaN, ranks -1.
-    """
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.positions.shape[1] for p in parts)
-    seq = max(p.tokens.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor | None, dim: int, size: int, fill: float | int) -> torch.Tensor | None:
-        if t is None:
-            return None
-        extra = size - t.shape[dim]
-        if extra == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = extra
-        return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
-
-    def join(name: str, batch_dim: int, fill: float | int) -> torch.Tensor | None:
-        """Pad each part's ``pos`` dim (right after ``batch``) to the widest, then concatenate."""
-        if getattr(parts[0], name) is None:
-            return None
-        return torch.cat([pad(getattr(p, name), batch_dim + 1, width, fill) for p in parts], dim=batch_dim)
-
-    positions = []
-    for p in parts:
-        n = p.positions.shape[1]
-        extra = torch.arange(n, width, device=p.positions.device).expand(p.positions.shape[0], -1)
-        positions.append(torch.cat([p.positions, extra], dim=1))
-    nan = float("nan")
-    return replace(
-        parts[0],
-        tokens=torch.cat([pad(p.tokens, 1, seq, 0) for p in parts]),
-        str_tokens=tuple(s for p in parts for s in p.str_tokens),
-        positions=torch.cat(positions),
-        valid=torch.cat([pad(p.valid, 1, width, False) for p in parts]),
-        top_ids=join("top_ids", 1, -1),
-        top_logprobs=join("top_logprobs", 1, nan),
-        entropy=join("entropy", 1, nan),
-        kl_to_final=join("kl_to_final", 1, nan),
-        next_ids=join("next_ids", 0, -1),
-        next_logprobs=join("next_logprobs", 1, nan),
-        next_ranks=join("next_ranks", 1, -1),
-        target_ids=join("target_ids", 0, -1),
-        target_logprobs=join("target_logprobs", 1, nan),
-        target_ranks=join("target_ranks", 1, -1),
-    )
-
 
 
 # ------------------------------------------------------------------------------------------------
