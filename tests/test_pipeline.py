@@ -120,6 +120,19 @@ def test_every_result_has_a_short_repr_and_an_html_repr(ln_model):
         assert "<table>" in res._repr_html_()
 
 
+def test_masked_results_and_profiles_have_short_reprs_too(demo_bert):
+    text = "tom saw a big dog in the park."
+    results = [
+        tl.masked_lens(demo_bert, text, mask_positions="dog"),
+        tl.sliding_mask_lens(demo_bert, text),
+        tl.depth_profile(tl.masked_lens(demo_bert, text, mask_positions="dog")),
+    ]
+    for res in results:
+        text_repr = repr(res)
+        assert len(text_repr) < 400 and "tensor(" not in text_repr, text_repr
+        assert "<table>" in res._repr_html_()
+
+
 def test_statistics_are_float32_and_results_live_on_the_models_device(ln_model):
     lens = tl.logit_lens(ln_model, SENTENCES[0])
     dla = tl.direct_logit_attribution(ln_model, SENTENCES[0], 5, 7)

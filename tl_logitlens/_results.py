@@ -44,8 +44,34 @@ def nested_token_strings(tokenizer: Any, ids: torch.Tensor) -> list:
     return build(tuple(ids.shape))
 
 
+class ShortRepr:
+    """A repr of a few facts (shapes and settings) and the names of the tensors, never their contents;
+    an HTML table of the same facts in notebooks. Subclasses say which facts in ``_summary``."""
+
+    def _summary(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v}" for k, v in self._summary().items())
+        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return f"{type(self).__name__}({body}; tensors: {', '.join(tensors)})"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>{escape(v)}</td></tr>"
+            for k, v in self._summary().items()
+        )
+        return f"<b>{escape(type(self).__name__)}</b><table>{rows}</table>"
+
+
+def labels_summary(labels: Sequence[str]) -> str:
+    """``"5 (0_pre, 1_pre, 2_pre, ..., final_post)"``: how many labels, and the first and last ones."""
+    shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ..., {labels[-1]}"
+    return f"{len(labels)} ({shown})"
+
+
 @dataclass(frozen=True, kw_only=True, repr=False)
-class ResultBase:
+class ResultBase(ShortRepr):
     """The fields every result has: the inputs, the read positions and how the numbers were made.
 
     ``tokens`` are the (right-padded) input ids, ``str_tokens`` each prompt's tokens as text,
@@ -73,26 +99,13 @@ class ResultBase:
         out = {"model": self.model_name or "?", "prompts": str(n_batch), "read positions": str(n_pos)}
         labels = getattr(self, "labels", None)
         if labels:
-            shown = ", ".join(labels) if len(labels) <= 6 else f"{', '.join(labels[:3])}, ..., {labels[-1]}"
-            out["sites" if "final_post" in labels or "_pre" in str(labels[0]) else "rows"] = f"{len(labels)} ({shown})"
+            out["sites" if "final_post" in labels else "rows"] = labels_summary(labels)
         for name in ("unit", "kind", "metric", "norm"):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 out[name] = value
         out["lens"] = self.lens_name
         return out
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{k}={v}" for k, v in self._summary().items())
-        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
-        return f"{type(self).__name__}({body}; tensors: {', '.join(tensors)})"
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>{escape(v)}</td></tr>"
-            for k, v in self._summary().items()
-        )
-        return f"<b>{escape(type(self).__name__)}</b><table>{rows}</table>"
 
 
 def common_fields(model: Any, batch: Any, positions: torch.Tensor, valid: torch.Tensor, lens_name: str) -> dict:

@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
-from tl_logitlens._results import ResultBase, common_fields
+from tl_logitlens._results import ResultBase, ShortRepr, common_fields, labels_summary
 from tl_logitlens._run import Rows, execute, run_cache
 from tl_logitlens.inputs import Batch, Targets, check_flag, is_integer, prepare_inputs
 from tl_logitlens.readout import Site
@@ -483,8 +483,8 @@ def _scatter(rows: Rows, shape: tuple[int, int]):
     return scatter
 
 
-@dataclass(frozen=True)
-class SlidingMaskResult:
+@dataclass(frozen=True, repr=False)
+class SlidingMaskResult(ShortRepr):
     """Each non-special token of one text masked in turn, read at its own hole at every site.
 
     Tensors are indexed ``[site, pos]`` where ``pos`` runs over the masked positions
@@ -518,6 +518,14 @@ class SlidingMaskResult:
 
     def original_tokens(self) -> list[str]:
         return display_tokens(self.tokenizer, self.original_ids)
+
+    def _summary(self) -> dict[str, str]:
+        return {
+            "model": self.model_name or "?",
+            "tokens": str(len(self.str_tokens)),
+            "masked positions": str(int(self.positions.shape[0])),
+            "sites": labels_summary(self.labels),
+        }
 
     def predicted_tokens(self) -> list[list[str]]:
         """The top-1 token at each site and position, ``[site][pos]``."""

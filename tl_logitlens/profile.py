@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Union, no_type_check
 import torch
 from jaxtyping import Float, Int
 
+from tl_logitlens._results import ShortRepr, labels_summary
 from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
@@ -144,8 +145,8 @@ def decision_sites(top1: Int[torch.Tensor, "site row"]) -> Int[torch.Tensor, " r
     return stays.long().argmax(0)
 
 
-@dataclass(frozen=True)
-class DepthProfile:
+@dataclass(frozen=True, repr=False)
+class DepthProfile(ShortRepr):
     """A target's log-prob across depth per row, its √depth fit, the max-token profile and decisions.
 
     Indexed ``[site, row]``; each row is one read (``prompts[i]``, ``positions[i]``, whose token is
@@ -183,6 +184,9 @@ class DepthProfile:
 
     def decision_labels(self) -> list[str]:
         return [self.labels[i] for i in self.decision_site.tolist()]
+
+    def _summary(self) -> dict[str, str]:
+        return {"rows": str(len(self.row_tokens)), "sites": labels_summary(self.labels), "target": self.target}
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format: one row per site × row, with the target's and the max token's log-probs and fits."""
