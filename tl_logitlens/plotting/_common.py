@@ -70,14 +70,18 @@ def quoted(token: str) -> str:
     return "'" + cell_text(token) + "'"
 
 
+def check_index(name: str, value: object, n: int) -> int:
+    """``value`` as an index into ``n`` items (negative counts from the end), checked: an int in ``[-n, n)``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int index, not {type(value).__name__}")
+    if not -n <= value < n:
+        raise ValueError(f"{name}={value} is out of range: the result holds {n} {name}(s)")
+    return value % n
+
+
 def check_prompt(result: LensResult, prompt: int) -> int:
     """The prompt index, checked against the result's batch."""
-    n_batch = result.top_ids.shape[1]
-    if isinstance(prompt, bool) or not isinstance(prompt, int):
-        raise TypeError(f"prompt must be an int index, not {type(prompt).__name__}")
-    if not -n_batch <= prompt < n_batch:
-        raise ValueError(f"prompt={prompt} is out of range: the result holds {n_batch} prompt(s)")
-    return prompt % n_batch
+    return check_index("prompt", prompt, result.top_ids.shape[1])
 
 
 def valid_columns(result: LensResult, prompt: int) -> list[int]:

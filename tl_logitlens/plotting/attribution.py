@@ -11,12 +11,12 @@ from tl_logitlens.plotting._common import (
     _plain_length,
     as_list,
     cell_text,
+    check_index,
     clip,
     house_style,
     pair_name,
     quoted,
 )
-from tl_logitlens.plotting.comparison import _check_index
 
 
 def _values(
@@ -24,7 +24,7 @@ def _values(
 ) -> tuple[torch.Tensor, float, str]:
     """Each row's attribution (``[row]``), the model's total, and a caption of what was averaged."""
     n_rows, n_batch, n_cols, n_pairs = result.attribution.shape
-    pair = _check_index("pair", pair, n_pairs)
+    pair = check_index("pair", pair, n_pairs)
     if prompt is None:
         n_valid = int(result.valid.sum())
         return (
@@ -32,8 +32,8 @@ def _values(
             float(torch.nanmean(result.total[..., pair])),
             f"mean over {n_valid} prompt-position{'s' if n_valid != 1 else ''}",
         )
-    prompt = _check_index("prompt", prompt, n_batch)
-    column = _check_index("column", column, n_cols)
+    prompt = check_index("prompt", prompt, n_batch)
+    column = check_index("column", column, n_cols)
     if not bool(result.valid[prompt, column]):
         raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
     where = quoted(result.input_tokens()[prompt][column])
@@ -97,7 +97,7 @@ def head_grid_figure(
     )
     fig.update_xaxes(title_text="head", tickvals=list(range(n_heads)), type="linear")
     fig.update_yaxes(title_text="layer", tickvals=list(range(n_layers)), type="linear")
-    pair_label = pair_name(result, _check_index("pair", pair, len(result.pair_labels)))
+    pair_label = pair_name(result, check_index("pair", pair, len(result.pair_labels)))
     fig.update_xaxes(showgrid=False)
     fig.update_yaxes(showgrid=False)
     house_style(
@@ -159,7 +159,7 @@ def component_bars_figure(
     fig.add_hline(y=0, line={"color": "#444", "width": 1})
     fig.update_xaxes(title_text="component", type="category", tickangle=-45)
     fig.update_yaxes(title_text=f"direct contribution to the {_unit_name(result)} (logits)")
-    pair_label = pair_name(result, _check_index("pair", pair, len(result.pair_labels)))
+    pair_label = pair_name(result, check_index("pair", pair, len(result.pair_labels)))
     house_style(
         fig,
         title=title or f"Direct logit attribution: {pair_label}<br><sup>{caption}{note}</sup>",
@@ -198,8 +198,8 @@ def component_lens_figure(
     token's logit (logits, centred on zero); cell text: the token.
     """
     n_rows, n_batch, n_cols, k_max = result.promoted_ids.shape
-    prompt = _check_index("prompt", prompt, n_batch)
-    column = _check_index("column", column, n_cols)
+    prompt = check_index("prompt", prompt, n_batch)
+    column = check_index("column", column, n_cols)
     if k is None:
         k = k_max
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max:
@@ -278,9 +278,9 @@ def head_source_figure(
             "run direct_logit_attribution(..., unit='head_source')"
         )
     n_layers, n_heads, n_seq, n_batch, n_cols, n_pairs = result.source_attribution.shape
-    prompt = _check_index("prompt", prompt, n_batch)
-    column = _check_index("column", column, n_cols)
-    pair = _check_index("pair", pair, n_pairs)
+    prompt = check_index("prompt", prompt, n_batch)
+    column = check_index("column", column, n_cols)
+    pair = check_index("pair", pair, n_pairs)
     if not bool(result.valid[prompt, column]):
         raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
     read_at = int(result.positions[prompt, column])

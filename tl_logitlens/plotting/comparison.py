@@ -5,15 +5,15 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from tl_logitlens.directions import DirectionResult
-from tl_logitlens.plotting._common import MIN_BAND_N, PALETTE, as_list, band_trace, house_style, pair_name
-
-
-def _check_index(name: str, value: object, n: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not -n <= value < n:
-        raise ValueError(f"{name}={value} is out of range: the result has {n}")
-    return value % n
+from tl_logitlens.plotting._common import (
+    MIN_BAND_N,
+    PALETTE,
+    as_list,
+    band_trace,
+    check_index,
+    house_style,
+    pair_name,
+)
 
 
 def logit_diff_figure(
@@ -34,8 +34,8 @@ def logit_diff_figure(
     default reads each prompt's last token, a single column). Units: logits for logit differences.
     """
     n_sites, n_cols, n_pairs = result.mean.shape
-    column = _check_index("column", column, n_cols)
-    pairs = list(range(n_pairs)) if pair is None else [_check_index("pair", pair, n_pairs)]
+    column = check_index("column", column, n_cols)
+    pairs = list(range(n_pairs)) if pair is None else [check_index("pair", pair, n_pairs)]
     labels = list(result.labels)
     x = list(range(len(labels)))
     prompts = [b for b in range(result.values.shape[1]) if bool(result.valid[b, column])]
