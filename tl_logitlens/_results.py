@@ -19,7 +19,7 @@ from html import escape
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._frames import input_tokens
 from tl_logitlens.tokens import display_tokens
@@ -106,6 +106,33 @@ class ResultBase(ShortRepr):
                 out[name] = value
         out["lens"] = self.lens_name
         return out
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class LensStatistics(ResultBase):
+    """What every lens result holds per site and read cell (``[site, batch, pos, ...]``): the top-k
+    tokens and their log-probs, the entropy and ``KL(final ‖ site)`` (nats), and the log-prob and
+    rank of each target; ``full_logprobs`` is the whole log-softmax when it was kept."""
+
+    labels: tuple[str, ...]
+    top_ids: Int[torch.Tensor, "site batch pos k"]
+    top_logprobs: Float[torch.Tensor, "site batch pos k"]
+    entropy: Float[torch.Tensor, "site batch pos"]
+    kl_to_final: Float[torch.Tensor, "site batch pos"]
+    target_logprobs: Float[torch.Tensor, "site batch pos target"] | None = None
+    target_ranks: Int[torch.Tensor, "site batch pos target"] | None = None
+    full_logprobs: Float[torch.Tensor, "site batch pos d_vocab"] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class RowsResult(ResultBase):
+    """A result with one row per component, head or neuron: ``labels``, and per row its layer and its
+    head or neuron index (-1 where that does not apply); ``unit`` names the kind of rows."""
+
+    unit: str
+    labels: tuple[str, ...]
+    row_layer: tuple[int, ...]
+    row_index: tuple[int, ...]
 
 
 def common_fields(model: Any, batch: Any, positions: torch.Tensor, valid: torch.Tensor, lens_name: str) -> dict:

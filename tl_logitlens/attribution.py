@@ -31,7 +31,7 @@ from tl_logitlens._dla import (
 )
 from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._pairs import Pairs, resolve_pairs
-from tl_logitlens._results import ResultBase, common_fields, nested_token_strings, token_strings
+from tl_logitlens._results import RowsResult, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
 from tl_logitlens.readout import (
@@ -59,7 +59,7 @@ DEFAULT_CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class AttributionResult(ResultBase):
+class AttributionResult(RowsResult):
     """Direct logit attribution rows that add up to the model's own final logit (difference).
 
     Fields (``pos`` runs over the *read* positions: ``positions[b, j]`` is the token position of
@@ -92,11 +92,7 @@ class AttributionResult(ResultBase):
       ``metric="logit"``); ``pair_labels``: readable labels per pair.
     """
 
-    unit: str
     metric: str
-    labels: tuple[str, ...]
-    row_layer: tuple[int, ...]
-    row_index: tuple[int, ...]
     attribution: Float[torch.Tensor, "row batch pos pair"]
     total: Float[torch.Tensor, "batch pos pair"]
     grid_size: tuple[int, int] | None
@@ -214,7 +210,7 @@ class AttributionResult(ResultBase):
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class ComponentLensResult(ResultBase):
+class ComponentLensResult(RowsResult):
     """Per component (or head) and read position: the tokens its output promotes and suppresses.
 
     Each row's output is read through the final norm's cached scale and ``W_U`` (the direct effect
@@ -229,10 +225,6 @@ class ComponentLensResult(ResultBase):
     - padding (``valid`` False): ids -1, logits NaN.
     """
 
-    unit: str
-    labels: tuple[str, ...]
-    row_layer: tuple[int, ...]
-    row_index: tuple[int, ...]
     promoted_ids: Int[torch.Tensor, "row batch pos k"]
     promoted_logits: Float[torch.Tensor, "row batch pos k"]
     suppressed_ids: Int[torch.Tensor, "row batch pos k"]

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 
 from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._kernel import site_metrics
-from tl_logitlens._results import ResultBase, common_fields, nested_token_strings, token_strings
+from tl_logitlens._results import LensStatistics, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import (
     Inputs,
@@ -46,7 +46,7 @@ _SITE_FIELDS = (
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class LensResult(ResultBase):
+class LensResult(LensStatistics):
     """Per site, prompt and read position: the lens's prediction and how it compares.
 
     Tensors are indexed ``[site, batch, pos]`` where ``pos`` runs over the *read* positions
@@ -60,23 +60,15 @@ class LensResult(ResultBase):
     whole log-softmax, ``[site, batch, pos, d_vocab]``.
     """
 
-    labels: tuple[str, ...]
-    top_ids: Int[torch.Tensor, "site batch pos k"]
-    top_logprobs: Float[torch.Tensor, "site batch pos k"]
-    entropy: Float[torch.Tensor, "site batch pos"]
-    kl_to_final: Float[torch.Tensor, "site batch pos"]
     next_ids: Int[torch.Tensor, "batch pos"]
     next_logprobs: Float[torch.Tensor, "site batch pos"]
     next_ranks: Int[torch.Tensor, "site batch pos"]
     target_ids: Int[torch.Tensor, "batch pos target"] | None
-    target_logprobs: Float[torch.Tensor, "site batch pos target"] | None
-    target_ranks: Int[torch.Tensor, "site batch pos target"] | None
     norm: str
     include_bias: bool
     final_top_ids: Int[torch.Tensor, "batch pos n"] | None = None
     final_top_logprobs: Float[torch.Tensor, "site batch pos n"] | None = None
     final_top_ranks: Int[torch.Tensor, "site batch pos n"] | None = None
-    full_logprobs: Float[torch.Tensor, "site batch pos d_vocab"] | None = None
 
     @property
     def top_probs(self) -> Float[torch.Tensor, "site batch pos k"]:

@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
-from tl_logitlens._results import ResultBase, ShortRepr, common_fields, labels_summary
+from tl_logitlens._results import LensStatistics, ShortRepr, common_fields, labels_summary
 from tl_logitlens._run import Rows, execute, run_cache
 from tl_logitlens.inputs import Batch, Targets, check_flag, is_integer, prepare_inputs
 from tl_logitlens.readout import Site
@@ -265,7 +265,7 @@ def _hole_metrics(
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class MaskedLensResult(ResultBase):
+class MaskedLensResult(LensStatistics):
     """Per site, prompt and masked position: the MLM head's prediction for the hole.
 
     Tensors are indexed ``[site, batch, mask]``; ``positions[b, j]`` (also ``mask_positions``) is the
@@ -278,30 +278,22 @@ class MaskedLensResult(ResultBase):
     Invalid entries: ids -1, values NaN. Log-probs and entropy in nats; ranks from 1.
     """
 
-    labels: tuple[str, ...]
     original_tokens: Int[torch.Tensor, "batch seq"]
     masked: bool = True
-    original_ids: Int[torch.Tensor, "batch mask"]
-    top_ids: Int[torch.Tensor, "site batch mask k"]
-    top_logprobs: Float[torch.Tensor, "site batch mask k"]
-    entropy: Float[torch.Tensor, "site batch mask"]
-    kl_to_final: Float[torch.Tensor, "site batch mask"]
-    original_logprobs: Float[torch.Tensor, "site batch mask"]
-    original_ranks: Int[torch.Tensor, "site batch mask"]
+    original_ids: Int[torch.Tensor, "batch pos"]
+    original_logprobs: Float[torch.Tensor, "site batch pos"]
+    original_ranks: Int[torch.Tensor, "site batch pos"]
     target_ids: Int[torch.Tensor, " target"] | None
-    target_logprobs: Float[torch.Tensor, "site batch mask target"] | None
-    target_ranks: Int[torch.Tensor, "site batch mask target"] | None
-    tracked_ids: Int[torch.Tensor, "batch mask track"]
-    tracked_logprobs: Float[torch.Tensor, "site batch mask track"]
-    full_logprobs: Float[torch.Tensor, "site batch mask d_vocab"] | None = None
+    tracked_ids: Int[torch.Tensor, "batch pos track"]
+    tracked_logprobs: Float[torch.Tensor, "site batch pos track"]
 
     @property
-    def mask_positions(self) -> Int[torch.Tensor, "batch mask"]:
+    def mask_positions(self) -> Int[torch.Tensor, "batch pos"]:
         """The token position of each hole (``positions``), -1 at padding."""
         return self.positions
 
     @property
-    def predicted_ids(self) -> Int[torch.Tensor, "site batch mask"]:
+    def predicted_ids(self) -> Int[torch.Tensor, "site batch pos"]:
         return self.top_ids[..., 0]
 
     def top_tokens(self, prompt: int = 0, mask: int = 0) -> list[list[str]]:
