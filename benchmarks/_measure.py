@@ -80,6 +80,42 @@ def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measuremen
     return Measurement(name, best, _peak_rss_above_start(fn) / 2**20)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3) -> list[Measurement]:
+    """Best-of-``repeats`` wall time of each function, run round-robin (one warm-up round, then
+    ``repeats`` rounds of every function in turn), so load from other processes on a shared machine
+    falls on all of them alike; then each one's peak resident memory, as :func:`measure` takes it."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            out = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            del out
+    return [Measurement(name, best[name], _peak_rss_above_start(fn) / 2**20) for name, fn in fns.items()]
+
+
+def cpu_line() -> str:
+    """The CPU's model name, thread count and the vector/matrix extensions that decide matmul speed
+    (AVX2, AVX-512, AVX-512 BF16, AMX), so a reader can tell which machine a figure belongs to."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    marks = {"AVX2": "avx2", "AVX-512": "avx512f", "AVX-512 BF16": "avx512_bf16", "AMX": "amx_tile"}
+    have = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in marks.items())
+    return f"CPU: {model}, {os.cpu_count()} cores; {have}; torch {torch.__version__}, {threads()} threads"
+
+
 def print_table(rows: list[Measurement], baseline: str) -> None:
     base = next(r for r in rows if r.name == baseline)
     print(f"{'':42s} {'seconds':>9s} {'x ' + baseline[:14]:>18s} {'peak MiB':>10s}")

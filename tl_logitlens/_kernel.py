@@ -1,15 +1,23 @@
-"""The lens's metric kernel: one block of float32 logits reduced to every statistic the lens reports.
+"""The lens's metric kernel: a site's logits reduced to every statistic the lens reports.
 
 Every analysis that turns a site's logits into a distribution (the causal lens, the masked-LM lens,
-the corpus evaluator) reduces them here, so all of them are exactly as accurate as each other. The
-driver :func:`site_metrics` projects ``chunk_size`` rows at a time, so the full
-``[site, row, d_vocab]`` tensor never exists.
+the corpus evaluator) reduces them here, so all of them are exactly as accurate as each other.
+
+Two drivers, one fold. :func:`unembed_metrics` takes normalised states and an :class:`Unembedding`
+and computes the logits one vocabulary tile (``tile_size`` columns) at a time, folding each tile
+into running statistics while it is still in cache (online log-sum-exp, entropy and KL terms with
+a stable rescaling, a running top-k, rank counts), so one ``[chunk_size, d_vocab]`` block is never
+written to main memory: the reductions cost a few percent of the unembedding matmul.
+:func:`site_metrics` takes precomputed ``[rows, d_vocab]`` logits and folds them the same way, tile
+by tile. Both work ``chunk_size`` rows at a time, so the full ``[site, row, d_vocab]`` tensor never
+exists. :func:`block_metrics` is the whole-block version, kept as the readable definition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -140,6 +148,293 @@ class SiteMetrics:
     final_top1: Int[torch.Tensor, " row"]
 
 
+# Vocabulary columns per tile: a [256, 2048] float32 tile is 2 MiB, so the few buffers one tile
+# needs stay in the last-level cache, and the tile's matmul is still large enough to run at full speed.
+DEFAULT_TILE_SIZE = 2048
+# The tile's top-k is found among the top-k groups of _GROUP columns (by group maximum): one cheap
+# pass instead of a full per-row top-k, which costs as much as the rest of the fold together.
+_GROUP = 64
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """What turns normalised states into float32 logits: ``transform(float(x @ W_U + b_U))``.
+
+    The matmul runs in ``W_U``'s dtype (the model's), its result is rounded to that dtype and then
+    converted to float32, exactly as :func:`tl_logitlens.readout.unembed` does; ``transform`` is the
+    model's own elementwise post-unembedding step (a soft cap or a logit scaling) or None. Because
+    it is elementwise it applies to one tile of columns, or to a few gathered columns, alike.
+    """
+
+    W_U: Float[torch.Tensor, "d_model d_vocab"]
+    b_U: Float[torch.Tensor, " d_vocab"] | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def from_model(cls, model: Any, include_bias: bool = True) -> Unembedding:
+        """The unembedding of a TransformerLens model, as :func:`~tl_logitlens.readout.unembed` applies it."""
+        from tl_logitlens._compat import output_logits_transform
+        from tl_logitlens.readout import soft_cap, transform_logits
+
+        has_transform = output_logits_transform(model) is not None or soft_cap(model) is not None
+        b_U = getattr(model, "b_U", None) if include_bias else None
+        return cls(
+            W_U=model.W_U,
+            b_U=b_U,
+            transform=(lambda z: transform_logits(model, z)) if has_transform else None,
+        )
+
+    @property
+    def d_vocab(self) -> int:
+        return self.W_U.shape[1]
+
+    def logits(
+        self,
+        x: Float[torch.Tensor, "row d_model"],
+        cols: slice,
+        out: Float[torch.Tensor, "row col"] | None = None,
+        out_mm: torch.Tensor | None = None,
+    ) -> Float[torch.Tensor, "row col"]:
+        """Float32 logits of the columns ``cols``, written into ``out`` when given (float32; ``out_mm``, of
+        ``W_U``'s dtype, takes the matmul's result first when that dtype is not float32)."""
+        w = self.W_U[:, cols]
+        mm_out = out if self.W_U.dtype == torch.float32 else out_mm
+        if self.b_U is not None:
+            z = torch.addmm(self.b_U[cols], x, w, out=mm_out)
+        else:
+            z = torch.mm(x, w, out=mm_out)
+        if z.dtype != torch.float32:
+            z = z.float() if out is None else out.copy_(z)
+        return z if self.transform is None else self.transform(z).float()
+
+    def gather_logits(
+        self, x: Float[torch.Tensor, "row d_model"], ids: Int[torch.Tensor, "row q"]
+    ) -> Float[torch.Tensor, "row q"]:
+        """Float32 logits of the tokens ``ids[r]`` of each row ``r``: ``x[r] @ W_U[:, ids[r]]``, a small
+        gather-matmul (float32 accumulation, rounded to the model's dtype as the full matmul is)."""
+        w = self.W_U[:, ids].permute(1, 0, 2).float()  # [row, d_model, q]
+        z = torch.bmm(x.float()[:, None, :], w)[:, 0]
+        if self.b_U is not None:
+            z = z + self.b_U[ids].float()
+        z = z.to(self.W_U.dtype).float()
+        return z if self.transform is None else self.transform(z).float()
+
+
+class _Buffers:
+    """Scratch tiles reused by every fold: five ``[rows, tile]`` float32 blocks (logits, shifted logits,
+    the site's and the final distribution's ``exp``, products), plus the matmul's output in the model's
+    dtype when that is not float32. Views are cut from flat storage, so a narrower last tile or a
+    shorter last chunk is still contiguous."""
+
+    LOGITS, SHIFTED, EXP, FINAL_EXP, SCRATCH = range(5)
+
+    def __init__(self, rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
+        n = rows * tile
+        self._f32 = torch.empty(5, n, device=device)
+        self._mm = None if mm_dtype == torch.float32 else torch.empty(n, dtype=mm_dtype, device=device)
+
+    def get(self, which: int, rows: int, cols: int) -> torch.Tensor:
+        return self._f32[which, : rows * cols].view(rows, cols)
+
+    def matmul(self, rows: int, cols: int) -> torch.Tensor | None:
+        return None if self._mm is None else self._mm[: rows * cols].view(rows, cols)
+
+
+class _Running:
+    """One site's statistics over the vocabulary tiles folded so far, for a block of rows.
+
+    With ``m`` the running maximum logit: ``s = Σ exp(z - m)``, ``t = Σ exp(z - m)·(z - m)`` and
+    ``u = Σ exp(zf - mf)·(z - m)`` against the final distribution's own running ``mf``; ``count``
+    holds, per query, the number of logits strictly above the query's logit (float32 counts are
+    exact below 2**24); ``top_v``/``top_i`` the running top-k.
+    """
+
+    def __init__(self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None) -> None:
+        self.m: torch.Tensor | None = None
+        self.s = self.t = self.u = None
+        self.top_v: torch.Tensor | None = None
+        self.top_i: torch.Tensor | None = None
+        self.q_logits = q_logits
+        self.q_ids = q_ids
+        self.count = None if q_logits is None else torch.zeros_like(q_logits)
+
+
+def _tile_topk(
+    z: Float[torch.Tensor, "row col"], k: int
+) -> tuple[Float[torch.Tensor, "row k"], Int[torch.Tensor, "row k"]]:
+    """``z.topk(k)`` (values, column ids), found among the ``k`` groups of ``_GROUP`` columns with the
+    largest maxima: every one of the top-k lies in such a group, so the values are exact."""
+    rows, cols = z.shape
+    if cols % _GROUP or cols // _GROUP < 2 * k:
+        return z.topk(k, dim=-1)
+    groups = z.view(rows, cols // _GROUP, _GROUP)
+    _, gi = groups.amax(-1).topk(k, dim=-1)
+    cand = groups.gather(1, gi[:, :, None].expand(rows, k, _GROUP)).reshape(rows, k * _GROUP)
+    vals, ci = cand.topk(k, dim=-1)
+    return vals, gi.gather(1, ci // _GROUP) * _GROUP + ci % _GROUP
+
+
+def _fold(
+    run: _Running,
+    z: Float[torch.Tensor, "row col"],
+    col0: int,
+    top_k: int,
+    buffers: _Buffers,
+    *,
+    final: bool,
+    ef: torch.Tensor | None = None,
+    af: torch.Tensor | None = None,
+    sf_seen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold one tile of float32 logits (columns ``col0 : col0 + cols``) into ``run``.
+
+    When the running maximum rises from ``m`` to ``m'``, the sums so far are rescaled by
+    ``a = exp(m - m')``: ``s ← a·s``, ``t ← a·(t + (m - m')·s)``; ``u`` is rescaled by the final
+    distribution's own factor ``af`` and shift (its sum so far ``sf_seen``). Every summed term is
+    ``exp(·)·(z - m)`` with ``z - m <= 0``, as small as the old ``p·log p`` terms, and each tile is
+    summed by ``torch.sum``'s cascade, so the float32 totals stay accurate to ~1e-5 nats over a 50k
+    vocabulary. Returns the tile's ``exp(z - m')`` and the rescale factor and previous ``s`` (which
+    the sites need from the final distribution's fold).
+    """
+    rows, cols = z.shape
+    scratch = buffers.get(buffers.SCRATCH, rows, cols)
+    # ranks: count before shifting, so each comparison is between the logits themselves
+    if run.count is not None:
+        for i in range(run.count.shape[1]):
+            run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=scratch).sum(-1)
+        # a query's own column is not above it, even where the gathered logit rounds differently
+        local = run.q_ids - col0
+        inside = (local >= 0) & (local < cols)
+        own = z.gather(1, local.clamp(0, cols - 1))
+        run.count -= (inside & (own > run.q_logits)).float()
+    vals, ids = _tile_topk(z, top_k)
+    ids = ids + col0
+    tile_max = vals[:, 0]
+    if run.top_v is None:
+        run.top_v, run.top_i = vals, ids
+    else:
+        v, pick = torch.cat([run.top_v, vals], 1).topk(top_k, dim=-1)
+        run.top_v, run.top_i = v, torch.cat([run.top_i, ids], 1).gather(1, pick)
+    m_new = tile_max if run.m is None else torch.maximum(run.m, tile_max)
+    d = torch.sub(z, m_new[:, None], out=buffers.get(buffers.SHIFTED, rows, cols))
+    e = torch.exp(d, out=buffers.get(buffers.FINAL_EXP if final else buffers.EXP, rows, cols))
+    e_sum = e.sum(-1)
+    t_tile = torch.mul(e, d, out=scratch).sum(-1)
+    u_tile = None if ef is None else torch.mul(ef, d, out=scratch).sum(-1)
+    if run.m is None:
+        a, s_old = torch.ones_like(m_new), torch.zeros_like(m_new)
+        run.s, run.t, run.u = e_sum, t_tile, u_tile
+    else:
+        delta = run.m - m_new
+        a, s_old = delta.exp(), run.s
+        run.s = a * s_old + e_sum
+        run.t = a * (run.t + delta * s_old) + t_tile
+        if ef is not None:
+            run.u = af * (run.u + delta * sf_seen) + u_tile
+    run.m = m_new
+    return e, a, s_old
+
+
+def _finish(
+    runs: list[_Running], final: _Running, final_sites: frozenset[int], n_sites: int, top_k: int
+) -> dict[str, torch.Tensor]:
+    """Per-site statistics of one block of rows from the folded sums (see :class:`_Running`)."""
+    neg_entropy_f = final.t / final.s - final.s.log()
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in _FIELDS}
+    site_runs = iter(runs)
+    for s in range(n_sites):
+        is_final = s in final_sites
+        run = final if is_final else next(site_runs)
+        log_s = run.s.log()
+        lse = run.m + log_s
+        out["top_ids"].append(run.top_i[:, :top_k])
+        out["top_logprobs"].append(run.top_v[:, :top_k] - lse[:, None])
+        out["entropy"].append(log_s - run.t / run.s)
+        # KL(final ‖ p) = Σ q·log q - Σ q·log p, with Σ q·log p = u / sf - log s
+        kl = torch.zeros_like(lse) if is_final else neg_entropy_f - run.u / final.s + log_s
+        out["kl_to_final"].append(kl)
+        out["query_logprobs"].append(run.q_logits - lse[:, None])
+        out["query_ranks"].append(1 + run.count.long())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+_FIELDS = ("top_ids", "top_logprobs", "entropy", "kl_to_final", "query_logprobs", "query_ranks")
+
+
+def _empty_out(n_sites: int, n_rows: int, n_q: int, top_k: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {
+        "top_ids": torch.empty(n_sites, n_rows, top_k, dtype=torch.long, device=device),
+        "top_logprobs": torch.empty(n_sites, n_rows, top_k, device=device),
+        "entropy": torch.empty(n_sites, n_rows, device=device),
+        "kl_to_final": torch.empty(n_sites, n_rows, device=device),
+        "query_logprobs": torch.empty(n_sites, n_rows, n_q, device=device),
+        "query_ranks": torch.empty(n_sites, n_rows, n_q, dtype=torch.long, device=device),
+    }
+
+
+def _check_tile_size(tile_size: int) -> None:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+
+
+@torch.inference_mode()
+def unembed_metrics(
+    site_states: Callable[[int, slice], Float[torch.Tensor, "row d_model"]],
+    n_sites: int,
+    final_states: Callable[[slice], Float[torch.Tensor, "row d_model"]],
+    final_sites: frozenset[int],
+    query: Int[torch.Tensor, "row q"],
+    top_k: int,
+    chunk_size: int,
+    unembedding: Unembedding,
+    device: torch.device | str,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> SiteMetrics:
+    """The lens metrics of ``n_sites`` sites from their normalised states, one vocabulary tile at a time.
+
+    ``site_states(s, rows)`` gives site ``s``'s normalised states (the input of the unembedding, in
+    the model's dtype) at a slice of the rows and ``final_states(rows)`` the final layer's; sites in
+    ``final_sites`` *are* the final distribution and are not projected twice. For each chunk of
+    ``chunk_size`` rows the query tokens' logits come first (a small gather-matmul, so ranks can be
+    counted tile by tile); then each ``tile_size``-column tile of the final logits and of every
+    site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
+    numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
+    Extra memory: the chunk's states and six ``[chunk_size, tile_size]`` float32 tiles.
+    """
+    _check_tile_size(tile_size)
+    n_rows, n_q = query.shape
+    d_vocab = unembedding.d_vocab
+    out = _empty_out(n_sites, n_rows, n_q, top_k, device)
+    final_top1 = torch.empty(n_rows, dtype=torch.long, device=device)
+    if n_rows == 0:
+        return SiteMetrics(**out, final_top1=final_top1)
+    tile = min(tile_size, d_vocab)
+    buffers = _Buffers(min(chunk_size, n_rows), tile, device, unembedding.W_U.dtype)
+    others = [s for s in range(n_sites) if s not in final_sites]
+    k_final = top_k if final_sites else 1
+    for start in range(0, n_rows, chunk_size):
+        sl = slice(start, min(start + chunk_size, n_rows))
+        ids = query[sl]
+        rows = ids.shape[0]
+        xf = final_states(sl)
+        final = _Running(unembedding.gather_logits(xf, ids), ids) if final_sites else _Running(None, None)
+        states = [site_states(s, sl) for s in others]
+        runs = [_Running(unembedding.gather_logits(x, ids), ids) for x in states]
+        for col0 in range(0, d_vocab, tile):
+            cols = slice(col0, min(col0 + tile, d_vocab))
+            width = cols.stop - col0
+            zf = unembedding.logits(xf, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
+            ef, af, sf_seen = _fold(final, zf, col0, k_final, buffers, final=True)
+            for run, x in zip(runs, states):
+                z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
+                _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
+        block = _finish(runs, final, final_sites, n_sites, top_k)
+        for name, buf in out.items():
+            buf[:, sl] = block[name]
+        final_top1[sl] = final.top_i[:, 0]
+    return SiteMetrics(**out, final_top1=final_top1)
+
+
 @torch.inference_mode()
 def site_metrics(
     site_logits: RowLogits,
@@ -151,39 +446,49 @@ def site_metrics(
     chunk_size: int,
     d_vocab: int,
     device: torch.device | str,
+    tile_size: int = DEFAULT_TILE_SIZE,
 ) -> SiteMetrics:
     """Reduce ``n_sites`` sites over ``query.shape[0]`` rows, ``chunk_size`` rows at a time.
 
     ``site_logits(s, rows)`` gives site ``s``'s float32 logits at a slice of the rows and
     ``final_logits(rows)`` the model's own; sites in ``final_sites`` *are* the final distribution,
-    whose logits are computed once per chunk and freed before the other sites are projected.
+    whose logits are computed once per chunk. Each ``[rows, d_vocab]`` block is folded tile by tile
+    (see :func:`_fold`), so it is read from memory once. Where the states and the unembedding are at
+    hand, :func:`unembed_metrics` is faster: its logits never leave the cache.
     """
+    _check_tile_size(tile_size)
     n_rows, n_q = query.shape
-    out = {
-        "top_ids": torch.empty(n_sites, n_rows, top_k, dtype=torch.long, device=device),
-        "top_logprobs": torch.empty(n_sites, n_rows, top_k, device=device),
-        "entropy": torch.empty(n_sites, n_rows, device=device),
-        "kl_to_final": torch.empty(n_sites, n_rows, device=device),
-        "query_logprobs": torch.empty(n_sites, n_rows, n_q, device=device),
-        "query_ranks": torch.empty(n_sites, n_rows, n_q, dtype=torch.long, device=device),
-    }
+    out = _empty_out(n_sites, n_rows, n_q, top_k, device)
     final_top1 = torch.empty(n_rows, dtype=torch.long, device=device)
-    ws = Workspace(min(chunk_size, max(n_rows, 1)), d_vocab, device)
-
-    def reduce_into(s: int, sl: slice, z: torch.Tensor, final: FinalDistribution) -> None:
-        m = block_metrics(z, final, query[sl], top_k, ws)
-        for name, buf in out.items():
-            buf[s, sl] = getattr(m, name)
-
+    if n_rows == 0:
+        return SiteMetrics(**out, final_top1=final_top1)
+    tile = min(tile_size, d_vocab)
+    buffers = _Buffers(min(chunk_size, n_rows), tile, device, torch.float32)
+    others = [s for s in range(n_sites) if s not in final_sites]
     for start in range(0, n_rows, chunk_size):
         sl = slice(start, min(start + chunk_size, n_rows))
+        ids = query[sl]
         zf = final_logits(sl)
-        final = final_distribution(zf, ws)
-        final_top1[sl] = final.top1
-        for s in sorted(final_sites):
-            reduce_into(s, sl, zf, final)
+        final = _Running(zf.gather(1, ids), ids)
+        for col0 in range(0, d_vocab, tile):
+            _fold(final, zf[:, col0 : col0 + tile], col0, top_k, buffers, final=True)
+        # the final distribution's exp(zf - mf) on its final scale: each site's u needs it per tile
+        ef_full = torch.exp(zf - final.m[:, None])
         del zf
-        for s in range(n_sites):
-            if s not in final_sites:
-                reduce_into(s, sl, site_logits(s, sl), final)
+        runs = []
+        for s in others:
+            z = site_logits(s, sl)
+            run = _Running(z.gather(1, ids), ids)
+            sf_seen = torch.zeros_like(final.s)
+            for col0 in range(0, d_vocab, tile):
+                ef = ef_full[:, col0 : col0 + tile]
+                _fold(run, z[:, col0 : col0 + tile], col0, top_k, buffers, final=False,
+                      ef=ef, af=torch.ones_like(sf_seen), sf_seen=sf_seen)
+                sf_seen = sf_seen + ef.sum(-1)
+            del z
+            runs.append(run)
+        block = _finish(runs, final, final_sites, n_sites, top_k)
+        for name, buf in out.items():
+            buf[:, sl] = block[name]
+        final_top1[sl] = final.top_i[:, 0]
     return SiteMetrics(**out, final_top1=final_top1)
