@@ -165,7 +165,8 @@ def test_demo_prints_the_table_and_writes_the_report(model_runs):
     lines = res.stdout.splitlines()
     assert "after '␣very'" in lines[0]
     rows = [line for line in lines if line.split(" ")[0] in ("0_pre", "1_pre", "2_pre", "3_pre", "final_post")]
-    assert len(rows) == 5
+    assert len(rows) == 10  # the logit lens, then the demo tuned lens
+    assert any("tuned lens" in line for line in lines)
     page = (cwd / "logit_lens_report.html").read_text(encoding="utf-8")
     assert page.count("Plotly.newPlot") >= 3 and "<script src" not in page
     assert "wrote report: logit_lens_report.html" in res.stdout

@@ -615,7 +615,8 @@ def _run(args: argparse.Namespace) -> int:
             tuned = _demo_tuned_lens(model)
             if tuned is not None:
                 console.print()
-                _print_table(console, *_lens_table(compute_report(model, prompts, top_k=args.top_k, lens=tuned), 0, width))
+                table, _ = _lens_table(compute_report(model, prompts, top_k=args.top_k, lens=tuned), 0, width)
+                console.print(table)  # the legend above holds for both
         if data.logit_diff is not None:
             for table in _versus_tables(data, width):
                 console.print()
@@ -677,14 +678,12 @@ def _eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
             table.add_row(*row)
         tables.append(table)
     legend = [
-        "KL: KL(final ‖ site); CE: next-token cross-entropy; H: entropy (nats; b/B: bits per byte); "
-        "top-1: share of positions whose top token is the final layer's"
+        "KL: KL(final ‖ site); CE: next-token cross-entropy; H: entropy (all in nats)",
+        "CE b/B: cross-entropy in bits per byte; top-1: agreement with the final layer",
     ]
     if ev.n_bootstrap > 0:
-        legend.append(
-            f"[low, high]: {ev.confidence:.0%} bootstrap intervals over documents"
-            + ("" if wide else f" (shown from {WIDE} columns; in --json/--csv)")
-        )
+        ci = f"[low, high]: {ev.confidence:.0%} bootstrap intervals over documents"
+        legend.append(ci if wide else f"{ev.confidence:.0%} bootstrap intervals: in --json/--csv, here from {WIDE} columns")
     return tables, legend
 
 
