@@ -24,7 +24,8 @@ from tl_logitlens.plotting import (
     text_heatmap,
     top_token_evolution,
 )
-from tl_logitlens.plotting._common import clip, colour_scale, log_ticks, pair_name, wrap_title
+from tl_logitlens.plotting._common import check_index, clip, colour_scale, log_ticks, pair_name, wrap_title
+from tl_logitlens.plotting.entropy import entropy_kl_figure
 
 PROMPTS = SENTENCES[:3]
 
@@ -46,6 +47,11 @@ def _cols(result, b):
 def _heatmap(fig):
     assert len(fig.data) == 1 and isinstance(fig.data[0], go.Heatmap)
     return fig.data[0]
+
+
+def _f64(values):
+    """A trace's values as a float64 tensor (None, a gap, as NaN)."""
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
 
 
 def _z(trace):
@@ -158,7 +164,7 @@ def test_lens_heatmap_rank_defaults_to_the_next_token_without_targets(plain):
     hm = _heatmap(lens_heatmap(plain, color="rank"))
     ranks = plain.next_ranks[:, 0].double()
     expected = torch.where(ranks > 0, ranks.log10(), torch.nan)  # the last token has no next token
-    assert_close(_z(hm), expected, atol=1e-12, rtol=0)
+    assert_close(_z(hm), expected, atol=1e-12, rtol=0, equal_nan=True)
     assert torch.isnan(_z(hm)[:, -1]).all()
     # log colour scale from rank 1, its bar labelled 1, 10, 100 (not exponents)
     assert hm.zmin == 0.0 and list(hm.colorbar.ticktext)[:2] == ["1", "10"]
@@ -185,6 +191,7 @@ def test_lens_heatmap_long_prompts_are_clipped_or_strided_with_a_note(lens, long
         assert ticks == [clip(cell_text(inputs[j])) for j in cols[-5:]]
     notes = [a.text for a in fig.layout.annotations]
     assert len(notes) == 1 and f"of {len(cols)} positions" in notes[0]
+    assert fig.layout.annotations[0].font.color == "#555"  # a neutral note, not an error
     assert not lens_heatmap(lens).layout.annotations  # no note when everything fits
 
 
@@ -244,12 +251,12 @@ def test_target_trajectory_mean_band_and_prompt_lines(lens):
         sd = [math.sqrt(sum((v - m) ** 2 for v in r) / (n_batch - 1)) for r, m in zip(rows, mean)]
         half = [1.959963984540054 * s / math.sqrt(n_batch) for s in sd]
         (line,) = [tr for tr in fig.data if tr.name == f"'{cell_text(tok)}' mean over {n_batch} prompts"]
-        assert_close(list(line.y), mean, atol=1e-9, rtol=0)
+        assert_close(_f64(line.y), mean, atol=1e-9, rtol=0)
         (band,) = [tr for tr in fig.data if tr.name == f"'{cell_text(tok)}' 95% band (n={n_batch})"]
-        assert_close(list(band.y), [m + h for m, h in zip(mean, half)] + [m - h for m, h in zip(mean, half)][::-1], atol=1e-9, rtol=0)
+        assert_close(_f64(band.y), [m + h for m, h in zip(mean, half)] + [m - h for m, h in zip(mean, half)][::-1], atol=1e-9, rtol=0)
         prompt_lines = [tr for tr in fig.data if tr.name.startswith(f"'{cell_text(tok)}' prompt ")]
         assert len(prompt_lines) == n_batch
-        assert_close(list(prompt_lines[1].y), [r[1] for r in rows], atol=1e-9, rtol=0)
+        assert_close(_f64(prompt_lines[1].y), [r[1] for r in rows], atol=1e-9, rtol=0)
     assert len(names) == 2 * (n_batch + 2)
     assert fig.layout.yaxis.title.text == "log-prob (nats)"
     assert list(fig.layout.xaxis.ticktext) == list(lens.labels)
@@ -269,7 +276,7 @@ def test_target_trajectory_rank_is_a_geometric_mean_on_a_log_axis(lens):
     last = [_cols(lens, b)[-1] for b in range(len(PROMPTS))]
     ranks = torch.stack([lens.target_ranks[:, b, last[b], 1] for b in range(len(PROMPTS))], 1).double()
     (line,) = [tr for tr in fig.data if "geometric mean" in tr.name]
-    assert_close(list(line.y), 10 ** ranks.log10().mean(1), atol=1e-9, rtol=1e-9)
+    assert_close(_f64(line.y), 10 ** ranks.log10().mean(1), atol=1e-9, rtol=1e-9)
     assert fig.layout.yaxis.type == "log"
     assert len(fig.data) == 2  # band and mean, no prompt lines
     # the log axis is labelled at decades 1, 10, 100 (plotly's own ticks read "10, 2, 5, 100")
@@ -343,12 +350,12 @@ def test_logit_diff_figure_draws_mean_ci_and_prompt_lines(diff):
         name = f"'{cell_text(c)}' − '{cell_text(i)}'"
         assert pair_name(diff, k) == name
         (mean,) = [t for t in fig.data if t.name.startswith(f"{name} mean")]
-        assert_close(list(mean.y), diff.mean[:, 0, k].double(), atol=1e-7, rtol=0)
+        assert_close(_f64(mean.y), diff.mean[:, 0, k].double(), atol=1e-7, rtol=0)
         (band,) = [t for t in fig.data if t.name == f"{name} 95% CI (n=4)"]
-        assert_close(list(band.y), torch.cat([diff.ci_high[:, 0, k], diff.ci_low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
+        assert_close(_f64(band.y), torch.cat([diff.ci_high[:, 0, k], diff.ci_low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
         lines = [t for t in fig.data if t.name.startswith(f"{name} prompt ")]
         assert len(lines) == 4
-        assert_close(list(lines[3].y), diff.values[:, 3, 0, k].double(), atol=1e-7, rtol=0)
+        assert_close(_f64(lines[3].y), diff.values[:, 3, 0, k].double(), atol=1e-7, rtol=0)
     one = logit_diff_figure(diff, pair=1)
     assert len(one.data) == 2
     assert "'␣a' − '␣to'" in one.layout.title.text
@@ -366,6 +373,31 @@ def test_logit_diff_figure_names_per_prompt_pairs_by_their_tokens_and_skips_smal
     assert not [t for t in fig.data if "CI" in t.name]  # two prompts: no band
     assert "too few for a band" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["pair 0 mean over 2 prompts"]
+
+
+def test_entropy_kl_figure_draws_the_mean_over_each_group(lens):
+    n_sites = len(lens.labels)
+    entropy, kl = lens.entropy.reshape(n_sites, -1), lens.kl_to_final.reshape(n_sites, -1)
+    every = lens.valid.reshape(-1)
+    first = torch.zeros_like(lens.valid)
+    first[0] = lens.valid[0]
+    fig = entropy_kl_figure(lens.labels, entropy, kl, [("every", every), ("prompt 0", first.reshape(-1))], "t")
+    assert [t.name for t in fig.data] == [f"every (n={int(every.sum())})"] * 2 + [f"prompt 0 (n={int(first.sum())})"] * 2
+    assert [t.showlegend for t in fig.data] == [True, False, True, False]  # one legend entry per group
+    for trace, values, rows in zip(fig.data, (entropy, kl) * 2, (every, every, first.reshape(-1), first.reshape(-1))):
+        # the slow, obvious mean: a loop over the rows read
+        expected = [sum(float(values[s, r]) for r in range(len(rows)) if rows[r]) / int(rows.sum()) for s in range(n_sites)]
+        assert list(trace.x) == list(lens.labels)
+        assert_close(_f64(trace.y), torch.tensor(expected, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert fig.data[0].line.color != fig.data[2].line.color
+
+
+def test_check_index_counts_from_the_end_and_refuses_bad_indices():
+    assert check_index("pair", -1, 3) == 2 and check_index("pair", 2, 3) == 2
+    with pytest.raises(ValueError, match=r"pair=3 is out of range: the result holds 3 pair\(s\)"):
+        check_index("pair", 3, 3)
+    with pytest.raises(TypeError, match="column must be an int index, not bool"):
+        check_index("column", True, 3)
 
 
 def test_titles_wrap_to_the_figure_width():
@@ -428,7 +460,7 @@ def test_component_bars_are_the_rows_and_the_total(ln_model, head_dla):
     (bars,) = fig.data
     assert list(bars.x) == list(comp.labels) + ["total (model)"]
     expected = comp.mean_attribution(0).tolist() + [float(torch.nanmean(comp.total[..., 0]))]
-    assert_close(list(bars.y), expected, atol=1e-7, rtol=0)
+    assert_close(_f64(bars.y), expected, atol=1e-7, rtol=0)
     # the rows add up to the model's total (drawn from the result, checked here)
     assert abs(sum(bars.y[:-1]) - bars.y[-1]) < 1e-4
     colours = list(bars.marker.color)

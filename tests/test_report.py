@@ -20,7 +20,7 @@ from tl_logitlens.reporting import (
     top_table_html,
     write_report,
 )
-from tl_logitlens.tokens import visible_token
+from tl_logitlens.tokens import display_tokens, visible_token
 
 CHROME_FLAGS = (
     "--headless",
@@ -181,7 +181,7 @@ def test_batched_results_join_to_the_one_batch_result(ln_model):
     ):
         a, b = getattr(whole, name), getattr(parts, name)
         assert a.shape == b.shape, name
-        assert_close(b.double(), a.double(), atol=1e-6, rtol=0, msg=name)
+        assert_close(b.double(), a.double(), atol=1e-6, rtol=0, msg=name, equal_nan=True)  # padding is NaN in both
     assert torch.equal(whole.positions[whole.valid], parts.positions[parts.valid])
     assert whole.str_tokens == parts.str_tokens
 
@@ -191,7 +191,7 @@ def test_compute_report_batches_call_progress_and_match_one_call(ln_model):
     data = compute_report(ln_model, SENTENCES, target=" the", batch_size=2, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
     whole = tl.logit_lens(ln_model, SENTENCES, targets=[" the"])
-    assert_close(data.lens.target_logprobs, whole.target_logprobs, atol=1e-6, rtol=0)
+    assert_close(data.lens.target_logprobs, whole.target_logprobs, atol=1e-6, rtol=0, equal_nan=True)
     assert data.logit_diff is None and data.attribution is None
     # the evolution figure's targets are the final layer's top tokens at prompt 0's last token
     first = tl.logit_lens(ln_model, SENTENCES[0], positions="last", top_k=10)
@@ -359,6 +359,20 @@ def test_masked_report_holds_the_masked_lens_profiles_and_sliding_mask(bert, mas
         compute_report(bert, "The cat sat.", target="dog", versus="cat")
     with pytest.raises(ValueError, match="sites, norm and lens do not apply"):
         compute_report(bert, "The cat sat.", norm="cached")
+
+
+def test_masked_topk_figure_is_the_holes_top_tokens(bert):
+    from tl_logitlens.plotting.masked import masked_topk_figure
+
+    res = tl.masked_lens(bert, "The dog ran to the park.", mask_positions="park", top_k=4)
+    fig = masked_topk_figure(res)
+    hm = fig.data[0]
+    assert list(hm.y) == list(res.labels) and list(hm.x) == ["top 1", "top 2", "top 3", "top 4"]
+    assert_close(torch.tensor(hm.z, dtype=torch.float64), res.top_logprobs[:, 0, 0].exp().double(), atol=1e-6, rtol=0)
+    names = [[visible_token(display_tokens(bert.tokenizer, [int(i)])[0]) for i in row] for row in res.top_ids[:, 0, 0]]
+    assert [list(r) for r in hm.text] == names
+    position = int(res.mask_positions[0, 0])
+    assert fig.layout.title.text == f"Masked lens, prompt 0: the hole at position {position} (was park)"
 
 
 def test_masked_report_renders_and_fits(driver, masked_report):

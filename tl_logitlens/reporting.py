@@ -332,14 +332,10 @@ def _code(token: str) -> str:
 
 def _figure_html(fig: Any, div_id: str, caption: str = "") -> str:
     """One figure as a ``<figure>`` with its caption; plotly.js is loaded once for the page."""
-    import plotly.io as pio
+    from tl_logitlens.plotting.export import figure_div
 
-    body = pio.to_html(
-        fig, full_html=False, include_plotlyjs=False, div_id=div_id,
-        config={"displaylogo": False, "responsive": True},
-    )
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    return f'<figure class="figure">{body}{cap}</figure>'
+    return f'<figure class="figure">{figure_div(fig, div_id)}{cap}</figure>'
 
 
 def _fit_width(fig: Any) -> Any:
@@ -367,50 +363,6 @@ def _clip_note(shown: int, total: int) -> str:
         f" Only the last {shown} of the prompt's {total} positions are drawn, so the figure fits the page; "
         "the tables and the other figures use every position."
     )
-
-
-def entropy_kl_figure(
-    labels: Sequence[str],
-    entropy: torch.Tensor,
-    kl: torch.Tensor,
-    groups: Sequence[tuple[str, torch.Tensor]],
-    title: str,
-) -> Any:
-    """Entropy and KL(final ‖ site) by site, in nats: the mean over each group of read rows.
-
-    ``entropy`` and ``kl`` are ``[site, row]`` (NaN where a row was not read); each group is a
-    (name, boolean ``[row]`` mask) drawn as one line in both panels.
-    """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(
-        rows=1, cols=2, horizontal_spacing=0.12,
-        subplot_titles=("entropy of the read distribution (nats)", "KL(final ‖ site) (nats)"),
-    )
-    colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
-    x = list(labels)
-    for g, (name, rows) in enumerate(groups):
-        for col, values in ((1, entropy), (2, kl)):
-            v = values[:, rows].double()
-            mean = torch.nanmean(v, dim=1)
-            n = int(rows.sum())
-            fig.add_trace(
-                go.Scatter(
-                    x=x, y=[None if torch.isnan(m) else float(m) for m in mean], mode="lines+markers",
-                    name=f"{name} (n={n})", legendgroup=name, showlegend=col == 1,
-                    line={"color": colours[g % len(colours)], "width": 2},
-                    hovertemplate="%{x}: %{y:.3f} nats<extra>" + html.escape(name) + "</extra>",
-                ),
-                row=1, col=col,
-            )
-    fig.update_xaxes(type="category", title_text="site")
-    fig.update_yaxes(title_text="nats", rangemode="tozero")
-    fig.update_layout(
-        title={"text": title}, height=400, template="plotly_white",
-        legend={"orientation": "h", "y": -0.28, "x": 0}, margin={"t": 80, "b": 110},
-    )
-    return fig
 
 
 def top_table_html(lens: LensResult, prompt: int) -> str:
@@ -460,35 +412,6 @@ def masked_table_html(result: MaskedLensResult, prompt: int, hole: int) -> str:
     return f"<table>{header}</tr>{''.join(rows)}</table>"
 
 
-def masked_topk_figure(result: MaskedLensResult, prompt: int = 0, hole: int = 0) -> Any:
-    """One hole's top-k tokens at every site (rows: sites, first at the bottom; columns: rank), shaded by probability."""
-    import plotly.graph_objects as go
-
-    k = result.top_ids.shape[-1]
-    labels = list(result.labels)
-    probs = result.top_logprobs[:, prompt, hole].exp()
-    text = [display_tokens(result.tokenizer, result.top_ids[s, prompt, hole], visible=True) for s in range(len(labels))]
-    orig = int(result.original_ids[prompt, hole])
-    mask = visible_token(getattr(result.tokenizer, "mask_token", None) or "mask")
-    orig_name = f"was {visible_token(display_tokens(result.tokenizer, [orig])[0])}" if orig >= 0 else f"a {mask} in the text"
-    position = int(result.mask_positions[prompt, hole])
-    fig = go.Figure(
-        go.Heatmap(
-            z=probs.tolist(), x=[f"top {r + 1}" for r in range(k)], y=labels, text=text,
-            texttemplate="%{text}", textfont={"size": 13}, colorscale="Blues", zmin=0, zmax=1,
-            colorbar={"title": {"text": "probability", "side": "right"}}, xgap=1, ygap=1,
-            hovertemplate="%{y}, %{x}: %{text} (%{z:.3f})<extra></extra>",
-        )
-    )
-    fig.update_yaxes(type="category", title_text="site")
-    fig.update_layout(
-        title={"text": f"Masked lens, prompt {prompt}: the hole at position {position} ({orig_name})"},
-        width=min(FIGURE_MAX_WIDTH, 260 + 110 * k), height=max(320, 150 + 30 * len(labels)),
-        plot_bgcolor="white",
-    )
-    return fig
-
-
 def check_out(out: object) -> Path:
     """The report's path, checked before any work: an ``.html`` file name we can write.
 
@@ -534,13 +457,13 @@ def _check_plotly_js(plotly_js: object) -> str:
 def plotly_js_html(plotly_js: str, out: Path) -> str:
     """The ``<script>`` that loads plotly.js: inlined, from the CDN (with its integrity hash), or from a
     shared ``plotly.min.js`` written beside the report (written once; several reports share it)."""
-    import plotly.offline
+    from tl_logitlens.plotting.export import plotly_js_source, plotly_js_version
 
-    source = plotly.offline.get_plotlyjs()
+    source = plotly_js_source()
     if plotly_js == "inline":
         return f"<script type='text/javascript'>{source}</script>"
     if plotly_js == "cdn":
-        version = plotly.offline.get_plotlyjs_version()
+        version = plotly_js_version()
         digest = base64.b64encode(hashlib.sha384(source.encode("utf-8")).digest()).decode()
         return (
             f'<script charset="utf-8" src="https://cdn.plot.ly/plotly-{version}.min.js" '
@@ -630,6 +553,7 @@ def _causal_sections(data: ReportData, shown: list[int]) -> tuple[list[str], lis
         text_heatmap,
         top_token_evolution,
     )
+    from tl_logitlens.plotting.entropy import entropy_kl_figure
 
     lens = data.lens
     n_prompts = len(data.prompts)
@@ -737,6 +661,8 @@ def _causal_sections(data: ReportData, shown: list[int]) -> tuple[list[str], lis
 
 def _masked_sections(data: MaskedReportData, shown: list[int]) -> tuple[list[str], list[tuple[str, str, Any]], list[str]]:
     from tl_logitlens.plotting import profile_figure, profile_heatmaps, sliding_text_heatmap
+    from tl_logitlens.plotting.entropy import entropy_kl_figure
+    from tl_logitlens.plotting.masked import masked_topk_figure
 
     str_tokens = [m.str_tokens[0] for m in data.masked]
     intro = _prompts_html(data, shown, str_tokens, "they are in the entropy/KL figure.")
@@ -752,7 +678,7 @@ def _masked_sections(data: MaskedReportData, shown: list[int]) -> tuple[list[str
                     f"Masked lens, prompt {b}, hole {j}",
                     "Each site's top tokens for the hole, read through the MLM head (rows: sites, first layer at "
                     "the bottom; columns: rank); colour is the probability.",
-                    masked_topk_figure(res, prompt=0, hole=j),
+                    _fit_width(masked_topk_figure(res, prompt=0, hole=j)),
                 )
             )
             figures.append(

@@ -102,3 +102,27 @@ def show(fig: go.Figure, *, png: bool = True, scale: float | int = 1.0) -> None:
 
             warnings.warn(f"no PNG for this figure ({err}); showing the interactive figure only", stacklevel=2)
     display(bundle, raw=True)
+
+
+def figure_div(fig: go.Figure, div_id: str) -> str:
+    """``fig`` as an HTML ``<div>`` (and the script that draws it) for a page that loads plotly.js once."""
+    import plotly.io as pio
+
+    return pio.to_html(
+        fig, full_html=False, include_plotlyjs=False, div_id=div_id,
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def plotly_js_source() -> str:
+    """The minified plotly.js that this plotly draws with (about 5 MB of text)."""
+    import plotly.offline
+
+    return plotly.offline.get_plotlyjs()
+
+
+def plotly_js_version() -> str:
+    """The version of :func:`plotly_js_source` (as in ``cdn.plot.ly/plotly-<version>.min.js``)."""
+    import plotly.offline
+
+    return plotly.offline.get_plotlyjs_version()

@@ -19,7 +19,7 @@ from tl_logitlens.plotting._common import (
     log_ticks,
     quoted,
 )
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.tokens import display_tokens, visible_token
 
 _CHAR_PX = 8.4
 
@@ -299,4 +299,35 @@ def sliding_text_heatmap(
         height=max(340, 190 + 28 * len(result.labels)),
     )
     fig.update_layout(**layout)
+    return fig
+
+
+def masked_topk_figure(result: Any, prompt: int = 0, hole: int = 0) -> go.Figure:
+    """One hole's top-k tokens at every site (rows: sites, first at the bottom; columns: rank), shaded by probability.
+
+    ``result`` is a :class:`~tl_logitlens.MaskedLensResult`; the colour is each token's probability
+    on a fixed 0..1 scale.
+    """
+    k = result.top_ids.shape[-1]
+    labels = list(result.labels)
+    probs = result.top_logprobs[:, prompt, hole].exp()
+    text = [display_tokens(result.tokenizer, result.top_ids[s, prompt, hole], visible=True) for s in range(len(labels))]
+    orig = int(result.original_ids[prompt, hole])
+    mask = visible_token(getattr(result.tokenizer, "mask_token", None) or "mask")
+    orig_name = f"was {visible_token(display_tokens(result.tokenizer, [orig])[0])}" if orig >= 0 else f"a {mask} in the text"
+    position = int(result.mask_positions[prompt, hole])
+    fig = go.Figure(
+        go.Heatmap(
+            z=probs.tolist(), x=[f"top {r + 1}" for r in range(k)], y=labels, text=text,
+            texttemplate="%{text}", textfont={"size": 13}, colorscale="Blues", zmin=0, zmax=1,
+            colorbar={"title": {"text": "probability", "side": "right"}}, xgap=1, ygap=1,
+            hovertemplate="%{y}, %{x}: %{text} (%{z:.3f})<extra></extra>",
+        )
+    )
+    fig.update_yaxes(type="category", title_text="site")
+    fig.update_layout(
+        title={"text": f"Masked lens, prompt {prompt}: the hole at position {position} ({orig_name})"},
+        width=260 + 110 * k, height=max(320, 150 + 30 * len(labels)),
+        plot_bgcolor="white",
+    )
     return fig
