@@ -299,9 +299,9 @@ class _NamedLens:
 def test_report_names_its_lens(ln_model, tmp_path, monkeypatch):
     import inspect
 
-    from tl_logitlens import reporting
+    from tl_logitlens.reporting import compute
 
-    if "lens" not in inspect.signature(reporting.logit_lens).parameters:
+    if "lens" not in inspect.signature(compute.logit_lens).parameters:
         with pytest.raises(ValueError, match="takes no lens="):
             report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=_NamedLens())
         return
@@ -312,8 +312,8 @@ def test_report_names_its_lens(ln_model, tmp_path, monkeypatch):
         kwargs.pop("lens")
         return tl.logit_lens(model, inputs, **kwargs)
 
-    fake_lens.__signature__ = inspect.signature(reporting.logit_lens)
-    monkeypatch.setattr(reporting, "logit_lens", fake_lens)
+    fake_lens.__signature__ = inspect.signature(compute.logit_lens)
+    monkeypatch.setattr(compute, "logit_lens", fake_lens)
     lens = _NamedLens()
     path = report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=lens)
     assert seen and all(x is lens for x in seen)

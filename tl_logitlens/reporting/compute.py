@@ -1,0 +1,280 @@
+"""The numbers a report shows: every analysis run once, kept in :class:`ReportData` or :class:`MaskedReportData`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union, no_type_check
+
+from tl_logitlens import _compat
+from tl_logitlens.attribution import AttributionResult, direct_logit_attribution
+from tl_logitlens.directions import DirectionResult, logit_diff
+from tl_logitlens.inputs import resolve_token
+from tl_logitlens.lens import LensResult, logit_lens
+from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
+from tl_logitlens.models import load_model
+from tl_logitlens.profile import DepthProfile, depth_profile
+from tl_logitlens.tokens import display_tokens, visible_token
+
+EVOLUTION_N = 10
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """What a causal-LM report shows: the lens on every prompt and, given a comparison token, its attributions.
+
+    - ``lens``: :func:`logit_lens` over all prompts and positions (``targets``: the target and the
+      comparison token, when given).
+    - ``evolution``: the lens on prompt 0's last token with ``targets`` = the final layer's top
+      ``EVOLUTION_N`` tokens there (for :func:`~tl_logitlens.plotting.top_token_evolution`).
+    - ``logit_diff``, ``attribution`` (components), ``head_attribution``: at each prompt's last
+      token, for ``target`` minus ``versus``; None without ``versus``.
+    - ``lens_name``: which lens read the sites (``"logit lens"``, or the ``name`` of the ``lens=`` given).
+    """
+
+    prompts: tuple[str, ...]
+    model_name: str
+    lens: LensResult
+    evolution: LensResult
+    target: str | None
+    versus: str | None
+    logit_diff: DirectionResult | None
+    attribution: AttributionResult | None
+    head_attribution: AttributionResult | None
+    sites: tuple[str, ...]
+    norm: str
+    top_k: int
+    lens_name: str = "logit lens"
+
+
+@dataclass(frozen=True)
+class MaskedReportData:
+    """What a masked-LM report shows, one entry per prompt.
+
+    - ``masked[b]``: :func:`masked_lens` of prompt ``b`` at its holes: the mask tokens in the text,
+      else ``mask_positions``, else its last word (``notes[b]`` says which).
+    - ``profiles[b]``: :func:`depth_profile` of those holes (the original token's log-prob by depth).
+    - ``sliding[i]``, ``sliding_profiles[i]``: :func:`sliding_mask_lens` (every token masked in turn)
+      of the first ``len(sliding)`` prompts, and its depth profile.
+    """
+
+    prompts: tuple[str, ...]
+    model_name: str
+    masked: tuple[MaskedLensResult, ...]
+    profiles: tuple[DepthProfile, ...]
+    sliding: tuple[SlidingMaskResult, ...]
+    sliding_profiles: tuple[DepthProfile, ...]
+    notes: tuple[str, ...]
+    target: str | None
+    top_k: int
+    sites: tuple[str, ...]
+    lens_name: str = "logit lens through the masked-LM head"
+
+
+AnyReportData = Union[ReportData, MaskedReportData]
+
+
+def _as_prompts(prompts: object) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)):
+        out = list(prompts)
+        if not out:
+            raise ValueError("no prompts were given; pass a prompt or a list of prompts")
+        return out
+    raise TypeError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
+
+
+def _token_text(model: Any, token: str | int | None, what: str) -> str | None:
+    if token is None:
+        return None
+    tid = resolve_token(model, token, what)
+    return display_tokens(getattr(model, "tokenizer", None), [tid])[0]
+
+
+def lens_name(lens: Any) -> str:
+    """How a report names the lens that read the sites: its ``name``, or ``"logit lens"`` for None."""
+    return "logit lens" if lens is None else str(getattr(lens, "name", None) or type(lens).__name__)
+
+
+def _lens_kwargs(fn: Callable[..., Any], lens: Any) -> dict[str, Any]:
+    """``{"lens": lens}`` for an analysis that takes a lens; refuses a lens the analysis cannot use."""
+    if lens is None:
+        return {}
+    if "lens" not in inspect.signature(fn).parameters:
+        raise ValueError(
+            f"{fn.__name__} in this version of tl_logitlens takes no lens=; leave lens=None for the logit lens"
+        )
+    return {"lens": lens}
+
+
+@no_type_check  # checks its own arguments (see lens.logit_lens)
+def compute_report(
+    model: Any,
+    prompts: str | Sequence[str],
+    *,
+    target: str | int | None = None,
+    versus: str | int | None = None,
+    top_k: int = 5,
+    sites: str | Sequence[str] = "resid_pre",
+    norm: str = "recompute",
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    lens: Any = None,
+    mask_positions: Any = None,
+) -> AnyReportData:
+    """Run every analysis a report shows. ``progress(done, total)`` is called after each batch of prompts.
+
+    ``model`` is a model object or anything :func:`~tl_logitlens.load_model` takes. A masked LM gets
+    a :class:`MaskedReportData` (see :func:`compute_masked_report`), a causal LM a :class:`ReportData`.
+    ``lens``: None (the logit lens) or a lens object, passed to the analyses that read sites.
+    ``mask_positions``: masked LMs only, where to put the hole in prompts without a mask token.
+    """
+    model = load_model(model)
+    prompts = _as_prompts(prompts)
+    if _compat.is_encoder(model):
+        if versus is not None:
+            raise ValueError(
+                "the logit difference and its attribution are for causal LMs; a masked-LM report takes a "
+                "target only (drop versus)"
+            )
+        if sites != "resid_pre" or norm != "recompute" or lens is not None:
+            raise ValueError(
+                "a masked LM's lens reads every block's input through its own MLM head: sites, norm and lens "
+                "do not apply; leave them at their defaults"
+            )
+        return compute_masked_report(
+            model, prompts, target=target, top_k=top_k, mask_positions=mask_positions, progress=progress
+        )
+    if mask_positions is not None:
+        raise ValueError("mask_positions is for masked LMs (BERT, RoBERTa); this model predicts the next token")
+    if versus is not None and target is None:
+        raise ValueError("a comparison token (versus) needs a target token too: give both")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return _compute_causal(model, prompts, target, versus, top_k, sites, norm, batch_size, progress, lens)
+
+
+def _compute_causal(
+    model: Any,
+    prompts: list[str],
+    target: str | int | None,
+    versus: str | int | None,
+    top_k: int,
+    sites: str | Sequence[str],
+    norm: str,
+    batch_size: int,
+    progress: Progress | None,
+    lens: Any,
+) -> ReportData:
+    """:func:`compute_report` for a causal LM, its arguments checked."""
+    target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
+    read = {"sites": sites, "norm": norm, **_lens_kwargs(logit_lens, lens)}
+    targets = [t for t in (target, versus) if t is not None] or None
+    parts = []
+    for start in range(0, len(prompts), batch_size):
+        parts.append(logit_lens(model, prompts[start : start + batch_size], top_k=top_k, targets=targets, **read))
+        if progress is not None:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
+    result = LensResult.concat(parts)
+    # the final layer's top tokens at prompt 0's last token, then the lens again with them as targets
+    first = logit_lens(model, prompts[0], top_k=EVOLUTION_N, positions="last", **read)
+    finals = first.top_ids[-1, 0, 0].tolist()
+    evolution = logit_lens(model, prompts[0], top_k=EVOLUTION_N, positions="last", targets=finals, **read)
+    diff = attribution = heads = None
+    if versus is not None:
+        diff = logit_diff(model, prompts, target, versus, sites=sites, norm=norm, **_lens_kwargs(logit_diff, lens))
+        attribution = direct_logit_attribution(model, prompts, target, versus)
+        heads = direct_logit_attribution(model, prompts, target, versus, unit="head")
+    return ReportData(
+        prompts=tuple(prompts),
+        model_name=getattr(model.cfg, "model_name", ""),
+        lens=result,
+        evolution=evolution,
+        target=target_text,
+        versus=versus_text,
+        logit_diff=diff,
+        attribution=attribution,
+        head_attribution=heads,
+        sites=result.labels,
+        norm=norm,
+        top_k=top_k,
+        lens_name=lens_name(lens),
+    )
+
+
+def _last_word_position(model: Any, prompt: str) -> tuple[int, str]:
+    """The token position of the prompt's last word piece (letters or digits, not a special token)."""
+    tok = model.tokenizer
+    ids = tok(prompt)["input_ids"]
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    shown = display_tokens(tok, ids)
+    for pos in range(len(ids) - 1, -1, -1):
+        if ids[pos] not in special and any(ch.isalnum() for ch in shown[pos]):
+            return pos, shown[pos]
+    raise ValueError(f"prompt {prompt!r} has no word to mask; put {tok.mask_token} where the hole should be")
+
+
+def _holes(model: Any, prompt: str, mask_positions: Any) -> tuple[Any, str]:
+    """Where a masked-LM report masks ``prompt`` (``masked_lens``'s ``mask_positions``) and a note saying why."""
+    mask = model.tokenizer.mask_token
+    if mask and mask in prompt:
+        return None, f"the {mask} token(s) in the text"
+    if mask_positions is not None:
+        return mask_positions, f"mask_positions={mask_positions!r}"
+    pos, word = _last_word_position(model, prompt)
+    return pos, f"no {mask} in the text: its last word {visible_token(word)!r} (position {pos})"
+
+
+@no_type_check
+def compute_masked_report(
+    model: Any,
+    prompts: str | Sequence[str],
+    *,
+    target: str | int | None = None,
+    top_k: int = 5,
+    mask_positions: Any = None,
+    n_sliding: int = 3,
+    progress: Progress | None = None,
+) -> MaskedReportData:
+    """Run the masked-LM analyses a report shows (see :class:`MaskedReportData`).
+
+    Each prompt's holes: the mask tokens in its text; in a prompt without one, ``mask_positions``
+    (as :func:`~tl_logitlens.masked_lens` takes it) or, by default, its last word. The sliding mask
+    runs on the first ``n_sliding`` prompts (it runs the model once per token).
+    """
+    model = load_model(model)
+    prompts = _as_prompts(prompts)
+    if isinstance(n_sliding, bool) or not isinstance(n_sliding, int) or n_sliding < 0:
+        raise ValueError(f"n_sliding must be a non-negative int, got {n_sliding!r}")
+    target_text = _token_text(model, target, "target")
+    targets = None if target is None else [target]
+    masked, profiles, notes = [], [], []
+    for b, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {b} is a {type(prompt).__name__}; a masked-LM report takes text")
+        where, note = _holes(model, prompt, mask_positions)
+        res = masked_lens(model, prompt, mask_positions=where, targets=targets, top_k=top_k)
+        masked.append(res)
+        # a hole the text already held has no original token: profile the top token instead
+        known = bool((res.original_ids[res.valid] >= 0).all())
+        profiles.append(depth_profile(res) if known else depth_profile(res, "max"))
+        notes.append(note)
+        if progress is not None:
+            progress(b + 1, len(prompts))
+    sliding = tuple(sliding_mask_lens(model, p) for p in prompts[:n_sliding])
+    return MaskedReportData(
+        prompts=tuple(prompts),
+        model_name=getattr(model.cfg, "model_name", ""),
+        masked=tuple(masked),
+        profiles=tuple(profiles),
+        sliding=sliding,
+        sliding_profiles=tuple(depth_profile(s) for s in sliding),
+        notes=tuple(notes),
+        target=target_text,
+        top_k=top_k,
+        sites=masked[0].labels,
+    )
