@@ -160,3 +160,32 @@ def test_bad_tile_size():
             lambda s, sl: states[s, sl], 3, lambda sl: states[2, sl], frozenset(), query, 5, 16,
             Unembedding(W_U, b_U), "cpu", tile_size=0,
         )
+
+
+def test_unembed_metrics_on_a_model_equal_its_logits(any_model):
+    """On a model: the states path (Readout.normed + Unembedding.from_model) gives the numbers of the
+    logits path (Readout.logits + site_metrics), the way logit_lens calls them."""
+    from tl_logitlens.lenses import resolve_lens
+    from tl_logitlens.readout import Readout, Site, resolve_sites
+
+    tokens = torch.randint(0, any_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    _, cache = any_model.run_with_cache(tokens)
+    readout = Readout(any_model, resolve_lens(any_model, None), "recompute", True)
+    sites = resolve_sites(any_model, "resid_pre")
+    final = Site("final_post", f"blocks.{any_model.cfg.n_layers - 1}.hook_resid_post")
+    rows_b, rows_p = torch.arange(2).repeat_interleave(9), torch.arange(9).repeat(2)
+    query = tokens.reshape(-1, 1)
+    final_sites = frozenset({len(sites) - 1})
+    args = (len(sites),)
+    tiled = unembed_metrics(
+        lambda s, sl: readout.normed(cache, sites[s], rows_b[sl], rows_p[sl]), *args,
+        lambda sl: readout.normed(cache, final, rows_b[sl], rows_p[sl]), final_sites, query, 3, 7,
+        Unembedding.from_model(any_model, include_bias=True), "cpu", tile_size=128,
+    )
+    blocks = site_metrics(
+        lambda s, sl: readout.logits(cache, sites[s], rows_b[sl], rows_p[sl]), *args,
+        lambda sl: readout.logits(cache, final, rows_b[sl], rows_p[sl]), final_sites, query, 3, 7,
+        any_model.cfg.d_vocab, "cpu",
+    )
+    for f in (*FIELDS, "top_ids", "query_ranks", "final_top1"):
+        assert_close(getattr(tiled, f), getattr(blocks, f), atol=1e-5, msg=f)
