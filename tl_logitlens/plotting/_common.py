@@ -173,12 +173,33 @@ def band_trace(x: list, low: list, high: list, colour: str, name: str, group: st
     )
 
 
+def line_trace(
+    x: list, y: list, colour: str, name: str, group: str, *, hover: str | None = None, opacity: float | None = None
+) -> go.Scatter:
+    """One line of a line chart, hovering as ``hover`` (default ``name``) and the value. With
+    ``opacity`` a thin, faint line left out of the legend (one prompt's values); without, a bold
+    line with markers (their mean)."""
+    faint = opacity is not None
+    return go.Scatter(
+        x=x,
+        y=y,
+        mode="lines" if faint else "lines+markers",
+        line={"color": colour, "width": 1 if faint else 3},
+        opacity=opacity,
+        name=name,
+        legendgroup=group,
+        showlegend=False if faint else None,
+        hovertemplate=f"{hover or name}<br>%{{y:.4g}}<extra></extra>",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # House style: one template, one font, titles that wrap instead of running off the figure.
 
 FONT = "Inter, 'Helvetica Neue', Helvetica, Arial, sans-serif"
 MONO = "'DejaVu Sans Mono', Menlo, Consolas, monospace"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+LINE_CHART = {"width": 780, "height": 460, "legend_below": True}  # the size of every line chart across layers
 MIN_BAND_N = 3  # fewer prompts than this: no confidence band is drawn (it would say nothing)
 _TITLE_PX = 9.0  # average width of a title character at 16 px
 _SUB_PX = 6.6  # ... of a <sup> subtitle character
@@ -291,6 +312,15 @@ class ColourScale:
     log: bool
     tickvals: list[float] | None
     ticktext: list[str] | None
+
+
+def colour_bar(title: str, drawn: ColourScale | None = None) -> dict:
+    """A colour bar titled ``title`` on its right; on a log scale (``drawn.log``) its ticks are
+    labelled in the values (1, 10, 100), not their ``log10``."""
+    bar: dict = {"title": {"text": title, "side": "right"}}
+    if drawn is not None and drawn.log:
+        bar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
+    return bar
 
 
 def _number(v: float) -> str:

@@ -13,6 +13,7 @@ from tl_logitlens.plotting._common import (
     cell_text,
     check_index,
     clip,
+    colour_bar,
     house_style,
     pair_name,
     quoted,
@@ -23,8 +24,7 @@ def _values(
     result: AttributionResult, pair: int, prompt: int | None, column: int
 ) -> tuple[torch.Tensor, float, str]:
     """Each row's attribution (``[row]``), the model's total, and a caption of what was averaged."""
-    n_rows, n_batch, n_cols, n_pairs = result.attribution.shape
-    pair = check_index("pair", pair, n_pairs)
+    pair = check_index("pair", pair, result.attribution.shape[-1])
     if prompt is None:
         n_valid = int(result.valid.sum())
         return (
@@ -32,10 +32,7 @@ def _values(
             float(torch.nanmean(result.total[..., pair])),
             f"mean over {n_valid} prompt-position{'s' if n_valid != 1 else ''}",
         )
-    prompt = check_index("prompt", prompt, n_batch)
-    column = check_index("column", column, n_cols)
-    if not bool(result.valid[prompt, column]):
-        raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
+    prompt, column = _check_cell(result, prompt, column)
     where = quoted(result.input_tokens()[prompt][column])
     return (
         result.attribution[:, prompt, column, pair],
@@ -46,6 +43,44 @@ def _values(
 
 def _unit_name(result: AttributionResult) -> str:
     return "logit difference" if result.metric == "logit_diff" else "logit"
+
+
+def _check_cell(result: AttributionResult | ComponentLensResult, prompt: int, column: int) -> tuple[int, int]:
+    """``prompt`` and read-position ``column`` checked against the result: in range and not padding."""
+    n_batch, n_cols = result.valid.shape
+    prompt = check_index("prompt", prompt, n_batch)
+    column = check_index("column", column, n_cols)
+    if not bool(result.valid[prompt, column]):
+        raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
+    return prompt, column
+
+
+def _signed_text(z: list, show: bool) -> list | None:
+    """Each cell's value as ``+0.12`` (empty for a gap), or no text at all when ``show`` is False."""
+    return [[f"{v:+.2f}" if v is not None else "" for v in row] for row in z] if show else None
+
+
+def _diverging_heatmap(
+    z: list, x: list, y: list, hover: list, bar_title: str, *, text: list | None, textfont: dict, bound: float | None = None
+) -> go.Heatmap:
+    """A heatmap of effects in logits on a red-blue scale centred on zero (``bound``: symmetric ``±bound``)."""
+    limits = {} if bound is None else {"zmin": -bound, "zmax": bound}
+    return go.Heatmap(
+        z=z,
+        x=x,
+        y=y,
+        text=text,
+        texttemplate="%{text}" if text is not None else None,
+        textfont=textfont,
+        hovertext=hover,
+        hovertemplate="%{hovertext}<extra></extra>",
+        colorscale="RdBu",
+        zmid=0.0,
+        colorbar=colour_bar(bar_title),
+        xgap=1,
+        ygap=1,
+        **limits,
+    )
 
 
 def head_grid_figure(
@@ -77,37 +112,23 @@ def head_grid_figure(
         [f"<b>{labels[layer][h]}</b><br>{_fmt(z[layer][h])} logits" for h in range(n_heads)]
         for layer in range(n_layers)
     ]
-    show_text = n_layers * n_heads <= 400
+    text = _signed_text(z, n_layers * n_heads <= 400)
+    bar = f"{_unit_name(result)} (logits)"
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(n_heads)),
-            y=list(range(n_layers)),
-            text=[[f"{v:+.2f}" if v is not None else "" for v in row] for row in z] if show_text else None,
-            texttemplate="%{text}" if show_text else None,
-            textfont={"size": 12},
-            hovertext=hover,
-            hovertemplate="%{hovertext}<extra></extra>",
-            colorscale="RdBu",
-            zmid=0.0,
-            colorbar={"title": {"text": f"{_unit_name(result)} (logits)", "side": "right"}},
-            xgap=1,
-            ygap=1,
-        )
+        _diverging_heatmap(z, list(range(n_heads)), list(range(n_layers)), hover, bar, text=text, textfont={"size": 12})
     )
     fig.update_xaxes(title_text="head", tickvals=list(range(n_heads)), type="linear")
     fig.update_yaxes(title_text="layer", tickvals=list(range(n_layers)), type="linear")
     pair_label = pair_name(result, check_index("pair", pair, len(result.pair_labels)))
     fig.update_xaxes(showgrid=False)
     fig.update_yaxes(showgrid=False)
-    house_style(
+    return house_style(
         fig,
         title=title
         or f"Direct logit attribution per head: {pair_label}<br><sup>{caption}; model total {total:+.3f}</sup>",
         width=max(560, 240 + 52 * n_heads),
         height=max(340, 170 + 32 * n_layers),
     )
-    return fig
 
 
 def _fmt(v: float | None) -> str:
@@ -197,15 +218,12 @@ def component_lens_figure(
     ``k`` most suppressed tokens, then the ``k`` most promoted (default: all the result holds). Colour: the direct effect on that
     token's logit (logits, centred on zero); cell text: the token.
     """
-    n_rows, n_batch, n_cols, k_max = result.promoted_ids.shape
-    prompt = check_index("prompt", prompt, n_batch)
-    column = check_index("column", column, n_cols)
+    n_rows, k_max = result.promoted_ids.shape[0], result.promoted_ids.shape[-1]
     if k is None:
         k = k_max
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max:
         raise ValueError(f"k must be an int in [1, {k_max}] (the result's top_k), got {k!r}")
-    if not bool(result.valid[prompt, column]):
-        raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
+    prompt, column = _check_cell(result, prompt, column)
     promoted = result.promoted_tokens()
     suppressed = result.suppressed_tokens()
     z, text, hover = [], [], []
@@ -221,35 +239,20 @@ def component_lens_figure(
             [f"<b>{result.labels[r]}</b><br>{quoted(t)}: {_fmt(v)} logits" for t, v in zip(toks, vals)]
         )
     columns = [f"−{i + 1}" for i in range(k)][::-1] + [f"+{i + 1}" for i in range(k)]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=columns,
-            y=list(result.labels),
-            text=text,
-            texttemplate="%{text}",
-            textfont={"size": 12, "family": MONO},
-            hovertext=hover,
-            hovertemplate="%{hovertext}<extra></extra>",
-            colorscale="RdBu",
-            zmid=0.0,
-            colorbar={"title": {"text": "effect on the logit (logits)", "side": "right"}},
-            xgap=1,
-            ygap=1,
-        )
-    )
+    bar = "effect on the logit (logits)"
+    font = {"size": 12, "family": MONO}
+    fig = go.Figure(_diverging_heatmap(z, columns, list(result.labels), hover, bar, text=text, textfont=font))
     where = quoted(result.input_tokens()[prompt][column])
     fig.update_xaxes(title_text="most suppressed ← rank → most promoted", type="category")
     fig.update_yaxes(title_text="component", type="category", showgrid=False)
     fig.update_xaxes(showgrid=False)
     longest = max([_plain_length(t) for row in text for t in row] + [4])
-    house_style(
+    return house_style(
         fig,
         title=title or f"Component lens: the tokens each component pushes up and down (after {where})",
         width=max(600, 260 + 2 * k * max(64, int(8.0 * longest) + 14)),
         height=max(340, 170 + 24 * n_rows),
     )
-    return fig
 
 
 def head_source_figure(
@@ -277,12 +280,9 @@ def head_source_figure(
             f"head_source_figure needs a result with unit='head_source', not {result.unit!r}; "
             "run direct_logit_attribution(..., unit='head_source')"
         )
-    n_layers, n_heads, n_seq, n_batch, n_cols, n_pairs = result.source_attribution.shape
-    prompt = check_index("prompt", prompt, n_batch)
-    column = check_index("column", column, n_cols)
-    pair = check_index("pair", pair, n_pairs)
-    if not bool(result.valid[prompt, column]):
-        raise ValueError(f"column {column} of prompt {prompt} is padding; pick a column that holds a token")
+    n_layers, n_heads = result.source_attribution.shape[:2]
+    prompt, column = _check_cell(result, prompt, column)
+    pair = check_index("pair", pair, result.source_attribution.shape[-1])
     read_at = int(result.positions[prompt, column])
     tokens = list(result.str_tokens[prompt][: read_at + 1])
     values = result.source_attribution[:, :, : len(tokens), prompt, column, pair].reshape(n_layers * n_heads, -1)
@@ -295,24 +295,11 @@ def head_source_figure(
         [f"<b>{rows[r]}</b> reading {quoted(tokens[i])} (position {i})<br>{_fmt(z[r][i])} logits" for i in range(len(tokens))]
         for r in range(len(rows))
     ]
-    show_text = len(rows) * len(tokens) <= 600
+    text = _signed_text(z, len(rows) * len(tokens) <= 600)
+    bar = f"{_unit_name(result)} (logits)"
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(len(tokens))),
-            y=rows,
-            text=[[f"{v:+.2f}" if v is not None else "" for v in row] for row in z] if show_text else None,
-            texttemplate="%{text}" if show_text else None,
-            textfont={"size": 11},
-            hovertext=hover,
-            hovertemplate="%{hovertext}<extra></extra>",
-            colorscale="RdBu",
-            zmid=0.0,
-            zmin=-(bound or 1.0),
-            zmax=bound or 1.0,
-            colorbar={"title": {"text": f"{_unit_name(result)} (logits)", "side": "right"}},
-            xgap=1,
-            ygap=1,
+        _diverging_heatmap(
+            z, list(range(len(tokens))), rows, hover, bar, text=text, textfont={"size": 11}, bound=bound or 1.0
         )
     )
     fig.update_xaxes(
@@ -325,7 +312,7 @@ def head_source_figure(
     )
     fig.update_yaxes(title_text="head", type="category", autorange="reversed", showgrid=False)
     where = quoted(tokens[-1])
-    house_style(
+    return house_style(
         fig,
         title=title
         or f"Head × source position: {pair_name(result, pair)}<br><sup>prompt {prompt}, read after {where}; "
@@ -333,4 +320,3 @@ def head_source_figure(
         width=max(600, 260 + 64 * len(tokens)),
         height=max(360, 170 + 22 * len(rows)),
     )
-    return fig

@@ -6,12 +6,14 @@ import plotly.graph_objects as go
 
 from tl_logitlens.directions import DirectionResult
 from tl_logitlens.plotting._common import (
+    LINE_CHART,
     MIN_BAND_N,
     PALETTE,
     as_list,
     band_trace,
     check_index,
     house_style,
+    line_trace,
     pair_name,
 )
 
@@ -45,19 +47,8 @@ def logit_diff_figure(
         name = pair_name(result, k, short=True)
         if per_prompt:
             for b in prompts:
-                fig.add_trace(
-                    go.Scatter(
-                        x=x,
-                        y=as_list(result.values[:, b, column, k]),
-                        mode="lines",
-                        line={"color": colour, "width": 1},
-                        opacity=0.35,
-                        name=f"{name} prompt {b}",
-                        legendgroup=name,
-                        showlegend=False,
-                        hovertemplate=f"{name} prompt {b}<br>%{{y:.4g}}<extra></extra>",
-                    )
-                )
+                y = as_list(result.values[:, b, column, k])
+                fig.add_trace(line_trace(x, y, colour, f"{name} prompt {b}", name, opacity=0.35))
         if len(prompts) >= MIN_BAND_N:
             fig.add_trace(
                 band_trace(
@@ -69,17 +60,8 @@ def logit_diff_figure(
                     name,
                 )
             )
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=as_list(result.mean[:, column, k]),
-                mode="lines+markers",
-                line={"color": colour, "width": 3},
-                name=f"{name} mean over {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}",
-                legendgroup=name,
-                hovertemplate=f"{name}<br>%{{y:.4g}}<extra></extra>",
-            )
-        )
+        mean_name = f"{name} mean over {len(prompts)} prompt{'s' if len(prompts) != 1 else ''}"
+        fig.add_trace(line_trace(x, as_list(result.mean[:, column, k]), colour, mean_name, name, hover=name))
     fig.add_hline(y=0, line={"color": "#888", "width": 1, "dash": "dot"})
     y_title = "logit difference (logits)" if result.kind == "logit_diff" else "value along the direction"
     fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
@@ -91,11 +73,8 @@ def logit_diff_figure(
         band = f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, too few for a band"
     many = "pairs" if result.kind == "logit_diff" else "directions"
     heading = pair_name(result, pairs[0]) if len(pairs) == 1 else f"{len(pairs)} {many}"
-    house_style(
+    return house_style(
         fig,
         title=title or f"{what} across layers: {heading}<br><sup>norm={result.norm}; {band}</sup>",
-        width=780,
-        height=460,
-        legend_below=True,
+        **LINE_CHART,
     )
-    return fig

@@ -15,6 +15,7 @@ import torch
 
 from tl_logitlens.lens import LensResult
 from tl_logitlens.plotting._common import (
+    LINE_CHART,
     MIN_BAND_N,
     MONO,
     PALETTE,
@@ -24,9 +25,11 @@ from tl_logitlens.plotting._common import (
     cell_text,
     check_prompt,
     clip,
+    colour_bar,
     colour_scale,
     column_at,
     house_style,
+    line_trace,
     log_ticks,
     quoted,
     target_index,
@@ -175,10 +178,6 @@ def lens_heatmap(
             row.append("<br>".join(lines))
         hover.append(row)
 
-    bar_title = colour.title + (" · log" if drawn.log else "")
-    colorbar: dict = {"title": {"text": bar_title, "side": "right"}}
-    if drawn.log:
-        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
     n_cols, n_rows = len(cols), len(labels)
     fig = go.Figure(
         go.Heatmap(
@@ -193,7 +192,7 @@ def lens_heatmap(
             colorscale=colour.colorscale,
             zmin=drawn.zmin,
             zmax=drawn.zmax,
-            colorbar=colorbar,
+            colorbar=colour_bar(colour.title + (" · log" if drawn.log else ""), drawn),
             xgap=1,
             ygap=1,
         )
@@ -283,19 +282,7 @@ def target_trajectory(
         name = quoted(names[t])
         if show_prompts and n_batch > 1:
             for b in range(n_batch):
-                fig.add_trace(
-                    go.Scatter(
-                        x=x,
-                        y=as_list(values[:, b]),
-                        mode="lines",
-                        line={"color": colour, "width": 1},
-                        opacity=0.3,
-                        name=f"{name} prompt {b}",
-                        legendgroup=name,
-                        showlegend=False,
-                        hovertemplate=f"{name} prompt {b}<br>%{{y:.4g}}<extra></extra>",
-                    )
-                )
+                fig.add_trace(line_trace(x, as_list(values[:, b]), colour, f"{name} prompt {b}", name, opacity=0.3))
         if n_batch >= MIN_BAND_N:
             sem = summary_in.std(1, unbiased=True) / math.sqrt(n_batch)
             lo, hi = mean - _Z_CRIT * sem, mean + _Z_CRIT * sem
@@ -304,17 +291,7 @@ def target_trajectory(
             fig.add_trace(band_trace(x, as_list(lo), as_list(hi), colour, f"{name} 95% band (n={n_batch})", name))
         label = "geometric mean" if metric == "rank" else "mean"
         trace_name = f"{name} {label} over {n_batch} prompt{plural}" if n_batch > 1 else f"{name} (1 prompt)"
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=as_list(centre),
-                mode="lines+markers",
-                line={"color": colour, "width": 3},
-                name=trace_name,
-                legendgroup=name,
-                hovertemplate=f"{name}<br>%{{y:.4g}}<extra></extra>",
-            )
-        )
+        fig.add_trace(line_trace(x, as_list(centre), colour, trace_name, name, hover=name))
     y_title = {"logprob": "log-prob (nats)", "prob": "probability", "rank": "rank (1 = top token)"}[metric]
     fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
     fig.update_yaxes(title_text=y_title, type="log" if metric == "rank" else "linear")
@@ -334,14 +311,11 @@ def target_trajectory(
         if n_batch >= MIN_BAND_N
         else f"; {n_batch} prompt{plural}, too few for a band"
     )
-    house_style(
+    return house_style(
         fig,
         title=title or f"{what} of the targets across layers<br><sup>at the {where}{band}</sup>",
-        width=780,
-        height=460,
-        legend_below=True,
+        **LINE_CHART,
     )
-    return fig
 
 
 def top_token_evolution(
@@ -394,9 +368,6 @@ def top_token_evolution(
         for r in range(n)
     ]
     drawn = colour_scale(probs, scale=scale, zmin=zmin, zmax=zmax, lower=0.0 if scale == "linear" else None)
-    colorbar: dict = {"title": {"text": "probability" + (" (log scale)" if drawn.log else ""), "side": "right"}}
-    if drawn.log:
-        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
     z = as_list(drawn.z)
     fig = go.Figure(
         go.Heatmap(
@@ -411,7 +382,7 @@ def top_token_evolution(
             colorscale="Blues",
             zmin=drawn.zmin,
             zmax=drawn.zmax,
-            colorbar=colorbar,
+            colorbar=colour_bar("probability" + (" (log scale)" if drawn.log else ""), drawn),
             xgap=1,
             ygap=1,
         )
@@ -427,10 +398,9 @@ def top_token_evolution(
     heading = f"final layer's top {n} tokens" if is_final_top else "targets"
     fig.update_yaxes(tickfont={"family": MONO}, showgrid=False)
     fig.update_xaxes(showgrid=False)
-    house_style(
+    return house_style(
         fig,
         title=title or f"Probability of the {heading} across layers (after {where})",
         width=max(560, 220 + 60 * len(labels)),
         height=max(320, 170 + 28 * n),
     )
-    return fig

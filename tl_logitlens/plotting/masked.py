@@ -10,10 +10,12 @@ import torch
 from plotly.subplots import make_subplots
 
 from tl_logitlens.plotting._common import (
+    LINE_CHART,
     MONO,
     PALETTE,
     as_list,
     cell_text,
+    colour_bar,
     colour_scale,
     house_style,
     log_ticks,
@@ -32,6 +34,11 @@ def _site_index(labels: tuple[str, ...], site: str | int) -> int:
     if not -len(labels) <= site < len(labels):
         raise ValueError(f"site index {site} is out of range for {len(labels)} sites")
     return site % len(labels)
+
+
+def _styled(fig: go.Figure, layout: dict[str, Any], **style: Any) -> go.Figure:
+    """``fig`` in the house style (``title``, ``width``, ``height``, ``legend_below``), then the caller's ``layout``."""
+    return house_style(fig, **style).update_layout(**layout)
 
 
 def _column_px(texts: list[str], least: int = 56) -> int:
@@ -89,16 +96,13 @@ def vocab_figure(result: Any, site: str | int = -1, prompt: int = 0, mask: int =
     tickvals, ticktext = log_ticks(1.0, float(order.numel()))
     fig.update_xaxes(title_text="rank (1 = top token)", type="log", tickvals=[10**v for v in tickvals], ticktext=ticktext)
     fig.update_yaxes(title_text="log-prob (nats)")
-    house_style(
+    return _styled(
         fig,
+        layout,
         title=f"Log-softmax over the whole vocabulary at {result.labels[s]}<br><sup>hole at position "
         f"{int(result.mask_positions[prompt, mask])}, prompt {prompt}; every token sorted by its log-prob</sup>",
-        width=780,
-        height=460,
-        legend_below=True,
+        **LINE_CHART,
     )
-    fig.update_layout(**layout)
-    return fig
 
 
 def profile_figure(profile: Any, row: int = 0, *, show_max: bool = True, show_tracked: bool = True, **layout: Any) -> go.Figure:
@@ -154,16 +158,15 @@ def profile_figure(profile: Any, row: int = 0, *, show_max: bool = True, show_tr
     )
     fig.update_xaxes(title_text="layer (depth)", tickvals=depths.tolist(), ticktext=list(profile.labels))
     fig.update_yaxes(title_text="log-prob (nats)")
-    house_style(
+    return _styled(
         fig,
+        layout,
         title=f"Depth profile of {target} at position {int(profile.positions[row])} "
         f"({quoted(profile.row_tokens[row])})",
         width=780,
         height=480,
         legend_below=True,
     )
-    fig.update_layout(**layout)
-    return fig
 
 
 def profile_heatmaps(profile: Any, *, prompt: int = 0, **layout: Any) -> go.Figure:
@@ -285,21 +288,20 @@ def sliding_text_heatmap(
         go.Heatmap(
             z=as_list(z), x=x, y=list(result.labels), text=preds, texttemplate="%{text}",
             textfont={"family": MONO, "size": 12}, colorscale="Viridis", zmin=drawn.zmin, zmax=drawn.zmax,
-            colorbar={"title": {"text": f"{'log P(original)' if value == 'original_logprob' else 'log P(top)'} (nats)", "side": "right"}},
+            colorbar=colour_bar(f"{'log P(original)' if value == 'original_logprob' else 'log P(top)'} (nats)"),
             hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", xgap=1, ygap=1,
         )
     )
     fig.update_xaxes(title_text="masked word", tickvals=x, ticktext=words, tickfont={"family": MONO}, showgrid=False)
     fig.update_yaxes(title_text="site", type="category", showgrid=False)
     what = "the log-prob of the word that stood there" if value == "original_logprob" else "the top token's log-prob"
-    house_style(
+    return _styled(
         fig,
+        layout,
         title=f"Sliding mask: each word masked in turn<br><sup>cell: what the site predicts for the hole; colour: {what}</sup>",
         width=max(640, 200 + len(words) * _column_px([t for row in preds for t in row] + words)),
         height=max(340, 190 + 28 * len(result.labels)),
     )
-    fig.update_layout(**layout)
-    return fig
 
 
 def masked_topk_figure(result: Any, prompt: int = 0, hole: int = 0) -> go.Figure:
@@ -320,7 +322,7 @@ def masked_topk_figure(result: Any, prompt: int = 0, hole: int = 0) -> go.Figure
         go.Heatmap(
             z=probs.tolist(), x=[f"top {r + 1}" for r in range(k)], y=labels, text=text,
             texttemplate="%{text}", textfont={"size": 13}, colorscale="Blues", zmin=0, zmax=1,
-            colorbar={"title": {"text": "probability", "side": "right"}}, xgap=1, ygap=1,
+            colorbar=colour_bar("probability"), xgap=1, ygap=1,
             hovertemplate="%{y}, %{x}: %{text} (%{z:.3f})<extra></extra>",
         )
     )

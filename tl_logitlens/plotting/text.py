@@ -10,6 +10,7 @@ from tl_logitlens.plotting._common import (
     as_list,
     cell_text,
     check_prompt,
+    colour_bar,
     colour_scale,
     house_style,
     quoted,
@@ -66,9 +67,6 @@ def text_heatmap(
     preds = [[cell_text(top[s][prompt][j][0]) for j in cols] for s in range(len(labels))]
     edges = column_edges([[inputs[c]] + [preds[s][c] for s in range(len(labels))] for c in range(len(cols))])
     drawn = colour_scale(probs, scale=scale, zmin=zmin, zmax=zmax, lower=0.0 if scale == "linear" else None)
-    colorbar: dict = {"title": {"text": "P(top token)" + (" (log scale)" if drawn.log else ""), "side": "right"}}
-    if drawn.log:
-        colorbar.update(tickvals=drawn.tickvals, ticktext=drawn.ticktext)
     font = {"family": MONO, "size": 13}
     fig = go.Figure(
         go.Heatmap(
@@ -107,7 +105,7 @@ def text_heatmap(
             colorscale="Blues",
             zmin=drawn.zmin,
             zmax=drawn.zmax,
-            colorbar=colorbar,
+            colorbar=colour_bar("P(top token)" + (" (log scale)" if drawn.log else ""), drawn),
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             xgap=2,
@@ -125,11 +123,10 @@ def text_heatmap(
         showgrid=False,
         zeroline=False,
     )
-    house_style(
+    return house_style(
         fig,
         title=title or "What each layer would write next<br><sup>under each input token, each site's top "
         "prediction for the token after it; shade: its probability</sup>",
         width=max(560, 230 + int(_CHAR_PX * edges[-1])),
         height=max(320, 150 + _ROW_PX * (len(labels) + 1)),
     )
-    return fig
