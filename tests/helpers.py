@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,11 +40,38 @@ SENTENCES = [
 ]
 
 
-def assert_close(actual, expected, atol: float = 1e-5, rtol: float = 1e-5, msg: str = "") -> None:
-    """``torch.testing.assert_close`` on anything tensor-like, with the tolerance stated at the call."""
+def assert_close(
+    actual, expected, atol: float = 1e-5, rtol: float = 1e-5, msg: str = "", *, equal_nan: bool = False
+) -> None:
+    """``torch.testing.assert_close`` with the tolerance stated at the call, strictly.
+
+    When both sides are tensors (or arrays) their dtypes must match: cast one explicitly at the call,
+    so a float64 reference is never silently rounded to float32 (or the other way). Python numbers
+    and lists take ``actual``'s dtype. NaN equals NaN only with ``equal_nan=True`` (say so where
+    padding cells are NaN on both sides), never by default.
+    """
     actual = torch.as_tensor(actual)
-    expected = torch.as_tensor(expected).to(actual.dtype)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=msg or None)
+    if isinstance(expected, (torch.Tensor, np.ndarray, np.generic)):
+        expected = torch.as_tensor(expected)
+        if expected.dtype != actual.dtype:
+            raise AssertionError(
+                f"dtypes differ: actual {actual.dtype}, expected {expected.dtype}; cast one at the call"
+                + (f" ({msg})" if msg else "")
+            )
+    else:
+        expected = torch.as_tensor(expected, dtype=actual.dtype)
+    torch.testing.assert_close(
+        actual, expected.to(actual.device), atol=atol, rtol=rtol, equal_nan=equal_nan, msg=msg or None
+    )
+
+
+def assert_not_close(actual, expected, atol: float = 1e-5, rtol: float = 1e-5, msg: str = "") -> None:
+    """The two must differ somewhere by more than the tolerance (a test that a change changes something)."""
+    try:
+        assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    except AssertionError:
+        return
+    raise AssertionError(f"expected a difference above atol={atol}, rtol={rtol}, found none" + (f" ({msg})" if msg else ""))
 
 
 def require_shared(path: Path) -> Path:

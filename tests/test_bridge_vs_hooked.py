@@ -44,7 +44,7 @@ def assert_same_lens(a, b, atol: float = 1e-4) -> None:
         if x is None:
             continue
         if name in LENS_FIELDS:
-            assert_close(x, y, atol=atol, msg=name)
+            assert_close(x, y, atol=atol, msg=name, equal_nan=True)  # padding cells are NaN on both sides
         else:
             assert torch.equal(x, y), name
 
@@ -68,7 +68,7 @@ def test_gpt2_logit_diff_and_attribution_hooked_equals_bridge(gpt2_pair):
     hooked, bridge = gpt2_pair
     a = tl.logit_diff(hooked, SENTENCES[:2], " the", " a", positions=None, n_bootstrap=20)
     b = tl.logit_diff(bridge, SENTENCES[:2], " the", " a", positions=None, n_bootstrap=20)
-    assert_close(a.values, b.values, atol=1e-4)
+    assert_close(a.values, b.values, atol=1e-4, equal_nan=True)  # NaN at padding in both
     for unit in ("component", "head", "neuron"):
         a = tl.direct_logit_attribution(hooked, PROMPT, " the", " a", unit=unit)
         b = tl.direct_logit_attribution(bridge, PROMPT, " the", " a", unit=unit)

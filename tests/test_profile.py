@@ -135,7 +135,7 @@ def test_causal_profile(ln_model):
     prof = depth_profile(res, n_layers=3)
     b, j = res.valid.nonzero(as_tuple=True)
     assert prof.target == "next token" and prof.logprobs.shape == (len(res.labels), len(b))
-    assert_close(prof.logprobs, res.next_logprobs[:, b, j], atol=0)
+    assert_close(prof.logprobs, res.next_logprobs[:, b, j], atol=0, equal_nan=True)  # no next token: NaN in both
     assert torch.equal(prof.target_ids, res.next_ids[b, j])
     depths = site_depths(res.labels, 3)
     assert depths.tolist() == [0, 1, 2, 3]
