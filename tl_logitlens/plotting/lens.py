@@ -151,33 +151,14 @@ def lens_heatmap(
     cols = [cols_all[i] for i in shown]
     labels = list(result.labels)
     inputs = result.input_tokens()[prompt]
-    positions = result.positions[prompt].tolist()
     top = result.top_tokens()
-    k = result.top_ids.shape[-1]
-    probs = result.top_probs[:, prompt].tolist()
     raw = colour.values[:, cols]
     drawn = colour_scale(
         raw, scale=scale, zmin=zmin, zmax=zmax, floor=colour.floor, lower=colour.lower if scale == "linear" else None
     )
-    raw_list = as_list(raw)
     z_list = as_list(drawn.z)
-
     text = [[clip(cell_text(top[s][prompt][j][0])) for j in cols] for s in range(len(labels))]
-    hover = []
-    for s, label in enumerate(labels):
-        row = []
-        for c, j in enumerate(cols):
-            value = raw_list[s][c]
-            shown_value = "—" if value is None else f"{value:.0f}" if color == "rank" else f"{value:.4g}"
-            lines = [
-                f"<b>{label}</b> · position {positions[j]} {quoted(inputs[j])}",
-                f"{colour.title}: {shown_value}",
-                "top tokens:",
-            ]
-            lines += [f"{r + 1}. {quoted(top[s][prompt][j][r])}  {probs[s][j][r]:.3f}" for r in range(k)]
-            row.append("<br>".join(lines))
-        hover.append(row)
-
+    hover = _heatmap_hover(result, prompt, cols, colour.title, as_list(raw), color == "rank")
     n_cols, n_rows = len(cols), len(labels)
     fig = go.Figure(
         go.Heatmap(
@@ -219,18 +200,50 @@ def lens_heatmap(
             if long == "clip"
             else f"every {math.ceil(len(cols_all) / max_positions)}th ({len(cols)})"
         )
-        fig.add_annotation(
-            text=f"Showing {how} of {len(cols_all)} positions (max_positions={max_positions})",
-            xref="paper",
-            yref="paper",
-            x=0,
-            y=1.0,
-            yanchor="bottom",
-            showarrow=False,
-            font={"size": 12, "color": "#555"},
-            name="positions-note",
-        )
+        _add_note(fig, f"Showing {how} of {len(cols_all)} positions (max_positions={max_positions})")
     return fig
+
+
+def _heatmap_hover(
+    result: LensResult, prompt: int, cols: list[int], what: str, values: list, whole: bool
+) -> list[list[str]]:
+    """Each cell's hover text: site, position and input token, the coloured value (``whole``: as an
+    integer), and the site's top-k tokens with their probabilities."""
+    inputs = result.input_tokens()[prompt]
+    positions = result.positions[prompt].tolist()
+    top = result.top_tokens()
+    probs = result.top_probs[:, prompt].tolist()
+    k = result.top_ids.shape[-1]
+    hover = []
+    for s, label in enumerate(result.labels):
+        row = []
+        for c, j in enumerate(cols):
+            value = values[s][c]
+            shown_value = "—" if value is None else f"{value:.0f}" if whole else f"{value:.4g}"
+            lines = [
+                f"<b>{label}</b> · position {positions[j]} {quoted(inputs[j])}",
+                f"{what}: {shown_value}",
+                "top tokens:",
+            ]
+            lines += [f"{r + 1}. {quoted(top[s][prompt][j][r])}  {probs[s][j][r]:.3f}" for r in range(k)]
+            row.append("<br>".join(lines))
+        hover.append(row)
+    return hover
+
+
+def _add_note(fig: go.Figure, text: str) -> None:
+    """A grey note just above the plot, left-aligned (what the figure leaves out; not an error)."""
+    fig.add_annotation(
+        text=text,
+        xref="paper",
+        yref="paper",
+        x=0,
+        y=1.0,
+        yanchor="bottom",
+        showarrow=False,
+        font={"size": 12, "color": "#555"},
+        name="positions-note",
+    )
 
 
 def target_trajectory(
