@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._kernel import site_metrics
+from tl_logitlens._kernel import Unembedding, unembed_metrics
 from tl_logitlens._results import LensStatistics, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import (
@@ -357,15 +357,19 @@ def _lens(
             [logits(final, slice(i, i + chunk_size)).topk(final_top_k, -1).indices for i in range(0, len(rows), chunk_size)]
         ) if len(rows) else torch.empty(0, final_top_k, dtype=torch.long, device=tokens.device)
         query.append(final_top)
-    m = site_metrics(
-        lambda s, sl: logits(site_list[s], sl),
+    def normed(site: Site, sl: slice) -> torch.Tensor:
+        return readout.normed(cache, site, rows.b[sl], rows.p[sl])
+
+    # the unembedding is folded one vocabulary tile at a time: logits never leave the cache
+    m = unembed_metrics(
+        lambda s, sl: normed(site_list[s], sl),
         len(site_list),
-        lambda sl: logits(final, sl),
+        lambda sl: normed(final, sl),
         frozenset(s for s, site in enumerate(site_list) if site.hook == final.hook),
         torch.cat(query, dim=-1),
         top_k,
         chunk_size,
-        model.cfg.d_vocab,
+        Unembedding.from_model(model, readout.include_bias),
         tokens.device,
     )
     n_t = 0 if target_ids is None else target_ids.shape[-1]
