@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, STORIES, assert_close, require_shared
+from tests.helpers import SENTENCES, STORIES, assert_close, assert_not_close, require_shared
 
 # two prompts of the same token length, so only the identity check can tell their caches apart
 SAME_LENGTH = ("The cat sat on the mat.", "The dog ran to the park.")
@@ -242,3 +242,52 @@ def test_bf16_attribution_and_component_lens_are_accepted_and_add_up():
         assert float(res.unexplained.abs().max()) < 0.05 * (1 + float(res.total.abs().max()))
     comp = tl.component_lens(model, prompt, unit="head")
     assert comp.promoted_ids.shape[0] == len(comp.labels)
+
+
+class _ScaledLens:
+    """A minimal lens (the protocol's three members): every non-final state scaled by ``factor``."""
+
+    name = "scaled lens"
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def check_model(self, model) -> None:
+        return None
+
+    def translate(self, site: str, states: torch.Tensor) -> torch.Tensor:
+        return states if site == "final_post" else states * self.factor
+
+
+def test_masked_lens_takes_a_lens_and_reads_each_state_through_it(demo_bert):
+    text = "tom saw a big dog in the park."
+    plain = tl.masked_lens(demo_bert, text, mask_positions="dog")
+    same = tl.masked_lens(demo_bert, text, mask_positions="dog", lens=_ScaledLens(1.0))
+    scaled = tl.masked_lens(demo_bert, text, mask_positions="dog", lens=_ScaledLens(0.5))
+    assert same.lens_name == scaled.lens_name == "scaled lens" and plain.lens_name == "logit lens"
+    assert_close(same.original_logprobs, plain.original_logprobs, atol=0, rtol=0)
+    assert_not_close(scaled.original_logprobs[:-1], plain.original_logprobs[:-1], atol=1e-3)
+    assert_close(scaled.original_logprobs[-1], plain.original_logprobs[-1], atol=0, rtol=0)
+    # the reference: the MLM head on the scaled cached state
+    from tl_logitlens.masked import encoder_sites, mlm_logits
+
+    _, cache = demo_bert.run_with_cache(scaled.tokens)
+    hole, orig = int(scaled.positions[0, 0]), int(scaled.original_ids[0, 0])
+    site = encoder_sites(demo_bert)[1]
+    lp = torch.log_softmax(mlm_logits(demo_bert, 0.5 * cache[site.hook][0, hole][None]), -1)[0, orig]
+    assert_close(scaled.original_logprobs[1, 0, 0], lp, atol=1e-5, rtol=0)
+
+
+def test_figures_name_the_lens_when_it_is_not_the_logit_lens(ln_model):
+    lens = _ScaledLens(0.9)
+    # norm="none": the final norm would undo a scaling, the raw unembedding does not
+    res = tl.logit_lens(ln_model, SENTENCES[:3], lens=lens, targets=[" the"], positions="last", norm="none")
+    diff = tl.logit_diff(ln_model, SENTENCES[:3], " the", " and", lens=lens)
+    assert res.plot().layout.title.text.startswith("Scaled lens")
+    assert "scaled lens" in diff.plot().layout.title.text
+    from tl_logitlens.plotting import target_trajectory
+
+    assert "scaled lens" in target_trajectory(res).layout.title.text
+    plain = tl.logit_lens(ln_model, SENTENCES[:3], targets=[" the"], positions="last", norm="none")
+    assert plain.plot().layout.title.text.startswith("Logit lens")
+    assert_not_close(res.entropy[:-1], plain.entropy[:-1])

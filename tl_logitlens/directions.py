@@ -16,7 +16,7 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._dla import unembed_bias, unembed_columns
 from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._pairs import check_direction, resolve_pairs
+from tl_logitlens._pairs import Pairs, check_direction, resolve_pairs
 from tl_logitlens._results import ResultBase, common_fields, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
@@ -303,8 +303,17 @@ def logit_diff(
     readout, site_list, run = _prepare(
         model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask, include_bias
     )
+    pairs = resolve_pairs(model, correct, incorrect, run.batch.tokens.shape[0], per_prompt=per_prompt)
+    return _logit_diff(readout, run, site_list, pairs, (n_bootstrap, ci_level, seed))
+
+
+def _logit_diff(
+    readout: Readout, run: Run, site_list: Sequence[Site], pairs: Pairs, bootstrap: tuple[int, float, int]
+) -> DirectionResult:
+    """Each site's normalised state read along the pairs' unembedding columns (the model's own logit
+    transform applied to each logit, so ``final_post`` is the model's own difference)."""
+    model, include_bias = readout.model, readout.include_bias
     n_batch = run.batch.tokens.shape[0]
-    pairs = resolve_pairs(model, correct, incorrect, n_batch, per_prompt=per_prompt)
     w_c, w_i = unembed_columns(model, pairs.correct), unembed_columns(model, pairs.incorrect)
     zero = torch.zeros(pairs.correct.shape, device=w_c.device)
     b_c = unembed_bias(model, pairs.correct) if include_bias else zero
@@ -320,7 +329,7 @@ def logit_diff(
         run,
         readout,
         site_list,
-        (n_bootstrap, ci_level, seed),
+        bootstrap,
         pair_labels=pairs.labels,
         correct_ids=pairs.correct.expand(n_batch, -1).clone(),
         incorrect_ids=pairs.incorrect.expand(n_batch, -1).clone(),

@@ -30,6 +30,7 @@ from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_d
 from tl_logitlens._results import LensStatistics, ShortRepr, common_fields, labels_summary
 from tl_logitlens._run import Rows, execute, run_cache
 from tl_logitlens.inputs import Batch, Targets, check_flag, is_integer, prepare_inputs
+from tl_logitlens.lenses import LOGIT_LENS, Lens, resolve_lens
 from tl_logitlens.readout import Site
 from tl_logitlens.tokens import display_tokens
 
@@ -228,6 +229,7 @@ class _HoleMetrics:
 @torch.inference_mode()
 def _hole_metrics(
     model: Any,
+    lens: Lens,
     cache: Any,
     sites: Sequence[Site],
     rows: Rows,
@@ -249,7 +251,9 @@ def _hole_metrics(
     for start in range(0, n_rows, chunk_size):
         sl = slice(start, start + chunk_size)
         b, p, q = rows.b[sl], rows.p[sl], query[sl]
-        z = torch.stack([mlm_logits(model, cache[s.hook][b, p]) for s in sites])  # [site, chunk, d_vocab]
+        z = torch.stack(  # [site, chunk, d_vocab]
+            [mlm_logits(model, lens.translate(s.label, cache[s.hook][b, p])) for s in sites]
+        )
         final = final_distribution(z[-1], ws)
         per_site = [block_metrics(z[s], final, q, top_k, ws) for s in range(n_sites)]
         for name in BlockMetrics.__dataclass_fields__:
@@ -362,6 +366,7 @@ def masked_lens(
     top_k: int = 5,
     n_track: int = 5,
     cache: Any = None,
+    lens: Any = None,
     attention_mask: torch.Tensor | None = None,
     keep_logprobs: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -383,6 +388,8 @@ def masked_lens(
         targets: words (each one token) or ids whose log-prob and rank are reported at each hole.
         n_track: how many tokens to track by their maximum probability over the sites.
         cache: an ``ActivationCache`` of the *masked* tokens (``result.tokens``) on this model.
+        lens: ``None`` (the logit lens: each state through the MLM head as it is) or a lens object
+            whose ``translate`` maps each site's states before the MLM head reads them.
         keep_logprobs: keep the full ``[site, batch, mask, d_vocab]`` log-softmax (for ``plot_vocab``).
         chunk_size: rows projected at once; peak memory about ``3 · n_sites · chunk_size · d_vocab · 4`` bytes.
     """
@@ -394,7 +401,8 @@ def masked_lens(
     enc = _encode(model, inputs, attention_mask)
     positions, valid = _mask_positions(mask_positions, enc, model.tokenizer)
     target_ids = _mlm_targets(model, targets)
-    return _masked(model, enc, positions, valid, mask, target_ids, cache, (top_k, n_track, chunk_size, keep_logprobs))
+    lens = resolve_lens(model, lens)
+    return _masked(model, enc, positions, valid, mask, target_ids, cache, lens, (top_k, n_track, chunk_size, keep_logprobs))
 
 
 def _masked(
@@ -405,6 +413,7 @@ def _masked(
     mask: bool,
     target_ids: torch.Tensor | None,
     cache: Any,
+    lens: Lens,
     settings: tuple[int, int, int, bool],
 ) -> MaskedLensResult:
     """Mask (or not) the holes, run (or check the cache), read every site through the MLM head."""
@@ -430,12 +439,12 @@ def _masked(
     if target_ids is not None:
         query = torch.cat([query, target_ids[None].expand(len(original), -1)], dim=-1)
     rows = Rows(rows_b.to(device), rows_j.to(device), rows_p.to(device))
-    r = _hole_metrics(model, run.cache, sites, rows, query.to(device), top_k, n_track, chunk_size, keep_logprobs)
+    r = _hole_metrics(model, lens, run.cache, sites, rows, query.to(device), top_k, n_track, chunk_size, keep_logprobs)
     scatter = _scatter(rows, positions.shape)
     nan = float("nan")
     known = known.to(device)
     return MaskedLensResult(
-        **common_fields(model, batch, run.positions, run.valid, "logit lens"),
+        **common_fields(model, batch, run.positions, run.valid, lens.name),
         labels=tuple(s.label for s in sites),
         original_tokens=enc.tokens.to(device),
         masked=mask,
@@ -592,7 +601,7 @@ def sliding_mask_lens(
     sites = encoder_sites(model)
     cache = run_cache(model, copies.to(device), torch.ones_like(copies, dtype=torch.bool).to(device), [s.hook for s in sites])
     rows = Rows(index.to(device), torch.zeros_like(index).to(device), positions.to(device))
-    r = _hole_metrics(model, cache, sites, rows, original[:, None].to(device), top_k, n_track, chunk_size, False)
+    r = _hole_metrics(model, LOGIT_LENS, cache, sites, rows, original[:, None].to(device), top_k, n_track, chunk_size, False)
     known = (original != tok.mask_token_id).to(device)
     return SlidingMaskResult(
         labels=tuple(s.label for s in sites),

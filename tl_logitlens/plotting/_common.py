@@ -393,3 +393,10 @@ def colour_scale(
     z = torch.where(torch.isfinite(vals), vals.clamp(min=lo).log10(), vals)
     tickvals, ticktext = log_ticks(lo, hi)
     return ColourScale(z, math.log10(lo), math.log10(hi), True, tickvals, ticktext)
+
+
+def lens_note(result: object) -> str:
+    """``" · tuned lens"`` for a result made with another lens than the logit lens, else ``""``: default
+    titles name the lens whenever it is not the logit lens."""
+    name = getattr(result, "lens_name", "logit lens")
+    return "" if name == "logit lens" else f" · {name}"

@@ -13,6 +13,7 @@ from tl_logitlens.plotting._common import (
     band_trace,
     check_index,
     house_style,
+    lens_note,
     line_trace,
     pair_name,
 )
@@ -75,6 +76,6 @@ def logit_diff_figure(
     heading = pair_name(result, pairs[0]) if len(pairs) == 1 else f"{len(pairs)} {many}"
     return house_style(
         fig,
-        title=title or f"{what} across layers: {heading}<br><sup>norm={result.norm}; {band}</sup>",
+        title=title or f"{what} across layers: {heading}<br><sup>norm={result.norm}{lens_note(result)}; {band}</sup>",
         **LINE_CHART,
     )

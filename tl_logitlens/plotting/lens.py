@@ -29,6 +29,7 @@ from tl_logitlens.plotting._common import (
     colour_scale,
     column_at,
     house_style,
+    lens_note,
     line_trace,
     log_ticks,
     quoted,
@@ -192,7 +193,8 @@ def lens_heatmap(
     )
     fig.update_yaxes(title_text="layer (residual stream site)", type="category", showgrid=False)
     if title is None:
-        title = f"Logit lens{' — ' + result.model_name if result.model_name else ''} (norm={result.norm})"
+        name = getattr(result, "lens_name", "logit lens")
+        title = f"{name[:1].upper() + name[1:]}{' — ' + result.model_name if result.model_name else ''} (norm={result.norm})"
     house_style(fig, title=title, width=max(560, 200 + col_px * n_cols), height=max(360, 200 + 24 * n_rows))
     if len(cols) < len(cols_all):
         how = (
@@ -326,7 +328,7 @@ def target_trajectory(
     )
     return house_style(
         fig,
-        title=title or f"{what} of the targets across layers<br><sup>at the {where}{band}</sup>",
+        title=title or f"{what} of the targets across layers{lens_note(result)}<br><sup>at the {where}{band}</sup>",
         **LINE_CHART,
     )
 
@@ -413,7 +415,7 @@ def top_token_evolution(
     fig.update_xaxes(showgrid=False)
     return house_style(
         fig,
-        title=title or f"Probability of the {heading} across layers (after {where})",
+        title=title or f"Probability of the {heading} across layers (after {where}){lens_note(result)}",
         width=max(560, 220 + 60 * len(labels)),
         height=max(320, 170 + 28 * n),
     )

@@ -13,6 +13,7 @@ from tl_logitlens.plotting._common import (
     colour_bar,
     colour_scale,
     house_style,
+    lens_note,
     quoted,
     valid_columns,
 )
@@ -125,7 +126,7 @@ def text_heatmap(
     )
     return house_style(
         fig,
-        title=title or "What each layer would write next<br><sup>under each input token, each site's top "
+        title=title or f"What each layer would write next{lens_note(result)}<br><sup>under each input token, each site's top "
         "prediction for the token after it; shade: its probability</sup>",
         width=max(560, 230 + int(_CHAR_PX * edges[-1])),
         height=max(320, 150 + _ROW_PX * (len(labels) + 1)),
