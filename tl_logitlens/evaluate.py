@@ -21,7 +21,8 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
-from tl_logitlens._kernel import site_metrics
+from tl_logitlens._kernel import Unembedding, unembed_metrics
+from tl_logitlens._run import run_cache
 from tl_logitlens.corpus import (
     Document,
     corpus_length,
@@ -353,16 +354,6 @@ def _documents(
             yield tokenize_document(model, text, index)
 
 
-def _forward(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str]) -> Any:
-    wanted = set(hooks)
-    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
-    if not bool(mask.all()):
-        kwargs["attention_mask"] = mask.long()
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, **kwargs)
-    return cache
-
-
 def _score_batch(
     model: Any,
     readouts: Sequence[Readout],
@@ -382,22 +373,24 @@ def _score_batch(
     mask = torch.arange(width)[None] < lengths[:, None]
     tokens, mask = tokens.to(device), mask.to(device)
     hooks = sorted({h for r in readouts for h in r.hooks([*sites, final])})
-    cache = _forward(model, tokens, mask, hooks)
+    cache = run_cache(model, tokens, mask, hooks)
     rows_b, rows_p = mask.nonzero(as_tuple=True)
     has_next = rows_p + 1 < lengths.to(device)[rows_b]
     next_ids = torch.where(has_next, tokens[rows_b, (rows_p + 1).clamp(max=width - 1)], 0)
     finals = frozenset(s for s, site in enumerate(sites) if site.hook == final.hook)
     out = torch.zeros(len(windows), len(readouts), len(sites), len(STATISTICS), dtype=torch.float64, device=device)
+    unembedding = Unembedding.from_model(model, include_bias=True)
     for k, readout in enumerate(readouts):
-        m = site_metrics(
-            lambda s, sl, r=readout: r.logits(cache, sites[s], rows_b[sl], rows_p[sl]),
+        # the lens's own tiled kernel: logits are folded one vocabulary tile at a time
+        m = unembed_metrics(
+            lambda s, sl, r=readout: r.normed(cache, sites[s], rows_b[sl], rows_p[sl]),
             len(sites),
-            lambda sl, r=readout: r.logits(cache, final, rows_b[sl], rows_p[sl]),
+            lambda sl, r=readout: r.normed(cache, final, rows_b[sl], rows_p[sl]),
             finals,
             next_ids[:, None],
             1,
             chunk_size,
-            model.cfg.d_vocab,
+            unembedding,
             device,
         )
         per_row = torch.stack(
