@@ -383,3 +383,20 @@ def test_masked_report_renders_and_fits(driver, masked_report):
         assert svgs >= 1 and drawn >= 1, f"figure {name} did not render ({svgs} svg, {drawn} drawn)"
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     _assert_fits(driver)
+
+
+def test_report_closes_with_a_corpus_evaluation_section(driver, ln_model, tmp_path):
+    ev = tl.evaluate_lenses(ln_model, SENTENCES, progress=False, n_bootstrap=50)
+    path = report(ln_model, SENTENCES[0], out=tmp_path / "eval.html", top_k=3, evaluation=ev)
+    html = path.read_text(encoding="utf-8")
+    assert html.count('class="lens-evaluation"') == 1 and "Lens evaluation over a corpus" in html
+    frame = ev.to_dataframe()
+    assert f"{frame['kl_to_final'].iloc[0]:.4f}" in html  # the table holds the evaluation's numbers
+    driver.get(path.resolve().as_uri())
+    rendered = _rendered(driver, 5)
+    assert len(rendered) == 5  # the four lens figures and the evaluation's curves
+    assert all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    _assert_fits(driver)
+    with pytest.raises(TypeError, match="evaluation must be a LensEvaluation"):
+        report(ln_model, SENTENCES[0], out=tmp_path / "bad.html", evaluation={"kl": 1.0})

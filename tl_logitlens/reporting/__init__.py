@@ -76,6 +76,7 @@ def report(
     max_prompts: int = 3,
     title: str | None = None,
     plotly_js: str = "inline",
+    evaluation: Any = None,
     **analysis: Any,
 ) -> Path:
     """Run the lens on ``prompts`` and write one HTML report; return its path.
@@ -96,7 +97,8 @@ def report(
     entropy and KL, and the top-k tables.
 
     ``plotly_js``: ``"inline"`` (default: one self-contained file that opens offline), ``"cdn"`` or
-    ``"directory"`` (see :func:`write_report`). ``model``: a model object or anything
+    ``"directory"`` (see :func:`write_report`). ``evaluation``: a :class:`~tl_logitlens.LensEvaluation`
+    from :func:`~tl_logitlens.evaluate_lenses`, added as the report's last section. ``model``: a model object or anything
     :func:`~tl_logitlens.load_model` takes (``"demo"``, ``"demo-bert"``, a checkpoint folder, a
     TransformerLens name).
 
@@ -111,4 +113,4 @@ def report(
     check_out(out)
     check_plotly_js(plotly_js)
     data = compute_report(model, prompts, **analysis)
-    return write_report(data, out, max_prompts=max_prompts, title=title, plotly_js=plotly_js)
+    return write_report(data, out, max_prompts=max_prompts, title=title, plotly_js=plotly_js, evaluation=evaluation)

@@ -169,8 +169,13 @@ def write_report(
     max_prompts: int = 3,
     title: str | None = None,
     plotly_js: str = "inline",
+    evaluation: Any = None,
 ) -> Path:
     """Write the figures and tables of ``data`` to one HTML file; return its path.
+
+    ``evaluation``: a :class:`~tl_logitlens.LensEvaluation` (from :func:`~tl_logitlens.evaluate_lenses`)
+    whose corpus-scale section (per-site curves with bands, the table with intervals, the definition)
+    closes the report.
 
     ``plotly_js``: ``"inline"`` (the default) puts plotly.js in the file, which then opens offline
     on its own (about 5 MB); ``"cdn"`` loads it from cdn.plot.ly (a few hundred kB, needs the
@@ -191,6 +196,12 @@ def write_report(
         parts.append(f"<h3>{escape(figure.heading)}</h3>")
         parts.append(_figure_html(figure.fig, f"figure-{i}", figure.caption))
     parts += tables_html(data, shown)
+    if evaluation is not None:
+        from tl_logitlens.evaluate import LensEvaluation
+
+        if not isinstance(evaluation, LensEvaluation):
+            raise TypeError(f"evaluation must be a LensEvaluation (from tl.evaluate_lenses), not {type(evaluation).__name__}")
+        parts.append(evaluation.to_html(include_plotlyjs=False))
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
