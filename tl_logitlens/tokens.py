@@ -25,7 +25,7 @@ import torch
 
 _SPIECE_SPACE = "\u2581"  # ▁
 SPACE = "\u2423"  # ␣
-_VISIBLE = {" ": SPACE, "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
+_VISIBLE = {" ": SPACE, "\n": "\u21b5", "\t": "\u21e5"}  # ␣ ↵ ⇥
 
 
 def _build_byte_decoder() -> dict[str, int]:
@@ -138,9 +138,11 @@ def visible_token(token: str) -> str:
     """``token`` with its whitespace and control characters drawn, for a person to read.
 
     ``" "`` → ``␣`` (so ``" w"`` and ``"w"`` differ and a lone space is not an empty cell), ``"\\n"`` →
-    ``↵``, ``"\\t"`` → ``⇥``, ``"\\r"`` → ``␍``; other C0 control characters → their Control Pictures
-    symbol (``␀`` … ``␟``), DEL → ``␡``. Everything else is unchanged. Use it for figures, tables,
-    hover text and the terminal alike; data (dataframes, JSON) keeps the plain text.
+    ``↵``, ``"\\t"`` → ``⇥``; every other control character (``"\\r"``, the rest of C0, DEL, C1) → its
+    escape ``\\xNN``, the same spelling as a byte piece's, readable in any font (the Control Pictures
+    block ``␀`` … ``␟`` is missing from most fonts and draws as empty boxes). Everything else is
+    unchanged. Use it for figures, tables, hover text and the terminal alike; data (dataframes, JSON)
+    keeps the plain text.
 
     Example:
         >>> visible_token(" the\\n")
@@ -150,10 +152,8 @@ def visible_token(token: str) -> str:
     for ch in token:
         if ch in _VISIBLE:
             out.append(_VISIBLE[ch])
-        elif ord(ch) < 0x20:
-            out.append(chr(0x2400 + ord(ch)))
-        elif ch == "\x7f":
-            out.append("\u2421")
+        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:  # C0, DEL and C1 controls
+            out.append(f"\\x{ord(ch):02x}")
         else:
             out.append(ch)
     return "".join(out)

@@ -4,7 +4,7 @@ Every function returns a ``plotly.graph_objects.Figure``; :func:`save_figure` wr
 ``.html`` (self-contained), ``.png``, ``.svg`` or ``.pdf``.
 """
 
-from tl_logitlens.plotting._common import cell_text, visible_whitespace
+from tl_logitlens.plotting._common import cell_text
 from tl_logitlens.plotting.attribution import (
     component_bars_figure,
     component_lens_figure,
@@ -34,6 +34,5 @@ __all__ = [
     "target_trajectory",
     "text_heatmap",
     "top_token_evolution",
-    "visible_whitespace",
     "vocab_figure",
 ]

@@ -10,50 +10,22 @@ import plotly.graph_objects as go
 import torch
 
 from tl_logitlens.lens import LensResult
+from tl_logitlens.tokens import visible_token
 
 # plotly draws text as a small subset of HTML: '<b>' makes bold, '\n' breaks the line, '&amp;' is an
-# entity. Tokens are data, not markup, so these characters are escaped or shown as visible symbols.
-# Whitespace is drawn visibly everywhere a person reads a token (cells, ticks, hover, titles): a space
-# as "␣", so " w" and "w" differ and a lone " " token is not an empty cell.
-SPACE = "\u2423"  # ␣
-_VISIBLE = {" ": SPACE, "\n": "↵", "\r": "␍", "\t": "⇥"}
+# entity. Tokens are data, not markup, so these characters are escaped, and whitespace and control
+# characters are drawn with the package's one convention (tokens.visible_token: "␣", "↵", "⇥", "\xNN").
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
-def visible_whitespace(token: str) -> str:
-    """``token`` with whitespace drawn: ``" "`` as ``␣``, ``"\\n"`` as ``↵``, ``"\\t"`` as ``⇥``.
-
-    Uses :func:`tl_logitlens.tokens.visible_token` when that module provides it (one convention
-    for the whole package); this fallback follows the same convention.
-    """
-    from tl_logitlens import tokens
-
-    shared = getattr(tokens, "visible_token", None)
-    if shared is not None:
-        return shared(token)
-    return "".join(_VISIBLE.get(ch, ch) for ch in token)
-
-
 def cell_text(token: str) -> str:
-    """A token as plotly should show it: whitespace visible (``␣``, ``↵``, ``⇥``), ``& < >`` escaped.
+    """A token as plotly should show it: :func:`~tl_logitlens.tokens.visible_token` (whitespace drawn,
+    control characters, which SVG cannot hold, as ``\\xNN``), then ``& < >`` escaped.
 
     Plotly turns the entities back into the characters on screen, so what is drawn is the token
-    itself; the escaping only stops ``"<b>"`` being read as markup. Other control characters
-    (which SVG cannot hold) show as their Control Pictures symbol (``␀``..``␟``, ``␡``) or ``\\x85``.
+    itself; the escaping only stops ``"<b>"`` being read as markup.
     """
-    return "".join(_ESCAPES.get(ch) or _control(ch) for ch in visible_whitespace(token))
-
-
-def _control(ch: str) -> str:
-    """Control characters (not allowed in SVG, so they break static export) as visible symbols."""
-    code = ord(ch)
-    if code < 0x20:
-        return chr(0x2400 + code)  # the Control Pictures block: ␀ ... ␟
-    if code == 0x7F:
-        return "\u2421"
-    if 0x80 <= code < 0xA0:
-        return f"\\x{code:02x}"
-    return ch
+    return "".join(_ESCAPES.get(ch, ch) for ch in visible_token(token))
 
 
 CELL_CHARS = 12  # the most characters a heatmap cell shows; longer tokens end in "…" (hover has them whole)
