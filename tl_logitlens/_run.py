@@ -33,6 +33,13 @@ class Rows:
     def __len__(self) -> int:
         return int(self.b.shape[0])
 
+    def scatter(self, values: torch.Tensor, shape: tuple[int, int], fill: float | int) -> torch.Tensor:
+        """``[site, row, ...]`` values put back on the ``[site, batch, pos, ...]`` grid of ``shape``
+        (``[batch, pos]``), with ``fill`` in the cells these rows do not cover (padding)."""
+        out = torch.full((values.shape[0], *shape, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
+        out[:, self.b, self.j] = values
+        return out
+
 
 @dataclass(frozen=True)
 class Run:

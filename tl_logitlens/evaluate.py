@@ -31,6 +31,7 @@ from tl_logitlens.corpus import (
     iter_texts,
     tokenize_document,
 )
+from tl_logitlens.inputs import check_count
 from tl_logitlens.lenses import lens_name, resolve_lens
 from tl_logitlens.readout import Readout, Site, check_model, resolve_sites
 
@@ -228,14 +229,6 @@ class LensEvaluation:
         from tl_logitlens.plotting.evaluation import evaluation_figure
 
         return evaluation_figure(self, statistics=statistics, **kwargs)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}={value} must be at least {low}")
-    return int(value)
 
 
 def _resolve_lenses(model: Any, lenses: object) -> dict[str, Any]:
@@ -493,15 +486,15 @@ def evaluate_lenses(
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("evaluate_lenses reads text, and this model has no tokenizer; set one with model.set_tokenizer(...)")
     n_ctx = model.cfg.n_ctx
-    seq_len = n_ctx if seq_len is None else _check_int("seq_len", seq_len, 2)
+    seq_len = n_ctx if seq_len is None else check_count(seq_len, "seq_len", 2)
     if seq_len > n_ctx:
         raise ValueError(f"seq_len={seq_len} is above the model's context of {n_ctx} tokens; use at most {n_ctx}")
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_count(batch_size, "batch_size", 1)
     if max_tokens is not None:
-        max_tokens = _check_int("max_tokens", max_tokens, 1)
-    n_bootstrap = _check_int("n_bootstrap", n_bootstrap, 0)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
-    seed = _check_int("seed", seed, 0)
+        max_tokens = check_count(max_tokens, "max_tokens", 1)
+    n_bootstrap = check_count(n_bootstrap, "n_bootstrap", 0)
+    chunk_size = check_count(chunk_size, "chunk_size", 1)
+    seed = check_count(seed, "seed", 0)
     if not isinstance(confidence, float) or not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence!r} must be a float between 0 and 1, e.g. 0.95")
     named = _resolve_lenses(model, lenses)

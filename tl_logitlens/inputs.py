@@ -53,6 +53,18 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def check_count(value: object, name: str, low: int, high: int | None = None) -> int:
+    """A count option (``top_k``, ``chunk_size``, ``seq_len``...): a Python or NumPy integer in
+    ``[low, high]``, returned as an int; a TypeError or ValueError that names it otherwise."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name}={value} must be {bound}")
+    return value
+
+
 def _tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:

@@ -22,6 +22,7 @@ from tl_logitlens.inputs import (
     Inputs,
     PositionSpec,
     Targets,
+    check_count,
     check_flag,
     is_integer,
     prepare_inputs,
@@ -235,14 +236,6 @@ def _resolve_targets(
     return ids.expand(n_batch, n_pos, -1)
 
 
-def _check_count(value: object, name: str, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name}={value} must be {bound}")
-
-
 # Entry points check their own arguments with messages that say what to do; the run-time type
 # checker used under pytest would pre-empt those messages, so it skips them (not their internals).
 @no_type_check
@@ -304,16 +297,16 @@ def logit_lens(
     check_flag(include_bias, "include_bias")
     check_flag(keep_logprobs, "keep_logprobs")
     d_vocab = model.cfg.d_vocab
-    _check_count(top_k, "top_k", 1, d_vocab)
-    _check_count(final_top_k, "final_top_k", 0, d_vocab)
-    _check_count(chunk_size, "chunk_size", 1)
+    check_count(top_k, "top_k", 1, d_vocab)
+    check_count(final_top_k, "final_top_k", 0, d_vocab)
+    check_count(chunk_size, "chunk_size", 1)
     readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
     site_list = resolve_sites(model, sites)
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
     target_ids = _resolve_targets(model, targets, *pos_index.shape)
     if keep_logprobs:
-        _check_count(max_logprobs_bytes, "max_logprobs_bytes", 1)
+        check_count(max_logprobs_bytes, "max_logprobs_bytes", 1)
         size = len(site_list) * int(valid.sum()) * d_vocab * 4
         if size > max_logprobs_bytes:
             raise ValueError(
@@ -373,7 +366,11 @@ def _lens(
         tokens.device,
     )
     n_t = 0 if target_ids is None else target_ids.shape[-1]
-    scatter = _scatter(run)
+    shape = tuple(run.positions.shape)
+
+    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        return rows.scatter(values, shape, fill)
+
     nan = float("nan")
     next_lp, next_rank = scatter(m.query_logprobs[..., 0], nan), scatter(m.query_ranks[..., 0], -1)
     next_lp[:, ~has_next] = nan
@@ -407,17 +404,3 @@ def _lens(
         norm=readout.norm,
         include_bias=readout.include_bias,
     )
-
-
-def _scatter(run: Run):
-    """Put ``[site, row, ...]`` values of the run's valid rows back on the ``[site, batch, pos, ...]``
-    grid, with ``fill`` at padding cells."""
-    rows = run.valid_rows()
-    n_batch, n_pos = run.positions.shape
-
-    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
-        full = torch.full((values.shape[0], n_batch, n_pos, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
-        full[:, rows.b, rows.j] = values
-        return full
-
-    return scatter

@@ -29,7 +29,7 @@ from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
 from tl_logitlens._results import LensStatistics, ShortRepr, common_fields, labels_summary
 from tl_logitlens._run import Rows, execute, run_cache
-from tl_logitlens.inputs import Batch, Targets, check_flag, is_integer, prepare_inputs
+from tl_logitlens.inputs import Batch, Targets, check_count, check_flag, is_integer, prepare_inputs
 from tl_logitlens.lenses import LOGIT_LENS, Lens, resolve_lens
 from tl_logitlens.readout import Site
 from tl_logitlens.tokens import display_tokens
@@ -77,14 +77,6 @@ def check_encoder(model: Any, what: str = "masked_lens") -> None:
         raise ValueError("the model is in training mode, where dropout changes the numbers; call model.eval() first")
     if getattr(model, "tokenizer", None) is None or model.tokenizer.mask_token_id is None:
         raise ValueError("the model has no tokenizer with a mask token; set one with model.set_tokenizer(...)")
-
-
-def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}={value} must be between {low} and {high}" if high else f"{name} must be >= {low}")
-    return value
 
 
 def _encode(model: Any, inputs: object, attention_mask: torch.Tensor | None) -> Batch:
@@ -350,9 +342,9 @@ class MaskedLensResult(LensStatistics):
 
 def _check_common(model: Any, top_k: object, chunk_size: object, n_track: object, what: str = "masked_lens") -> None:
     check_encoder(model, what)
-    _check_int(top_k, "top_k", 1, model.cfg.d_vocab)
-    _check_int(chunk_size, "chunk_size", 1)
-    _check_int(n_track, "n_track", 1, model.cfg.d_vocab)
+    check_count(top_k, "top_k", 1, model.cfg.d_vocab)
+    check_count(chunk_size, "chunk_size", 1)
+    check_count(n_track, "n_track", 1, model.cfg.d_vocab)
 
 
 @no_type_check  # checks its own arguments with messages that say what to do
@@ -440,7 +432,11 @@ def _masked(
         query = torch.cat([query, target_ids[None].expand(len(original), -1)], dim=-1)
     rows = Rows(rows_b.to(device), rows_j.to(device), rows_p.to(device))
     r = _hole_metrics(model, lens, run.cache, sites, rows, query.to(device), top_k, n_track, chunk_size, keep_logprobs)
-    scatter = _scatter(rows, positions.shape)
+    shape = tuple(positions.shape)
+
+    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        return rows.scatter(values, shape, fill)
+
     nan = float("nan")
     known = known.to(device)
     return MaskedLensResult(
@@ -471,17 +467,6 @@ def _mlm_targets(model: Any, targets: Targets) -> torch.Tensor | None:
     if not items:
         raise ValueError("targets is empty; pass a word, an id, or a list of them")
     return torch.tensor([resolve_mlm_target(model, t) for t in items])
-
-
-def _scatter(rows: Rows, shape: tuple[int, int]):
-    """Put ``[site, row, ...]`` hole values back on the ``[site, batch, mask, ...]`` grid."""
-
-    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
-        out = torch.full((values.shape[0], *shape, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
-        out[:, rows.b, rows.j] = values
-        return out
-
-    return scatter
 
 
 @dataclass(frozen=True, repr=False)
