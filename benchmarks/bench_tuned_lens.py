@@ -13,6 +13,11 @@ Both take one step of the same lens (SGD Nesterov, gradient clipping) on the sam
 Reported: tokens per second (best of 2 after a warm-up) and peak resident memory above the start. The
 loss values of the two are printed too: they must agree.
 
+A third row, ``exact-step floor``, times only the work any exact float32 step must do: the frozen
+model's forward pass, and per site the two ``[token, d_model] x [d_model, d_vocab]`` products an exact
+KL and its gradient need (the logits, then ``softmax · W_Uᵀ``), plus the final logits. ``ceiling`` is the
+loop's time over the floor: the most any exact method can gain over the loop on this machine.
+
 Usage: ``python benchmarks/bench_tuned_lens.py`` (needs ``../shared`` for stories260K; the GPT-2-small
 shape has random weights).
 """
@@ -83,6 +88,25 @@ def tuned_lens_loop(model, lens, tokens):
     return step
 
 
+def exact_floor(model, tokens):
+    """The frozen forward pass plus ``2 · sites + 1`` plain vocabulary matmuls: a lower bound on any exact step."""
+    from tl_logitlens.tuned_train import _residual_states
+
+    w_u = model.W_U.detach().float()
+    n = model.cfg.n_layers
+
+    def step():
+        pre, final = _residual_states(model, tokens)
+        x = final.float().flatten(0, 1)
+        z = x @ w_u
+        for _ in range(n):
+            z = x @ w_u
+            x = z @ w_u.T  # shapes only: the products' cost, not their values
+        return x
+
+    return step
+
+
 def run(name: str, model, tokens) -> list[str]:
     from tl_logitlens import TunedLens
 
@@ -95,16 +119,18 @@ def run(name: str, model, tokens) -> list[str]:
     loss_b = tuned_lens_loop(model, _copy(lens), tokens)()
     a = measure("train step (streamed KL)", ours(model, _copy(lens), tokens), repeats=2)
     b = measure("tuned-lens loop (full logits)", tuned_lens_loop(model, _copy(lens), tokens), repeats=2)
+    c = measure("exact-step floor (see docstring)", exact_floor(model, tokens), repeats=2)
     n = tokens.numel()
     lines = [
         f"{name}: {n} tokens per step ({tokens.shape[0]} x {tokens.shape[1]}), {model.cfg.n_layers} sites, "
         f"d_vocab {model.cfg.d_vocab}, {threads()} threads; first-step loss ours {loss_a:.5f}, loop {loss_b:.5f}",
         f"{'':34s} {'tokens/s':>10s} {'peak MiB':>10s}",
     ]
-    for m in (a, b):
+    for m in (a, b, c):
         lines.append(f"{m.name:34s} {n / m.seconds:10.0f} {m.peak_mib:10.1f}")
     lines.append(
-        f"speed-up {b.seconds / a.seconds:.2f}x, peak memory {a.peak_mib / max(b.peak_mib, 1e-9):.1%} of the loop's"
+        f"speed-up {b.seconds / a.seconds:.2f}x, peak memory {a.peak_mib / max(b.peak_mib, 1e-9):.1%} of the loop's; "
+        f"ceiling for an exact step {b.seconds / c.seconds:.2f}x, ours at {c.seconds / a.seconds:.0%} of the floor's speed"
     )
     return lines
 
