@@ -5,8 +5,7 @@
 For each model dtype: the floor is ``n_sites`` bare ``[rows, 768] @ [768, 50257]`` matmuls of that
 dtype, the least any lens can cost; ``logit_lens`` is the public entry point as it is wired;
 ``unembed_metrics`` is the vocabulary-tiled kernel fed the normalised states (the call ``logit_lens``
-makes once it passes states rather than logits); ``site_metrics`` folds precomputed ``[rows, d_vocab]``
-logits. All read the same precomputed cache, so the forward pass is excluded. Times are best of 3,
+makes once it passes states rather than logits). All read the same precomputed cache, so the forward pass is excluded. Times are best of 3,
 run round-robin after a warm-up round in one process (the machine may be shared); peak memory is
 resident memory above the level before each call. The first line names the CPU and its AMX / AVX-512
 flags: the fp32 and bf16 floors, and so every ratio, depend on them.
@@ -28,7 +27,7 @@ from _measure import (
 from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
-from tl_logitlens._kernel import Unembedding, site_metrics, unembed_metrics
+from tl_logitlens._kernel import Unembedding, unembed_metrics
 from tl_logitlens.lens import DEFAULT_CHUNK_SIZE
 from tl_logitlens.lenses import resolve_lens
 from tl_logitlens.readout import Readout, Site, resolve_sites
@@ -71,14 +70,7 @@ def kernel_calls(model, cache, tokens, top_k=5):
             chunk_size, unembedding, "cpu",
         )
 
-    def blocks():
-        return site_metrics(
-            lambda s, sl: readout.logits(cache, sites[s], rows_b[sl], rows_p[sl]), len(sites),
-            lambda sl: readout.logits(cache, final, rows_b[sl], rows_p[sl]), final_sites, nxt, top_k,
-            DEFAULT_CHUNK_SIZE, model.cfg.d_vocab, "cpu",
-        )
-
-    return tiled, blocks
+    return tiled
 
 
 def bench_dtype(dtype: torch.dtype, args) -> list:
@@ -91,7 +83,7 @@ def bench_dtype(dtype: torch.dtype, args) -> list:
     n_sites = model.cfg.n_layers + 1
     x = torch.randn(rows, model.cfg.d_model, dtype=dtype)
     W_U = model.W_U.detach()
-    tiled, blocks = kernel_calls(model, cache, tokens)
+    tiled = kernel_calls(model, cache, tokens)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
     def floor():
@@ -110,7 +102,6 @@ def bench_dtype(dtype: torch.dtype, args) -> list:
         f"{name} logit_lens (as wired)": lens,
     }
     if args.all:
-        fns[f"{name} site_metrics (logit blocks)"] = blocks
         fns[f"{name} unembed_metrics chunk_size=32"] = tiled(32)
         fns[f"{name} naive full log-softmax loop"] = naive
     return measure_interleaved(fns)
@@ -123,7 +114,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
                         help="default: float32, and bfloat16 where the CPU has AVX-512 BF16 or AMX")
-    parser.add_argument("--all", action="store_true", help="also time site_metrics on logit blocks, chunk_size=32 and the naive loop")
+    parser.add_argument("--all", action="store_true", help="also time chunk_size=32 and the naive loop")
     args = parser.parse_args()
     line = cpu_line()
     print(line)

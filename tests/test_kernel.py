@@ -1,8 +1,7 @@
 """The tiled metric kernel (tl_logitlens._kernel) against the whole-block definition and float64 truth.
 
-``unembed_metrics`` computes logits one vocabulary tile at a time from states and an unembedding;
-``site_metrics`` folds precomputed logits tile by tile. Both must give :func:`block_metrics`' numbers
-on the full logits (and those are checked against a float64 log-softmax), whatever the tile and
+``unembed_metrics`` computes logits one vocabulary tile at a time from states and an unembedding. It
+must give :func:`block_metrics`' numbers on the full logits (and those are checked against a float64 log-softmax), whatever the tile and
 chunk sizes, with a soft cap, in bfloat16, with and without the final site among the sites.
 """
 
@@ -17,7 +16,6 @@ from tl_logitlens._kernel import (
     Workspace,
     block_metrics,
     final_distribution,
-    site_metrics,
     unembed_metrics,
 )
 
@@ -76,20 +74,6 @@ def test_unembed_metrics_equal_block_metrics(case):
     )
     check(result, ref, logits, query, opts["final_sites"])
     assert torch.equal(result.final_top1, logits[final_index].argmax(-1))
-
-
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_site_metrics_equal_block_metrics(case):
-    opts = CASES[case]
-    states, W_U, b_U, query = make_problem()
-    unembedding = Unembedding(W_U, b_U)
-    final_index = min(opts["final_sites"], default=2)
-    logits, final, ref = reference(states, unembedding, final_index, query, top_k=5)
-    result = site_metrics(
-        lambda s, sl: logits[s][sl], 3, lambda sl: logits[final_index][sl], opts["final_sites"], query, 5,
-        opts["chunk_size"], W_U.shape[1], "cpu", tile_size=opts["tile_size"],
-    )
-    check(result, ref, logits, query, opts["final_sites"])
 
 
 def test_soft_cap_applies_per_tile():
@@ -163,8 +147,8 @@ def test_bad_tile_size():
 
 
 def test_unembed_metrics_on_a_model_equal_its_logits(any_model):
-    """On a model: the states path (Readout.normed + Unembedding.from_model) gives the numbers of the
-    logits path (Readout.logits + site_metrics), the way logit_lens calls them."""
+    """On a model: the states path (Readout.normed + Unembedding.from_model), the way logit_lens calls
+    it, gives the numbers of block_metrics on the model's full logits (Readout.logits)."""
     from tl_logitlens.lenses import resolve_lens
     from tl_logitlens.readout import Readout, Site, resolve_sites
 
@@ -182,10 +166,12 @@ def test_unembed_metrics_on_a_model_equal_its_logits(any_model):
         lambda sl: readout.normed(cache, final, rows_b[sl], rows_p[sl]), final_sites, query, 3, 7,
         Unembedding.from_model(any_model, include_bias=True), "cpu", tile_size=128,
     )
-    blocks = site_metrics(
-        lambda s, sl: readout.logits(cache, sites[s], rows_b[sl], rows_p[sl]), *args,
-        lambda sl: readout.logits(cache, final, rows_b[sl], rows_p[sl]), final_sites, query, 3, 7,
-        any_model.cfg.d_vocab, "cpu",
-    )
-    for f in (*FIELDS, "top_ids", "query_ranks", "final_top1"):
-        assert_close(getattr(tiled, f), getattr(blocks, f), atol=1e-5, msg=f)
+    logits = [readout.logits(cache, site, rows_b, rows_p) for site in sites]
+    ws = Workspace(rows_b.shape[0], any_model.cfg.d_vocab, "cpu")
+    final_dist = final_distribution(readout.logits(cache, final, rows_b, rows_p), ws)
+    per_site = [block_metrics(z, final_dist, query, 3, ws) for z in logits]
+    blocks = {f: torch.stack([getattr(b, f) for b in per_site]) for f in (*FIELDS, "top_ids", "query_ranks")}
+    assert torch.equal(tiled.final_top1, logits[-1].argmax(-1))
+    for f in (*FIELDS, "top_ids", "query_ranks"):
+        assert_close(getattr(tiled, f), blocks[f], atol=1e-5, msg=f)
+

@@ -3,14 +3,14 @@
 Every analysis that turns a site's logits into a distribution (the causal lens, the masked-LM lens,
 the corpus evaluator) reduces them here, so all of them are exactly as accurate as each other.
 
-Two drivers, one fold. :func:`unembed_metrics` takes normalised states and an :class:`Unembedding`
-and computes the logits one vocabulary tile (``tile_size`` columns) at a time, folding each tile
-into running statistics while it is still in cache (online log-sum-exp, entropy and KL terms with
-a stable rescaling, a running top-k, rank counts), so one ``[chunk_size, d_vocab]`` block is never
-written to main memory: the reductions cost a few percent of the unembedding matmul.
-:func:`site_metrics` takes precomputed ``[rows, d_vocab]`` logits and folds them the same way, tile
-by tile. Both work ``chunk_size`` rows at a time, so the full ``[site, row, d_vocab]`` tensor never
-exists. :func:`block_metrics` is the whole-block version, kept as the readable definition.
+:func:`unembed_metrics` takes normalised states and an :class:`Unembedding` and computes the
+logits one vocabulary tile (``tile_size`` columns) at a time, folding each tile into running
+statistics while it is still in cache (online log-sum-exp, entropy and KL terms with a stable
+rescaling, a running top-k, rank counts), so one ``[chunk_size, d_vocab]`` block is never written
+to main memory: the reductions cost a few percent of the unembedding matmul. It works
+``chunk_size`` rows at a time, so the full ``[site, row, d_vocab]`` tensor never exists.
+:func:`block_metrics` is the whole-block version, kept as the readable definition (and the tests'
+reference).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-
-RowLogits = Callable[[int, slice], Float[torch.Tensor, "row d_vocab"]]
 
 
 @dataclass(frozen=True)
@@ -39,14 +37,15 @@ class FinalDistribution:
 
 @dataclass(frozen=True)
 class BlockMetrics:
-    """The lens statistics of one block of rows (see :func:`block_metrics`)."""
+    """The lens statistics of one block of rows, ``[row, ...]`` (see :func:`block_metrics`); in
+    :class:`SiteMetrics` the same fields stacked over sites, ``[site, row, ...]``."""
 
-    top_ids: Int[torch.Tensor, "row k"]
-    top_logprobs: Float[torch.Tensor, "row k"]
-    entropy: Float[torch.Tensor, " row"]
-    kl_to_final: Float[torch.Tensor, " row"]
-    query_logprobs: Float[torch.Tensor, "row q"]
-    query_ranks: Int[torch.Tensor, "row q"]
+    top_ids: Int[torch.Tensor, "*site row k"]
+    top_logprobs: Float[torch.Tensor, "*site row k"]
+    entropy: Float[torch.Tensor, "*site row"]
+    kl_to_final: Float[torch.Tensor, "*site row"]
+    query_logprobs: Float[torch.Tensor, "*site row q"]
+    query_ranks: Int[torch.Tensor, "*site row q"]
 
 
 class Workspace:
@@ -136,15 +135,9 @@ def _rowdot(
 
 
 @dataclass(frozen=True)
-class SiteMetrics:
+class SiteMetrics(BlockMetrics):
     """:class:`BlockMetrics` of every site, stacked ``[site, row, ...]``, and the final top-1 ``[row]``."""
 
-    top_ids: Int[torch.Tensor, "site row k"]
-    top_logprobs: Float[torch.Tensor, "site row k"]
-    entropy: Float[torch.Tensor, "site row"]
-    kl_to_final: Float[torch.Tensor, "site row"]
-    query_logprobs: Float[torch.Tensor, "site row q"]
-    query_ranks: Int[torch.Tensor, "site row q"]
     final_top1: Int[torch.Tensor, " row"]
 
 
@@ -428,65 +421,6 @@ def unembed_metrics(
             for run, x in zip(runs, states):
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
-        block = _finish(runs, final, final_sites, n_sites, top_k)
-        for name, buf in out.items():
-            buf[:, sl] = block[name]
-        final_top1[sl] = final.top_i[:, 0]
-    return SiteMetrics(**out, final_top1=final_top1)
-
-
-@torch.inference_mode()
-def site_metrics(
-    site_logits: RowLogits,
-    n_sites: int,
-    final_logits: Callable[[slice], Float[torch.Tensor, "row d_vocab"]],
-    final_sites: frozenset[int],
-    query: Int[torch.Tensor, "row q"],
-    top_k: int,
-    chunk_size: int,
-    d_vocab: int,
-    device: torch.device | str,
-    tile_size: int = DEFAULT_TILE_SIZE,
-) -> SiteMetrics:
-    """Reduce ``n_sites`` sites over ``query.shape[0]`` rows, ``chunk_size`` rows at a time.
-
-    ``site_logits(s, rows)`` gives site ``s``'s float32 logits at a slice of the rows and
-    ``final_logits(rows)`` the model's own; sites in ``final_sites`` *are* the final distribution,
-    whose logits are computed once per chunk. Each ``[rows, d_vocab]`` block is folded tile by tile
-    (see :func:`_fold`), so it is read from memory once. Where the states and the unembedding are at
-    hand, :func:`unembed_metrics` is faster: its logits never leave the cache.
-    """
-    _check_tile_size(tile_size)
-    n_rows, n_q = query.shape
-    out = _empty_out(n_sites, n_rows, n_q, top_k, device)
-    final_top1 = torch.empty(n_rows, dtype=torch.long, device=device)
-    if n_rows == 0:
-        return SiteMetrics(**out, final_top1=final_top1)
-    tile = min(tile_size, d_vocab)
-    buffers = _Buffers(min(chunk_size, n_rows), tile, device, torch.float32)
-    others = [s for s in range(n_sites) if s not in final_sites]
-    for start in range(0, n_rows, chunk_size):
-        sl = slice(start, min(start + chunk_size, n_rows))
-        ids = query[sl]
-        zf = final_logits(sl)
-        final = _Running(zf.gather(1, ids), ids)
-        for col0 in range(0, d_vocab, tile):
-            _fold(final, zf[:, col0 : col0 + tile], col0, top_k, buffers, final=True)
-        # the final distribution's exp(zf - mf) on its final scale: each site's u needs it per tile
-        ef_full = torch.exp(zf - final.m[:, None])
-        del zf
-        runs = []
-        for s in others:
-            z = site_logits(s, sl)
-            run = _Running(z.gather(1, ids), ids)
-            sf_seen = torch.zeros_like(final.s)
-            for col0 in range(0, d_vocab, tile):
-                ef = ef_full[:, col0 : col0 + tile]
-                _fold(run, z[:, col0 : col0 + tile], col0, top_k, buffers, final=False,
-                      ef=ef, af=torch.ones_like(sf_seen), sf_seen=sf_seen)
-                sf_seen = sf_seen + ef.sum(-1)
-            del z
-            runs.append(run)
         block = _finish(runs, final, final_sites, n_sites, top_k)
         for name, buf in out.items():
             buf[:, sl] = block[name]
