@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.helpers import SHARED, require_shared, tiny_model
-from tl_logitlens.corpus import corpus_length, document_windows, iter_texts, tokenize_document
+from tl_logitlens.corpus import corpus_length, document_windows, documents, iter_texts, tokenize_document
 
 STORIES_JSON = SHARED / "corpora" / "tinystories_1000.json"
 
@@ -117,3 +117,21 @@ def test_tokenize_document_puts_bos_first_and_counts_decoded_bytes():
     assert doc.ids[0] == model.tokenizer.bos_token_id
     assert list(doc.ids[1:]) == model.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert doc.n_bytes == len(text.encode("utf-8"))
+
+
+def test_documents_cut_at_max_tokens_in_corpus_order_whoever_owns_them():
+    model = tiny_model()
+    texts = ["Once upon a time there was a cat.", "The end.", "A dog ran to the park and sat down.", "Bye."]
+    whole = [tokenize_document(model, t, i) for i, t in enumerate(texts)]
+    assert list(documents(model, texts)) == whole
+    # a cut inside the third document: the first two whole, the third shortened, the fourth gone
+    limit = len(whole[0].ids) + len(whole[1].ids) + 3
+    cut = list(documents(model, texts, max_tokens=limit))
+    assert cut[:2] == whole[:2] and len(cut) == 3
+    assert cut[2].ids == whole[2].ids[:3] and cut[2].index == 2
+    assert cut[2].n_bytes == len(model.tokenizer.decode(list(whole[2].ids[1:3])).encode("utf-8"))
+    assert sum(len(d.ids) for d in cut) == limit
+    # two owners split the same cut corpus between them, nothing lost or repeated
+    even = list(documents(model, texts, max_tokens=limit, owns=lambda i: i % 2 == 0))
+    odd = list(documents(model, texts, max_tokens=limit, owns=lambda i: i % 2 == 1))
+    assert sorted(even + odd, key=lambda d: d.index) == cut

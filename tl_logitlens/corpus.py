@@ -14,7 +14,8 @@ Documents that are empty or only whitespace are skipped (a data set's blank rows
 score); a corpus with no document left is an error. Anything that is not a string is an error that
 names the document.
 
-:func:`document_windows` turns one document into model inputs: the document is tokenised once
+:func:`documents` tokenises them one by one (:func:`tokenize_document`), optionally cut after
+``max_tokens`` and split between processes. :func:`document_windows` turns one document into model inputs: the document is tokenised once
 with the model's BOS token in front, and its tokens after BOS are cut into consecutive,
 non-overlapping pieces of at most ``seq_len - 1`` tokens, each given its own BOS. So every window
 starts with BOS (a model sees no window without its usual first token), and every token of the
@@ -25,7 +26,7 @@ tokens before them in that window.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,39 @@ def tokenize_document(model: Any, text: str, index: int = 0) -> Document:
         raise ValueError("this model has no tokenizer, so a text corpus cannot be tokenised; set one with model.set_tokenizer(...)")
     ids = model.to_tokens(text, prepend_bos=True, truncate=False)[0].tolist()
     return Document(index=index, ids=tuple(ids), n_bytes=decoded_bytes(tokenizer, ids[1:]))
+
+
+def documents(
+    model: Any,
+    texts: object,
+    *,
+    text_field: str = "text",
+    max_tokens: int | None = None,
+    owns: Callable[[int], bool] | None = None,
+) -> Iterator[Document]:
+    """The documents of ``texts`` (see :func:`iter_texts`), tokenised, in corpus order.
+
+    With ``max_tokens`` the corpus is cut after that many document tokens (BOS included), the last
+    document shortened to fit. ``owns(index)`` picks which documents are yielded (one process's
+    share under torch.distributed); the cut counts every document, so it falls at the same place
+    whoever owns what.
+    """
+    taken = 0
+    for index, text in enumerate(iter_texts(texts, text_field=text_field)):
+        mine = owns is None or owns(index)
+        if max_tokens is None:
+            if mine:
+                yield tokenize_document(model, text, index)
+            continue
+        if taken >= max_tokens:
+            return
+        doc = tokenize_document(model, text, index)
+        if taken + len(doc.ids) > max_tokens:
+            ids = doc.ids[: max_tokens - taken]
+            doc = Document(index, ids, decoded_bytes(model.tokenizer, ids[1:]))
+        taken += len(doc.ids)
+        if mine:
+            yield doc
 
 
 def decoded_bytes(tokenizer: Any, ids: Iterable[int]) -> int:

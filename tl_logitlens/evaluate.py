@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, no_type_check
 
@@ -23,14 +23,7 @@ from jaxtyping import Float
 from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
 from tl_logitlens._kernel import Unembedding, unembed_metrics
 from tl_logitlens._run import run_cache
-from tl_logitlens.corpus import (
-    Document,
-    corpus_length,
-    decoded_bytes,
-    document_windows,
-    iter_texts,
-    tokenize_document,
-)
+from tl_logitlens.corpus import corpus_length, document_windows, documents
 from tl_logitlens.inputs import check_count
 from tl_logitlens.lenses import lens_name, resolve_lens
 from tl_logitlens.readout import Readout, Site, check_model, resolve_sites
@@ -325,28 +318,6 @@ class _Reporter:
             self.progress.stop()
 
 
-def _documents(
-    model: Any, texts: object, world: World, max_tokens: int | None, text_field: str
-) -> Iterator[Document]:
-    """This rank's documents, tokenised, in corpus order; with ``max_tokens`` the corpus is cut
-    after that many document tokens (BOS included), in corpus order, the same on every rank."""
-    taken = 0
-    tokenizer = getattr(model, "tokenizer", None)
-    for index, text in enumerate(iter_texts(texts, text_field=text_field)):
-        if max_tokens is not None:
-            if taken >= max_tokens:
-                return
-            doc = tokenize_document(model, text, index)
-            if taken + len(doc.ids) > max_tokens:
-                ids = doc.ids[: max_tokens - taken]
-                doc = Document(index, ids, decoded_bytes(tokenizer, ids[1:]))
-            taken += len(doc.ids)
-            if world.owns(index):
-                yield doc
-        elif world.owns(index):
-            yield tokenize_document(model, text, index)
-
-
 def _score_batch(
     model: Any,
     readouts: Sequence[Readout],
@@ -602,7 +573,7 @@ def _run(
                     done += 1
             reporter.update(int(counts[:, 0].sum()), done, world.size)
 
-    for doc in _documents(model, texts, world, max_tokens, text_field):
+    for doc in documents(model, texts, text_field=text_field, max_tokens=max_tokens, owns=world.owns):
         seen += 1
         windows = document_windows(doc.ids, seq_len)
         counts = torch.zeros(len(_COUNTS), dtype=torch.float64)
