@@ -22,12 +22,11 @@ from tl_logitlens._dla import (
     CachedReadout,
     cached_readout,
     gather_rows,
-    head_contributions,
     head_source_contributions,
-    head_vectors,
-    neuron_contributions,
     unembed_bias,
     unembed_columns,
+    unit_contributions,
+    unit_vectors,
 )
 from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._pairs import Pairs, resolve_pairs
@@ -517,8 +516,8 @@ def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_
             rows.add(w.label, w.layer, projector.constant(projector.unembed_bias))
         elif w.kind == "heads":
             block = model.blocks[w.layer]
-            vecs = head_vectors(block.attn.W_O, projector.g)
-            heads = head_contributions(at(f"blocks.{w.layer}.attn.hook_z"), vecs, projector.inv_scale)
+            vecs = unit_vectors(block.attn.W_O, projector.g)
+            heads = unit_contributions(at(f"blocks.{w.layer}.attn.hook_z"), vecs, projector.inv_scale)
             _check_sum(heads.sum(0), whole(w), f"layer {w.layer}'s heads do not add up to its attention output", dtype=dtype)
             rows.add_grid(w, heads)
             if unit == "head_source":
@@ -529,8 +528,9 @@ def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_
                 _check_sum(src.sum(1), heads, f"layer {w.layer}'s source terms do not add up to its heads", dtype=dtype)
                 rows.sources.append(src)
         else:  # neurons
-            post = at(f"blocks.{w.layer}.mlp.hook_post")
-            neurons = neuron_contributions(post, model.blocks[w.layer].mlp.W_out, projector.g, projector.inv_scale)
+            post = at(f"blocks.{w.layer}.mlp.hook_post")[..., None]  # a neuron: a unit of output dimension 1
+            vecs = unit_vectors(model.blocks[w.layer].mlp.W_out[:, None], projector.g)
+            neurons = unit_contributions(post, vecs, projector.inv_scale)
             _check_sum(neurons.sum(0), whole(w), f"layer {w.layer}'s neurons do not add up to its MLP output", dtype=dtype)
             rows.add_grid(w, neurons)
     # the residual stream must be exactly the sum of what was written to it
