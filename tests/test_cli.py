@@ -299,3 +299,16 @@ def test_torchrun_two_processes_write_the_json_one_process_writes(tmp_path):
                 assert rb[key] == pytest.approx(value, rel=1e-6, abs=2e-6), key
             else:
                 assert rb[key] == value
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["eval"]], ids=["main", "demo", "run", "eval"])
+def test_help_fits_80_columns(monkeypatch, capsys, command):
+    from tl_logitlens.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    _lines_fit(out, 80)
+    assert "%%" not in out and "usage: tl-logitlens" in out

@@ -28,15 +28,32 @@ COMMANDS = ("demo", "run", "eval")
 
 EPILOG = f"""\
 examples:
-  {PROG} demo                                  the demo model, a table and a report
-  {PROG} run gpt2 "The Eiffel Tower is in the city of" --target " Paris" --versus " Rome"
-  {PROG} run ./my-checkpoint --prompts-file prompts.txt --sites resid_pre resid_mid --csv lens.csv
-  {PROG} run demo "The dog was very" --lens demo     read the layers through the demo tuned lens
-  {PROG} eval ./stories260K --texts stories.json --lens ./tuned-lens --json eval.json
-  torchrun --nproc-per-node 4 -m tl_logitlens eval gpt2 --texts corpus.jsonl --json eval.json
+  {PROG} demo
+  {PROG} run gpt2 "The Eiffel Tower is in the city of" \\
+      --target " Paris" --versus " Rome"
+  {PROG} run ./my-checkpoint --prompts-file prompts.txt \\
+      --sites resid_pre resid_mid --csv lens.csv
+  {PROG} run demo "The dog was very" --lens demo
+  {PROG} eval ./stories260K --texts stories.json --lens ./tuned-lens \\
+      --json eval.json
+  torchrun --nproc-per-node 4 -m tl_logitlens eval gpt2 \\
+      --texts corpus.jsonl --json eval.json
 
 '{PROG} COMMAND --help' lists a command's options.
 """
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Prose in descriptions and epilogs is wrapped to the terminal; indented lines (example
+    commands, already broken to fit 80 columns) are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n".join(
+            line if not line or line[0].isspace() else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            for line in text.splitlines()
+        )
 
 
 class UsageError(Exception):
@@ -81,7 +98,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _Formatter
     parser = _Parser(
         prog=PROG,
         description="The logit lens for TransformerLens models: what each layer would predict.",
@@ -92,12 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def model_and_device(p: argparse.ArgumentParser, device_help: str) -> None:
+        p.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
+        p.add_argument("--device", help=f"torch device, e.g. cpu, cuda or cuda:1 (default: {device_help})")
+
+    def sites(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--lens",
-            metavar="PATH|demo",
-            help="read the layers through a tuned lens: a folder saved by tl.TunedLens (or tuned-lens "
-            "0.2.0), or 'demo' for the one shipped with the demo model (default: the logit lens)",
+            "--sites",
+            nargs="+",
+            default=["resid_pre"],
+            metavar="SITE",
+            help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
+            "labels like 0_pre final_post",
         )
 
     def outputs(p: argparse.ArgumentParser, default_out: str | None) -> None:
@@ -132,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the lens on a model and prompt(s)",
         description="What each layer of MODEL predicts after the last token of each prompt.",
-        epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" --target \" Paris\" --versus \" Rome\"",
+        epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" \\\n      --target \" Paris\" --versus \" Rome\"",
         formatter_class=fmt,
     )
-    run.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
+    model_and_device(run, "TransformerLens's choice")
     run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)")
     run.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
     run.add_argument(
@@ -150,14 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a comparison token (text or id): adds the logit difference target - versus per layer and "
         "its direct logit attribution",
     )
-    run.add_argument(
-        "--sites",
-        nargs="+",
-        default=["resid_pre"],
-        metavar="SITE",
-        help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
-        "labels like 0_pre final_post",
-    )
+    sites(run)
     run.add_argument(
         "--norm",
         choices=("recompute", "cached", "none"),
@@ -166,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "norm with the state's own statistics, the logit lens), cached (the final layer's scale, linear: "
         "the attribution view) or none (raw, to show why the norm matters)",
     )
-    run.add_argument("--device", help="torch device, e.g. cpu, cuda or cuda:1 (default: TransformerLens's choice)")
-    common(run)
+    run.add_argument(
+        "--lens",
+        metavar="PATH|demo",
+        help="read the layers through a tuned lens: a folder saved by tl.TunedLens (or tuned-lens "
+        "0.2.0), or 'demo' for the one shipped with the demo model (default: the logit lens)",
+    )
     outputs(run, "logit_lens_report.html")
 
     ev = sub.add_parser(
@@ -176,17 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Evaluate the logit lens (and --lens) over a corpus: per site, KL(final || site), next-token "
             "cross-entropy, entropy (nats; bits per byte in --json/--csv) and top-1 agreement with the "
-            "final layer, token-weighted, with 95%% bootstrap intervals over documents. Under torchrun "
+            "final layer, token-weighted, with 95% bootstrap intervals over documents. Under torchrun "
             "the documents are split across processes (gloo on CPU, nccl on CUDA)."
         ),
         epilog=(
             "examples:\n"
-            f"  {PROG} eval ./stories260K --texts stories.json --max-tokens 100000 --json eval.json\n"
-            f"  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 --texts corpus.txt --csv eval.csv"
+            f"  {PROG} eval ./stories260K --texts stories.json \\\n"
+            "      --max-tokens 100000 --json eval.json\n"
+            "  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 \\\n"
+            "      --texts corpus.txt --csv eval.csv"
         ),
         formatter_class=fmt,
     )
-    ev.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
+    model_and_device(ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there")
     ev.add_argument(
         "--texts",
         metavar="FILE",
@@ -202,13 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a tuned lens to evaluate beside the logit lens: a folder, or 'demo' (repeat for several)",
     )
-    ev.add_argument("--sites", nargs="+", default=["resid_pre"], metavar="SITE", help="as for 'run' (default: resid_pre)")
+    sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
     ev.add_argument("--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order")
     ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
     ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
     ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")
-    ev.add_argument("--device", help="torch device (default: TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--json", metavar="FILE", help="write the settings, definition and per-site results (with intervals) as JSON")
     ev.add_argument("--csv", metavar="FILE", help="write the per-site results as CSV (one row per site and lens)")
