@@ -375,6 +375,24 @@ def test_masked_topk_figure_is_the_holes_top_tokens(bert):
     assert fig.layout.title.text == f"Masked lens, prompt 0: the hole at position {position} (was park)"
 
 
+def test_masked_topk_figure_shows_markup_like_tokens_as_text(bert):
+    """A token such as RoBERTa's "</s>" is data: escaped, so plotly draws it instead of reading a tag."""
+    import dataclasses
+
+    from tl_logitlens.plotting.masked import masked_topk_figure
+
+    class Angled:
+        def convert_ids_to_tokens(self, ids):
+            return [f"<t{i}>" for i in ids]
+
+    res = tl.masked_lens(bert, "The dog ran to the park.", mask_positions="park", top_k=2)
+    fig = masked_topk_figure(dataclasses.replace(res, tokenizer=Angled()))
+    first = int(res.top_ids[0, 0, 0, 0])
+    assert fig.data[0].text[0][0] == f"&lt;t{first}&gt;"
+    assert f"(was &lt;t{int(res.original_ids[0, 0])}&gt;)" in fig.layout.title.text
+    assert "<t" not in fig.layout.title.text
+
+
 def test_masked_report_renders_and_fits(driver, masked_report):
     driver.get(masked_report.resolve().as_uri())
     rendered = _rendered(driver, 9)

@@ -21,7 +21,7 @@ from tl_logitlens.plotting._common import (
     log_ticks,
     quoted,
 )
-from tl_logitlens.tokens import display_tokens, visible_token
+from tl_logitlens.tokens import display_tokens
 
 _CHAR_PX = 8.4
 
@@ -313,10 +313,10 @@ def masked_topk_figure(result: Any, prompt: int = 0, hole: int = 0) -> go.Figure
     k = result.top_ids.shape[-1]
     labels = list(result.labels)
     probs = result.top_logprobs[:, prompt, hole].exp()
-    text = [display_tokens(result.tokenizer, result.top_ids[s, prompt, hole], visible=True) for s in range(len(labels))]
+    text = [[cell_text(t) for t in display_tokens(result.tokenizer, result.top_ids[s, prompt, hole])] for s in range(len(labels))]
     orig = int(result.original_ids[prompt, hole])
-    mask = visible_token(getattr(result.tokenizer, "mask_token", None) or "mask")
-    orig_name = f"was {visible_token(display_tokens(result.tokenizer, [orig])[0])}" if orig >= 0 else f"a {mask} in the text"
+    mask = cell_text(getattr(result.tokenizer, "mask_token", None) or "mask")
+    orig_name = f"was {cell_text(display_tokens(result.tokenizer, [orig])[0])}" if orig >= 0 else f"a {mask} in the text"
     position = int(result.mask_positions[prompt, hole])
     fig = go.Figure(
         go.Heatmap(
