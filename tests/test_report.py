@@ -84,14 +84,30 @@ return [window.innerWidth, document.documentElement.clientWidth, document.docume
 """
 
 
+# per figure: its title's box and its mode bar's box (the mode bar is laid out, if transparent, until hover)
+_TITLE_AND_MODEBAR = """
+const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+return Array.from(document.querySelectorAll('.js-plotly-plot')).map(e => {
+    const title = e.querySelector('.gtitle'), bar = e.querySelector('.modebar');
+    return [e.id || e.parentElement.id, title && title.textContent, title ? box(title) : null, bar ? box(bar) : null];
+});
+"""
+
+
 def _assert_fits(driver) -> None:
-    """No figure or table is wider than the 1280-px window, and the page does not scroll sideways."""
+    """No figure or table is wider than the 1280-px window, the page does not scroll sideways, and no
+    figure's mode bar (its buttons at the top right, shown on hover) lies over its title."""
     inner, client, page, items = driver.execute_script(_WIDTHS)
     assert inner == 1280
     assert page <= client, f"the page is {page} px wide in a {client} px window"
     for name, right, scroll, width in items:
         assert right <= client, f"{name} reaches {right:.0f} px in a {client} px window"
         assert scroll <= width + 1, f"{name} scrolls: {scroll} px of content in {width} px"
+    for name, text, title, bar in driver.execute_script(_TITLE_AND_MODEBAR):
+        if title is None or bar is None:
+            continue
+        apart = title[2] <= bar[0] or bar[2] <= title[0] or title[3] <= bar[1] or bar[3] <= title[1]
+        assert apart, f"figure {name}: the mode bar {bar} lies over the title {text!r} {title}"
 
 
 # mean and variance of the screenshot's grey levels, computed in the browser on a canvas

@@ -175,6 +175,7 @@ LINE_CHART = {"width": 780, "height": 460, "legend_below": True}  # the size of 
 MIN_BAND_N = 3  # fewer prompts than this: no confidence band is drawn (it would say nothing)
 _TITLE_PX = 9.0  # average width of a title character at 16 px
 _SUB_PX = 6.6  # ... of a <sup> subtitle character
+_MODEBAR_PX = 22  # the mode bar's row at the top of a figure (its buttons are 23 px tall from 2 px down)
 
 
 def _plain_length(text: str) -> int:
@@ -203,10 +204,12 @@ def house_style(fig: go.Figure, *, title: str, width: int, height: int, legend_b
     """The look every figure here shares: white template, one font, a left-aligned wrapped title.
 
     The title wraps to the figure's ``width`` (so nothing is cut at the export size) and the top
-    margin and height grow by one line per extra title line.
+    margin and height grow by one line per extra title line. The title starts below the row of the
+    mode bar (plotly's buttons at the top right, shown on hover), which would otherwise lie over a
+    long title in a narrow figure.
     """
     lines = wrap_title(title, width)
-    extra = 22 * (len(lines) - 1)
+    extra = 22 * (len(lines) - 1) + _MODEBAR_PX
     fig.update_layout(
         template="plotly_white",
         font={"family": FONT, "size": 13, "color": "#222"},
@@ -226,8 +229,8 @@ def house_style(fig: go.Figure, *, title: str, width: int, height: int, legend_b
         margin={"t": 70 + extra, "l": 80, "r": 30, "b": 70},
         hoverlabel={"font": {"family": FONT}},
     )
-    # the title sits in the top margin, just above the plot: anchor it from the container top
-    fig.update_layout(title={"y": 1 - 12 / (height + extra), "yanchor": "top"})
+    # the title sits in the top margin, under the mode bar's row: anchor it from the container top
+    fig.update_layout(title={"y": 1 - (12 + _MODEBAR_PX) / (height + extra), "yanchor": "top"})
     if legend_below:
         fig.update_layout(legend={"orientation": "h", "x": 0.0, "y": -0.22, "yanchor": "top"})
     return fig
