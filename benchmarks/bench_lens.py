@@ -5,9 +5,9 @@
 For each model dtype: the floor is ``n_sites`` bare ``[rows, 768] @ [768, 50257]`` matmuls of that
 dtype, the least any lens can cost; ``logit_lens`` is the public entry point as it is wired;
 ``unembed_metrics`` is the vocabulary-tiled kernel fed the normalised states (the call ``logit_lens``
-makes once it passes states rather than logits). All read the same precomputed cache, so the forward pass is excluded. Times are best of 3,
-run round-robin after a warm-up round in one process (the machine may be shared); peak memory is
-resident memory above the level before each call. The first line names the CPU and its AMX / AVX-512
+makes once it passes states rather than logits). All read the same precomputed cache, so the forward
+pass is excluded. Times are best of 3, run round-robin after a warm-up round in one process (the
+machine may be shared); peak memory is resident memory above the level before each call. The first line names the CPU and its AMX / AVX-512
 flags: the fp32 and bf16 floors, and so every ratio, depend on them.
 """
 

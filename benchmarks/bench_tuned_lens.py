@@ -96,13 +96,12 @@ def exact_floor(model, tokens):
     n = model.cfg.n_layers
 
     def step():
-        pre, final = _residual_states(model, tokens)
+        _, final = _residual_states(model, tokens)
         x = final.float().flatten(0, 1)
-        z = x @ w_u
-        for _ in range(n):
-            z = x @ w_u
-            x = z @ w_u.T  # shapes only: the products' cost, not their values
-        return x
+        out = [x @ w_u]  # the final logits
+        for _ in range(n):  # per site the logits and a contraction back, always from the same states
+            out.append((x @ w_u) @ w_u.T)
+        return out
 
     return step
 
