@@ -263,6 +263,9 @@ def test_report_checks_its_path_before_computing(tmp_path):
         report(_Boom(), SENTENCES[0], out=3)
     with pytest.raises(ValueError, match="plotly_js"):
         report(_Boom(), SENTENCES[0], out=tmp_path / "r.html", plotly_js="nope")
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_prompts must be a positive int"):
+            report(_Boom(), SENTENCES[0], out=tmp_path / "r.html", max_prompts=bad)
     if os.geteuid() != 0:  # root may write anywhere, so permissions cannot be tested as root
         locked = tmp_path / "locked"
         locked.mkdir()

@@ -38,8 +38,7 @@ from tl_logitlens.reporting.figures import FIGURE_MAX_WIDTH, HEATMAP_POSITIONS
 from tl_logitlens.reporting.page import (
     PLOTLY_JS,
     PLOTLY_JS_FILE,
-    check_out,
-    check_plotly_js,
+    check_page,
     plotly_js_html,
     write_report,
 )
@@ -55,7 +54,7 @@ __all__ = [
     "AnyReportData",
     "MaskedReportData",
     "ReportData",
-    "check_out",
+    "check_page",
     "compute_masked_report",
     "compute_report",
     "lens_name",
@@ -82,7 +81,7 @@ def report(
     """Run the lens on ``prompts`` and write one HTML report; return its path.
 
     ``report(model, prompts, out=..., **analysis)`` is ``write_report(compute_report(model, prompts,
-    **analysis), out, ...)`` with ``out`` and ``plotly_js`` checked first. The analysis arguments are
+    **analysis), out, ...)`` with ``out``, ``max_prompts`` and ``plotly_js`` checked first. The analysis arguments are
     :func:`compute_report`'s: ``target`` and ``versus`` (tokens), ``top_k`` (5), ``sites``
     (``"resid_pre"``), ``norm`` (``"recompute"``), ``lens`` (None for the logit lens, or a lens
     object for the analyses that take one; the report names it), ``mask_positions`` (masked LMs),
@@ -103,14 +102,13 @@ def report(
     TransformerLens name).
 
     Raises:
-        ValueError: a bad ``out`` (not .html, a folder, a missing or unwritable folder) or ``plotly_js``,
-            checked before anything is computed; bad analysis arguments.
+        ValueError: a bad ``out`` (not .html, a folder, a missing or unwritable folder), ``max_prompts``
+            or ``plotly_js``, checked before anything is computed; bad analysis arguments.
         TypeError: an argument :func:`compute_report` does not take.
 
     Example:
         >>> path = tl.report("demo", ["Once upon a time, there was"], target=" a", versus=" the", out="r.html")
     """
-    check_out(out)
-    check_plotly_js(plotly_js)
+    check_page(out, max_prompts, plotly_js)
     data = compute_report(model, prompts, **analysis)
     return write_report(data, out, max_prompts=max_prompts, title=title, plotly_js=plotly_js, evaluation=evaluation)

@@ -98,6 +98,14 @@ def check_plotly_js(plotly_js: object) -> str:
     return str(plotly_js)
 
 
+def check_page(out: object, max_prompts: object, plotly_js: object) -> tuple[Path, int, str]:
+    """The page options of :func:`write_report` (and :func:`~tl_logitlens.report`), checked before
+    anything is computed: ``out`` (:func:`check_out`), ``max_prompts`` and ``plotly_js``."""
+    if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+        raise ValueError(f"max_prompts must be a positive int, got {max_prompts!r}")
+    return check_out(out), max_prompts, check_plotly_js(plotly_js)
+
+
 def plotly_js_html(plotly_js: str, out: Path) -> str:
     """The ``<script>`` that loads plotly.js: inlined, from the CDN (with its integrity hash), or from a
     shared ``plotly.min.js`` written beside the report (written once; several reports share it)."""
@@ -183,10 +191,7 @@ def write_report(
     folder shares. Heatmaps and tables are drawn for the first ``max_prompts`` prompts (a note says
     how many were left out); trajectories, entropy/KL, logit differences and attributions use every prompt.
     """
-    out = check_out(out)
-    plotly_js = check_plotly_js(plotly_js)
-    if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
-        raise ValueError(f"max_prompts must be a positive int, got {max_prompts!r}")
+    out, max_prompts, plotly_js = check_page(out, max_prompts, plotly_js)
     if not isinstance(data, (ReportData, MaskedReportData)):
         raise TypeError(f"write_report takes the ReportData or MaskedReportData of compute_report, not {type(data).__name__}")
     shown = list(range(min(len(data.prompts), max_prompts)))
