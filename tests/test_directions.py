@@ -147,16 +147,16 @@ def reference_bootstrap(values, n_boot, seed, level):
 
 def test_bootstrap_interval_matches_explicit_loop_and_is_seeded(ln_model):
     prompts = SENTENCES * 2
-    result = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, ci_level=0.9)
+    result = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, confidence=0.9)
     assert_close(result.mean, result.values.mean(1), atol=1e-6)
     low, high = reference_bootstrap(result.values, 200, 3, 0.9)
-    assert_close(result.ci_low, low, atol=1e-5)
-    assert_close(result.ci_high, high, atol=1e-5)
-    assert bool((result.ci_low <= result.mean).all() and (result.mean <= result.ci_high).all())
-    again = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, ci_level=0.9)
-    assert torch.equal(again.ci_low, result.ci_low)
-    other = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=4, ci_level=0.9)
-    assert not torch.equal(other.ci_low, result.ci_low)
+    assert_close(result.low, low, atol=1e-5)
+    assert_close(result.high, high, atol=1e-5)
+    assert bool((result.low <= result.mean).all() and (result.mean <= result.high).all())
+    again = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=3, confidence=0.9)
+    assert torch.equal(again.low, result.low)
+    other = tl.logit_diff(ln_model, prompts, C, WRONG, n_bootstrap=200, seed=4, confidence=0.9)
+    assert not torch.equal(other.low, result.low)
 
 
 def test_bootstrap_leaves_padding_out(ln_model):
@@ -177,7 +177,7 @@ def test_dataframes(ln_model):
     assert row.value == pytest.approx(float(result.values[-1, 1, 0, 1]))
     summary = result.summary_dataframe()
     assert len(summary) == n_sites * 2
-    assert set(summary.columns) >= {"site", "mean", "ci_low", "ci_high", "n_prompts"}
+    assert set(summary.columns) >= {"site", "mean", "low", "high", "n_prompts"}
 
 
 def test_norm_views_paragraph_is_in_the_docstring():
@@ -227,8 +227,10 @@ def test_bad_direction(ln_model):
 def test_bad_bootstrap_and_norm(ln_model):
     with pytest.raises(ValueError, match="n_bootstrap"):
         tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, n_bootstrap=0)
-    with pytest.raises(ValueError, match="ci_level"):
-        tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, ci_level=95)
+    with pytest.raises(ValueError, match="confidence"):
+        tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, confidence=95)
+    with pytest.raises(ValueError, match="seed"):
+        tl.direction_lens(ln_model, SENTENCES[0], torch.ones(ln_model.cfg.d_model), seed=-1)
     with pytest.raises(ValueError, match="unknown norm"):
         tl.logit_diff(ln_model, SENTENCES[0], C, WRONG, norm="final")
 

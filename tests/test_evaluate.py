@@ -62,13 +62,15 @@ def test_every_statistic_matches_a_slow_loop_over_documents(normalization, folde
     assert (ev.n_tokens, ev.n_predicted, ev.n_bytes, ev.n_documents) == (n_tok, n_pred, n_bytes, len(DOCS))
     assert ev.sites == ("0_pre", "1_pre", "2_pre", "final_post")
     den = torch.tensor([n_tok, n_pred, n_tok, n_tok], dtype=torch.float64)
-    assert_close(ev.mean[0], sums / den, atol=2e-5, rtol=1e-5)
+    n_stat = len(STATISTICS)
+    assert_close(ev.mean[0, :, :n_stat], sums / den, atol=2e-5, rtol=1e-5)
     assert_close(ev.sums[0], sums, atol=1e-4 * n_tok, rtol=1e-5)
     # the final site is the model: KL 0, agreement 1, cross-entropy the model's loss
     assert_close(ev.value("kl_to_final", "logit lens", "final_post"), 0.0, atol=1e-5)
     assert float(ev.value("top1_agreement", site="final_post")[0]) == 1.0
-    bpb = ev.mean_bpb[0, :, 1]
-    assert_close(bpb, sums[:, 1] / math.log(2) / n_bytes, atol=1e-5, rtol=1e-5)
+    # then the bits-per-byte forms of KL, cross-entropy and entropy: sums in bits over the bytes
+    assert_close(ev.mean[0, :, n_stat:], sums[:, :3] / math.log(2) / n_bytes, atol=1e-5, rtol=1e-5)
+    assert_close(ev.value("cross_entropy_bpb", "logit lens"), sums[:, 1] / math.log(2) / n_bytes, atol=1e-5, rtol=1e-5)
 
 
 def test_equals_logit_lens_on_the_same_windows(ln_model):
@@ -251,7 +253,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         except ValueError as err:
             results["error"] = str(err)
         torch.save(
-            {k: v if isinstance(v, str) else {f: getattr(v, f) for f in ("mean", "low", "high", "mean_bpb", "n_tokens", "n_documents", "world_size")} for k, v in results.items()},
+            {k: v if isinstance(v, str) else {f: getattr(v, f) for f in ("mean", "low", "high", "n_tokens", "n_documents", "world_size")} for k, v in results.items()},
             f"{out}/rank{rank}.pt",
         )
     finally:
@@ -273,7 +275,7 @@ def test_two_gloo_processes_equal_one(ln_model, tmp_path):
             assert got[key]["world_size"] == 2
             assert (got[key]["n_tokens"], got[key]["n_documents"]) == (ev.n_tokens, ev.n_documents)
             # float32 forward passes over differently composed batches differ by rounding (~1e-7)
-            for f in ("mean", "low", "high", "mean_bpb"):
+            for f in ("mean", "low", "high"):
                 assert_close(got[key][f], getattr(ev, f), atol=2e-6, rtol=1e-6, msg=f"{key}.{f}")
         assert torch.equal(ranks[0][key]["mean"], ranks[1][key]["mean"])
     # a rank whose share holds a bad document stops every rank with the same error
@@ -291,5 +293,5 @@ def test_stories_corpus_kl_falls_with_depth(stories):
     sums, n_tok, n_pred, n_bytes = _slow_reference(stories, texts[:3], 256, _hooks(stories))
     few = evaluate_lenses(stories, texts[:3], seq_len=256, progress=False, n_bootstrap=0)
     den = torch.tensor([n_tok, n_pred, n_tok, n_tok], dtype=torch.float64)
-    assert_close(few.mean[0], sums / den, atol=5e-5, rtol=1e-5)
+    assert_close(few.mean[0, :, : len(STATISTICS)], sums / den, atol=5e-5, rtol=1e-5)
     assert isinstance(ev, LensEvaluation)

@@ -352,7 +352,7 @@ def test_logit_diff_figure_draws_mean_ci_and_prompt_lines(diff):
         (mean,) = [t for t in fig.data if t.name.startswith(f"{name} mean")]
         assert_close(_f64(mean.y), diff.mean[:, 0, k].double(), atol=1e-7, rtol=0)
         (band,) = [t for t in fig.data if t.name == f"{name} 95% CI (n=4)"]
-        assert_close(_f64(band.y), torch.cat([diff.ci_high[:, 0, k], diff.ci_low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
+        assert_close(_f64(band.y), torch.cat([diff.high[:, 0, k], diff.low[:, 0, k].flip(0)]).double(), atol=1e-7, rtol=0)
         lines = [t for t in fig.data if t.name.startswith(f"{name} prompt ")]
         assert len(lines) == 4
         assert_close(_f64(lines[3].y), diff.values[:, 3, 0, k].double(), atol=1e-7, rtol=0)

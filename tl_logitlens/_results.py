@@ -8,7 +8,8 @@ One policy for every analysis, stated once:
 - **results live on the model's device**, like the ``ActivationCache`` they come from (``.cpu()``
   them, or read ``to_dataframe()``, which is on the CPU);
 - **padding cells** (``valid`` False) hold ids -1 and NaN values, and display as ``""``;
-- **ids without a tokenizer** display as ``<id N>``, everywhere.
+- **ids without a tokenizer** display as ``<id N>``, everywhere;
+- **bootstrap intervals** have the same fields wherever they appear (:class:`BootstrapInterval`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from html import escape
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._frames import input_tokens
+from tl_logitlens.inputs import check_count
 from tl_logitlens.tokens import display_tokens
 
 
@@ -133,6 +135,46 @@ class RowsResult(ResultBase):
     labels: tuple[str, ...]
     row_layer: tuple[int, ...]
     row_index: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class BootstrapInterval:
+    """A mean with a percentile bootstrap interval, named alike in every result that has one.
+
+    ``mean`` is the point estimate; ``low`` and ``high`` bound a ``confidence`` interval (e.g. 0.95:
+    the 2.5th and 97.5th percentiles of the replicates' means) from ``n_bootstrap`` replicates drawn
+    from a generator seeded with ``seed``, so the same call draws the same interval. The result says
+    what is resampled (prompts, documents) and the shape of the three tensors.
+    """
+
+    mean: Float[torch.Tensor, "*shape"]
+    low: Float[torch.Tensor, "*shape"]
+    high: Float[torch.Tensor, "*shape"]
+    confidence: float
+    n_bootstrap: int
+    seed: int
+
+
+class BootstrapSettings(NamedTuple):
+    """How a :class:`BootstrapInterval` is drawn (its non-tensor fields)."""
+
+    n_bootstrap: int
+    confidence: float
+    seed: int
+
+
+def check_bootstrap(n_bootstrap: object, confidence: object, seed: object, *, min_replicates: int) -> BootstrapSettings:
+    """The settings of a :class:`BootstrapInterval`, checked: at least ``min_replicates`` replicates,
+    a float confidence strictly between 0 and 1, a seed of 0 or more."""
+    n_bootstrap = check_count(n_bootstrap, "n_bootstrap", min_replicates)
+    if isinstance(confidence, bool) or not isinstance(confidence, float) or not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r} must be a float strictly between 0 and 1, e.g. 0.95")
+    return BootstrapSettings(n_bootstrap, confidence, check_count(seed, "seed", 0))
+
+
+def interval_fields(mean: torch.Tensor, low: torch.Tensor, high: torch.Tensor, settings: BootstrapSettings) -> dict[str, Any]:
+    """The :class:`BootstrapInterval` fields of a result: the three tensors and the settings that drew them."""
+    return {"mean": mean, "low": low, "high": high, **settings._asdict()}
 
 
 def common_fields(model: Any, batch: Any, positions: torch.Tensor, valid: torch.Tensor, lens_name: str) -> dict:

@@ -146,7 +146,7 @@ def versus_tables(data: Any, width: int) -> list[Any]:
     table.add_column("layer", style="bold", no_wrap=True)
     table.add_column("prompt 0", justify="right", no_wrap=True)
     if many:
-        table.add_column(f"mean of {ld.values.shape[1]} [{ld.ci_level:.0%} CI]", justify="right", no_wrap=True)
+        table.add_column(f"mean of {ld.values.shape[1]} [{ld.confidence:.0%} CI]", justify="right", no_wrap=True)
     bar_w = max(8, min(30, width - 12 - 10 - (28 if many else 0)))
     table.add_column("", no_wrap=True)
     scale = max((abs(v) for v in values), default=1.0) or 1.0
@@ -156,7 +156,7 @@ def versus_tables(data: Any, width: int) -> list[Any]:
         bar = Text("█" * n, style="green" if v >= 0 else "red")
         row: list[Any] = [label, f"{v:+.3f}"]
         if many:
-            m, lo, hi = (float(t[s, -1, 0]) for t in (ld.mean, ld.ci_low, ld.ci_high))
+            m, lo, hi = (float(t[s, -1, 0]) for t in (ld.mean, ld.low, ld.high))
             row.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
         table.add_row(*row, bar)
     out.append(table)
@@ -203,7 +203,7 @@ def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
                     cell += f" [{lo:{fmt}}, {hi:{fmt}}]"
                 row.append(cell)
                 if stat == "cross_entropy":
-                    row.append(f"{float(ev.mean_bpb[k, s, 1]):.3f}")
+                    row.append(f"{float(ev.value('cross_entropy_bpb', lens, site)):.3f}")
             table.add_row(*row)
         tables.append(table)
     legend = [

@@ -17,7 +17,15 @@ from jaxtyping import Bool, Float, Int
 from tl_logitlens._dla import unembed_bias, unembed_columns
 from tl_logitlens._frames import long_index, position_columns
 from tl_logitlens._pairs import Pairs, check_direction, resolve_pairs
-from tl_logitlens._results import ResultBase, common_fields, token_strings
+from tl_logitlens._results import (
+    BootstrapInterval,
+    BootstrapSettings,
+    ResultBase,
+    check_bootstrap,
+    common_fields,
+    interval_fields,
+    token_strings,
+)
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
 from tl_logitlens.lenses import resolve_lens
@@ -44,7 +52,7 @@ NORM_VIEWS = (
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class DirectionResult(ResultBase):
+class DirectionResult(BootstrapInterval, ResultBase):
     """A scalar per site, prompt, read position and pair (or direction).
 
     Fields (dims as in TransformerLens; ``pos`` runs over the *read* positions, ``positions[b, j]``
@@ -56,10 +64,10 @@ class DirectionResult(ResultBase):
     - ``labels``: site labels, as in :class:`~tl_logitlens.lens.LensResult` (``"0_pre"``, ...,
       ``"final_post"``).
     - ``values``: ``[site, batch, pos, pair]``; NaN where ``valid`` is False (padding).
-    - ``mean``, ``ci_low``, ``ci_high``: ``[site, pos, pair]``, the mean over prompts and a
-      percentile bootstrap confidence interval for it (``n_bootstrap`` resamples of the prompts
-      with replacement, ``ci_level`` coverage, ``torch.Generator`` seeded with ``seed``; with one
-      prompt the interval collapses to the mean).
+    - ``mean``, ``low``, ``high``: ``[site, pos, pair]``, the mean over prompts and a percentile
+      bootstrap interval for it (``n_bootstrap`` resamples of the prompts with replacement,
+      ``confidence`` coverage, seeded with ``seed``; with one prompt the interval collapses to the
+      mean). :class:`~tl_logitlens.LensEvaluation` names its interval the same way.
     - ``pair_labels``: one readable label per pair (``"' Paris' - ' Rome'"``) or direction.
     - ``correct_ids``, ``incorrect_ids``: ``[batch, pair]`` token ids (None for directions).
     - ``norm``: ``"recompute"``, ``"cached"`` or ``"none"`` (see :data:`NORM_VIEWS`);
@@ -69,12 +77,6 @@ class DirectionResult(ResultBase):
     kind: str
     labels: tuple[str, ...]
     values: Float[torch.Tensor, "site batch pos pair"]
-    mean: Float[torch.Tensor, "site pos pair"]
-    ci_low: Float[torch.Tensor, "site pos pair"]
-    ci_high: Float[torch.Tensor, "site pos pair"]
-    ci_level: float
-    n_bootstrap: int
-    seed: int
     pair_labels: tuple[str, ...]
     correct_ids: Int[torch.Tensor, "batch pair"] | None
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
@@ -109,7 +111,7 @@ class DirectionResult(ResultBase):
         )
 
     def summary_dataframe(self) -> pd.DataFrame:
-        """One row per site × read-position column × pair: ``mean``, ``ci_low``, ``ci_high``, ``n_prompts``."""
+        """One row per site × read-position column × pair: ``mean``, ``low``, ``high``, ``n_prompts``."""
         import pandas as pd
 
         s_n, p_n, k_n = self.mean.shape
@@ -124,8 +126,8 @@ class DirectionResult(ResultBase):
                 "pair": k.numpy(),
                 "pair_label": [self.pair_labels[i] for i in k.tolist()],
                 "mean": self.mean.cpu()[s, j, k].numpy(),
-                "ci_low": self.ci_low.cpu()[s, j, k].numpy(),
-                "ci_high": self.ci_high.cpu()[s, j, k].numpy(),
+                "low": self.low.cpu()[s, j, k].numpy(),
+                "high": self.high.cpu()[s, j, k].numpy(),
                 "n_prompts": n_valid[j].numpy(),
             }
         )
@@ -137,20 +139,11 @@ class DirectionResult(ResultBase):
         return logit_diff_figure(self, **kwargs)
 
 
-@dataclass(frozen=True)
-class _Summary:
-    mean: torch.Tensor
-    low: torch.Tensor
-    high: torch.Tensor
-
-
 def bootstrap_mean(
     values: Float[torch.Tensor, "site batch pos pair"],
     valid: Bool[torch.Tensor, "batch pos"],
-    n_bootstrap: int,
-    ci_level: float,
-    seed: int,
-) -> _Summary:
+    settings: BootstrapSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over prompts and its percentile bootstrap interval (prompts resampled with replacement).
 
     Resample ``r`` weights prompt ``b`` by how often it was drawn, ``counts[r, b]``; its mean is
@@ -160,26 +153,18 @@ def bootstrap_mean(
     w = valid.float().to(values.device)
     filled = torch.where(w[None, :, :, None] > 0, values, torch.zeros((), device=values.device))
     mean = filled.sum(1) / w.sum(0)[None, :, None]
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(n_batch, (n_bootstrap, n_batch), generator=gen)
-    counts = torch.zeros(n_bootstrap, n_batch).scatter_add_(1, idx, torch.ones(n_bootstrap, n_batch))
+    n_boot = settings.n_bootstrap
+    gen = torch.Generator().manual_seed(settings.seed)
+    idx = torch.randint(n_batch, (n_boot, n_batch), generator=gen)
+    counts = torch.zeros(n_boot, n_batch).scatter_add_(1, idx, torch.ones(n_boot, n_batch))
     counts = counts.to(values.device)
     num = torch.einsum("rb,sbjk->rsjk", counts, filled)
     den = counts @ w  # [r, pos]
     boot = num / den[:, None, :, None]
-    alpha = (1.0 - ci_level) / 2
+    alpha = (1.0 - settings.confidence) / 2
     q = torch.tensor([alpha, 1.0 - alpha], device=values.device)
     low, high = torch.nanquantile(boot, q, dim=0)
-    return _Summary(mean=mean, low=low, high=high)
-
-
-def _check_bootstrap(n_bootstrap: object, ci_level: object, seed: object) -> None:
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be a positive int, got {n_bootstrap!r}")
-    if isinstance(ci_level, bool) or not isinstance(ci_level, (int, float)) or not 0 < ci_level < 1:
-        raise ValueError(f"ci_level must be a number strictly between 0 and 1 (e.g. 0.95), got {ci_level!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    return mean, low, high
 
 
 def _prepare(
@@ -219,25 +204,18 @@ def _direction_result(
     run: Run,
     readout: Readout,
     site_list: Sequence[Site],
-    bootstrap: tuple[int, float, int],
+    bootstrap: BootstrapSettings,
     **fields: Any,
 ) -> DirectionResult:
     """Values at padding set to NaN, the bootstrap summary over prompts, and the common fields."""
-    n_bootstrap, ci_level, seed = bootstrap
     valid = run.valid
     values = torch.where(valid[None, :, :, None], values, torch.full((), float("nan"), device=values.device))
-    summary = bootstrap_mean(values, valid, n_bootstrap, float(ci_level), seed)
     return DirectionResult(
         **common_fields(readout.model, run.batch, run.positions, valid, readout.name),
+        **interval_fields(*bootstrap_mean(values, valid, bootstrap), bootstrap),
         kind=kind,
         labels=tuple(s.label for s in site_list),
         values=values,
-        mean=summary.mean,
-        ci_low=summary.low,
-        ci_high=summary.high,
-        ci_level=float(ci_level),
-        n_bootstrap=n_bootstrap,
-        seed=seed,
         norm=readout.norm,
         **fields,
     )
@@ -258,7 +236,7 @@ def logit_diff(
     cache: Any = None,
     lens: Any = None,
     n_bootstrap: int = 1000,
-    ci_level: float = 0.95,
+    confidence: float = 0.95,
     seed: int = 0,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -294,21 +272,21 @@ def logit_diff(
             ``final_post``).
         lens: ``None`` (the logit lens) or a lens object (e.g. a tuned lens) applied to each site's
             state before the final norm.
-        n_bootstrap, ci_level, seed: the percentile bootstrap over prompts behind ``ci_low``/``ci_high``.
+        n_bootstrap, confidence, seed: the percentile bootstrap over prompts behind ``low``/``high``.
 
     Returns:
         A :class:`DirectionResult` with ``values[site, batch, pos, pair]``.
     """
-    _check_bootstrap(n_bootstrap, ci_level, seed)
+    bootstrap = check_bootstrap(n_bootstrap, confidence, seed, min_replicates=1)
     readout, site_list, run = _prepare(
         model, inputs, cache, lens, sites, norm, positions, prepend_bos, attention_mask, include_bias
     )
     pairs = resolve_pairs(model, correct, incorrect, run.batch.tokens.shape[0], per_prompt=per_prompt)
-    return _logit_diff(readout, run, site_list, pairs, (n_bootstrap, ci_level, seed))
+    return _logit_diff(readout, run, site_list, pairs, bootstrap)
 
 
 def _logit_diff(
-    readout: Readout, run: Run, site_list: Sequence[Site], pairs: Pairs, bootstrap: tuple[int, float, int]
+    readout: Readout, run: Run, site_list: Sequence[Site], pairs: Pairs, bootstrap: BootstrapSettings
 ) -> DirectionResult:
     """Each site's normalised state read along the pairs' unembedding columns (the model's own logit
     transform applied to each logit, so ``final_post`` is the model's own difference)."""
@@ -350,7 +328,7 @@ def direction_lens(
     cache: Any = None,
     lens: Any = None,
     n_bootstrap: int = 1000,
-    ci_level: float = 0.95,
+    confidence: float = 0.95,
     seed: int = 0,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -364,7 +342,7 @@ def direction_lens(
     norm's bias is part of the normalised state). The result's ``pair`` dimension runs over the
     directions.
     """
-    _check_bootstrap(n_bootstrap, ci_level, seed)
+    bootstrap = check_bootstrap(n_bootstrap, confidence, seed, min_replicates=1)
     dirs = check_direction(model, direction)
     if direction_labels is None:
         direction_labels = tuple(f"direction {i}" for i in range(dirs.shape[0]))
@@ -384,7 +362,7 @@ def direction_lens(
         run,
         readout,
         site_list,
-        (n_bootstrap, ci_level, seed),
+        bootstrap,
         pair_labels=direction_labels,
         correct_ids=None,
         incorrect_ids=None,

@@ -22,6 +22,7 @@ from jaxtyping import Float
 
 from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
 from tl_logitlens._kernel import Unembedding, unembed_metrics
+from tl_logitlens._results import BootstrapInterval, check_bootstrap, interval_fields
 from tl_logitlens._run import run_cache
 from tl_logitlens.corpus import corpus_length, document_windows, documents
 from tl_logitlens.inputs import check_count
@@ -33,11 +34,16 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 STATISTICS: tuple[str, ...] = ("kl_to_final", "cross_entropy", "entropy", "top1_agreement")
+# statistics that have a bits-per-byte form (a sum of nats over the bytes of the text)
+BPB_STATISTICS: tuple[str, ...] = ("kl_to_final", "cross_entropy", "entropy")
+# the last axis of LensEvaluation's mean/low/high: the statistics, then the bits-per-byte forms
+MEASURES: tuple[str, ...] = STATISTICS + tuple(f"{s}_bpb" for s in BPB_STATISTICS)
 UNITS: dict[str, str] = {
     "kl_to_final": "nats",
     "cross_entropy": "nats",
     "entropy": "nats",
     "top1_agreement": "fraction",
+    **{f"{s}_bpb": "bits per byte" for s in BPB_STATISTICS},
 }
 TITLES: dict[str, str] = {
     "kl_to_final": "KL(final ‖ site)",
@@ -45,9 +51,8 @@ TITLES: dict[str, str] = {
     "entropy": "entropy",
     "top1_agreement": "top-1 agreement with final",
 }
-# statistics that have a bits-per-byte form (a sum of nats over the bytes of the text)
-BPB_STATISTICS: tuple[str, ...] = ("kl_to_final", "cross_entropy", "entropy")
-# per-document counts, in this order: positions scored, positions with a next token, bytes, 1, windows
+# per-document counts (LensEvaluation's fields of these names), in this order: positions scored,
+# positions with a next token, bytes, 1, windows
 _COUNTS = ("n_tokens", "n_predicted", "n_bytes", "n_documents", "n_windows")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BOOTSTRAP = 1000
@@ -68,32 +73,25 @@ DEFINITION = (
 
 
 @dataclass(frozen=True)
-class LensEvaluation:
+class LensEvaluation(BootstrapInterval):
     """Corpus means of each lens at each site, with bootstrap intervals.
 
-    ``mean``/``low``/``high`` are ``[lens, site, statistic]`` in the order of :data:`STATISTICS`
-    (nats, except ``top1_agreement``, a fraction); the ``*_bpb`` arrays are the same in bits per
-    byte for :data:`BPB_STATISTICS`. ``low``/``high`` bound a ``confidence`` interval from
-    ``n_bootstrap`` bootstrap replicates over documents. The definition is :data:`DEFINITION`.
+    ``mean``/``low``/``high`` are ``[lens, site, measure]`` in the order of :data:`MEASURES`: the
+    :data:`STATISTICS` (nats, except ``top1_agreement``, a fraction), then ``kl_to_final_bpb``,
+    ``cross_entropy_bpb`` and ``entropy_bpb`` in bits per byte (:data:`UNITS`). ``low``/``high``
+    bound a ``confidence`` interval from ``n_bootstrap`` bootstrap replicates over documents (the
+    same fields as :class:`~tl_logitlens.DirectionResult`'s interval). The definition is
+    :data:`DEFINITION`.
     """
 
     lenses: tuple[str, ...]
     sites: tuple[str, ...]
-    mean: Float[torch.Tensor, "lens site stat"]
-    low: Float[torch.Tensor, "lens site stat"]
-    high: Float[torch.Tensor, "lens site stat"]
-    mean_bpb: Float[torch.Tensor, "lens site bpb"]
-    low_bpb: Float[torch.Tensor, "lens site bpb"]
-    high_bpb: Float[torch.Tensor, "lens site bpb"]
     n_tokens: int
     n_predicted: int
     n_bytes: int
     n_documents: int
     n_windows: int
     seq_len: int
-    seed: int
-    n_bootstrap: int
-    confidence: float = 0.95
     model_name: str = ""
     world_size: int = 1
     sums: Float[torch.Tensor, "lens site stat"] | None = field(default=None, repr=False, compare=False)
@@ -106,10 +104,10 @@ class LensEvaluation:
         )
 
     def value(self, statistic: str, lens: str | None = None, site: str | None = None) -> Float[torch.Tensor, ...]:
-        """The mean of ``statistic``, for one lens and/or site or all of them."""
-        if statistic not in STATISTICS:
-            raise ValueError(f"unknown statistic {statistic!r}; use one of {list(STATISTICS)}")
-        out = self.mean[..., STATISTICS.index(statistic)]
+        """The mean of ``statistic`` (any of :data:`MEASURES`), for one lens and/or site or all of them."""
+        if statistic not in MEASURES:
+            raise ValueError(f"unknown statistic {statistic!r}; use one of {list(MEASURES)}")
+        out = self.mean[..., MEASURES.index(statistic)]
         if lens is not None:
             out = out[self._lens_index(lens)]
         if site is not None:
@@ -132,14 +130,10 @@ class LensEvaluation:
         for s, site in enumerate(self.sites):
             for k, lens in enumerate(self.lenses):
                 row: dict[str, Any] = {"site": site, "site_index": s, "lens": lens}
-                for i, stat in enumerate(STATISTICS):
+                for i, stat in enumerate(MEASURES):
                     row[stat] = float(self.mean[k, s, i])
                     row[f"{stat}_low"] = float(self.low[k, s, i])
                     row[f"{stat}_high"] = float(self.high[k, s, i])
-                for i, stat in enumerate(BPB_STATISTICS):
-                    row[f"{stat}_bpb"] = float(self.mean_bpb[k, s, i])
-                    row[f"{stat}_bpb_low"] = float(self.low_bpb[k, s, i])
-                    row[f"{stat}_bpb_high"] = float(self.high_bpb[k, s, i])
                 row["n_tokens"] = self.n_tokens
                 row["n_predicted"] = self.n_predicted
                 rows.append(row)
@@ -161,7 +155,7 @@ class LensEvaluation:
             "n_predicted": self.n_predicted,
             "n_bytes": self.n_bytes,
             "world_size": self.world_size,
-            "units": {**UNITS, **{f"{s}_bpb": "bits per byte" for s in BPB_STATISTICS}},
+            "units": UNITS,
             "definition": DEFINITION,
             "results": json.loads(self.to_dataframe().to_json(orient="records")),
         }
@@ -371,10 +365,9 @@ def _score_batch(
     return out.cpu(), torch.stack([positions, positions - 1], dim=-1)
 
 
-def _interval(
-    num: torch.Tensor, den: torch.Tensor, confidence: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Point estimate ``num[0] / den[0]`` and the percentile interval of the replicates' ratios."""
+def _interval(num: torch.Tensor, den: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Point estimate ``num[0] / den[0]`` and the percentile interval of the replicates' ratios
+    (``[replicate, ...]``, replicate 0 the whole corpus)."""
     ratio = torch.where(den > 0, num / den.clamp(min=1e-300), torch.nan)
     point = ratio[0]
     reps = ratio[1:]
@@ -463,11 +456,8 @@ def evaluate_lenses(
     batch_size = check_count(batch_size, "batch_size", 1)
     if max_tokens is not None:
         max_tokens = check_count(max_tokens, "max_tokens", 1)
-    n_bootstrap = check_count(n_bootstrap, "n_bootstrap", 0)
     chunk_size = check_count(chunk_size, "chunk_size", 1)
-    seed = check_count(seed, "seed", 0)
-    if not isinstance(confidence, float) or not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence!r} must be a float between 0 and 1, e.g. 0.95")
+    bootstrap = check_bootstrap(n_bootstrap, confidence, seed, min_replicates=0)
     named = _resolve_lenses(model, lenses)
     readouts = [Readout(model, lens, "recompute", True) for lens in named.values()]
     site_list = resolve_sites(model, sites)
@@ -476,9 +466,9 @@ def evaluate_lenses(
 
     n_lens, n_sites = len(readouts), len(site_list)
     acc = _Accumulator(
-        stats=torch.zeros(1 + n_bootstrap, n_lens, n_sites, len(STATISTICS), dtype=torch.float64),
-        counts=torch.zeros(1 + n_bootstrap, len(_COUNTS), dtype=torch.float64),
-        seed=seed,
+        stats=torch.zeros(1 + bootstrap.n_bootstrap, n_lens, n_sites, len(STATISTICS), dtype=torch.float64),
+        counts=torch.zeros(1 + bootstrap.n_bootstrap, len(_COUNTS), dtype=torch.float64),
+        seed=bootstrap.seed,
     )
     total_docs = corpus_length(texts) if max_tokens is None else None
     reporter = _Reporter(bool(progress) and world.is_main, max_tokens, total_docs)
@@ -498,34 +488,19 @@ def evaluate_lenses(
 
     stats = sum_over_ranks(acc.stats, world)
     counts = sum_over_ranks(acc.counts, world)
-    n_tokens, n_predicted, n_bytes, n_documents, n_windows = (int(round(float(c))) for c in counts[0])
-    # KL, entropy and agreement are averaged over every position; cross-entropy over predicted ones
-    den = torch.stack(
-        [counts[:, 0], counts[:, 1], counts[:, 0], counts[:, 0]], dim=-1
-    )[:, None, None, :]
-    mean, low, high = _interval(stats, den.expand_as(stats), confidence)
+    totals = {name: int(round(float(c))) for name, c in zip(_COUNTS, counts[0])}  # the count fields
+    # one numerator and denominator per measure: KL, entropy and agreement are averaged over every
+    # position, cross-entropy over the predicted ones, the bits-per-byte forms (sums in bits) over bytes
     bpb_idx = [STATISTICS.index(s) for s in BPB_STATISTICS]
-    bits = stats[..., bpb_idx] / math.log(2)
-    bytes_ = counts[:, 2][:, None, None, None].expand_as(bits)
-    mean_bpb, low_bpb, high_bpb = _interval(bits, bytes_, confidence)
+    num = torch.cat([stats, stats[..., bpb_idx] / math.log(2)], dim=-1)
+    per = ("n_tokens", "n_predicted", "n_tokens", "n_tokens") + ("n_bytes",) * len(BPB_STATISTICS)
+    den = counts[:, [_COUNTS.index(c) for c in per]][:, None, None, :].expand_as(num)
     return LensEvaluation(
         lenses=tuple(named),
         sites=tuple(s.label for s in site_list),
-        mean=mean,
-        low=low,
-        high=high,
-        mean_bpb=mean_bpb,
-        low_bpb=low_bpb,
-        high_bpb=high_bpb,
-        n_tokens=n_tokens,
-        n_predicted=n_predicted,
-        n_bytes=n_bytes,
-        n_documents=n_documents,
-        n_windows=n_windows,
+        **interval_fields(*_interval(num, den, bootstrap.confidence), bootstrap),
+        **totals,
         seq_len=seq_len,
-        seed=seed,
-        n_bootstrap=n_bootstrap,
-        confidence=confidence,
         model_name=str(getattr(model.cfg, "model_name", "")),
         world_size=world.size,
         sums=stats[0],

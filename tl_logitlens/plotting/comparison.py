@@ -29,8 +29,8 @@ def logit_diff_figure(
 ) -> go.Figure:
     """The mean value over prompts at each site with the result's confidence band.
 
-    The line is ``result.mean`` and the band ``result.ci_low``..``result.ci_high`` (the percentile
-    bootstrap interval :func:`~tl_logitlens.logit_diff` computed, at ``result.ci_level``), drawn
+    The line is ``result.mean`` and the band ``result.low``..``result.high`` (the percentile
+    bootstrap interval :func:`~tl_logitlens.logit_diff` computed, at ``result.confidence``), drawn
     from three prompts on (the legend says how many); with
     ``per_prompt=True`` each prompt's own ``values`` are drawn as thin lines. ``pair``: one pair
     (index), or all of them (``None``). ``column``: which read-position column (``logit_diff``'s
@@ -54,10 +54,10 @@ def logit_diff_figure(
             fig.add_trace(
                 band_trace(
                     x,
-                    as_list(result.ci_low[:, column, k]),
-                    as_list(result.ci_high[:, column, k]),
+                    as_list(result.low[:, column, k]),
+                    as_list(result.high[:, column, k]),
                     colour,
-                    f"{name} {result.ci_level:.0%} CI (n={len(prompts)})",
+                    f"{name} {result.confidence:.0%} CI (n={len(prompts)})",
                     name,
                 )
             )
@@ -69,7 +69,7 @@ def logit_diff_figure(
     fig.update_yaxes(title_text=y_title)
     what = "Logit difference" if result.kind == "logit_diff" else "Direction"
     if len(prompts) >= MIN_BAND_N:
-        band = f"band: {result.ci_level:.0%} bootstrap CI over {len(prompts)} prompts"
+        band = f"band: {result.confidence:.0%} bootstrap CI over {len(prompts)} prompts"
     else:
         band = f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, too few for a band"
     many = "pairs" if result.kind == "logit_diff" else "directions"

@@ -41,7 +41,7 @@ def evaluation_figure(
             (top-1 agreement is a fraction either way).
         width, height: the figure's size in pixels (height: 320 per row of panels).
     """
-    from tl_logitlens.evaluate import BPB_STATISTICS, STATISTICS, TITLES, UNITS
+    from tl_logitlens.evaluate import BPB_STATISTICS, MEASURES, STATISTICS, TITLES, UNITS
 
     statistics = list(STATISTICS if statistics is None else statistics)
     unknown = [s for s in statistics if s not in STATISTICS]
@@ -50,22 +50,16 @@ def evaluation_figure(
     n = len(statistics)
     cols = 1 if n == 1 else 2
     rows = (n + cols - 1) // cols
-    titles = []
-    for stat in statistics:
-        bpb = bits_per_byte and stat in BPB_STATISTICS
-        titles.append(f"{TITLES[stat]} ({'bits/byte' if bpb else UNITS[stat]})")
+    # the measure drawn in each panel: the statistic, or its bits-per-byte form
+    measures = [f"{s}_bpb" if bits_per_byte and s in BPB_STATISTICS else s for s in statistics]
+    titles = [f"{TITLES[stat]} ({UNITS[m]})" for stat, m in zip(statistics, measures)]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.1, vertical_spacing=0.16)
     x = list(ev.sites)
-    for p, stat in enumerate(statistics):
+    for p, measure in enumerate(measures):
         row, col = p // cols + 1, p % cols + 1
-        bpb = bits_per_byte and stat in BPB_STATISTICS
+        i = MEASURES.index(measure)
         for k, lens in enumerate(ev.lenses):
-            if bpb:
-                i = BPB_STATISTICS.index(stat)
-                mean, low, high = ev.mean_bpb[k, :, i], ev.low_bpb[k, :, i], ev.high_bpb[k, :, i]
-            else:
-                i = STATISTICS.index(stat)
-                mean, low, high = ev.mean[k, :, i], ev.low[k, :, i], ev.high[k, :, i]
+            mean, low, high = ev.mean[k, :, i], ev.low[k, :, i], ev.high[k, :, i]
             colour = _COLOURS[k % len(_COLOURS)]
             if ev.n_bootstrap > 0:
                 band = band_trace(x, low.tolist(), high.tolist(), _FILLS[k % len(_FILLS)], lens, lens)
