@@ -328,7 +328,7 @@ def _fold(
     return e, a, s_old
 
 
-def _finish(
+def _block_statistics(
     runs: list[_Running], final: _Running, final_sites: frozenset[int], n_sites: int, top_k: int
 ) -> dict[str, torch.Tensor]:
     """Per-site statistics of one block of rows from the folded sums (see :class:`_Running`)."""
@@ -421,7 +421,7 @@ def unembed_metrics(
             for run, x in zip(runs, states):
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
-        block = _finish(runs, final, final_sites, n_sites, top_k)
+        block = _block_statistics(runs, final, final_sites, n_sites, top_k)
         for name, buf in out.items():
             buf[:, sl] = block[name]
         final_top1[sl] = final.top_i[:, 0]

@@ -410,9 +410,8 @@ def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
         console.print(line, style="dim", markup=False)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "eval":
-        return _eval(args)
+def _lens_command(args: argparse.Namespace) -> int:
+    """``demo`` and ``run``: the lens on prompts, a terminal table, the report and the tables."""
     if args.command == "demo":
         model_name, prompts = "demo", [DEMO_PROMPT]
         target = versus = None
@@ -476,7 +475,8 @@ def _run(args: argparse.Namespace) -> int:
 # eval
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval_command(args: argparse.Namespace) -> int:
+    """``eval``: lenses scored over a corpus, a table per lens, JSON/CSV."""
     from tl_logitlens import _distributed
 
     check_device(args.device)
@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _misplaced_option(parser, argv)
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        return _eval_command(args) if args.command == "eval" else _lens_command(args)
     except (UsageError, ValueError, TypeError) as err:
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
         return EXIT_USAGE

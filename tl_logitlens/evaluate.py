@@ -474,8 +474,10 @@ def evaluate_lenses(
     reporter = _Reporter(bool(progress) and world.is_main, max_tokens, total_docs)
     error: str | None = None
     try:
-        _run(model, texts, world, max_tokens, text_field, seq_len, batch_size, chunk_size,
-             readouts, site_list, final, acc, reporter)
+        _score_documents(
+            model, texts, world, max_tokens, text_field, seq_len, batch_size, chunk_size,
+            readouts, site_list, final, acc, reporter,
+        )
     except (ValueError, TypeError) as err:
         if world.size == 1:
             raise
@@ -507,7 +509,7 @@ def evaluate_lenses(
     )
 
 
-def _run(
+def _score_documents(
     model: Any,
     texts: Any,
     world: World,
