@@ -97,68 +97,65 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = _Formatter
-    parser = _Parser(
-        prog=PROG,
-        description="The logit lens for TransformerLens models: what each layer would predict.",
-        epilog=EPILOG,
-        formatter_class=fmt,
+def _model_and_device(p: argparse.ArgumentParser, device_help: str) -> None:
+    """MODEL and --device, as run and eval take them."""
+    p.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
+    p.add_argument("--device", help=f"torch device, e.g. cpu, cuda or cuda:1 (default: {device_help})")
+
+
+def _sites(p: argparse.ArgumentParser) -> None:
+    """--sites, as run and eval take it."""
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=["resid_pre"],
+        metavar="SITE",
+        help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
+        "labels like 0_pre final_post",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
 
-    def model_and_device(p: argparse.ArgumentParser, device_help: str) -> None:
-        p.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
-        p.add_argument("--device", help=f"torch device, e.g. cpu, cuda or cuda:1 (default: {device_help})")
 
-    def sites(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--sites",
-            nargs="+",
-            default=["resid_pre"],
-            metavar="SITE",
-            help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
-            "labels like 0_pre final_post",
-        )
+def _outputs(p: argparse.ArgumentParser) -> None:
+    """What demo and run write: the table's size, the report, CSV and JSON."""
+    p.add_argument("--top-k", type=_positive, default=5, help="top tokens per layer (default 5)")
+    p.add_argument(
+        "--out",
+        default="logit_lens_report.html",
+        help="HTML report to write (default: logit_lens_report.html in the current folder)",
+    )
+    p.add_argument("--no-report", action="store_true", help="print the table only, write no HTML")
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write the lens table as CSV: one row per layer, prompt, position and rank, with "
+        "the target's (and --versus token's) probability and rank",
+    )
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the settings, tables, logit differences and attributions as JSON",
+    )
 
-    def outputs(p: argparse.ArgumentParser, default_out: str | None) -> None:
-        p.add_argument("--top-k", type=_positive, default=5, help="top tokens per layer (default 5)")
-        p.add_argument(
-            "--out",
-            default=default_out,
-            help="HTML report to write (default: logit_lens_report.html in the current folder)",
-        )
-        p.add_argument("--no-report", action="store_true", help="print the table only, write no HTML")
-        p.add_argument(
-            "--csv",
-            metavar="FILE",
-            help="also write the lens table as CSV: one row per layer, prompt, position and rank, with "
-            "the target's (and --versus token's) probability and rank",
-        )
-        p.add_argument(
-            "--json",
-            metavar="FILE",
-            help="also write the settings, tables, logit differences and attributions as JSON",
-        )
 
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the lens on the built-in demo model (offline, seconds)",
         description="The logit lens (and the demo tuned lens) on the built-in demo model and a story prompt.",
-        formatter_class=fmt,
+        formatter_class=_Formatter,
     )
-    outputs(demo, "logit_lens_report.html")
+    _outputs(demo)
 
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run the lens on a model and prompt(s)",
         description="What each layer of MODEL predicts after the last token of each prompt.",
         epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" \\\n      --target \" Paris\" --versus \" Rome\"",
-        formatter_class=fmt,
+        formatter_class=_Formatter,
     )
-    model_and_device(run, "TransformerLens's choice")
+    _model_and_device(run, "TransformerLens's choice")
     run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)")
     run.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
     run.add_argument(
@@ -173,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a comparison token (text or id): adds the logit difference target - versus per layer and "
         "its direct logit attribution",
     )
-    sites(run)
+    _sites(run)
     run.add_argument(
         "--norm",
         choices=("recompute", "cached", "none"),
@@ -188,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the layers through a tuned lens: a folder saved by tl.TunedLens (or tuned-lens "
         "0.2.0), or 'demo' for the one shipped with the demo model (default: the logit lens)",
     )
-    outputs(run, "logit_lens_report.html")
+    _outputs(run)
 
+
+def _add_eval(sub: Any) -> None:
     ev = sub.add_parser(
         "eval",
         help="score lenses over a corpus (KL, cross-entropy, entropy, top-1 agreement per layer)",
@@ -206,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 \\\n"
             "      --texts corpus.txt --csv eval.csv"
         ),
-        formatter_class=fmt,
+        formatter_class=_Formatter,
     )
-    model_and_device(ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there")
+    _model_and_device(ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there")
     ev.add_argument(
         "--texts",
         metavar="FILE",
@@ -224,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a tuned lens to evaluate beside the logit lens: a folder, or 'demo' (repeat for several)",
     )
-    sites(ev)
+    _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
     ev.add_argument("--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order")
     ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
@@ -233,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--json", metavar="FILE", help="write the settings, definition and per-site results (with intervals) as JSON")
     ev.add_argument("--csv", metavar="FILE", help="write the per-site results as CSV (one row per site and lens)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="The logit lens for TransformerLens models: what each layer would predict.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_demo, _add_run, _add_eval):
+        add(sub)
     return parser
 
 
