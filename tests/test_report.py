@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, assert_close, require_browser
+from tests.helpers import SENTENCES, assert_close, assert_not_close, require_browser
 from tl_logitlens.reporting import (
     MaskedReportData,
     compute_report,
@@ -311,32 +311,20 @@ def test_shared_plotly_js_report_renders(driver, ln_model, tmp_path):
     assert len(rendered) == 4 and all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered)
 
 
-class _NamedLens:
-    name = "tuned lens (test)"
+def test_report_reads_and_names_its_lens(ln_model, tmp_path):
+    from tl_logitlens import TunedLens
 
-
-def test_report_names_its_lens(ln_model, tmp_path, monkeypatch):
-    import inspect
-
-    from tl_logitlens.reporting import compute
-
-    if "lens" not in inspect.signature(compute.logit_lens).parameters:
-        with pytest.raises(ValueError, match="takes no lens="):
-            report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=_NamedLens())
-        return
-    seen = []
-
-    def fake_lens(model, inputs, **kwargs):  # the lens object reaches the analysis
-        seen.append(kwargs.get("lens"))
-        kwargs.pop("lens")
-        return tl.logit_lens(model, inputs, **kwargs)
-
-    fake_lens.__signature__ = inspect.signature(compute.logit_lens)
-    monkeypatch.setattr(compute, "logit_lens", fake_lens)
-    lens = _NamedLens()
-    path = report(ln_model, SENTENCES[0], out=tmp_path / "r.html", lens=lens)
-    assert seen and all(x is lens for x in seen)
-    page = path.read_text(encoding="utf-8")
+    lens = TunedLens.for_model(ln_model)
+    lens.name = "tuned lens (test)"
+    with torch.no_grad():  # translators away from the identity, so the lens changes the numbers
+        lens.bias.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    data = compute_report(ln_model, SENTENCES[:2], target=" the", versus=" a", lens=lens)
+    direct = tl.logit_lens(ln_model, SENTENCES[:2], top_k=data.top_k, targets=" the", lens=lens)
+    assert_close(data.lens.entropy, direct.entropy, atol=0, rtol=0, equal_nan=True)
+    plain = tl.logit_lens(ln_model, SENTENCES[:2], top_k=data.top_k, targets=" the")
+    assert_not_close(data.lens.entropy[:-1], plain.entropy[:-1], atol=1e-3)
+    assert data.lens_name == data.lens.lens_name == data.logit_diff.lens_name == "tuned lens (test)"
+    page = write_report(data, tmp_path / "r.html").read_text(encoding="utf-8")
     assert "lens <b>tuned lens (test)</b>" in page and "Lens report (tuned lens (test))" in page
 
 

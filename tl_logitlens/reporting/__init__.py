@@ -32,7 +32,6 @@ from tl_logitlens.reporting.compute import (
     ReportData,
     compute_masked_report,
     compute_report,
-    lens_name,
 )
 from tl_logitlens.reporting.figures import FIGURE_MAX_WIDTH, HEATMAP_POSITIONS
 from tl_logitlens.reporting.page import (
@@ -57,7 +56,6 @@ __all__ = [
     "check_page",
     "compute_masked_report",
     "compute_report",
-    "lens_name",
     "masked_table_html",
     "plotly_js_html",
     "report",

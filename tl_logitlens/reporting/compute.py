@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, no_type_check
@@ -95,22 +94,6 @@ def _token_text(model: Any, token: str | int | None, what: str) -> str | None:
     return display_tokens(getattr(model, "tokenizer", None), [tid])[0]
 
 
-def lens_name(lens: Any) -> str:
-    """How a report names the lens that read the sites: its ``name``, or ``"logit lens"`` for None."""
-    return "logit lens" if lens is None else str(getattr(lens, "name", None) or type(lens).__name__)
-
-
-def _lens_kwargs(fn: Callable[..., Any], lens: Any) -> dict[str, Any]:
-    """``{"lens": lens}`` for an analysis that takes a lens; refuses a lens the analysis cannot use."""
-    if lens is None:
-        return {}
-    if "lens" not in inspect.signature(fn).parameters:
-        raise ValueError(
-            f"{fn.__name__} in this version of tl_logitlens takes no lens=; leave lens=None for the logit lens"
-        )
-    return {"lens": lens}
-
-
 @no_type_check  # checks its own arguments (see lens.logit_lens)
 def compute_report(
     model: Any,
@@ -172,7 +155,7 @@ def _compute_causal(
 ) -> ReportData:
     """:func:`compute_report` for a causal LM, its arguments checked."""
     target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
-    read = {"sites": sites, "norm": norm, **_lens_kwargs(logit_lens, lens)}
+    read = {"sites": sites, "norm": norm, "lens": lens}
     targets = [t for t in (target, versus) if t is not None] or None
     parts = []
     for start in range(0, len(prompts), batch_size):
@@ -186,7 +169,7 @@ def _compute_causal(
     evolution = logit_lens(model, prompts[0], top_k=EVOLUTION_N, positions="last", targets=finals, **read)
     diff = attribution = heads = None
     if versus is not None:
-        diff = logit_diff(model, prompts, target, versus, sites=sites, norm=norm, **_lens_kwargs(logit_diff, lens))
+        diff = logit_diff(model, prompts, target, versus, sites=sites, norm=norm, lens=lens)
         attribution = direct_logit_attribution(model, prompts, target, versus)
         heads = direct_logit_attribution(model, prompts, target, versus, unit="head")
     return ReportData(
@@ -202,7 +185,7 @@ def _compute_causal(
         sites=result.labels,
         norm=norm,
         top_k=top_k,
-        lens_name=lens_name(lens),
+        lens_name=result.lens_name,
     )
 
 
