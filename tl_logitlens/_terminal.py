@@ -122,16 +122,13 @@ def masked_table(data: Any, width: int) -> tuple[Any, list[str]]:
     from tl_logitlens.tokens import display_tokens
 
     res = data.masked[0]
-    k = res.top_ids.shape[-1]
     tops = []
     for s in range(len(res.labels)):
         ids = res.top_ids[s, 0, 0]
         names = display_tokens(res.tokenizer, ids.clamp(min=0))
         tops.append(list(zip(names, res.top_logprobs[s, 0, 0].exp().tolist())))
     title = f"Top tokens per layer at the first hole of prompt 0 ({data.lens_name})"
-    table, legend = _top_table(title, res.labels, tops, res.entropy[:, 0, 0].tolist(), [], width)
-    del k
-    return table, legend
+    return _top_table(title, res.labels, tops, res.entropy[:, 0, 0].tolist(), [], width)
 
 
 def versus_tables(data: Any, width: int) -> list[Any]:
@@ -176,14 +173,13 @@ def versus_tables(data: Any, width: int) -> list[Any]:
     return out
 
 
-
-
 def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
     """One table per lens: a row per site, the four statistics (and intervals when wide enough)."""
-    from tl_logitlens.evaluate import STATISTICS
+    from tl_logitlens.evaluate import MEASURES, STATISTICS
 
     wide = width >= WIDE
     heads = {"kl_to_final": "KL", "cross_entropy": "CE", "entropy": "H", "top1_agreement": "top-1"}
+    ce_bpb = MEASURES.index("cross_entropy_bpb")
     tables = []
     for k, lens in enumerate(ev.lenses):
         title = f"{lens}: {ev.n_documents:,} documents, {ev.n_tokens:,} tokens, windows of {ev.seq_len}"
@@ -196,14 +192,13 @@ def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
         for s, site in enumerate(ev.sites):
             row = [site]
             for i, stat in enumerate(STATISTICS):
-                fmt = ".3f" if stat == "top1_agreement" else ".3f"
                 m, lo, hi = float(ev.mean[k, s, i]), float(ev.low[k, s, i]), float(ev.high[k, s, i])
-                cell = f"{m:{fmt}}"
+                cell = f"{m:.3f}"
                 if wide and ev.n_bootstrap > 0:
-                    cell += f" [{lo:{fmt}}, {hi:{fmt}}]"
+                    cell += f" [{lo:.3f}, {hi:.3f}]"
                 row.append(cell)
                 if stat == "cross_entropy":
-                    row.append(f"{float(ev.value('cross_entropy_bpb', lens, site)):.3f}")
+                    row.append(f"{float(ev.mean[k, s, ce_bpb]):.3f}")
             table.add_row(*row)
         tables.append(table)
     legend = [
