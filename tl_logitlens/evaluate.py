@@ -54,6 +54,13 @@ TITLES: dict[str, str] = {
 # per-document counts (LensEvaluation's fields of these names), in this order: positions scored,
 # positions with a next token, bytes, 1, windows
 _COUNTS = ("n_tokens", "n_predicted", "n_bytes", "n_documents", "n_windows")
+# the count each measure is a mean over: cross-entropy over the positions with a next token, the other
+# statistics over every position scored, the bits-per-byte forms (sums in bits) over the bytes
+_PER: dict[str, str] = {
+    **{s: "n_tokens" for s in STATISTICS},
+    "cross_entropy": "n_predicted",
+    **{f"{s}_bpb": "n_bytes" for s in BPB_STATISTICS},
+}
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_CHUNK_SIZE = 256
@@ -491,12 +498,10 @@ def evaluate_lenses(
     stats = sum_over_ranks(acc.stats, world)
     counts = sum_over_ranks(acc.counts, world)
     totals = {name: int(round(float(c))) for name, c in zip(_COUNTS, counts[0])}  # the count fields
-    # one numerator and denominator per measure: KL, entropy and agreement are averaged over every
-    # position, cross-entropy over the predicted ones, the bits-per-byte forms (sums in bits) over bytes
+    # one numerator and denominator per measure (MEASURES' order): the sums, then the bpb forms in bits
     bpb_idx = [STATISTICS.index(s) for s in BPB_STATISTICS]
     num = torch.cat([stats, stats[..., bpb_idx] / math.log(2)], dim=-1)
-    per = ("n_tokens", "n_predicted", "n_tokens", "n_tokens") + ("n_bytes",) * len(BPB_STATISTICS)
-    den = counts[:, [_COUNTS.index(c) for c in per]][:, None, None, :].expand_as(num)
+    den = counts[:, [_COUNTS.index(_PER[m]) for m in MEASURES]][:, None, None, :].expand_as(num)
     return LensEvaluation(
         lenses=tuple(named),
         sites=tuple(s.label for s in site_list),
