@@ -15,12 +15,12 @@ score); a corpus with no document left is an error. Anything that is not a strin
 names the document.
 
 :func:`documents` tokenises them one by one (:func:`tokenize_document`), optionally cut after
-``max_tokens`` and split between processes. :func:`document_windows` turns one document into model inputs: the document is tokenised once
-with the model's BOS token in front, and its tokens after BOS are cut into consecutive,
-non-overlapping pieces of at most ``seq_len - 1`` tokens, each given its own BOS. So every window
-starts with BOS (a model sees no window without its usual first token), and every token of the
-document is predicted exactly once: the first token of each window from BOS, the others from the
-tokens before them in that window.
+``max_tokens`` and split between processes. :func:`document_windows` turns one document into model
+inputs: the document is tokenised once with the model's BOS token in front, and its tokens after BOS
+are cut into consecutive, non-overlapping pieces of at most ``seq_len - 1`` tokens, each given its
+own BOS. So every window starts with BOS (a model sees no window without its usual first token), and
+every token of the document is predicted exactly once: the first token of each window from BOS, the
+others from the tokens before them in that window.
 """
 
 from __future__ import annotations

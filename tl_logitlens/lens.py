@@ -350,6 +350,7 @@ def _lens(
             [logits(final, slice(i, i + chunk_size)).topk(final_top_k, -1).indices for i in range(0, len(rows), chunk_size)]
         ) if len(rows) else torch.empty(0, final_top_k, dtype=torch.long, device=tokens.device)
         query.append(final_top)
+
     def normed(site: Site, sl: slice) -> torch.Tensor:
         return readout.normed(cache, site, rows.b[sl], rows.p[sl])
 

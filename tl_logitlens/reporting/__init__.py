@@ -79,11 +79,11 @@ def report(
     """Run the lens on ``prompts`` and write one HTML report; return its path.
 
     ``report(model, prompts, out=..., **analysis)`` is ``write_report(compute_report(model, prompts,
-    **analysis), out, ...)`` with ``out``, ``max_prompts`` and ``plotly_js`` checked first. The analysis arguments are
-    :func:`compute_report`'s: ``target`` and ``versus`` (tokens), ``top_k`` (5), ``sites``
-    (``"resid_pre"``), ``norm`` (``"recompute"``), ``lens`` (None for the logit lens, or a lens
-    object for the analyses that take one; the report names it), ``mask_positions`` (masked LMs),
-    ``batch_size`` and ``progress``.
+    **analysis), out, ...)`` with ``out``, ``max_prompts`` and ``plotly_js`` checked first. The
+    analysis arguments are :func:`compute_report`'s: ``target`` and ``versus`` (tokens), ``top_k``
+    (5), ``sites`` (``"resid_pre"``), ``norm`` (``"recompute"``), ``lens`` (None for the logit lens,
+    or a lens object for the analyses that take one; the report names it), ``mask_positions``
+    (masked LMs), ``batch_size`` and ``progress``.
 
     A causal LM's report holds the prompts and their tokens, the lens heatmap and text view, entropy
     and KL by site, the final top tokens' probabilities across layers, with ``target`` the targets'
