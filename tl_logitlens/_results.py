@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._frames import input_tokens
 from tl_logitlens.inputs import check_count
+from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.tokens import display_tokens
 
 
@@ -88,7 +89,7 @@ class ResultBase(ShortRepr):
     valid: Bool[torch.Tensor, "batch pos"]
     model_name: str = ""
     n_layers: int | None = None
-    lens_name: str = "logit lens"
+    lens_name: str = LOGIT_LENS.name
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def input_tokens(self) -> list[list[str]]:

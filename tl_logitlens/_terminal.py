@@ -92,6 +92,7 @@ def _top_table(
 
 def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     """The causal lens at prompt ``prompt``'s last token."""
+    from tl_logitlens.lenses import LOGIT_LENS
     from tl_logitlens.tokens import display_tokens
 
     lens = data.lens
@@ -112,7 +113,7 @@ def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
                 )
             )
     last = _visible(lens.str_tokens[prompt][-1])
-    which = "" if data.lens_name == "logit lens" else f", {data.lens_name}"
+    which = "" if data.lens_name == LOGIT_LENS.name else f", {data.lens_name}"
     title = f"Top tokens per layer after '{last}' (prompt {prompt}{which})"
     return _top_table(title, lens.labels, tops, lens.entropy[:, prompt, col].tolist(), targets, width)
 

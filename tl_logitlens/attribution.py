@@ -33,6 +33,7 @@ from tl_logitlens._pairs import Pairs, resolve_pairs
 from tl_logitlens._results import RowsResult, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
+from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.readout import (
     CachedNorm,
     check_model,
@@ -652,7 +653,7 @@ def _attribution(model: Any, run: Run, pairs: Pairs, unit: str, scale: float) ->
         correct_ids=c_ids,
         incorrect_ids=i_ids,
         pair_labels=pairs.labels,
-        **common_fields(model, batch, pos_index, valid, "logit lens"),
+        **common_fields(model, batch, pos_index, valid, LOGIT_LENS.name),
     )
 
 
@@ -777,5 +778,5 @@ def _component_lens(model: Any, run: Run, unit: str, top_k: int, chunk_size: int
         promoted_logits=finish(top_v, nan),
         suppressed_ids=finish(bot_i, -1),
         suppressed_logits=finish(bot_v, nan),
-        **common_fields(model, batch, pos_index, valid, "logit lens"),
+        **common_fields(model, batch, pos_index, valid, LOGIT_LENS.name),
     )

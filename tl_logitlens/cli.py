@@ -491,6 +491,7 @@ def _lens_command(args: argparse.Namespace) -> int:
 def _eval_command(args: argparse.Namespace) -> int:
     """``eval``: lenses scored over a corpus, a table per lens, JSON/CSV."""
     from tl_logitlens import _distributed
+    from tl_logitlens.lenses import lens_name
 
     check_device(args.device)
     texts = Path(args.texts)
@@ -503,7 +504,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     try:
         console, err = _consoles()
         model = _load(args.model, device, err)
-        lenses: dict[str, Any] = {"logit lens": None}
+        lenses: dict[str, Any] = {lens_name(None): None}
         for spec in args.lens:
             lens = _load_lens(spec, model)
             name = str(getattr(lens, "name", spec))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
 
 from tl_logitlens.lens import LensResult
+from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.tokens import visible_token
 
 # plotly draws text as a small subset of HTML: '<b>' makes bold, '\n' breaks the line, '&amp;' is an
@@ -370,8 +372,7 @@ def colour_scale(
     return ColourScale(z, math.log10(lo), math.log10(hi), True, tickvals, ticktext)
 
 
-def lens_note(result: object) -> str:
+def lens_note(result: Any) -> str:
     """``" · tuned lens"`` for a result made with another lens than the logit lens, else ``""``: default
     titles name the lens whenever it is not the logit lens."""
-    name = getattr(result, "lens_name", "logit lens")
-    return "" if name == "logit lens" else f" · {name}"
+    return "" if result.lens_name == LOGIT_LENS.name else f" · {result.lens_name}"

@@ -193,7 +193,7 @@ def lens_heatmap(
     )
     fig.update_yaxes(title_text="layer (residual stream site)", type="category", showgrid=False)
     if title is None:
-        name = getattr(result, "lens_name", "logit lens")
+        name = result.lens_name
         title = f"{name[:1].upper() + name[1:]}{' — ' + result.model_name if result.model_name else ''} (norm={result.norm})"
     house_style(fig, title=title, width=max(560, 200 + col_px * n_cols), height=max(360, 200 + 24 * n_rows))
     if len(cols) < len(cols_all):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_logitlens.directions import NORM_VIEWS
+from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
 from tl_logitlens.reporting.figures import figures
 from tl_logitlens.reporting.tables import escape, prompts_html, tables_html, token_box
@@ -150,7 +151,7 @@ def _default_title(data: AnyReportData) -> str:
     if isinstance(data, MaskedReportData):
         kind = "Masked-LM lens report"
     else:
-        kind = "Logit lens report" if data.lens_name == "logit lens" else f"Lens report ({data.lens_name})"
+        kind = "Logit lens report" if data.lens_name == LOGIT_LENS.name else f"Lens report ({data.lens_name})"
     return f"{kind}{' — ' + data.model_name if data.model_name else ''}"
 
 
