@@ -444,6 +444,7 @@ def _lens_command(args: argparse.Namespace) -> int:
     console, err = _consoles()
     model = _load(model_name, device, err)
     lens = None if lens_spec is None else _load_lens(lens_spec, model)
+    from tl_logitlens.lenses import lens_name
     from tl_logitlens.reporting import ReportData, compute_report, write_report
 
     settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm, "lens": lens}
@@ -451,7 +452,7 @@ def _lens_command(args: argparse.Namespace) -> int:
         from rich.progress import Progress
 
         with Progress(console=err, transient=True) as progress:
-            task = progress.add_task("logit lens", total=len(prompts))
+            task = progress.add_task(lens_name(lens), total=len(prompts))
             data = compute_report(
                 model, prompts, **settings, progress=lambda done, total: progress.update(task, completed=done)
             )
