@@ -173,6 +173,15 @@ def check_bootstrap(n_bootstrap: object, confidence: object, seed: object, *, mi
     return BootstrapSettings(n_bootstrap, confidence, check_count(seed, "seed", 0))
 
 
+def percentile_interval(replicates: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``low``, ``high``: the percentile interval at ``confidence`` of bootstrap replicates
+    ``[replicate, ...]`` (NaN replicates left out)."""
+    alpha = (1.0 - confidence) / 2
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=replicates.dtype, device=replicates.device)
+    low, high = torch.nanquantile(replicates, q, dim=0)
+    return low, high
+
+
 def interval_fields(mean: torch.Tensor, low: torch.Tensor, high: torch.Tensor, settings: BootstrapSettings) -> dict[str, Any]:
     """The :class:`BootstrapInterval` fields of a result: the three tensors and the settings that drew them."""
     return {"mean": mean, "low": low, "high": high, **settings._asdict()}

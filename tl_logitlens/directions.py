@@ -24,6 +24,7 @@ from tl_logitlens._results import (
     check_bootstrap,
     common_fields,
     interval_fields,
+    percentile_interval,
     token_strings,
 )
 from tl_logitlens._run import Run, execute
@@ -160,11 +161,7 @@ def bootstrap_mean(
     counts = counts.to(values.device)
     num = torch.einsum("rb,sbjk->rsjk", counts, filled)
     den = counts @ w  # [r, pos]
-    boot = num / den[:, None, :, None]
-    alpha = (1.0 - settings.confidence) / 2
-    q = torch.tensor([alpha, 1.0 - alpha], device=values.device)
-    low, high = torch.nanquantile(boot, q, dim=0)
-    return mean, low, high
+    return (mean, *percentile_interval(num / den[:, None, :, None], settings.confidence))
 
 
 def _prepare(

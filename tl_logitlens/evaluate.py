@@ -22,7 +22,7 @@ from jaxtyping import Float
 
 from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
 from tl_logitlens._kernel import Unembedding, unembed_metrics
-from tl_logitlens._results import BootstrapInterval, check_bootstrap, interval_fields
+from tl_logitlens._results import BootstrapInterval, check_bootstrap, interval_fields, percentile_interval
 from tl_logitlens._run import run_cache
 from tl_logitlens.corpus import corpus_length, document_windows, documents
 from tl_logitlens.inputs import check_count
@@ -377,13 +377,9 @@ def _interval(num: torch.Tensor, den: torch.Tensor, confidence: float) -> tuple[
     (``[replicate, ...]``, replicate 0 the whole corpus)."""
     ratio = torch.where(den > 0, num / den.clamp(min=1e-300), torch.nan)
     point = ratio[0]
-    reps = ratio[1:]
-    alpha = (1 - confidence) / 2
-    if reps.shape[0] == 0:
+    if ratio.shape[0] == 1:  # no replicates
         return point, torch.full_like(point, torch.nan), torch.full_like(point, torch.nan)
-    low = torch.nanquantile(reps, alpha, dim=0)
-    high = torch.nanquantile(reps, 1 - alpha, dim=0)
-    return point, low, high
+    return (point, *percentile_interval(ratio[1:], confidence))
 
 
 # Entry points check their own arguments (see lens.logit_lens).
