@@ -1,8 +1,9 @@
 """The tiled metric kernel (tl_logitlens._kernel) against the whole-block definition and float64 truth.
 
 ``unembed_metrics`` computes logits one vocabulary tile at a time from states and an unembedding. It
-must give :func:`block_metrics`' numbers on the full logits (and those are checked against a float64 log-softmax), whatever the tile and
-chunk sizes, with a soft cap, in bfloat16, with and without the final site among the sites.
+must give :func:`block_metrics`' numbers on the full logits (and those are checked against a float64
+log-softmax), whatever the tile and chunk sizes, with a soft cap, in bfloat16, with and without the
+final site among the sites.
 """
 
 from __future__ import annotations
