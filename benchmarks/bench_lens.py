@@ -28,8 +28,8 @@ from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
 from tl_logitlens._kernel import Unembedding, unembed_metrics
-from tl_logitlens.lens import DEFAULT_CHUNK_SIZE
 from tl_logitlens.lenses import resolve_lens
+from tl_logitlens.predictions import DEFAULT_CHUNK_SIZE
 from tl_logitlens.readout import Readout, Site, resolve_sites
 
 

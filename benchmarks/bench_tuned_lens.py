@@ -2,7 +2,7 @@
 
 Both take one step of the same lens (SGD Nesterov, gradient clipping) on the same tokens:
 
-- ``train step (streamed KL)``: :func:`tl_logitlens.tuned_train.lens_kl_sum`, the forward pass stopped
+- ``train step (streamed KL)``: :func:`tl_logitlens.lenses.tuned_training.lens_kl_sum`, the forward pass stopped
   before the unembedding, every site's translator in one batched matmul, and ``KL(final ‖ lens)`` with
   its exact gradient streamed over vocabulary chunks (no ``[site, token, d_vocab]`` logits);
 - ``tuned-lens loop (full logits)``: what tuned-lens's ``train_loop.py`` does, in plain PyTorch: the
@@ -37,8 +37,8 @@ STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 
 
 def ours(model, lens, tokens):
+    from tl_logitlens.lenses.tuned_training import lens_kl_sum
     from tl_logitlens.readout import logit_scale
-    from tl_logitlens.tuned_train import lens_kl_sum
 
     wt = model.W_U.detach().float().T.contiguous()
     b_u = getattr(model, "b_U", None)
@@ -90,7 +90,7 @@ def tuned_lens_loop(model, lens, tokens):
 
 def exact_floor(model, tokens):
     """The frozen forward pass plus ``2 · sites + 1`` plain vocabulary matmuls: a lower bound on any exact step."""
-    from tl_logitlens.tuned_train import _residual_states
+    from tl_logitlens.lenses.tuned_training import _residual_states
 
     w_u = model.W_U.detach().float()
     n = model.cfg.n_layers

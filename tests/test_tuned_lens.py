@@ -13,9 +13,10 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, SHARED, STORIES, assert_close, require_shared, tiny_model
-from tl_logitlens.tuned import TunedLens, readout_fingerprint, writing_weights_centred
-from tl_logitlens.tuned_io import load_lens, pack_windows, read_texts
-from tl_logitlens.tuned_train import chunked_kl, final_norm_f32, train_tuned_lens
+from tl_logitlens.corpus import pack_windows, read_texts
+from tl_logitlens.lenses import TunedLens, load_lens, train_tuned_lens
+from tl_logitlens.lenses.fingerprint import readout_fingerprint, writing_weights_centred
+from tl_logitlens.lenses.tuned_training import chunked_kl, final_norm_f32
 
 LENS_DIR = SHARED / "lenses" / "stories260K-tuned-lens"
 CORPUS = SHARED / "corpora" / "tinystories_1000.json"
@@ -378,7 +379,7 @@ def test_shipped_demo_lens_loads_for_the_demo_model_only(stories):
 @pytest.mark.slow
 def test_shipped_demo_lens_card_figures_reproduce():
     """The held-out KL per site in the lens's json (and card) is recomputed from the shipped files."""
-    from tl_logitlens.tuned_io import DEMO_LENSES
+    from tl_logitlens.lenses.loading import BUILTIN_LENSES as DEMO_LENSES
 
     model = tl.load_model("demo")
     lens = tl.load_lens("demo", model)

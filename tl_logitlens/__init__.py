@@ -1,50 +1,83 @@
-"""tl_logitlens: an exact, memory-bounded logit lens for TransformerLens models."""
+"""tl_logitlens: an exact, memory-bounded logit lens for TransformerLens models.
 
-from tl_logitlens.attribution import (
-    AttributionResult,
-    ComponentLensResult,
-    component_lens,
-    direct_logit_attribution,
-)
-from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff
-from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses
-from tl_logitlens.inputs import Batch, prepare_inputs
-from tl_logitlens.lens import LensResult, logit_lens
-from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
-from tl_logitlens.models import load_model
-from tl_logitlens.profile import DepthProfile, depth_profile
-from tl_logitlens.reporting import report
-from tl_logitlens.tokens import display_tokens
-from tl_logitlens.tuned import TunedLens
-from tl_logitlens.tuned_io import load_lens
-from tl_logitlens.tuned_train import train_tuned_lens
+Every public name is importable from here (``import tl_logitlens as tl; tl.logit_lens(...)``). They
+are loaded on first use (PEP 562), so ``import tl_logitlens`` and the command line's ``--help`` do
+not pay for torch and TransformerLens until a name that needs them is used.
+"""
 
-__all__ = [
-    "TunedLens",
-    "train_tuned_lens",
-    "AttributionResult",
-    "Batch",
-    "component_lens",
-    "ComponentLensResult",
-    "direct_logit_attribution",
-    "direction_lens",
-    "DirectionResult",
-    "evaluate_lenses",
-    "display_tokens",
-    "LensEvaluation",
-    "LensResult",
-    "load_lens",
-    "load_model",
-    "logit_diff",
-    "logit_lens",
-    "masked_lens",
-    "sliding_mask_lens",
-    "depth_profile",
-    "MaskedLensResult",
-    "SlidingMaskResult",
-    "DepthProfile",
-    "NORM_VIEWS",
-    "prepare_inputs",
-    "report",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# each public name and the module that defines it
+_EXPORTS: dict[str, str] = {
+    # lenses
+    "Lens": "tl_logitlens.lenses",
+    "TunedLens": "tl_logitlens.lenses",
+    "load_lens": "tl_logitlens.lenses",
+    "train_tuned_lens": "tl_logitlens.lenses",
+    # inputs
+    "Batch": "tl_logitlens.inputs",
+    "prepare_inputs": "tl_logitlens.inputs",
+    "display_tokens": "tl_logitlens.tokens",
+    "load_model": "tl_logitlens.models",
+    # analyses
+    "LensResult": "tl_logitlens.predictions",
+    "logit_lens": "tl_logitlens.predictions",
+    "NORM_VIEWS": "tl_logitlens.directions",
+    "DirectionResult": "tl_logitlens.directions",
+    "direction_lens": "tl_logitlens.directions",
+    "logit_diff": "tl_logitlens.directions",
+    "AttributionResult": "tl_logitlens.attribution",
+    "ComponentLensResult": "tl_logitlens.attribution",
+    "component_lens": "tl_logitlens.attribution",
+    "direct_logit_attribution": "tl_logitlens.attribution",
+    "MaskedLensResult": "tl_logitlens.masked",
+    "SlidingMaskResult": "tl_logitlens.masked",
+    "masked_lens": "tl_logitlens.masked",
+    "sliding_mask_lens": "tl_logitlens.masked",
+    "DepthProfile": "tl_logitlens.profile",
+    "depth_profile": "tl_logitlens.profile",
+    "LensEvaluation": "tl_logitlens.evaluate",
+    "evaluate_lenses": "tl_logitlens.evaluate",
+    # the report
+    "report": "tl_logitlens.reporting",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tl_logitlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads these
+    # ruff reads __all__ only as a literal list, so it cannot see that these are re-exported
+    from tl_logitlens.attribution import (  # noqa: F401
+        AttributionResult,
+        ComponentLensResult,
+        component_lens,
+        direct_logit_attribution,
+    )
+    from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
+    from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.inputs import Batch, prepare_inputs  # noqa: F401
+    from tl_logitlens.lenses import Lens, TunedLens, load_lens, train_tuned_lens  # noqa: F401
+    from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens  # noqa: F401
+    from tl_logitlens.models import load_model  # noqa: F401
+    from tl_logitlens.predictions import LensResult, logit_lens  # noqa: F401
+    from tl_logitlens.profile import DepthProfile, depth_profile  # noqa: F401
+    from tl_logitlens.reporting import report  # noqa: F401
+    from tl_logitlens.tokens import display_tokens  # noqa: F401

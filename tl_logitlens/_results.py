@@ -24,8 +24,10 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._frames import input_tokens
 from tl_logitlens.inputs import check_count
-from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.tokens import display_tokens
+
+# the name results, figures and tables give the logit lens (tl_logitlens.lenses.LogitLens.name)
+LOGIT_LENS_NAME = "logit lens"
 
 
 def token_strings(tokenizer: Any, ids: torch.Tensor | Sequence[int]) -> list[str]:
@@ -89,7 +91,7 @@ class ResultBase(ShortRepr):
     valid: Bool[torch.Tensor, "batch pos"]
     model_name: str = ""
     n_layers: int | None = None
-    lens_name: str = LOGIT_LENS.name
+    lens_name: str = LOGIT_LENS_NAME
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def input_tokens(self) -> list[list[str]]:
@@ -154,6 +156,34 @@ class BootstrapInterval:
     confidence: float
     n_bootstrap: int
     seed: int
+
+
+class DepthRows(NamedTuple):
+    """The rows a depth profile (:func:`tl_logitlens.profile.depth_profile`) reads from a lens result:
+    one per read position of a causal lens, per hole of a masked lens, per masked position of a
+    sliding mask.
+
+    ``select`` indexes the result's read grid (``[2, row]`` batch and column indices, or ``[row]``
+    positions for a sliding mask: ``kind`` says which); ``prompts`` and ``positions`` place each row
+    in the inputs and ``tokens`` shows it. ``n_layers`` is the model's layer count where the result's
+    sites fix it (the masked lenses always read every layer's input and the last output), else None.
+    """
+
+    select: torch.Tensor
+    prompts: torch.Tensor
+    positions: torch.Tensor
+    tokens: list[str]
+    kind: str
+    n_layers: int | None
+
+
+def every_layer_count(labels: Sequence[str]) -> int | None:
+    """``n`` when ``labels`` are exactly ``0_pre`` … ``{n-1}_pre``, ``final_post`` (every layer's input
+    and the last output), else None."""
+    n = len(labels) - 1
+    if n >= 1 and tuple(labels) == (*(f"{i}_pre" for i in range(n)), "final_post"):
+        return n
+    return None
 
 
 class BootstrapSettings(NamedTuple):

@@ -176,7 +176,7 @@ def versus_tables(data: Any, width: int) -> list[Any]:
 
 def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
     """One table per lens: a row per site, the four statistics (and intervals when wide enough)."""
-    from tl_logitlens.evaluate import MEASURES, STATISTICS
+    from tl_logitlens.measures import MEASURES, STATISTICS
 
     wide = width >= WIDE
     heads = {"kl_to_final": "KL", "cross_entropy": "CE", "entropy": "H", "top1_agreement": "top-1"}

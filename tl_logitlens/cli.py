@@ -314,15 +314,9 @@ def check_device(device: str | None) -> None:
 
 
 def _load_lens(spec: str, model: Any) -> Any:
-    import tl_logitlens
+    from tl_logitlens.lenses import load_lens
 
-    load = getattr(tl_logitlens, "load_lens", None)
-    if load is None:
-        try:
-            from tl_logitlens.tuned_io import load_lens as load
-        except ImportError:
-            raise UsageError("--lens needs tl.load_lens (the tuned lens), which this version lacks") from None
-    return load(spec, model)
+    return load_lens(spec, model)
 
 
 def _demo_tuned_lens(model: Any) -> Any:

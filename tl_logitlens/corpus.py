@@ -287,3 +287,44 @@ def document_windows(ids: tuple[int, ...] | list[int], seq_len: int) -> list[lis
         return [[bos]]
     step = seq_len - 1
     return [[bos, *body[i : i + step]] for i in range(0, len(body), step)]
+
+
+def read_texts(texts: Any) -> list[str]:
+    """The documents of ``texts`` as :func:`tl_logitlens.corpus.iter_texts` reads them: a list or iterable
+    of strings, a ``.txt``/``.json``/``.jsonl`` file, or a Hugging Face ``datasets`` split (its
+    ``"text"`` column); blank documents are skipped and a corpus with none left is an error."""
+    return list(iter_texts(texts))
+
+
+def pack_windows(model: Any, texts: list[str], seq_len: int | None) -> Any:
+    """``[window, seq_len]`` token ids: each text as BOS + its tokens (EOS where the model prepends no
+    BOS), concatenated and cut into consecutive windows; each window starts with BOS when the model
+    prepends one (so ``seq_len - 1`` stream tokens follow it). The last, shorter, window is dropped
+    unless it is the only one. Returns a ``torch.Tensor`` of ids."""
+    import torch
+
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the model has no tokenizer; attach one (model.set_tokenizer(...)) to train on text")
+    n_ctx = int(model.cfg.n_ctx)
+    seq_len = n_ctx if seq_len is None else seq_len
+    if not isinstance(seq_len, int) or not 2 <= seq_len <= n_ctx:
+        raise ValueError(f"seq_len must be an int from 2 to the model's n_ctx ({n_ctx}), not {seq_len!r}")
+    bos = tok.bos_token_id if getattr(model.cfg, "default_prepend_bos", True) else None
+    sep = bos if bos is not None else tok.eos_token_id
+    stream: list[int] = []
+    for i in range(0, len(texts), 256):
+        for ids in tok(texts[i : i + 256], add_special_tokens=False, verbose=False)["input_ids"]:
+            if sep is not None and (stream or bos is None):  # a window's own BOS starts the first text
+                stream.append(sep)
+            stream.extend(ids)
+    body = seq_len - 1 if bos is not None else seq_len
+    n_full = len(stream) // body
+    if n_full == 0:
+        n_full, body = 1, len(stream)
+    data = torch.tensor(stream[: n_full * body], dtype=torch.long).view(n_full, body)
+    if bos is not None:
+        data = torch.cat([torch.full((n_full, 1), bos, dtype=torch.long), data], 1)
+    if data.shape[1] < 2:
+        raise ValueError("the texts hold fewer than two tokens; pass more text")
+    return data

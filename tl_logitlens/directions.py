@@ -62,7 +62,7 @@ class DirectionResult(BootstrapInterval, ResultBase):
     - ``kind``: ``"logit_diff"`` (``logit(correct) - logit(incorrect)``, in logits) or
       ``"direction"`` (the normalised residual stream dotted with a user vector, in that vector's
       units: logits when it is an unembedding difference).
-    - ``labels``: site labels, as in :class:`~tl_logitlens.lens.LensResult` (``"0_pre"``, ...,
+    - ``labels``: site labels, as in :class:`~tl_logitlens.predictions.LensResult` (``"0_pre"``, ...,
       ``"final_post"``).
     - ``values``: ``[site, batch, pos, pair]``; NaN where ``valid`` is False (padding).
     - ``mean``, ``low``, ``high``: ``[site, pos, pair]``, the mean over prompts and a percentile

@@ -27,7 +27,14 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens import _compat
 from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
-from tl_logitlens._results import LensStatistics, ShortRepr, common_fields, labels_summary
+from tl_logitlens._results import (
+    DepthRows,
+    LensStatistics,
+    ShortRepr,
+    common_fields,
+    every_layer_count,
+    labels_summary,
+)
 from tl_logitlens._run import Rows, execute, run_cache
 from tl_logitlens.inputs import Batch, Targets, check_count, check_flag, is_integer, prepare_inputs
 from tl_logitlens.lenses import LOGIT_LENS, Lens, resolve_lens
@@ -326,6 +333,15 @@ class MaskedLensResult(LensStatistics):
                     )
         return pd.DataFrame(rows)
 
+    def depth_rows(self) -> DepthRows:
+        """One row per hole (see :class:`~tl_logitlens._results.DepthRows`); a hole the text already held
+        (``[MASK]``) has no original token and shows the mask token itself."""
+        b, j = self.valid.nonzero(as_tuple=True)
+        toks = display_tokens(self.tokenizer, self.original_ids[b, j].clamp(min=0))
+        held = display_tokens(self.tokenizer, self.tokens.cpu()[b, self.mask_positions.cpu()[b, j]])
+        toks = [t if o >= 0 else h for t, h, o in zip(toks, held, self.original_ids[b, j].tolist())]
+        return DepthRows(torch.stack([b, j]), b, self.mask_positions[b, j], toks, "masked", every_layer_count(self.labels))
+
     def plot(self, **kwargs: Any) -> go.Figure:
         """The laminar profile of one hole; see :func:`tl_logitlens.plotting.masked.profile_figure`."""
         from tl_logitlens.profile import depth_profile
@@ -501,6 +517,13 @@ class SlidingMaskResult(ShortRepr):
     @property
     def max_logprobs(self) -> Float[torch.Tensor, "site pos"]:
         return self.top_logprobs[..., 0]
+
+    def depth_rows(self) -> DepthRows:
+        """One row per masked position (see :class:`~tl_logitlens._results.DepthRows`)."""
+        n = self.positions.shape[0]
+        rows = torch.arange(n)
+        return DepthRows(rows, torch.zeros(n, dtype=torch.long), self.positions, self.original_tokens(), "sliding",
+                         every_layer_count(self.labels))
 
     def original_tokens(self) -> list[str]:
         return display_tokens(self.tokenizer, self.original_ids)

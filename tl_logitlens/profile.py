@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._results import ShortRepr, labels_summary
+from tl_logitlens._results import DepthRows, ShortRepr, labels_summary
 from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def result_n_layers(result: Any, n_layers: int | None = None) -> int | None:
     """
     own = getattr(result, "n_layers", None)
     if own is None:
-        own = _encoder_layer_count(result)
+        own = _rows_of(result).n_layers
     if n_layers is None:
         return own
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
@@ -86,17 +86,6 @@ def result_n_layers(result: Any, n_layers: int | None = None) -> int | None:
     if own is not None and own != n_layers:
         raise ValueError(f"n_layers={n_layers} disagrees with the result, which comes from a {own}-layer model")
     return n_layers
-
-
-def _encoder_layer_count(result: Any) -> int | None:
-    from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult
-
-    if not isinstance(result, (MaskedLensResult, SlidingMaskResult)):
-        return None
-    n = len(result.labels) - 1
-    if n >= 1 and tuple(result.labels) == (*(f"{i}_pre" for i in range(n)), "final_post"):
-        return n
-    return None
 
 
 @dataclass(frozen=True)
@@ -243,28 +232,15 @@ class DepthProfile(ShortRepr):
 TargetArg = Union[None, str, int]
 
 
-def _rows_of(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], str]:
-    """(select, prompts, positions, row tokens, kind) for a result; ``select`` indexes its [batch, pos] grid."""
-    from tl_logitlens.lens import LensResult
-    from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult
-
-    if isinstance(result, SlidingMaskResult):
-        n = result.positions.shape[0]
-        return torch.arange(n), torch.zeros(n, dtype=torch.long), result.positions, result.original_tokens(), "sliding"
-    if isinstance(result, MaskedLensResult):
-        b, j = result.valid.nonzero(as_tuple=True)
-        toks = display_tokens(result.tokenizer, result.original_ids[b, j].clamp(min=0))
-        # a hole the text already held ([MASK]) has no original token: show the mask token itself
-        held = display_tokens(result.tokenizer, result.tokens.cpu()[b, result.mask_positions.cpu()[b, j]])
-        toks = [t if o >= 0 else h for t, h, o in zip(toks, held, result.original_ids[b, j].tolist())]
-        return torch.stack([b, j]), b, result.mask_positions[b, j], toks, "masked"
-    if isinstance(result, LensResult):
-        b, j = result.valid.cpu().nonzero(as_tuple=True)
-        inputs = result.input_tokens()
-        return torch.stack([b, j]), b, result.positions.cpu()[b, j], [inputs[x][y] for x, y in zip(b.tolist(), j.tolist())], "causal"
-    raise TypeError(
-        f"depth_profile takes a LensResult, MaskedLensResult or SlidingMaskResult, not {type(result).__name__}"
-    )
+def _rows_of(result: Any) -> DepthRows:
+    """The rows of a lens result, as the result itself says (its ``depth_rows()``): this module reads
+    results by that one method and never imports the analyses that make them."""
+    rows = getattr(result, "depth_rows", None)
+    if not callable(rows):
+        raise TypeError(
+            f"depth_profile takes a LensResult, MaskedLensResult or SlidingMaskResult, not {type(result).__name__}"
+        )
+    return rows()
 
 
 def _pick(t: torch.Tensor, select: torch.Tensor, kind: str) -> torch.Tensor:
@@ -292,7 +268,7 @@ def depth_profile(
         ValueError: ``final_post`` among the sites and the layer count unknown; a target the result
             does not hold; a bad ``n_track``.
     """
-    select, prompts, positions, row_tokens, kind = _rows_of(result)
+    select, prompts, positions, row_tokens, kind, _ = _rows_of(result)
     depths = site_depths(result.labels, result_n_layers(result, n_layers))
     top_ids = _pick(result.top_ids, select, kind)
     top_lp = _pick(result.top_logprobs, select, kind)

@@ -28,7 +28,6 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens._compat import normalization_type, output_logits_transform
-from tl_logitlens.lenses import Lens
 
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -288,7 +287,7 @@ class Readout:
     """
 
     model: Any
-    lens: Lens
+    lens: Any  # a tl_logitlens.lenses.Lens, as resolve_lens returns it (core does not import lenses)
     norm: str
     include_bias: bool = True
 

@@ -10,7 +10,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens.lens import LensResult
+from tl_logitlens._results import LensStatistics, ResultBase
 from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.tokens import visible_token
 
@@ -53,17 +53,17 @@ def check_index(name: str, value: object, n: int) -> int:
     return value % n
 
 
-def check_prompt(result: LensResult, prompt: int) -> int:
+def check_prompt(result: ResultBase, prompt: int) -> int:
     """The prompt index, checked against the result's batch."""
     return check_index("prompt", prompt, result.top_ids.shape[1])
 
 
-def valid_columns(result: LensResult, prompt: int) -> list[int]:
+def valid_columns(result: ResultBase, prompt: int) -> list[int]:
     """The read-position columns of one prompt that hold real tokens, in order."""
     return [j for j, ok in enumerate(result.valid[prompt].tolist()) if ok]
 
 
-def column_at(result: LensResult, prompt: int, position: int) -> int:
+def column_at(result: ResultBase, prompt: int, position: int) -> int:
     """The column of ``result`` that read token ``position`` of ``prompt`` (``-1``: its last token).
 
     Negative positions count back from the prompt's own last real token, as in ``logit_lens``.
@@ -82,7 +82,7 @@ def column_at(result: LensResult, prompt: int, position: int) -> int:
     return cols[0]
 
 
-def target_index(result: LensResult, target: str | int, prompt: int | None = None) -> int:
+def target_index(result: LensStatistics, target: str | int, prompt: int | None = None) -> int:
     """Which of the result's targets ``target`` names: a token string (as displayed) or a token id."""
     if result.target_ids is None:
         raise ValueError(
@@ -99,7 +99,7 @@ def target_index(result: LensResult, target: str | int, prompt: int | None = Non
     raise ValueError(f"target {target!r} is not one of this result's targets {names}; pick one of those")
 
 
-def target_names(result: LensResult) -> list[str]:
+def target_names(result: LensStatistics) -> list[str]:
     """A readable name per target: the token when every row shares it, else ``target <t>``."""
     from tl_logitlens.tokens import display_tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens.attribution import AttributionResult, ComponentLensResult
+from tl_logitlens._results import RowsResult
 from tl_logitlens.plotting._common import (
     MONO,
     _plain_length,
@@ -21,7 +21,7 @@ from tl_logitlens.plotting._common import (
 
 
 def _values(
-    result: AttributionResult, pair: int, prompt: int | None, column: int
+    result: RowsResult, pair: int, prompt: int | None, column: int
 ) -> tuple[torch.Tensor, float, str]:
     """Each row's attribution (``[row]``), the model's total, and a caption of what was averaged."""
     pair = check_index("pair", pair, result.attribution.shape[-1])
@@ -41,11 +41,11 @@ def _values(
     )
 
 
-def _unit_name(result: AttributionResult) -> str:
+def _unit_name(result: RowsResult) -> str:
     return "logit difference" if result.metric == "logit_diff" else "logit"
 
 
-def _check_cell(result: AttributionResult | ComponentLensResult, prompt: int, column: int) -> tuple[int, int]:
+def _check_cell(result: RowsResult, prompt: int, column: int) -> tuple[int, int]:
     """``prompt`` and read-position ``column`` checked against the result: in range and not padding."""
     n_batch, n_cols = result.valid.shape
     prompt = check_index("prompt", prompt, n_batch)
@@ -84,7 +84,7 @@ def _diverging_heatmap(
 
 
 def head_grid_figure(
-    result: AttributionResult,
+    result: RowsResult,
     *,
     pair: int = 0,
     prompt: int | None = None,
@@ -136,7 +136,7 @@ def _fmt(v: float | None) -> str:
 
 
 def component_bars_figure(
-    result: AttributionResult,
+    result: RowsResult,
     *,
     pair: int = 0,
     prompt: int | None = None,
@@ -191,7 +191,7 @@ def component_bars_figure(
     return fig
 
 
-def _depth(result: AttributionResult, row: int) -> float:
+def _depth(result: RowsResult, row: int) -> float:
     """Where a row sits in the forward pass: embeddings first, a layer's heads before its MLP."""
     label = result.labels[row]
     layer = result.row_layer[row]
@@ -205,7 +205,7 @@ def _depth(result: AttributionResult, row: int) -> float:
 
 
 def component_lens_figure(
-    result: ComponentLensResult,
+    result: RowsResult,
     *,
     prompt: int = 0,
     column: int = -1,
@@ -256,7 +256,7 @@ def component_lens_figure(
 
 
 def head_source_figure(
-    result: AttributionResult,
+    result: RowsResult,
     *,
     prompt: int = 0,
     column: int = -1,

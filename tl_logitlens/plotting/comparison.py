@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from tl_logitlens.directions import DirectionResult
+from tl_logitlens._results import ResultBase
 from tl_logitlens.plotting._common import (
     LINE_CHART,
     MIN_BAND_N,
@@ -20,7 +20,7 @@ from tl_logitlens.plotting._common import (
 
 
 def logit_diff_figure(
-    result: DirectionResult,
+    result: ResultBase,
     *,
     per_prompt: bool = False,
     pair: int | None = None,

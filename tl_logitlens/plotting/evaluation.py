@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tl_logitlens._results import BootstrapInterval
 from tl_logitlens.plotting._common import band_trace
-
-if TYPE_CHECKING:
-    from tl_logitlens.evaluate import LensEvaluation
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 _FILLS = (
@@ -25,7 +22,7 @@ _FILLS = (
 
 
 def evaluation_figure(
-    ev: LensEvaluation,
+    ev: BootstrapInterval,
     *,
     statistics: Sequence[str] | None = None,
     bits_per_byte: bool = False,
@@ -41,7 +38,7 @@ def evaluation_figure(
             (top-1 agreement is a fraction either way).
         width, height: the figure's size in pixels (height: 320 per row of panels).
     """
-    from tl_logitlens.evaluate import BPB_STATISTICS, MEASURES, STATISTICS, TITLES, UNITS
+    from tl_logitlens.measures import BPB_STATISTICS, MEASURES, STATISTICS, TITLES, UNITS
 
     statistics = list(STATISTICS if statistics is None else statistics)
     unknown = [s for s in statistics if s not in STATISTICS]

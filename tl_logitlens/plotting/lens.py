@@ -1,4 +1,4 @@
-"""Figures of a :class:`~tl_logitlens.lens.LensResult`: the lens heatmap, target trajectories, and the
+"""Figures of a :class:`~tl_logitlens.predictions.LensResult`: the lens heatmap, target trajectories, and the
 probability of the final layer's top tokens across layers.
 
 These functions only read the result's fields; every number they show was computed by
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens.lens import LensResult
+from tl_logitlens._results import LensStatistics
 from tl_logitlens.plotting._common import (
     LINE_CHART,
     MIN_BAND_N,
@@ -53,7 +53,7 @@ class _Colour:
     unit: str = ""
 
 
-def _colour_values(result: LensResult, color: str, target: str | int | None, prompt: int) -> _Colour:
+def _colour_values(result: LensStatistics, color: str, target: str | int | None, prompt: int) -> _Colour:
     """The tensor the colour shows, ``[site, pos]`` for one prompt, read from the result's fields."""
     if color not in COLORS:
         raise ValueError(f"color={color!r} is not one of {list(COLORS)}")
@@ -104,7 +104,7 @@ def shown_columns(n: int, max_positions: int, long: str) -> list[int]:
 
 
 def lens_heatmap(
-    result: LensResult,
+    result: LensStatistics,
     *,
     color: str = "prob",
     target: str | int | None = None,
@@ -207,7 +207,7 @@ def lens_heatmap(
 
 
 def _heatmap_hover(
-    result: LensResult, prompt: int, cols: list[int], what: str, values: list, whole: bool
+    result: LensStatistics, prompt: int, cols: list[int], what: str, values: list, whole: bool
 ) -> list[list[str]]:
     """Each cell's hover text: site, position and input token, the coloured value (``whole``: as an
     integer), and the site's top-k tokens with their probabilities."""
@@ -249,7 +249,7 @@ def _add_note(fig: go.Figure, text: str) -> None:
 
 
 def target_trajectory(
-    result: LensResult,
+    result: LensStatistics,
     *,
     target: str | int | None = None,
     metric: str = "logprob",
@@ -334,7 +334,7 @@ def target_trajectory(
 
 
 def top_token_evolution(
-    result: LensResult,
+    result: LensStatistics,
     *,
     prompt: int = 0,
     position: int = -1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from tl_logitlens.lens import LensResult
+from tl_logitlens._results import LensStatistics
 from tl_logitlens.plotting._common import (
     MONO,
     as_list,
@@ -32,7 +32,7 @@ def column_edges(columns: list[list[str]]) -> list[float]:
 
 
 def text_heatmap(
-    result: LensResult,
+    result: LensStatistics,
     *,
     prompt: int = 0,
     max_positions: int = 40,

@@ -10,10 +10,10 @@ from tl_logitlens import _compat
 from tl_logitlens.attribution import AttributionResult, direct_logit_attribution
 from tl_logitlens.directions import DirectionResult, logit_diff
 from tl_logitlens.inputs import resolve_token
-from tl_logitlens.lens import LensResult, logit_lens
 from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
 from tl_logitlens.models import load_model
+from tl_logitlens.predictions import LensResult, logit_lens
 from tl_logitlens.profile import DepthProfile, depth_profile
 from tl_logitlens.tokens import display_tokens, visible_token
 

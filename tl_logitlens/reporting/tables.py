@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from tl_logitlens.lens import LensResult
 from tl_logitlens.masked import MaskedLensResult
+from tl_logitlens.predictions import LensResult
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
 from tl_logitlens.tokens import display_tokens, visible_token
 

@@ -1,4 +1,4 @@
-"""Lenses: how a residual state is turned into the model's vocabulary before its final norm.
+"""The lens protocol, the logit lens, and how an analysis turns its ``lens=`` argument into a lens.
 
 A *lens* is what every analysis accepts as ``lens=``. It maps a site's residual states to states the
 model's own final norm and unembedding then read (:class:`tl_logitlens.readout.Readout` does that
@@ -6,7 +6,8 @@ part, the same for every lens):
 
 - :class:`LogitLens` (``lens=None``): the identity. The state is read as it is, as if the model
   stopped at that site (nostalgebraist, 2020).
-- a tuned lens (Belrose et al., 2023): an affine translator per site, ``h + W h + b``.
+- a tuned lens (Belrose et al., 2023, :mod:`tl_logitlens.lenses.tuned`): an affine translator per
+  site, ``h + W h + b``.
 
 A new lens implements the :class:`Lens` protocol: a ``name`` for figures and tables, a
 ``check_model(model)`` that refuses a model it was not made for, and ``translate(site, states)``.
@@ -18,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
+
+from tl_logitlens._results import LOGIT_LENS_NAME
 
 
 @runtime_checkable
@@ -37,7 +40,7 @@ class Lens(Protocol):
 class LogitLens:
     """The logit lens: every state is read as it is."""
 
-    name = "logit lens"
+    name = LOGIT_LENS_NAME
 
     def check_model(self, model: Any) -> None:
         return None

@@ -1,0 +1,30 @@
+"""The lens family: what turns a site's residual states into the states the model's own final norm
+and unembedding read.
+
+- :mod:`~tl_logitlens.lenses.protocol`: the :class:`Lens` protocol, the logit lens, and
+  :func:`resolve_lens` (what an analysis does with its ``lens=`` argument);
+- :mod:`~tl_logitlens.lenses.fingerprint`: what ties a lens to a model (a readout fingerprint, the
+  stream's centring);
+- :mod:`~tl_logitlens.lenses.tuned`: the tuned lens and its files; its training in
+  :mod:`~tl_logitlens.lenses.tuned_training`;
+- :mod:`~tl_logitlens.lenses.loading`: :func:`load_lens`, for every format and the built-in lenses.
+
+Layers read one way: this package uses the core modules (readout, corpus, inputs, ...) and is used by
+the analyses; it never imports an analysis, a figure or the report.
+"""
+
+from tl_logitlens.lenses.loading import load_lens
+from tl_logitlens.lenses.protocol import LOGIT_LENS, Lens, LogitLens, lens_name, resolve_lens
+from tl_logitlens.lenses.tuned import TunedLens
+from tl_logitlens.lenses.tuned_training import train_tuned_lens
+
+__all__ = [
+    "LOGIT_LENS",
+    "Lens",
+    "LogitLens",
+    "TunedLens",
+    "lens_name",
+    "load_lens",
+    "resolve_lens",
+    "train_tuned_lens",
+]

@@ -1,0 +1,99 @@
+"""What ties a lens to a model: a fingerprint of the model's readout, and whether its residual stream
+was centred.
+
+A lens reads the residual stream of the model it was made for. Two checks guard that, shared by every
+lens that carries a map of its own (tuned, Jacobian):
+
+- the *readout fingerprint*: the log-probs of a few seeded probe states through the model's final norm
+  and unembedding. TransformerLens's weight processing (``fold_ln``, ``center_unembed``) and the
+  TransformerLens version leave it unchanged; another model changes it;
+- on LayerNorm models, whether the *writing weights are centred* (TransformerLens's
+  ``center_writing_weights``, which removes the stream's mean that a lens fitted on the raw stream reads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_logitlens._compat import normalization_type
+from tl_logitlens.readout import normalise, unembed
+
+_PROBE_SEED = 0
+_N_PROBES = 4
+_PROBE_TOP = 8
+_PROBE_RANDOM = 8
+# fingerprint tolerance (nats, max abs log-prob difference): float32 readouts of the same weights agree
+# to ~1e-5 across TransformerLens versions and weight processing; a 16-bit model rounds its norm and W_U
+FINGERPRINT_ATOL = {torch.float32: 1e-3, torch.float64: 1e-3}
+FINGERPRINT_ATOL_16BIT = 0.25
+# a row is "centred" when its mean is below this fraction of its root mean square
+_CENTRED_RTOL = 1e-3
+
+
+def _probe_logprobs(model: Any) -> Float[torch.Tensor, "probe d_vocab"]:
+    """Float32 log-probs of the model's readout (final norm, ``W_U``, ``b_U``, logit transform) at
+    ``_N_PROBES`` seeded standard-normal states."""
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    probes = torch.randn(_N_PROBES, model.cfg.d_model, generator=gen)
+    probes = probes.to(device=model.W_U.device, dtype=model.W_U.dtype)
+    rows = torch.zeros(_N_PROBES, dtype=torch.long, device=probes.device)
+    with torch.inference_mode():
+        normed = normalise(model, None, probes[None], "recompute", rows, rows)[0]
+        return unembed(model, normed, True).float().log_softmax(-1)
+
+
+def readout_fingerprint(model: Any) -> dict[str, Any]:
+    """The log-probs of a few seeded probe states at a few token ids (each probe's top tokens and a seeded
+    sample): the same for every loading of the same weights, different for another model."""
+    logp = _probe_logprobs(model)
+    d_vocab = logp.shape[-1]
+    gen = torch.Generator().manual_seed(_PROBE_SEED + 1)
+    ids = set(logp.topk(min(_PROBE_TOP, d_vocab), -1).indices.flatten().tolist())
+    ids |= set(torch.randint(0, d_vocab, (_PROBE_RANDOM,), generator=gen).tolist())
+    ids_sorted = sorted(ids)
+    return {
+        "probe_seed": _PROBE_SEED,
+        "n_probes": _N_PROBES,
+        "token_ids": ids_sorted,
+        "logprobs": logp[:, ids_sorted].cpu().tolist(),
+    }
+
+
+def fingerprint_distance(model: Any, fingerprint: dict[str, Any]) -> float:
+    """Max abs difference (nats) between the model's probe log-probs and a stored fingerprint."""
+    if fingerprint.get("probe_seed") != _PROBE_SEED or fingerprint.get("n_probes") != _N_PROBES:
+        raise ValueError("the lens's fingerprint was made with other probes; re-save the lens with this version")
+    logp = _probe_logprobs(model)
+    ids = torch.tensor(fingerprint["token_ids"], dtype=torch.long, device=logp.device)
+    if int(ids.max()) >= logp.shape[-1]:
+        return float("inf")
+    stored = torch.tensor(fingerprint["logprobs"], dtype=torch.float32, device=logp.device)
+    return float((logp[:, ids] - stored).abs().max())
+
+
+def _rows_centred(w: torch.Tensor) -> bool:
+    w = w.detach().float().reshape(-1, w.shape[-1])
+    rms = w.pow(2).mean(-1).sqrt()
+    return bool((w.mean(-1).abs() <= _CENTRED_RTOL * rms + 1e-12).all())
+
+
+def writing_weights_centred(model: Any) -> bool | None:
+    """Whether a LayerNorm model's writing weights are centred (TransformerLens's
+    ``center_writing_weights``): every row of ``W_E`` (and ``W_pos``) and every output of ``W_O`` and
+    ``W_out`` has zero mean over ``d_model``. None for models without LayerNorm (nothing is centred)."""
+    if normalization_type(model) not in ("LN", "LNPre"):
+        return None
+    with torch.no_grad():
+        if not _rows_centred(model.W_E):
+            return False
+        for name in ("W_pos", "W_O", "W_out"):
+            try:
+                w = getattr(model, name)
+            except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+                continue
+            if isinstance(w, torch.Tensor) and w.numel() and not _rows_centred(w):
+                return False
+    return True

@@ -1,0 +1,288 @@
+"""The tuned lens (Belrose et al., 2023, "Eliciting Latent Predictions from Transformers with the Tuned
+Lens"): an affine translator per layer, ``h + W h + b``, trained so that the final norm and unembedding
+of the translated state match the model's own output distribution.
+
+:class:`TunedLens` implements the :class:`~tl_logitlens.lenses.Lens` protocol, so every analysis that
+takes ``lens=`` reads through it: translator ``i`` maps ``blocks.{i}.hook_resid_pre`` (site ``"{i}_pre"``;
+``"{l}_post"`` is the same stream as ``"{l+1}_pre"``), ``final_post`` is the identity. Train one with
+:func:`~tl_logitlens.lenses.tuned_training.train_tuned_lens`, save it with :meth:`TunedLens.save`, load
+it (or a tuned-lens 0.2.0 checkpoint) with :func:`~tl_logitlens.lenses.loading.load_lens`.
+
+Its files, both read here:
+
+- this package's: ``tuned_lens.safetensors`` (``"{i}.weight"`` ``[d_model, d_model]``, ``"{i}.bias"``
+  ``[d_model]``, float32) and ``tuned_lens.json`` (model name, shapes, the readout fingerprint, whether
+  the stream was centred, the training settings), written by :meth:`TunedLens.save`;
+- tuned-lens 0.2.0's: ``config.json`` and ``params.pt`` with the same keys, translator ``i`` reading
+  ``blocks.{i}.hook_resid_pre`` of the model as Hugging Face computes it (uncentred). ``params.pt`` is
+  read with ``torch.load(weights_only=True)``: a pickle that needs anything but tensors is refused.
+
+A lens is tied to the residual stream it was trained on; :mod:`tl_logitlens.lenses.fingerprint` holds
+the two checks that guard that (the readout fingerprint, the stream's centring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_logitlens._compat import normalization_type
+from tl_logitlens.lenses.fingerprint import (
+    FINGERPRINT_ATOL,
+    FINGERPRINT_ATOL_16BIT,
+    fingerprint_distance,
+    readout_fingerprint,
+    writing_weights_centred,
+)
+
+FORMAT_VERSION = 1
+FORMAT = "tl_logitlens tuned lens"
+WEIGHTS_FILE = "tuned_lens.safetensors"
+CONFIG_FILE = "tuned_lens.json"
+# tuned-lens 0.2.0's files
+TUNED_LENS_CONFIG = "config.json"
+TUNED_LENS_PARAMS = "params.pt"
+_SITE_RE = re.compile(r"^(\d+)_(pre|mid|post)$")
+
+
+class TunedLens(torch.nn.Module):
+    """An affine translator per ``resid_pre`` site: ``h ↦ h + h Wᵢᵀ + bᵢ`` (float32), read through the
+    model's own final norm and unembedding.
+
+    ``weight[i]`` and ``bias[i]`` are translator ``i`` in ``torch.nn.Linear``'s convention (tuned-lens's
+    ``"{i}.weight"`` / ``"{i}.bias"``). Both start at zero, where the tuned lens *is* the logit lens.
+    ``meta`` records what the lens was made for (model name, shapes, readout fingerprint, stream
+    centring) and how it was trained; :meth:`check_model` refuses a model it was not made for.
+
+    Example:
+        >>> lens = tl.train_tuned_lens(model, stories)            # doctest: +SKIP
+        >>> tl.logit_lens(model, "Once upon a time", lens=lens)   # doctest: +SKIP
+    """
+
+    def __init__(self, d_model: int, n_layers: int, *, meta: dict[str, Any] | None = None,
+                 name: str = "tuned lens") -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model))
+        self.name = name
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def n_layers(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def for_model(cls, model: Any) -> TunedLens:
+        """A lens at initialisation (every translator zero: the logit lens) made for ``model``."""
+        cfg = model.cfg
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_name": str(getattr(cfg, "model_name", "")),
+            "d_model": int(cfg.d_model),
+            "n_layers": int(cfg.n_layers),
+            "d_vocab": int(model.W_U.shape[-1]),
+            "normalization_type": str(normalization_type(model)),
+            "stream_centred": writing_weights_centred(model),
+            "fingerprint": readout_fingerprint(model),
+        }
+        return cls(cfg.d_model, cfg.n_layers, meta=meta).to(model.W_U.device)
+
+    def translator_index(self, site: str) -> int | None:
+        """The translator that reads site ``site`` (a label), or None where the lens is the identity."""
+        if site == "final_post":
+            return None
+        m = _SITE_RE.match(site)
+        if m is None:
+            raise ValueError(f"unknown site {site!r}; the tuned lens reads labels like '0_pre', '2_post', 'final_post'")
+        layer, kind = int(m.group(1)), m.group(2)
+        if kind == "mid":
+            raise ValueError(
+                f"the tuned lens has translators for resid_pre/resid_post sites only, not {site!r} "
+                "(resid_mid); pass sites='resid_pre' or 'resid_post', or use the logit lens (lens=None) there"
+            )
+        index = layer if kind == "pre" else layer + 1
+        if index > self.n_layers or (kind == "pre" and index >= self.n_layers):
+            raise ValueError(f"site {site!r} is beyond this lens's {self.n_layers} layers")
+        return None if index == self.n_layers else index
+
+    @torch.no_grad()
+    def translate(self, site: str, states: Float[torch.Tensor, "row d_model"]) -> Float[torch.Tensor, "row d_model"]:
+        """``states + states @ W.T + b`` of the site's translator, computed in float32 and returned in
+        the states' dtype; ``final_post`` (and ``{n-1}_post``, the same stream) unchanged."""
+        index = self.translator_index(site)
+        if index is None:
+            return states
+        h = states.float()
+        w = self.weight[index].to(h.device)
+        b = self.bias[index].to(h.device)
+        return (h + torch.addmm(b, h, w.T)).to(states.dtype)
+
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` when ``model`` is not the model this lens was made for.
+
+        Checks, in order: ``d_model`` and ``n_layers``; the vocabulary size and the readout fingerprint
+        (lenses saved by this package); on LayerNorm models, that the writing weights are centred
+        exactly when they were for training (tuned-lens checkpoints read the uncentred stream).
+        """
+        cfg = model.cfg
+        if (cfg.d_model, cfg.n_layers) != (self.d_model, self.n_layers):
+            raise ValueError(
+                f"this tuned lens was made for a model with d_model {self.d_model} and {self.n_layers} layers "
+                f"({self.meta.get('model_name') or 'unnamed'}), not this one (d_model {cfg.d_model}, "
+                f"{cfg.n_layers} layers); train one for it with tl.train_tuned_lens(model, texts)"
+            )
+        fingerprint = self.meta.get("fingerprint")
+        if fingerprint is not None:
+            d_vocab = int(model.W_U.shape[-1])
+            if d_vocab != self.meta.get("d_vocab", d_vocab):
+                raise ValueError(
+                    f"this tuned lens was made for a model with a vocabulary of {self.meta['d_vocab']} "
+                    f"({self.meta.get('model_name')!r}), not {d_vocab}; train one for this model"
+                )
+            diff = fingerprint_distance(model, fingerprint)
+            atol = FINGERPRINT_ATOL.get(model.W_U.dtype, FINGERPRINT_ATOL_16BIT)
+            if not diff <= atol:
+                raise ValueError(
+                    f"this tuned lens was made for another model ({self.meta.get('model_name')!r}): its final "
+                    f"norm and unembedding read probe states {diff:.3g} nats apart (tolerance {atol:g}); "
+                    "load the lens made for this model, or train one with tl.train_tuned_lens(model, texts)"
+                )
+        expected = self.meta.get("stream_centred")
+        if expected is None or normalization_type(model) not in ("LN", "LNPre"):
+            return
+        actual = writing_weights_centred(model)
+        if actual and not expected:
+            raise ValueError(
+                "this tuned lens reads the uncentred residual stream (a tuned-lens checkpoint, or a lens "
+                "trained on a model loaded without centring), but this LayerNorm model was loaded with "
+                "TransformerLens's centred writing weights, which remove the stream's mean the translators "
+                "read (the lens would be off by ~1e-2); load the model with "
+                "tl.load_model(..., center_writing_weights=False)"
+            )
+        if expected and not actual:
+            raise ValueError(
+                "this tuned lens was trained on the model loaded with TransformerLens's centred writing "
+                "weights (tl.load_model's default), but this LayerNorm model's writing weights are not "
+                "centred; load it with the default center_writing_weights=True"
+            )
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``tuned_lens.safetensors`` (``"{i}.weight"``, ``"{i}.bias"``, float32) and
+        ``tuned_lens.json`` (what the lens was made for, how it was trained) into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i in range(self.n_layers):
+            tensors[f"{i}.weight"] = self.weight[i].detach().float().cpu().contiguous()
+            tensors[f"{i}.bias"] = self.bias[i].detach().float().cpu().contiguous()
+        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, d_model={self.d_model}, n_layers={self.n_layers}, model={self.meta.get('model_name')!r}"
+
+
+def is_own_folder(folder: Path) -> bool:
+    """A folder written by :meth:`TunedLens.save`."""
+    return (folder / CONFIG_FILE).is_file()
+
+
+def is_tuned_lens_folder(folder: Path) -> bool:
+    """A folder in tuned-lens 0.2.0's format."""
+    return (folder / TUNED_LENS_CONFIG).is_file() and (folder / TUNED_LENS_PARAMS).is_file()
+
+
+def _stack(state: dict[str, torch.Tensor], n_layers: int, d_model: int, bias: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    expected = {f"{i}.weight" for i in range(n_layers)} | ({f"{i}.bias" for i in range(n_layers)} if bias else set())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{where} does not hold {n_layers} translators: missing {missing[:4]}, unexpected {extra[:4]}")
+    for key, t in state.items():
+        shape = (d_model, d_model) if key.endswith("weight") else (d_model,)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            raise ValueError(f"{where}: {key} should be a float tensor of shape {list(shape)}")
+    weight = torch.stack([state[f"{i}.weight"].float() for i in range(n_layers)])
+    zeros = torch.zeros(d_model)
+    b = torch.stack([state[f"{i}.bias"].float() if bias else zeros for i in range(n_layers)])
+    return weight, b
+
+
+def _with_weights(lens: TunedLens, weight: torch.Tensor, bias: torch.Tensor) -> TunedLens:
+    with torch.no_grad():
+        lens.weight.copy_(weight)
+        lens.bias.copy_(bias)
+    return lens
+
+
+def read_own(folder: Path) -> TunedLens:
+    """The lens :meth:`TunedLens.save` wrote into ``folder`` (not yet checked against a model)."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder / CONFIG_FILE} has format version {meta.get('format_version')!r}; this version of "
+            f"tl_logitlens reads version {FORMAT_VERSION}"
+        )
+    try:
+        d_model, n_layers = int(meta["d_model"]), int(meta["n_layers"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG_FILE} lacks d_model/n_layers") from err
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    weight, bias = _stack(load_file(folder / WEIGHTS_FILE), n_layers, d_model, True, str(folder / WEIGHTS_FILE))
+    name = meta.pop("name", "tuned lens")
+    return _with_weights(TunedLens(d_model, n_layers, meta=meta, name=name), weight, bias)
+
+
+def read_tuned_lens_format(folder: Path) -> TunedLens:
+    """A tuned-lens 0.2.0 checkpoint (``config.json`` + ``params.pt``), its translators reading the
+    uncentred stream; ``params.pt`` is read with ``torch.load(weights_only=True)`` only."""
+    import pickle
+
+    try:
+        config = json.loads((folder / TUNED_LENS_CONFIG).read_text())
+        d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{folder / TUNED_LENS_CONFIG} is not a tuned-lens config (d_model, num_hidden_layers)") from err
+    lens_type = config.get("lens_type", "linear_tuned_lens")
+    if lens_type != "linear_tuned_lens":
+        raise ValueError(f"{folder} holds a tuned-lens {lens_type!r}; only 'linear_tuned_lens' is read")
+    try:
+        state = torch.load(folder / TUNED_LENS_PARAMS, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
+        raise ValueError(
+            f"{folder / TUNED_LENS_PARAMS} is not a plain tensor checkpoint (torch.load(weights_only=True) "
+            f"refused it: {str(err).splitlines()[0][:200]}); refusing to unpickle anything else"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{folder / TUNED_LENS_PARAMS} holds a {type(state).__name__}, not a dict of tensors")
+    weight, bias = _stack(state, n_layers, d_model, bool(config.get("bias", True)), str(folder / TUNED_LENS_PARAMS))
+    meta = {
+        "format": "tuned-lens 0.2.0",
+        "model_name": str(config.get("base_model_name_or_path", "")),
+        "d_model": d_model,
+        "n_layers": n_layers,
+        # tuned-lens reads Hugging Face's residual stream, which TransformerLens's centring changes
+        "stream_centred": False,
+        "unembed_hash": config.get("unembed_hash"),
+        "source": str(folder),
+    }
+    return _with_weights(TunedLens(d_model, n_layers, meta=meta), weight, bias)

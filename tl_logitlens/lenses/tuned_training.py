@@ -1,0 +1,298 @@
+"""Training a :class:`~tl_logitlens.lenses.tuned.TunedLens`: text packed into windows, the frozen model's
+residual stream, and ``KL(final ‖ lens)`` summed over sites, with the vocabulary streamed in chunks.
+
+The loss never builds the ``[site, token, d_vocab]`` logits. For a normalised state ``x`` with logits
+``z = s·(x W_U + b_U)`` (``s`` the model's logit scale, 1 for most) and the final distribution ``q``
+(logits ``z_f`` from ``x_f``)::
+
+    KL(q ‖ softmax z) = s·(x_f - x)·E_q[w] + logsumexp(z) - logsumexp(z_f)
+    ∂KL/∂x            = s·(E_p[w] - E_q[w])
+
+where ``w`` is a column of ``W_U`` and ``E_p[w] = softmax(z) @ W_Uᵀ``. Both ``logsumexp`` and ``E_p[w]`` come
+from one pass over vocabulary chunks with a running maximum (the online softmax of flash attention), so
+the loss and its exact gradient cost two ``[row, d_model] x [d_model, chunk]`` matmuls per chunk and
+``O(rows · chunk)`` memory. ``E_q[w]`` and ``logsumexp(z_f)`` are computed once per batch for all sites.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_logitlens._compat import normalization_type
+from tl_logitlens.corpus import pack_windows, read_texts
+from tl_logitlens.lenses.tuned import TunedLens
+from tl_logitlens.readout import check_model as check_causal_model
+from tl_logitlens.readout import logit_scale, soft_cap
+
+# Rows and vocabulary entries per block of the streamed softmax: a [rows, chunk] float32 block of
+# 2 MiB stays in cache while it is exponentiated and multiplied back.
+ROW_BLOCK = 512
+VOCAB_CHUNK = 1024
+
+
+class _Stop(Exception):
+    """Raised from the last hook: the unembedding is not needed."""
+
+
+@torch.no_grad()
+def softmax_stats(
+    x: Float[torch.Tensor, "row d_model"],
+    wt: Float[torch.Tensor, "d_vocab d_model"],
+    b: Float[torch.Tensor, " d_vocab"] | None,
+    scale: float,
+    *,
+    row_block: int = ROW_BLOCK,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> tuple[Float[torch.Tensor, " row"], Float[torch.Tensor, "row d_model"]]:
+    """``logsumexp(z)`` and ``softmax(z) @ wt`` for ``z = scale·(x @ wt.T + b)``, streamed over the vocabulary."""
+    n_rows, d = x.shape
+    lse = torch.empty(n_rows, device=x.device)
+    expect = torch.empty(n_rows, d, device=x.device)
+    for r0 in range(0, n_rows, row_block):
+        xr = x[r0 : r0 + row_block]
+        m = torch.full((xr.shape[0],), -math.inf, device=x.device)
+        total = torch.zeros(xr.shape[0], device=x.device)
+        acc = torch.zeros(xr.shape[0], d, device=x.device)
+        for v0 in range(0, wt.shape[0], vocab_chunk):
+            w = wt[v0 : v0 + vocab_chunk]
+            z = xr @ w.T if b is None else torch.addmm(b[v0 : v0 + vocab_chunk], xr, w.T)
+            if scale != 1.0:
+                z.mul_(scale)
+            m_new = torch.maximum(m, z.amax(-1))
+            alpha = torch.exp(m - m_new)
+            z.sub_(m_new[:, None]).exp_()
+            total = total * alpha + z.sum(-1)
+            acc.mul_(alpha[:, None]).addmm_(z, w)
+            m = m_new
+        lse[r0 : r0 + row_block] = m + total.log()
+        expect[r0 : r0 + row_block] = acc / total[:, None]
+    return lse, expect
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """``KL(final ‖ site)`` per row (nats) with its exact gradient in ``x``, never holding full logits."""
+
+    @staticmethod
+    def forward(ctx, x, x_final, lse_final, expect_final, wt, b, scale, row_block, vocab_chunk):  # type: ignore[override]
+        lse, expect = softmax_stats(x, wt, b, scale, row_block=row_block, vocab_chunk=vocab_chunk)
+        kl = scale * ((x_final - x) * expect_final).sum(-1) + (lse - lse_final)
+        ctx.save_for_backward(scale * (expect - expect_final))
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):  # type: ignore[override]
+        (grad_x,) = ctx.saved_tensors
+        return grad_kl[:, None] * grad_x, None, None, None, None, None, None, None, None
+
+
+def chunked_kl(
+    x: Float[torch.Tensor, "site_row d_model"],
+    x_final: Float[torch.Tensor, "row d_model"],
+    wt: Float[torch.Tensor, "d_vocab d_model"],
+    b: Float[torch.Tensor, " d_vocab"] | None,
+    scale: float = 1.0,
+    *,
+    row_block: int = ROW_BLOCK,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> Float[torch.Tensor, " site_row"]:
+    """``KL(softmax z_final ‖ softmax z)`` per row in nats, differentiable in ``x``, where
+    ``z = scale·(x @ wt.T + b)`` and likewise ``z_final`` from ``x_final`` (no gradient). ``x`` stacks
+    any number of sites' rows, each site's in the order of ``x_final``'s."""
+    if x.shape[0] % x_final.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows, not a multiple of x_final's {x_final.shape[0]}")
+    lse_f, expect_f = softmax_stats(x_final, wt, b, scale, row_block=row_block, vocab_chunk=vocab_chunk)
+    reps = x.shape[0] // x_final.shape[0]
+    return _ChunkedKL.apply(
+        x, x_final.repeat(reps, 1), lse_f.repeat(reps), expect_f.repeat(reps, 1), wt, b, scale, row_block,
+        vocab_chunk,
+    )
+
+
+def final_norm_f32(model: Any, y: Float[torch.Tensor, "*rows d_model"]) -> Float[torch.Tensor, "*rows d_model"]:
+    """The model's final norm in float32, differentiable in ``y`` (the model's own parameters stay
+    out of the graph): LayerNorm centres, both divide by ``sqrt(mean(y²) + eps)``, then gain and bias."""
+    kind = normalization_type(model)
+    if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+        return y
+    if kind in ("LN", "LNPre"):
+        y = y - y.mean(-1, keepdim=True)
+    y = y / (y.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    ln = model.ln_final
+    w, b = getattr(ln, "w", None), getattr(ln, "b", None)
+    if w is not None:
+        y = y * w.detach().float()
+    if b is not None and kind == "LN":
+        y = y + b.detach().float()
+    return y
+
+
+def _residual_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``resid_pre`` (stacked ``[layer, batch, pos, d_model]``) and the final ``resid_post``, in the
+    model's dtype, from a forward pass stopped before the unembedding."""
+    n = model.cfg.n_layers
+    states: dict[int, torch.Tensor] = {}
+
+    def keep(i: int):
+        def hook(act: torch.Tensor, hook: Any = None) -> None:
+            states[i] = act.detach()
+            if i == n:
+                raise _Stop
+
+        return hook
+
+    hooks = [(f"blocks.{i}.hook_resid_pre", keep(i)) for i in range(n)]
+    hooks.append((f"blocks.{n - 1}.hook_resid_post", keep(n)))
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=hooks)
+        except _Stop:
+            pass
+    if len(states) != n + 1:
+        raise RuntimeError(f"the forward pass ran {sorted(states)} of the {n + 1} residual hooks it needs")
+    return torch.stack([states[i] for i in range(n)]), states[n]
+
+
+def lens_kl_sum(
+    model: Any,
+    lens: TunedLens,
+    tokens: torch.Tensor,
+    wt: Float[torch.Tensor, "d_vocab d_model"],
+    b_u: torch.Tensor | None,
+    scale: float,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> torch.Tensor:
+    """``Σ_sites Σ_tokens KL(final ‖ lens)`` (nats) on ``tokens``, differentiable in the lens's parameters:
+    one forward pass of the frozen model, every site's translator applied in one batched matmul."""
+    pre, final = _residual_states(model, tokens)
+    h = pre.float().flatten(1, 2)  # [layer, row, d_model]
+    y = h + torch.baddbmm(lens.bias[:, None, :], h, lens.weight.transpose(1, 2))
+    x = final_norm_f32(model, y).flatten(0, 1)
+    x_final = final_norm_f32(model, final.float().flatten(0, 1))
+    return chunked_kl(x, x_final, wt, b_u, scale, vocab_chunk=vocab_chunk).sum()
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """tuned-lens's schedule: linear warm-up over ``warmup`` steps, then linear decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def train_tuned_lens(
+    model: Any,
+    texts: Any,
+    *,
+    steps: int | None = None,
+    tokens_per_step: int = 2**13,
+    seq_len: int | None = None,
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    warmup_steps: int = 0,
+    grad_clip: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    lens: TunedLens | None = None,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> TunedLens:
+    """Train a tuned lens for ``model`` on ``texts``: minimise ``KL(final ‖ lens)`` (nats per token)
+    summed over the ``resid_pre`` sites, the model frozen.
+
+    The optimiser is the paper's (tuned-lens 0.2.0's defaults): SGD with Nesterov momentum ``momentum``,
+    learning rate ``lr · (1 - momentum)`` (PyTorch's momentum scales steps by ``1/(1 - momentum)``),
+    weight decay ``weight_decay`` (towards the identity translator), linear decay to zero after
+    ``warmup_steps``, the gradient norm clipped to ``grad_clip``.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode; its device is used, its
+            weights are never changed. bf16/fp16 models work (translators and loss are float32).
+        texts: a list or iterable of strings, a ``.txt``/``.json``/``.jsonl`` file, or a Hugging Face
+            ``datasets`` split with a ``"text"`` column. Each text is written as BOS + its tokens (the
+            model's BOS; EOS where the model prepends none), concatenated and cut into windows of
+            ``seq_len`` tokens (default ``n_ctx``), each window starting with BOS as a prompt would.
+        steps: optimiser steps; default one pass over the windows.
+        tokens_per_step: tokens per optimiser step (whole windows, at least one).
+        batch_size: windows per forward pass (default: as many as fit in 2048 tokens); gradients
+            are accumulated over a step.
+        seed: the window order; runs are deterministic for a seed.
+        lens: a lens to continue training (default: a new one at the logit lens).
+        vocab_chunk: vocabulary entries per block of the streamed loss.
+
+    Returns:
+        The trained :class:`~tl_logitlens.lenses.tuned.TunedLens`; ``lens.meta["training"]`` records the
+        settings and the loss per step.
+
+    Raises:
+        ValueError: no usable text, a soft-capped model, a ``seq_len`` over ``n_ctx``, bad settings.
+        TypeError: ``texts`` of the wrong type.
+    """
+    check_causal_model(model)
+    if soft_cap(model) is not None or logit_scale(model) is None:
+        raise ValueError("training a tuned lens on a model that soft-caps its logits (Gemma 2) is not supported")
+    for name, value in (("tokens_per_step", tokens_per_step), ("grad_clip", grad_clip), ("lr", lr)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, not {value!r}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int or None (one pass over the windows), not {steps!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), not {momentum!r}")
+    windows = pack_windows(model, read_texts(texts), seq_len)
+    n_windows, window_len = windows.shape
+    per_step = max(1, tokens_per_step // window_len)
+    batch = batch_size or max(1, 2048 // window_len)
+    if batch < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size!r}")
+    n_steps = steps if steps is not None else max(1, math.ceil(n_windows / per_step))
+
+    device = model.W_U.device
+    if lens is None:
+        lens = TunedLens.for_model(model)
+    else:
+        lens.check_model(model)
+    lens = lens.to(device)
+    scale = float(logit_scale(model))
+    wt = model.W_U.detach().float().T.contiguous()  # [d_vocab, d_model]: contiguous rows per chunk
+    b_u = getattr(model, "b_U", None)
+    b_u = None if b_u is None else b_u.detach().float()
+
+    opt = torch.optim.SGD(lens.parameters(), lr=lr * (1 - momentum), momentum=momentum,
+                          nesterov=momentum > 0, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, n_steps, warmup_steps))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    history: list[float] = []
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(n_steps), desc="tuned lens", disable=not progress, unit="step")
+    for _ in bar:
+        if len(order) < per_step:
+            order = torch.cat([order, torch.randperm(n_windows, generator=gen)])
+        step_windows, order = order[:per_step], order[per_step:]
+        n_tokens = len(step_windows) * window_len
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for i in range(0, len(step_windows), batch):
+            tokens = windows[step_windows[i : i + batch]].to(device)
+            loss = lens_kl_sum(model, lens, tokens, wt, b_u, scale, vocab_chunk) / n_tokens
+            loss.backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(lens.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        history.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+    bar.close()
+    lens.meta["training"] = {
+        "objective": "KL(final || lens), nats per token, summed over resid_pre sites",
+        "optimizer": "SGD (Nesterov)", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps, "grad_clip": grad_clip, "steps": n_steps, "seed": seed,
+        "tokens_per_step": per_step * window_len, "seq_len": window_len, "windows": n_windows,
+        "loss_per_step": history,
+    }
+    return lens

@@ -1,0 +1,421 @@
+"""The logit lens: what each layer of the residual stream would predict if the model stopped there.
+
+Memory is bounded by ``chunk_size``: states are projected to the vocabulary ``chunk_size`` rows at a
+time and each ``[rows, d_vocab]`` block is reduced to its metrics at once (:mod:`tl_logitlens._kernel`),
+so the full ``[site, batch, pos, d_vocab]`` tensor never exists unless asked for (``keep_logprobs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, no_type_check
+
+import torch
+from jaxtyping import Float, Int
+
+from tl_logitlens._frames import long_index, position_columns
+from tl_logitlens._kernel import Unembedding, unembed_metrics
+from tl_logitlens._results import (
+    DepthRows,
+    LensStatistics,
+    common_fields,
+    nested_token_strings,
+    token_strings,
+)
+from tl_logitlens._run import Run, execute
+from tl_logitlens.inputs import (
+    Inputs,
+    PositionSpec,
+    Targets,
+    check_count,
+    check_flag,
+    is_integer,
+    prepare_inputs,
+    resolve_positions,
+    resolve_token,
+)
+from tl_logitlens.lenses import resolve_lens
+from tl_logitlens.readout import Readout, Site, check_model, check_norm, final_site, resolve_sites
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+DEFAULT_CHUNK_SIZE = 256
+# keep_logprobs=True refuses a [site, batch, pos, d_vocab] tensor above this many bytes unless raised
+DEFAULT_MAX_LOGPROBS_BYTES = 2 * 1024**3
+
+_SITE_FIELDS = (
+    "top_ids", "top_logprobs", "entropy", "kl_to_final", "next_logprobs", "next_ranks",
+    "target_logprobs", "target_ranks", "final_top_logprobs", "final_top_ranks", "full_logprobs",
+)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class LensResult(LensStatistics):
+    """Per site, prompt and read position: the lens's prediction and how it compares.
+
+    Tensors are indexed ``[site, batch, pos]`` where ``pos`` runs over the *read* positions
+    (``positions[b, j]`` is the token position of column ``j`` in prompt ``b``). Entries where
+    ``valid`` is False are padding: ids are -1 and values NaN. Log-probs and entropies are in nats;
+    ranks count from 1 (the top token) over the full vocabulary.
+
+    ``final_top_ids`` (with ``final_top_k=n``) are the final site's top-``n`` tokens at each read
+    position, and ``final_top_logprobs``/``final_top_ranks`` their log-prob and rank at every site:
+    the probability-evolution view in one call. ``full_logprobs`` (with ``keep_logprobs=True``) is the
+    whole log-softmax, ``[site, batch, pos, d_vocab]``.
+    """
+
+    next_ids: Int[torch.Tensor, "batch pos"]
+    next_logprobs: Float[torch.Tensor, "site batch pos"]
+    next_ranks: Int[torch.Tensor, "site batch pos"]
+    target_ids: Int[torch.Tensor, "batch pos target"] | None
+    norm: str
+    include_bias: bool
+    final_top_ids: Int[torch.Tensor, "batch pos n"] | None = None
+    final_top_logprobs: Float[torch.Tensor, "site batch pos n"] | None = None
+    final_top_ranks: Int[torch.Tensor, "site batch pos n"] | None = None
+
+    @property
+    def top_probs(self) -> Float[torch.Tensor, "site batch pos k"]:
+        return self.top_logprobs.exp()
+
+    def top_tokens(self) -> list[list[list[list[str]]]]:
+        """Top-k predictions as readable strings, nested ``[site][batch][pos][k]`` (pads: ``""``)."""
+        return nested_token_strings(self.tokenizer, self.top_ids)
+
+    def select_sites(self, labels: Sequence[str]) -> LensResult:
+        """A result holding only the named sites, in the given order."""
+        missing = [lab for lab in labels if lab not in self.labels]
+        if missing:
+            raise ValueError(f"sites {missing} are not in this result; it has {list(self.labels)}")
+        idx = torch.tensor([self.labels.index(lab) for lab in labels])
+        picked = {name: getattr(self, name) for name in _SITE_FIELDS}
+        picked = {name: None if t is None else t[idx.to(t.device)] for name, t in picked.items()}
+        return replace(self, labels=tuple(labels), **picked)
+
+    @classmethod
+    def concat(cls, parts: Sequence[LensResult]) -> LensResult:
+        """Lens results of disjoint batches (same sites, settings, targets) joined along the batch.
+
+        Shorter batches are padded along ``pos`` (and ``seq``) exactly as ``logit_lens`` pads a
+        batch: ``valid`` False, ids -1, values NaN, ranks -1.
+        """
+        if not parts:
+            raise ValueError("concat needs at least one LensResult")
+        if len({(p.labels, p.norm, p.include_bias, p.lens_name) for p in parts}) != 1:
+            raise ValueError("concat joins results with the same sites, norm, include_bias and lens")
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.positions.shape[1] for p in parts)
+        seq = max(p.tokens.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, dim: int, size: int, fill: float | int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = size - t.shape[dim]
+            return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+
+        def join(name: str) -> torch.Tensor | None:
+            """Pad each part's ``pos`` dim (right after ``batch``) to the widest, then concatenate."""
+            first = getattr(parts[0], name)
+            if first is None:
+                return None
+            batch_dim = 1 if name in _SITE_FIELDS else 0
+            fill = -1 if not first.dtype.is_floating_point else float("nan")
+            return torch.cat([pad(getattr(p, name), batch_dim + 1, width, fill) for p in parts], dim=batch_dim)
+
+        positions = []
+        for p in parts:
+            n = p.positions.shape[1]
+            extra = torch.arange(n, width, device=p.positions.device).expand(p.positions.shape[0], -1)
+            positions.append(torch.cat([p.positions, extra], dim=1))
+        names = (*_SITE_FIELDS, "next_ids", "target_ids", "final_top_ids")
+        return replace(
+            parts[0],
+            tokens=torch.cat([pad(p.tokens, 1, seq, 0) for p in parts]),
+            str_tokens=tuple(s for p in parts for s in p.str_tokens),
+            positions=torch.cat(positions),
+            valid=torch.cat([pad(p.valid, 1, width, False) for p in parts]),
+            **{name: join(name) for name in names},
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × prompt × position × top-k rank.
+
+        Columns: ``site``, ``site_index``, ``prompt``, ``position``, ``input_token``, ``rank``,
+        ``token_id``, ``token``, ``logprob``, ``prob``, ``entropy``, ``kl_to_final``,
+        ``next_token``, ``next_logprob``, ``next_rank``, ``lens``. Padding is left out.
+        """
+        import pandas as pd
+
+        s, b, j, r = long_index(self.top_ids.shape, self.valid)
+        ids = self.top_ids.cpu()[s, b, j, r]
+        lp = self.top_logprobs.cpu()[s, b, j, r]
+        return pd.DataFrame(
+            {
+                "site": [self.labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                **position_columns(self.positions, self.str_tokens, b, j),
+                "rank": (r + 1).numpy(),
+                "token_id": ids.numpy(),
+                "token": token_strings(self.tokenizer, ids),
+                "logprob": lp.numpy(),
+                "prob": lp.exp().numpy(),
+                "entropy": self.entropy.cpu()[s, b, j].numpy(),
+                "kl_to_final": self.kl_to_final.cpu()[s, b, j].numpy(),
+                "next_token": token_strings(self.tokenizer, self.next_ids.cpu()[b, j]),
+                "next_logprob": self.next_logprobs.cpu()[s, b, j].numpy(),
+                "next_rank": self.next_ranks.cpu()[s, b, j].numpy(),
+                "lens": self.lens_name,
+            }
+        )
+
+    def target_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per site × prompt × position × target, with log-prob, prob and rank."""
+        import pandas as pd
+
+        if self.target_ids is None:
+            raise ValueError("this result has no targets; pass targets=... to logit_lens")
+        s, b, j, t = long_index(self.target_logprobs.shape, self.valid)
+        ids = self.target_ids.cpu()[b, j, t]
+        lp = self.target_logprobs.cpu()[s, b, j, t]
+        return pd.DataFrame(
+            {
+                "site": [self.labels[i] for i in s.tolist()],
+                "site_index": s.numpy(),
+                **position_columns(self.positions, self.str_tokens, b, j),
+                "target_index": t.numpy(),
+                "target_id": ids.numpy(),
+                "target": token_strings(self.tokenizer, ids),
+                "logprob": lp.numpy(),
+                "prob": lp.exp().numpy(),
+                "rank": self.target_ranks.cpu()[s, b, j, t].numpy(),
+                "lens": self.lens_name,
+            }
+        )
+
+    def depth_rows(self) -> DepthRows:
+        """One row per read position (see :class:`~tl_logitlens._results.DepthRows`). The layer count is
+        never guessed from the sites: a lens may read any subset of them."""
+        b, j = self.valid.cpu().nonzero(as_tuple=True)
+        inputs = self.input_tokens()
+        shown = [inputs[x][y] for x, y in zip(b.tolist(), j.tolist())]
+        return DepthRows(torch.stack([b, j]), b, self.positions.cpu()[b, j], shown, "causal", None)
+
+    def plot(self, **kwargs: Any) -> go.Figure:
+        """The layers × positions heatmap: keyword arguments go to
+        :func:`tl_logitlens.plotting.lens_heatmap` (``color=`` "prob", "logprob", "entropy", "rank"
+        or "kl"; ``prompt=``; ``max_positions=``; colour-scale options; see its docstring)."""
+        from tl_logitlens.plotting import lens_heatmap
+
+        return lens_heatmap(self, **kwargs)
+
+
+def _resolve_targets(
+    model: Any, targets: object, n_batch: int, n_pos: int
+) -> Int[torch.Tensor, "batch pos target"] | None:
+    """Shared targets (a token or a list of tokens) or one id per prompt or per cell (a
+    ``[batch, 1]`` or ``[batch, pos]`` tensor)."""
+    if targets is None:
+        return None
+    device = model.cfg.device
+    if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise TypeError(f"target ids must be integers, not {targets.dtype}")
+        if targets.ndim == 1:
+            raise ValueError(
+                f"a 1-D target tensor ({targets.shape[0]} ids) is ambiguous: pass a list of ids for "
+                f"targets shared by every prompt, or a [batch, 1] tensor (here [{n_batch}, 1]) for one "
+                f"id per prompt, or [batch, pos] = [{n_batch}, {n_pos}] for one per read position"
+            )
+        if targets.ndim == 2 and targets.shape[1] == 1 and targets.shape[0] == n_batch:
+            targets = targets.expand(n_batch, n_pos)
+        if targets.ndim != 2 or tuple(targets.shape) != (n_batch, n_pos):
+            raise ValueError(
+                f"per-row targets must be [batch, 1] = [{n_batch}, 1] or [batch, pos] = [{n_batch}, {n_pos}], "
+                f"got {list(targets.shape)}"
+            )
+        bad = (targets < 0) | (targets >= model.cfg.d_vocab)
+        if bool(bad.any()):
+            raise ValueError(
+                f"target id {int(targets[bad][0])} is outside the vocabulary [0, {model.cfg.d_vocab})"
+            )
+        return targets.to(device).long()[..., None]
+    if isinstance(targets, str) or is_integer(targets) or isinstance(targets, torch.Tensor):
+        targets = [targets]
+    if not isinstance(targets, Sequence) or len(targets) == 0:
+        raise ValueError("targets must be a token, a non-empty list of tokens, or a tensor of ids")
+    ids = torch.tensor([resolve_token(model, t) for t in targets], device=device)
+    return ids.expand(n_batch, n_pos, -1)
+
+
+# Entry points check their own arguments with messages that say what to do; the run-time type
+# checker used under pytest would pre-empt those messages, so it skips them (not their internals).
+@no_type_check
+def logit_lens(
+    model: Any,
+    inputs: Inputs,
+    *,
+    cache: Any = None,
+    lens: Any = None,
+    sites: str | Sequence[str] = "resid_pre",
+    norm: str = "recompute",
+    include_bias: bool = True,
+    top_k: int = 5,
+    targets: Targets = None,
+    final_top_k: int = 0,
+    positions: PositionSpec = None,
+    keep_logprobs: bool = False,
+    max_logprobs_bytes: int = DEFAULT_MAX_LOGPROBS_BYTES,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prepend_bos: bool | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> LensResult:
+    """Run the logit lens over every site of the residual stream and every read position.
+
+    Each residual state is normalised (``norm``: ``"recompute"`` is the logit lens, ``"cached"``
+    the linear attribution view, ``"none"`` raw), projected with ``W_U`` (plus ``b_U`` when
+    ``include_bias``), and reduced to: the top-k tokens and their log-probs, the entropy (nats), the
+    KL divergence from the final layer's distribution to this one, ``KL(final ‖ site)`` (nats), the
+    log-prob and rank of the actual next token, and of each of ``targets``.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        inputs: a string, a list of strings (right-padded and masked), or a token tensor.
+        cache: an ``ActivationCache`` of these inputs on this model; computed when omitted.
+        lens: ``None`` (the logit lens) or a lens object (e.g. a :class:`~tl_logitlens.TunedLens`)
+            whose ``translate`` maps each site's states before the final norm reads them.
+        sites: ``"resid_pre"`` (every layer's input, then ``final_post``), a list of kinds
+            (add ``"resid_mid"`` to split attention from MLP), or explicit labels.
+        targets: token strings or ids shared by every row, or a ``[batch, 1]``/``[batch, pos]``
+            tensor with one id per prompt or per read position.
+        final_top_k: also follow the final site's top-``n`` tokens at every site
+            (``final_top_ids``, ``final_top_logprobs``, ``final_top_ranks``).
+        positions: ``None`` (all), ``"last"`` (last real token of each prompt), an int or a list.
+        keep_logprobs: keep the whole log-softmax as ``full_logprobs``; refused with its size above
+            ``max_logprobs_bytes`` (2 GiB by default; raise it if you have the memory).
+        chunk_size: rows projected at once; peak extra memory is about
+            ``4 · chunk_size · d_vocab · 4`` bytes (about 200 MB for GPT-2 at the default 256).
+
+    Raises:
+        ValueError, TypeError: bad arguments, with what to pass instead; a ``cache`` computed
+            from other inputs or another model.
+
+    Example:
+        >>> lens = tl.logit_lens(model, "The Eiffel Tower is in the city of", targets=[" Paris"])
+        >>> lens.top_tokens()[-1][0][-1]      # the model's own top-5 at the last position
+    """
+    check_model(model)
+    check_norm(norm)
+    check_flag(include_bias, "include_bias")
+    check_flag(keep_logprobs, "keep_logprobs")
+    d_vocab = model.cfg.d_vocab
+    check_count(top_k, "top_k", 1, d_vocab)
+    check_count(final_top_k, "final_top_k", 0, d_vocab)
+    check_count(chunk_size, "chunk_size", 1)
+    readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
+    site_list = resolve_sites(model, sites)
+    batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
+    pos_index, valid = resolve_positions(positions, batch)
+    target_ids = _resolve_targets(model, targets, *pos_index.shape)
+    if keep_logprobs:
+        check_count(max_logprobs_bytes, "max_logprobs_bytes", 1)
+        size = len(site_list) * int(valid.sum()) * d_vocab * 4
+        if size > max_logprobs_bytes:
+            raise ValueError(
+                f"keep_logprobs=True would keep {size / 2**30:.2f} GiB of log-probs ([site, batch, pos, "
+                f"d_vocab] float32), over max_logprobs_bytes={max_logprobs_bytes}; read fewer positions or "
+                "sites, or raise max_logprobs_bytes"
+            )
+    final = final_site(model)
+    run = execute(model, batch, pos_index, valid, readout.hooks([*site_list, final]), cache)
+    return _lens(run, readout, site_list, final, target_ids, top_k, final_top_k, keep_logprobs, chunk_size)
+
+
+def _lens(
+    run: Run,
+    readout: Readout,
+    site_list: Sequence[Site],
+    final: Site,
+    target_ids: torch.Tensor | None,
+    top_k: int,
+    final_top_k: int,
+    keep_logprobs: bool,
+    chunk_size: int,
+) -> LensResult:
+    """The lens of every site at the run's read rows, reduced by the metric kernel into a result."""
+    model, batch, cache = readout.model, run.batch, run.cache
+    tokens, lengths = batch.tokens, batch.lengths
+    has_next = run.valid & (run.positions + 1 < lengths[:, None])
+    next_ids = torch.where(has_next, tokens.gather(1, (run.positions + 1).clamp(max=tokens.shape[1] - 1)), -1)
+    rows = run.valid_rows()
+
+    def logits(site: Site, sl: slice) -> torch.Tensor:
+        return readout.logits(cache, site, rows.b[sl], rows.p[sl])
+
+    # per row: the next token (0 where none), the targets, the final site's top tokens
+    query = [next_ids[rows.b, rows.j].clamp(min=0)[:, None]]
+    if target_ids is not None:
+        query.append(target_ids[rows.b, rows.j])
+    final_top = None
+    if final_top_k:
+        final_top = torch.cat(
+            [logits(final, slice(i, i + chunk_size)).topk(final_top_k, -1).indices for i in range(0, len(rows), chunk_size)]
+        ) if len(rows) else torch.empty(0, final_top_k, dtype=torch.long, device=tokens.device)
+        query.append(final_top)
+
+    def normed(site: Site, sl: slice) -> torch.Tensor:
+        return readout.normed(cache, site, rows.b[sl], rows.p[sl])
+
+    # the unembedding is folded one vocabulary tile at a time: logits never leave the cache
+    m = unembed_metrics(
+        lambda s, sl: normed(site_list[s], sl),
+        len(site_list),
+        lambda sl: normed(final, sl),
+        frozenset(s for s, site in enumerate(site_list) if site.hook == final.hook),
+        torch.cat(query, dim=-1),
+        top_k,
+        chunk_size,
+        Unembedding.from_model(model, readout.include_bias),
+        tokens.device,
+    )
+    n_t = 0 if target_ids is None else target_ids.shape[-1]
+    shape = tuple(run.positions.shape)
+
+    def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        return rows.scatter(values, shape, fill)
+
+    nan = float("nan")
+    next_lp, next_rank = scatter(m.query_logprobs[..., 0], nan), scatter(m.query_ranks[..., 0], -1)
+    next_lp[:, ~has_next] = nan
+    next_rank[:, ~has_next] = -1
+    targeted = slice(1, 1 + n_t)
+    tracked = slice(1 + n_t, None)
+    full = None
+    if keep_logprobs:
+        full = torch.stack(
+            [torch.cat([torch.log_softmax(logits(site, slice(i, i + chunk_size)), -1)
+                        for i in range(0, len(rows), chunk_size)]) for site in site_list]
+        )
+        full = scatter(full, nan)
+    return LensResult(
+        **common_fields(model, batch, run.positions, run.valid, readout.name),
+        labels=tuple(s.label for s in site_list),
+        top_ids=scatter(m.top_ids, -1),
+        top_logprobs=scatter(m.top_logprobs, nan),
+        entropy=scatter(m.entropy, nan),
+        kl_to_final=scatter(m.kl_to_final, nan),
+        next_ids=next_ids,
+        next_logprobs=next_lp,
+        next_ranks=next_rank,
+        target_ids=None if target_ids is None else torch.where(run.valid[..., None], target_ids, -1),
+        target_logprobs=None if target_ids is None else scatter(m.query_logprobs[..., targeted], nan),
+        target_ranks=None if target_ids is None else scatter(m.query_ranks[..., targeted], -1),
+        final_top_ids=None if final_top is None else scatter(final_top[None], -1)[0],
+        final_top_logprobs=None if final_top is None else scatter(m.query_logprobs[..., tracked], nan),
+        final_top_ranks=None if final_top is None else scatter(m.query_ranks[..., tracked], -1),
+        full_logprobs=full,
+        norm=readout.norm,
+        include_bias=readout.include_bias,
+    )
