@@ -313,3 +313,20 @@ def test_model_in_training_mode_is_refused():
 def test_not_a_model_is_refused():
     with pytest.raises(TypeError, match="TransformerLens model"):
         tl.logit_lens(object(), "the cat")
+
+
+@pytest.mark.parametrize("where", ["W_in", "W_U", "W_U column"], ids=["nan-in-mlp", "inf-in-unembed", "nan-column"])
+def test_non_finite_values_are_an_error_not_numbers(where):
+    """A NaN or inf anywhere on the way gives a ValueError naming the site and position, never top ids or
+    ranks that look real (the kernel checks every block's log-sum-exp, entropy and KL)."""
+    model = tiny_model("LN", folded=False)
+    with torch.no_grad():
+        if where == "W_in":
+            model.blocks[1].mlp.W_in[0, 0] = float("nan")
+        elif where == "W_U":
+            model.W_U[0, 7] = float("inf")
+        else:
+            model.W_U[:, 3] = float("nan")
+    first = "'2_pre'" if where == "W_in" else "'0_pre'"
+    with pytest.raises(ValueError, match=rf"NaN or inf at site {first}, prompt 0, position 0: .*Check the model's weights"):
+        tl.logit_lens(model, "Hello world")

@@ -23,6 +23,47 @@ import torch
 from jaxtyping import Float, Int
 
 
+class NonFiniteError(ValueError):
+    """A site's logits hold NaN or inf, so its statistics would be meaningless.
+
+    Raised by the kernel with the site (an index into the sites it was given, or None for the final
+    distribution every site is compared with) and the row; the analysis that called it knows what
+    they are and re-raises with :meth:`explain`, which names the site, prompt and position. It is a
+    ``ValueError``, so nothing computed from non-finite values is ever returned.
+    """
+
+    def __init__(self, site: int | None, row: int) -> None:
+        super().__init__(f"non-finite logits (NaN or inf) at {'the final site' if site is None else f'site {site}'}, row {row}")
+        self.site = site
+        self.row = row
+
+    def explain(self, where: str) -> ValueError:
+        """A ``ValueError`` saying where (``where``: e.g. "site '2_pre', prompt 0, position 5") and what to check."""
+        return ValueError(
+            f"the lens met NaN or inf at {where}: the residual state, the final norm, W_U/b_U or the lens's "
+            "weights hold non-finite values there, so no statistic is computed from it. Check the model's "
+            "weights (a broken checkpoint), its dtype (float16 overflows; load float32 or bfloat16) and the "
+            "lens's weights"
+        )
+
+
+def check_finite(final_lse: torch.Tensor | None, statistics: dict[str, torch.Tensor], row0: int) -> None:
+    """Raise :class:`NonFiniteError` where the statistics of a block of rows (numbered from ``row0``) are
+    not finite: at the shallowest site whose own log-probs or entropy are not (where a NaN first
+    appears), else at the final distribution (``final_lse``, its log-sum-exp), else at a site whose KL
+    is not. A few reductions over ``[site, row]`` values: free next to the unembedding."""
+    own = torch.isfinite(statistics["top_logprobs"][..., 0]) & torch.isfinite(statistics["entropy"])
+    if not bool(own.all()):
+        site, row = (~own).nonzero()[0].tolist()  # site-major: the shallowest site first
+        raise NonFiniteError(site, row0 + row)
+    if final_lse is not None and not bool(torch.isfinite(final_lse).all()):
+        raise NonFiniteError(None, row0 + int((~torch.isfinite(final_lse)).nonzero()[0, 0]))
+    kl = torch.isfinite(statistics["kl_to_final"])
+    if not bool(kl.all()):
+        site, row = (~kl).nonzero()[0].tolist()
+        raise NonFiniteError(site, row0 + row)
+
+
 @dataclass(frozen=True)
 class FinalDistribution:
     """The distribution every site is compared with (the model's own output), for one block of rows.
@@ -393,6 +434,9 @@ def unembed_metrics(
     site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
     numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
     Extra memory: the chunk's states and six ``[chunk_size, tile_size]`` float32 tiles.
+
+    Raises:
+        NonFiniteError: a site's (or the final) logits hold NaN or inf at some row.
     """
     _check_tile_size(tile_size)
     n_rows, n_q = query.shape
@@ -422,6 +466,7 @@ def unembed_metrics(
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
         block = _block_statistics(runs, final, final_sites, n_sites, top_k)
+        check_finite(final.m + final.s.log(), block, start)
         for name, buf in out.items():
             buf[:, sl] = block[name]
         final_top1[sl] = final.top_i[:, 0]

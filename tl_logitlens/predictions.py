@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._kernel import Unembedding, unembed_metrics
+from tl_logitlens._kernel import NonFiniteError, Unembedding, unembed_metrics
 from tl_logitlens._results import (
     DepthRows,
     LensStatistics,
@@ -369,17 +369,22 @@ def _lens(
         return readout.normed(cache, site, rows.b[sl], rows.p[sl])
 
     # the unembedding is folded one vocabulary tile at a time: logits never leave the cache
-    m = unembed_metrics(
-        lambda s, sl: normed(site_list[s], sl),
-        len(site_list),
-        lambda sl: normed(final, sl),
-        frozenset(s for s, site in enumerate(site_list) if site.hook == final.hook),
-        torch.cat(query, dim=-1),
-        top_k,
-        chunk_size,
-        Unembedding.from_model(model, readout.include_bias),
-        tokens.device,
-    )
+    try:
+        m = unembed_metrics(
+            lambda s, sl: normed(site_list[s], sl),
+            len(site_list),
+            lambda sl: normed(final, sl),
+            frozenset(s for s, site in enumerate(site_list) if site.hook == final.hook),
+            torch.cat(query, dim=-1),
+            top_k,
+            chunk_size,
+            Unembedding.from_model(model, readout.include_bias),
+            tokens.device,
+        )
+    except NonFiniteError as err:
+        b, p = int(rows.b[err.row]), int(rows.p[err.row])
+        label = final.label if err.site is None else site_list[err.site].label
+        raise err.explain(f"site {label!r}, prompt {b}, position {p}") from None
     n_t = 0 if target_ids is None else target_ids.shape[-1]
     shape = tuple(run.positions.shape)
 
