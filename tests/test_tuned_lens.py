@@ -15,6 +15,7 @@ import tl_logitlens as tl
 from tests.helpers import SENTENCES, SHARED, STORIES, assert_close, require_shared, tiny_model
 from tl_logitlens.corpus import pack_windows, read_texts
 from tl_logitlens.lenses import TunedLens, load_lens, train_tuned_lens
+from tl_logitlens.lenses.files import read_lens_folder, write_lens_folder
 from tl_logitlens.lenses.fingerprint import readout_fingerprint, writing_weights_centred
 from tl_logitlens.lenses.tuned_training import chunked_kl, final_norm_f32
 
@@ -253,10 +254,28 @@ def test_malformed_checkpoints_are_refused(tmp_path, ln_model):
     with pytest.raises(TypeError, match="built-in name"):
         load_lens(3, ln_model)
     TunedLens.for_model(ln_model).save(tmp_path / "e")
-    meta = json.loads((tmp_path / "e" / "tuned_lens.json").read_text())
-    (tmp_path / "e" / "tuned_lens.json").write_text(json.dumps({**meta, "format_version": 99}))
+    tensors, meta = read_lens_folder(tmp_path / "e", "tuned_lens")
+    write_lens_folder(tmp_path / "e", "tuned_lens", tensors, {**meta, "format_version": 99})
     with pytest.raises(ValueError, match="format version 99"):
         load_lens(tmp_path / "e", ln_model)
+
+
+def test_the_weights_file_carries_the_metadata(tmp_path, ln_model):
+    """The lens is its weights file: a stale or missing JSON card (a save killed between the two writes)
+    does not change what loads; a folder of format version 1 (metadata in the card only) still loads."""
+    lens = TunedLens.for_model(ln_model)
+    lens.save(tmp_path / "a")
+    (tmp_path / "a" / "tuned_lens.json").write_text('{"format_version": 1, "d_model": 3}')
+    assert load_lens(tmp_path / "a", ln_model).meta["fingerprint"] == lens.meta["fingerprint"]
+    (tmp_path / "a" / "tuned_lens.json").unlink()
+    assert load_lens(tmp_path / "a", ln_model).meta["fingerprint"] == lens.meta["fingerprint"]
+    from safetensors.torch import save_file
+
+    tensors, meta = read_lens_folder(tmp_path / "a", "tuned_lens")
+    (tmp_path / "v1").mkdir()
+    save_file(tensors, tmp_path / "v1" / "tuned_lens.safetensors")
+    (tmp_path / "v1" / "tuned_lens.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert load_lens(tmp_path / "v1", ln_model).meta["format_version"] == 1
 
 
 def test_texts_from_files_lists_and_datasets(tmp_path):

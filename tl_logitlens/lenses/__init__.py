@@ -7,12 +7,15 @@ and unembedding read.
   stream's centring);
 - :mod:`~tl_logitlens.lenses.tuned`: the tuned lens and its files; its training in
   :mod:`~tl_logitlens.lenses.tuned_training`;
+- :mod:`~tl_logitlens.lenses.jacobian`: the Jacobian lens (J-lens) and its files;
+- :mod:`~tl_logitlens.lenses.files`: this package's lens folders, and reading other tools' files safely;
 - :mod:`~tl_logitlens.lenses.loading`: :func:`load_lens`, for every format and the built-in lenses.
 
 Layers read one way: this package uses the core modules (readout, corpus, inputs, ...) and is used by
 the analyses; it never imports an analysis, a figure or the report.
 """
 
+from tl_logitlens.lenses.jacobian import JacobianLens
 from tl_logitlens.lenses.loading import load_lens
 from tl_logitlens.lenses.protocol import LOGIT_LENS, Lens, LogitLens, lens_name, resolve_lens
 from tl_logitlens.lenses.tuned import TunedLens
@@ -20,6 +23,7 @@ from tl_logitlens.lenses.tuned_training import train_tuned_lens
 
 __all__ = [
     "LOGIT_LENS",
+    "JacobianLens",
     "Lens",
     "LogitLens",
     "TunedLens",

@@ -97,3 +97,47 @@ def writing_weights_centred(model: Any) -> bool | None:
             if isinstance(w, torch.Tensor) and w.numel() and not _rows_centred(w):
                 return False
     return True
+
+
+def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> None:
+    """Raise ``ValueError`` when a lens whose metadata is ``meta`` was not made for ``model``.
+
+    Checks the vocabulary size and the readout fingerprint (when ``meta`` has one: lenses saved by this
+    package) and, on LayerNorm models, that the writing weights are centred exactly when they were
+    where the lens was made (``meta["stream_centred"]``; other tools' lenses read the uncentred stream
+    of the model as Hugging Face computes it). ``kind`` names the lens in messages ("tuned lens") and
+    ``remedy`` says how to get one for this model.
+    """
+    fingerprint = meta.get("fingerprint")
+    if fingerprint is not None:
+        d_vocab = int(model.W_U.shape[-1])
+        if d_vocab != meta.get("d_vocab", d_vocab):
+            raise ValueError(
+                f"this {kind} was made for a model with a vocabulary of {meta['d_vocab']} "
+                f"({meta.get('model_name')!r}), not {d_vocab}; {remedy}"
+            )
+        diff = fingerprint_distance(model, fingerprint)
+        atol = FINGERPRINT_ATOL.get(model.W_U.dtype, FINGERPRINT_ATOL_16BIT)
+        if not diff <= atol:
+            raise ValueError(
+                f"this {kind} was made for another model ({meta.get('model_name')!r}): its final norm and "
+                f"unembedding read probe states {diff:.3g} nats apart (tolerance {atol:g}); load the lens made "
+                f"for this model, or {remedy}"
+            )
+    expected = meta.get("stream_centred")
+    if expected is None or normalization_type(model) not in ("LN", "LNPre"):
+        return
+    actual = writing_weights_centred(model)
+    if actual and not expected:
+        raise ValueError(
+            f"this {kind} reads the uncentred residual stream (another tool's checkpoint, or a lens made on a "
+            "model loaded without centring), but this LayerNorm model was loaded with TransformerLens's "
+            "centred writing weights, which remove the stream's mean the lens reads (it would be off by "
+            "~1e-2); load the model with tl.load_model(..., center_writing_weights=False)"
+        )
+    if expected and not actual:
+        raise ValueError(
+            f"this {kind} was made on the model loaded with TransformerLens's centred writing weights "
+            "(tl.load_model's default), but this LayerNorm model's writing weights are not centred; load it "
+            "with the default center_writing_weights=True"
+        )

@@ -2,7 +2,7 @@
 
 :func:`load_lens` recognises a lens by what the path holds, not by what it is called:
 
-- a folder with ``tuned_lens.json``: this package's tuned lens (:meth:`TunedLens.save`);
+- a folder with ``tuned_lens.safetensors``: this package's tuned lens (:meth:`TunedLens.save`);
 - a folder with ``config.json`` + ``params.pt``: a tuned-lens 0.2.0 checkpoint;
 - a built-in name: ``"demo"``, the tuned lens shipped for ``load_model("demo")``.
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from tl_logitlens.lenses.tuned import (
-    CONFIG_FILE,
     TUNED_LENS_CONFIG,
     TUNED_LENS_PARAMS,
     WEIGHTS_FILE,
@@ -48,7 +47,7 @@ def load_lens(folder_or_name: Any, model: Any) -> TunedLens:
     folder = BUILTIN_LENSES.get(name, Path(name).expanduser())
     if not folder.is_dir():
         raise ValueError(
-            f"no tuned lens at {name!r}: pass a folder holding {CONFIG_FILE} + {WEIGHTS_FILE} (TunedLens.save), "
+            f"no tuned lens at {name!r}: pass a folder holding {WEIGHTS_FILE} (TunedLens.save), "
             f"or tuned-lens's {TUNED_LENS_CONFIG} + {TUNED_LENS_PARAMS}, or a built-in name ({sorted(BUILTIN_LENSES)})"
         )
     if is_own_folder(folder):
@@ -57,7 +56,7 @@ def load_lens(folder_or_name: Any, model: Any) -> TunedLens:
         lens = read_tuned_lens_format(folder)
     else:
         raise ValueError(
-            f"{str(folder)!r} holds no tuned lens: expected {CONFIG_FILE} + {WEIGHTS_FILE} (this package) or "
+            f"{str(folder)!r} holds no tuned lens: expected {WEIGHTS_FILE} (this package) or "
             f"{TUNED_LENS_CONFIG} + {TUNED_LENS_PARAMS} (tuned-lens 0.2.0)"
         )
     lens.check_model(model)

@@ -33,18 +33,16 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens._compat import normalization_type
-from tl_logitlens.lenses.fingerprint import (
-    FINGERPRINT_ATOL,
-    FINGERPRINT_ATOL_16BIT,
-    fingerprint_distance,
-    readout_fingerprint,
-    writing_weights_centred,
-)
+from tl_logitlens.lenses.files import read_lens_folder, read_torch_file, write_lens_folder
+from tl_logitlens.lenses.fingerprint import check_made_for, readout_fingerprint, writing_weights_centred
 
-FORMAT_VERSION = 1
+# version 2: the metadata lives in the weights file's header too (lenses.files), so a save replaces both at once
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 FORMAT = "tl_logitlens tuned lens"
-WEIGHTS_FILE = "tuned_lens.safetensors"
-CONFIG_FILE = "tuned_lens.json"
+STEM = "tuned_lens"
+WEIGHTS_FILE = f"{STEM}.safetensors"
+CONFIG_FILE = f"{STEM}.json"
 # tuned-lens 0.2.0's files
 TUNED_LENS_CONFIG = "config.json"
 TUNED_LENS_PARAMS = "params.pt"
@@ -142,63 +140,26 @@ class TunedLens(torch.nn.Module):
                 f"({self.meta.get('model_name') or 'unnamed'}), not this one (d_model {cfg.d_model}, "
                 f"{cfg.n_layers} layers); train one for it with tl.train_tuned_lens(model, texts)"
             )
-        fingerprint = self.meta.get("fingerprint")
-        if fingerprint is not None:
-            d_vocab = int(model.W_U.shape[-1])
-            if d_vocab != self.meta.get("d_vocab", d_vocab):
-                raise ValueError(
-                    f"this tuned lens was made for a model with a vocabulary of {self.meta['d_vocab']} "
-                    f"({self.meta.get('model_name')!r}), not {d_vocab}; train one for this model"
-                )
-            diff = fingerprint_distance(model, fingerprint)
-            atol = FINGERPRINT_ATOL.get(model.W_U.dtype, FINGERPRINT_ATOL_16BIT)
-            if not diff <= atol:
-                raise ValueError(
-                    f"this tuned lens was made for another model ({self.meta.get('model_name')!r}): its final "
-                    f"norm and unembedding read probe states {diff:.3g} nats apart (tolerance {atol:g}); "
-                    "load the lens made for this model, or train one with tl.train_tuned_lens(model, texts)"
-                )
-        expected = self.meta.get("stream_centred")
-        if expected is None or normalization_type(model) not in ("LN", "LNPre"):
-            return
-        actual = writing_weights_centred(model)
-        if actual and not expected:
-            raise ValueError(
-                "this tuned lens reads the uncentred residual stream (a tuned-lens checkpoint, or a lens "
-                "trained on a model loaded without centring), but this LayerNorm model was loaded with "
-                "TransformerLens's centred writing weights, which remove the stream's mean the translators "
-                "read (the lens would be off by ~1e-2); load the model with "
-                "tl.load_model(..., center_writing_weights=False)"
-            )
-        if expected and not actual:
-            raise ValueError(
-                "this tuned lens was trained on the model loaded with TransformerLens's centred writing "
-                "weights (tl.load_model's default), but this LayerNorm model's writing weights are not "
-                "centred; load it with the default center_writing_weights=True"
-            )
+        check_made_for(model, self.meta, "tuned lens", "train one with tl.train_tuned_lens(model, texts)")
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write ``tuned_lens.safetensors`` (``"{i}.weight"``, ``"{i}.bias"``, float32) and
-        ``tuned_lens.json`` (what the lens was made for, how it was trained) into ``folder``."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write ``tuned_lens.safetensors`` (``"{i}.weight"``, ``"{i}.bias"``, float32, with the metadata
+        in its header) and ``tuned_lens.json`` (the same metadata: what the lens was made for, how it was
+        trained) into ``folder``, each atomically (see :mod:`tl_logitlens.lenses.files`)."""
         tensors = {}
         for i in range(self.n_layers):
-            tensors[f"{i}.weight"] = self.weight[i].detach().float().cpu().contiguous()
-            tensors[f"{i}.bias"] = self.bias[i].detach().float().cpu().contiguous()
-        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            tensors[f"{i}.weight"] = self.weight[i]
+            tensors[f"{i}.bias"] = self.bias[i]
         meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_lens_folder(folder, STEM, tensors, meta)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, d_model={self.d_model}, n_layers={self.n_layers}, model={self.meta.get('model_name')!r}"
 
 
 def is_own_folder(folder: Path) -> bool:
-    """A folder written by :meth:`TunedLens.save`."""
-    return (folder / CONFIG_FILE).is_file()
+    """A folder written by :meth:`TunedLens.save` (its weights file is the lens; the JSON is a card)."""
+    return (folder / WEIGHTS_FILE).is_file()
 
 
 def is_tuned_lens_folder(folder: Path) -> bool:
@@ -230,24 +191,17 @@ def _with_weights(lens: TunedLens, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 def read_own(folder: Path) -> TunedLens:
     """The lens :meth:`TunedLens.save` wrote into ``folder`` (not yet checked against a model)."""
-    from safetensors.torch import load_file
-
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from err
-    if meta.get("format_version") != FORMAT_VERSION:
+    tensors, meta = read_lens_folder(folder, STEM)
+    if meta.get("format_version") not in READS_VERSIONS:
         raise ValueError(
             f"{folder / CONFIG_FILE} has format version {meta.get('format_version')!r}; this version of "
-            f"tl_logitlens reads version {FORMAT_VERSION}"
+            f"tl_logitlens reads versions {list(READS_VERSIONS)}"
         )
     try:
         d_model, n_layers = int(meta["d_model"]), int(meta["n_layers"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG_FILE} lacks d_model/n_layers") from err
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    weight, bias = _stack(load_file(folder / WEIGHTS_FILE), n_layers, d_model, True, str(folder / WEIGHTS_FILE))
+    weight, bias = _stack(tensors, n_layers, d_model, True, str(folder / WEIGHTS_FILE))
     name = meta.pop("name", "tuned lens")
     return _with_weights(TunedLens(d_model, n_layers, meta=meta, name=name), weight, bias)
 
@@ -255,8 +209,6 @@ def read_own(folder: Path) -> TunedLens:
 def read_tuned_lens_format(folder: Path) -> TunedLens:
     """A tuned-lens 0.2.0 checkpoint (``config.json`` + ``params.pt``), its translators reading the
     uncentred stream; ``params.pt`` is read with ``torch.load(weights_only=True)`` only."""
-    import pickle
-
     try:
         config = json.loads((folder / TUNED_LENS_CONFIG).read_text())
         d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
@@ -265,13 +217,7 @@ def read_tuned_lens_format(folder: Path) -> TunedLens:
     lens_type = config.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
         raise ValueError(f"{folder} holds a tuned-lens {lens_type!r}; only 'linear_tuned_lens' is read")
-    try:
-        state = torch.load(folder / TUNED_LENS_PARAMS, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as err:
-        raise ValueError(
-            f"{folder / TUNED_LENS_PARAMS} is not a plain tensor checkpoint (torch.load(weights_only=True) "
-            f"refused it: {str(err).splitlines()[0][:200]}); refusing to unpickle anything else"
-        ) from err
+    state = read_torch_file(folder / TUNED_LENS_PARAMS)
     if not isinstance(state, dict):
         raise ValueError(f"{folder / TUNED_LENS_PARAMS} holds a {type(state).__name__}, not a dict of tensors")
     weight, bias = _stack(state, n_layers, d_model, bool(config.get("bias", True)), str(folder / TUNED_LENS_PARAMS))
