@@ -42,7 +42,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
         "analyses",
         (
             "tl_logitlens._dla", "tl_logitlens._pairs", "tl_logitlens.attribution", "tl_logitlens.directions",
-            "tl_logitlens.evaluate", "tl_logitlens.masked", "tl_logitlens.predictions", "tl_logitlens.profile",
+            "tl_logitlens.evaluate", "tl_logitlens.lens_comparison", "tl_logitlens.masked", "tl_logitlens.predictions",
+            "tl_logitlens.profile", "tl_logitlens.steering",
         ),
     ),
     ("plotting", ("tl_logitlens.plotting", "tl_logitlens.plotting.*")),
@@ -68,6 +69,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.masked", "tl_logitlens.plotting.masked"),
     # DepthProfile.plot, .heatmap
     ("tl_logitlens.profile", "tl_logitlens.plotting.masked"),
+    # LensComparison.plot
+    ("tl_logitlens.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
     ("tl_logitlens.evaluate", "tl_logitlens.plotting.evaluation"),
 }

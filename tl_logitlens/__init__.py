@@ -42,6 +42,11 @@ _EXPORTS: dict[str, str] = {
     "sliding_mask_lens": "tl_logitlens.masked",
     "DepthProfile": "tl_logitlens.profile",
     "depth_profile": "tl_logitlens.profile",
+    "LensComparison": "tl_logitlens.lens_comparison",
+    "compare_lenses": "tl_logitlens.lens_comparison",
+    "lens_vectors": "tl_logitlens.steering",
+    "steer": "tl_logitlens.steering",
+    "ablate": "tl_logitlens.steering",
     "LensEvaluation": "tl_logitlens.evaluate",
     "evaluate_lenses": "tl_logitlens.evaluate",
     # the report
@@ -75,10 +80,12 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
     from tl_logitlens.inputs import Batch, prepare_inputs  # noqa: F401
+    from tl_logitlens.lens_comparison import LensComparison, compare_lenses  # noqa: F401
     from tl_logitlens.lenses import JacobianLens, Lens, TunedLens, load_lens, train_tuned_lens  # noqa: F401
     from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens  # noqa: F401
     from tl_logitlens.models import load_model  # noqa: F401
     from tl_logitlens.predictions import LensResult, logit_lens  # noqa: F401
     from tl_logitlens.profile import DepthProfile, depth_profile  # noqa: F401
     from tl_logitlens.reporting import report  # noqa: F401
+    from tl_logitlens.steering import ablate, lens_vectors, steer  # noqa: F401
     from tl_logitlens.tokens import display_tokens  # noqa: F401
