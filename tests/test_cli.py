@@ -284,7 +284,7 @@ def test_version_help_texts_and_examples(capsys):
     res = _in_process(["--version"], capsys)
     assert res.returncode == 0 and res.stdout.strip() == f"tl-logitlens {__version__}"
     res = _in_process(["--help"], capsys)
-    assert res.returncode == 0 and "examples:" in res.stdout and "torchrun" in res.stdout
+    assert res.returncode == 0 and "examples (offline" in res.stdout and "torchrun" in res.stdout
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     assert set(subparsers) == {"demo", "run", "eval"}

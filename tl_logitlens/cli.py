@@ -31,15 +31,17 @@ PLOTLY_JS_FILE = "plotly.min.js"
 DEMO_TEXTS = "demo"  # --texts demo: the shipped held-out stories (tl.demo_texts())
 
 EPILOG = f"""\
-examples:
+examples (offline, on the built-in demo model and texts):
   {PROG} demo
+  {PROG} run demo "The dog was very" --target " happy" --versus " sad"
+  {PROG} run demo "The dog was very" --lens demo --plotly-js cdn
+  {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\
+      --json eval.json
+examples (a model from the hub, your own files):
   {PROG} run gpt2 "The Eiffel Tower is in the city of" \\
       --target " Paris" --versus " Rome"
   {PROG} run ./my-checkpoint --prompts-file prompts.txt \\
       --sites resid_pre resid_mid --csv lens.csv
-  {PROG} run demo "The dog was very" --lens demo
-  {PROG} eval ./stories260K --texts stories.json --lens ./tuned-lens \\
-      --json eval.json
   torchrun --nproc-per-node 4 -m tl_logitlens eval gpt2 \\
       --texts corpus.jsonl --json eval.json
 
@@ -217,8 +219,8 @@ def _add_eval(sub: Any) -> None:
         ),
         epilog=(
             "examples:\n"
-            f"  {PROG} eval ./stories260K --texts stories.json \\\n"
-            "      --max-tokens 100000 --json eval.json\n"
+            f"  {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\\n"
+            "      --json eval.json\n"
             "  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 \\\n"
             "      --texts corpus.txt --csv eval.csv"
         ),
