@@ -317,16 +317,17 @@ def sign_note(positive: str = "raises the value", negative: str = "lowers it") -
     return f"{POSITIVE_NAME} is positive ({positive}), {NEGATIVE_NAME} negative ({negative})"
 
 
-def sign_words(result: Any, pair: int) -> tuple[str, str]:
+def sign_words(result: Any, pair: int, prompt: int | None = None) -> tuple[str, str]:
     """What a positive and a negative value of ``pair`` mean, in words: ``("towards '␣happy'",
-    "towards '␣sad'")`` for a logit difference every prompt shares, else in general terms. Takes an
-    attribution (``metric``) or a direction result (``kind``)."""
+    "towards '␣sad'")`` for a logit difference every prompt shares (or for one ``prompt``'s own
+    pair), else in general terms. Takes an attribution (``metric``) or a direction result (``kind``)."""
     from tl_logitlens.tokens import display_tokens
 
     def one(ids: torch.Tensor | None) -> str | None:
         if ids is None or result.tokenizer is None:
             return None
-        unique = torch.unique(ids[:, pair]).tolist()
+        rows = ids[:, pair] if prompt is None else ids[prompt : prompt + 1, pair]
+        unique = torch.unique(rows).tolist()
         return quoted(display_tokens(result.tokenizer, unique)[0]) if len(unique) == 1 else None
 
     metric = getattr(result, "metric", None) or getattr(result, "kind", None)

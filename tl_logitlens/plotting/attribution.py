@@ -116,7 +116,7 @@ def head_grid_figure(
     labels = [[result.labels[layer * n_heads + h] for h in range(n_heads)] for layer in range(n_layers)]
     z = as_list(grid)
     pair = check_index("pair", pair, len(result.pair_labels))
-    up, down = sign_words(result, pair)
+    up, down = sign_words(result, pair, None if prompt is None else check_index("prompt", prompt, result.valid.shape[0]))
     hover = [
         [f"<b>{labels[layer][h]}</b><br>{_fmt(z[layer][h])} logits{_towards(z[layer][h], up, down)}" for h in range(n_heads)]
         for layer in range(n_layers)
@@ -195,7 +195,7 @@ def component_bars_figure(
     labels = [result.labels[r] for r in rows] + [label for label, _ in others] + ["total (model)"]
     y = as_list(values[rows]) + [v for _, v in others] + [total]
     colours = [signed_colour(v) for v in y[:-1]] + ["#777777"]
-    up, down = sign_words(result, pair)
+    up, down = sign_words(result, pair, None if prompt is None else check_index("prompt", prompt, result.valid.shape[0]))
     fig = go.Figure(
         go.Bar(
             x=labels,
@@ -330,7 +330,7 @@ def head_source_figure(
     z = as_list(values)
     rows = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
     xs = [f"{i}:{cell_text(t)}" for i, t in enumerate(tokens)]
-    up, down = sign_words(result, pair)
+    up, down = sign_words(result, pair, prompt)
     hover = [
         [
             f"<b>{rows[r]}</b> reading {quoted(tokens[i])} (position {i})<br>{_fmt(z[r][i])} logits"
