@@ -5,8 +5,10 @@ and the home page from README.md, so no page list is kept by hand.
   the page of the module that defines it, as a ``::: tl_logitlens.<name>`` mkdocstrings entry.
 - Tutorials: each committed (executed) notebook is added as a page; mkdocs-jupyter renders it
   without running it again (its PNG outputs show without JavaScript).
-- Home: ``docs/index.md`` holds ``{{ README }}``, replaced by README.md with its links made to
-  point inside the site (notebooks) or at the repository (other files).
+- Home: ``docs/index.md`` is the docs' entry page on GitHub (how to build the site, what it holds);
+  on the site its ``<!-- github -->`` part is dropped and the README takes its place, with its links
+  made to point inside the site (notebooks) or at the repository (other files), and its line about
+  the docs site saying where the tutorials and the API reference are.
 """
 
 from __future__ import annotations
@@ -22,8 +24,41 @@ ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 
 
+# the API pages' titles, in words, and their order in the navigation: what a reader looks for first.
+# A module not listed here (a new one) gets its own name in words ("lenses.jacobian" → "Lenses: jacobian"),
+# after these; tests/test_docs.py checks every title is words.
+TITLES = {
+    "models": "Loading models",
+    "inputs": "Inputs and batches",
+    "tokens": "Tokens",
+    "predictions": "Logit lens",
+    "directions": "Logit difference and directions",
+    "tl_logitlens": "Norm views",
+    "attribution": "Direct logit attribution",
+    "masked": "Masked-LM lens",
+    "profile": "Depth profiles",
+    "lenses.protocol": "Lenses: the protocol",
+    "lenses.tuned": "Tuned lens",
+    "lenses.tuned_training": "Tuned lens: training",
+    "lenses.loading": "Lenses: loading from files",
+    "evaluate": "Evaluating lenses on a corpus",
+    "corpus": "Demo texts",
+    "reporting": "HTML report",
+    "plotting": "Figures",
+}
+
+
+def _page_title(short: str) -> str:
+    """``short`` (a module path below the package) as its navigation title, in words."""
+    if short in TITLES:
+        return TITLES[short]
+    words = short.replace("_", " ").replace(".", ": ")
+    return words[:1].upper() + words[1:]
+
+
 def _api_pages() -> dict[str, tuple[str, list[str]]]:
-    """``{page path: (title, [qualified names])}``, one page per defining module, in ``__all__`` order."""
+    """``{page path: (title, [qualified names])}``, one page per defining module, in the order of
+    :data:`TITLES` (then any other module by name), names in ``__all__`` order."""
     pages: dict[str, tuple[str, list[str]]] = {}
     for package in ("tl_logitlens", "tl_logitlens.plotting"):
         mod = importlib.import_module(package)
@@ -34,9 +69,13 @@ def _api_pages() -> dict[str, tuple[str, list[str]]]:
                 home = package  # constants and the plotting package: one page for their package
             short = home.removeprefix("tl_logitlens.").lstrip("_") or "tl_logitlens"
             path = f"api/{short.replace('.', '_')}.md"
-            title = short.replace("_", " ").replace(".", " · ")
-            pages.setdefault(path, (title, []))[1].append(f"{package}.{name}")
-    return dict(sorted(pages.items()))
+            pages.setdefault(path, (_page_title(short), []))[1].append(f"{package}.{name}")
+    order = [f"api/{short.replace('.', '_')}.md" for short in TITLES]
+
+    def rank(path: str) -> tuple[int, str]:
+        return (order.index(path), path) if path in order else (len(order), path)
+
+    return {path: pages[path] for path in sorted(pages, key=rank)}
 
 
 def _title(nb: Path) -> str:
@@ -84,10 +123,19 @@ def _readme_for_site() -> str:
             return f"[{label}]({target.removeprefix('docs/')})"
         return f"{label} (`{target}` in the repository)"
 
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", link, text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", link, text)
+    # the README's pointer to this site, read on the site itself: where things are
+    first_tutorial = f"tutorials/{TUTORIALS[0].name}" if TUTORIALS else "index.md"
+    first_api = next(iter(_api_pages()), "index.md")
+    here = (
+        f"**Documentation:** this site: the [tutorials]({first_tutorial}) (executed, every figure shown) and "
+        f"the [API reference]({first_api}) (every public name, one page per module) are in the navigation."
+    )
+    return re.sub(r"^\*\*Documentation:\*\*.*?(?=\n\n)", here, text, count=1, flags=re.S | re.M)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if page.file.src_uri == "index.md":
-        return markdown.replace("{{ README }}", _readme_for_site())
+        markdown = re.sub(r"<!-- github -->.*?<!-- /github -->\n?", "", markdown, flags=re.S)
+        return re.sub(r"<!-- On the site,.*?\{\{ README \}\} -->", lambda _: _readme_for_site(), markdown, flags=re.S)
     return markdown

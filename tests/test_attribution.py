@@ -329,10 +329,28 @@ def test_dataframe_top_and_grid(ln_model):
     sel = df[(df.component == "L1H2") & (df.prompt == 1) & (df.pair == 1)].iloc[0]
     assert sel.attribution == pytest.approx(float(result.grid()[1, 2, 1, 0, 1]))
     assert sel.correct == " and" and sel.layer == 1 and sel["index"] == 2
-    top = result.top(3, pair=1)
+    top = result.top(3, pair=1, rows="all")
     mean = result.attribution[..., 1].mean((1, 2))
     assert top.attribution.abs().tolist() == pytest.approx(mean.abs().sort(descending=True).values[:3].tolist())
     assert len(result.top(3, rows="grid")) == 3
+
+
+@pytest.mark.parametrize("unit", ["head", "head_source"], ids=["head", "head_source"])
+def test_top_of_a_head_result_ranks_heads_by_default(ln_model, unit):
+    """``unit="head"`` answers "which heads": its default ``top()`` is the heads (as ``unit="neuron"``'s is
+    the neurons), ranked by mean |attribution| against a sort of the grid; ``rows="all"`` adds the rest."""
+    result = tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, WRONG, unit=unit)
+    n_heads = ln_model.cfg.n_layers * ln_model.cfg.n_heads
+    k = n_heads  # every head: a non-head row anywhere in the ranking would show
+    top = result.top(k)
+    assert all(label.startswith("L") and "H" in label for label in top.label), top.label.tolist()
+    assert (top.index >= 0).all() and (top.layer >= 0).all()
+    heads = result.grid()[..., 0].mean((2, 3)).reshape(-1)
+    order = heads.abs().argsort(descending=True)
+    assert top.label.tolist() == [result.labels[int(r)] for r in order]
+    assert top.equals(result.top(k, rows="grid"))
+    everything = result.top(len(result.labels), rows="all")
+    assert {"embed", "unembed_bias"} <= set(everything.label)
     comp = tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, WRONG)
     with pytest.raises(ValueError, match="grid\\(\\) needs unit"):
         comp.grid()

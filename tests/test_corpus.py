@@ -135,3 +135,49 @@ def test_documents_cut_at_max_tokens_in_corpus_order_whoever_owns_them():
     even = list(documents(model, texts, max_tokens=limit, owns=lambda i: i % 2 == 0))
     odd = list(documents(model, texts, max_tokens=limit, owns=lambda i: i % 2 == 1))
     assert sorted(even + odd, key=lambda d: d.index) == cut
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped demo texts
+
+
+def test_demo_texts_are_the_demo_models_held_out_stories():
+    """``tl.demo_texts()``: the 100 stories the demo models never saw, in split order (the model card's
+    held-out loss is measured on them), recomputed here from the 1000-story sample and its seeded split."""
+    import random
+
+    import tl_logitlens as tl
+    from tl_logitlens.corpus import DEMO_TEXTS
+
+    texts = tl.demo_texts()
+    assert len(texts) == 100 and all(isinstance(t, str) and t.strip() for t in texts)
+    assert texts is not tl.demo_texts()  # a fresh list each call: a caller may change it
+    metrics = json.loads((DEMO_TEXTS.parents[1] / "demo" / "metrics.json").read_text(encoding="utf-8"))
+    held = metrics["data"]["held_out_indices"]
+    stories = json.loads(require_shared(STORIES_JSON).read_text(encoding="utf-8"))
+    order = list(range(len(stories)))
+    random.Random(1234).shuffle(order)
+    assert order[-100:] == held
+    assert texts == [stories[i] for i in held]
+    assert list(iter_texts(texts)) == texts  # every one is a document the corpus readers take
+    # shipped with its licence, and small
+    notice = (DEMO_TEXTS.parent / "README.md").read_text(encoding="utf-8")
+    assert "CDLA-Sharing-1.0" in notice and "TinyStories" in notice
+    assert DEMO_TEXTS.stat().st_size < 300_000
+
+
+def test_demo_texts_ship_in_the_wheel():
+    """hatch puts every file under tl_logitlens/ that git does not ignore into the wheel: the texts and
+    their licence must not be ignored (pyproject: ``packages = ["tl_logitlens"]``)."""
+    import subprocess
+    from pathlib import Path
+
+    from tl_logitlens.corpus import DEMO_TEXTS
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'packages = ["tl_logitlens"]' in pyproject
+    files = [DEMO_TEXTS, DEMO_TEXTS.parent / "README.md"]
+    if (root / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", *map(str, files)], cwd=root, capture_output=True, text=True)
+        assert ignored.stdout.strip() == "", f"git ignores {ignored.stdout.split()}: hatch would leave them out"

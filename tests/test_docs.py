@@ -66,6 +66,41 @@ def test_docs_site_has_the_tutorials_with_their_figures_and_the_readme(site):
     assert not list(site.rglob("*.py"))
 
 
+@pytest.mark.slow
+def test_plot_methods_list_the_options_they_pass_on(site):
+    """``LensResult.plot(**kwargs)``'s entry lists lens_heatmap's options (docs/griffe_plot_options.py)."""
+    page = (site / "api" / "predictions" / "index.html").read_text(encoding="utf-8")
+    entry = page.split('id="tl_logitlens.LensResult.plot"')[1].split('id="tl_logitlens.LensResult.')[0]
+    for option in ("color", "max_positions", "zmin", "zmax", "target"):
+        assert f"<code>{option}</code>" in entry, option
+
+
+@pytest.mark.slow
+def test_the_home_page_points_at_the_tutorials_and_the_api_reference(site):
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'href="tutorials/01_logit_lens_basics/"' in home and 'href="api/models/"' in home
+    assert "mkdocs serve" not in home.split("Documentation:")[1][:400]  # the GitHub-only part is gone
+
+
+def _docs_hooks():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    return hooks
+
+
+def test_navigation_labels_are_words():
+    """"Tuned lens: training", not "lenses · tuned_train": every API page has a title in words."""
+    pages = _docs_hooks()._api_pages()
+    titles = [title for title, _ in pages.values()]
+    assert "Tuned lens: training" in titles and "Logit lens" in titles
+    for title in titles:
+        assert re.fullmatch(r"[A-Z][A-Za-z -]*(: [a-z][A-Za-z -]*)?", title), title
+    assert len(set(titles)) == len(titles)
+
+
 def test_readme_links_the_docs_entry_page():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "(docs/index.md)" in readme

@@ -257,3 +257,22 @@ def test_architecture_hooked_transformer_lacks_loads_through_the_bridge(tmp_path
     model = tl.load_model(tmp_path)
     assert _compat.is_bridge(model)
     _final_logprobs_match(model, hf)
+
+
+def test_loading_the_demo_models_prints_nothing():
+    """No "Loading weights 100%" bar (transformers') on every ``load_model("demo")`` in a Python session:
+    a local checkpoint downloads nothing. The bars' setting is left as the caller had it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers.utils import logging\n"
+        "import tl_logitlens as tl\n"
+        "tl.load_model('demo'); tl.load_model('demo-bert')\n"
+        "assert logging.is_progress_bar_enabled()\n"
+        "logging.disable_progress_bar(); tl.load_model('demo')\n"
+        "assert not logging.is_progress_bar_enabled()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout, res.stderr) == ("", "")

@@ -152,10 +152,16 @@ def test_lens_heatmap_prob_on_a_log_scale_and_a_fixed_range(lens):
         lens_heatmap(lens, zmax="1")
 
 
-def test_log_ticks_are_decades_labelled_as_numbers():
+def test_log_ticks_are_decades_and_half_decades_labelled_as_numbers():
     vals, text = log_ticks(1.0, 5000.0)
-    assert text == ["1", "10", "100", "1,000"] and vals == pytest.approx([0, 1, 2, 3])
-    assert log_ticks(0.03, 0.8)[1] == ["0.03", "0.1", "0.3"]  # under three decades: 1-3 steps
+    assert text == ["1", "3", "10", "30", "100", "300", "1,000", "3,000"]
+    assert vals == pytest.approx([math.log10(float(t.replace(",", ""))) for t in text])
+    # a rank of 25 sits between two labelled ticks less than half a decade apart
+    assert math.log10(30) - math.log10(10) < 0.5
+    assert log_ticks(0.03, 0.8)[1] == ["0.03", "0.1", "0.3"]
+    # past MAX_LOG_TICKS ticks (about six decades): decades only
+    assert log_ticks(1.0, 1e9)[1] == ["1", "10", "100", "1,000", "10,000", "100,000", "1,000,000", "10,000,000",
+                                      "100,000,000", "1,000,000,000"]
     scale = colour_scale(torch.tensor([1.0, 10.0, float("nan")]), scale="log", zmin=None, zmax=None, floor=1.0)
     assert scale.z[:2].tolist() == [0.0, 1.0] and math.isnan(scale.z[2])
 
@@ -166,8 +172,8 @@ def test_lens_heatmap_rank_defaults_to_the_next_token_without_targets(plain):
     expected = torch.where(ranks > 0, ranks.log10(), torch.nan)  # the last token has no next token
     assert_close(_z(hm), expected, atol=1e-12, rtol=0, equal_nan=True)
     assert torch.isnan(_z(hm)[:, -1]).all()
-    # log colour scale from rank 1, its bar labelled 1, 10, 100 (not exponents)
-    assert hm.zmin == 0.0 and list(hm.colorbar.ticktext)[:2] == ["1", "10"]
+    # log colour scale from rank 1, its bar labelled 1, 3, 10 (not exponents)
+    assert hm.zmin == 0.0 and list(hm.colorbar.ticktext)[:3] == ["1", "3", "10"]
 
 
 def test_lens_heatmap_target_by_id_matches_target_by_string(lens, ln_model):
@@ -279,9 +285,9 @@ def test_target_trajectory_rank_is_a_geometric_mean_on_a_log_axis(lens):
     assert_close(_f64(line.y), 10 ** ranks.log10().mean(1), atol=1e-9, rtol=1e-9)
     assert fig.layout.yaxis.type == "log"
     assert len(fig.data) == 2  # band and mean, no prompt lines
-    # the log axis is labelled at decades 1, 10, 100 (plotly's own ticks read "10, 2, 5, 100")
+    # the log axis is labelled at decades and half-decades 1, 3, 10, 30 (plotly's own ticks read "10, 2, 5, 100")
     ticks = list(fig.layout.yaxis.ticktext)
-    assert ticks[:2] == ["1", "10"] and all(t.replace(",", "").strip("0") == "1" for t in ticks)
+    assert ticks[:3] == ["1", "3", "10"] and all(t.replace(",", "").strip("0") in ("1", "3") for t in ticks)
     assert list(fig.layout.yaxis.tickvals) == pytest.approx([float(t.replace(",", "")) for t in ticks])
     assert fig.layout.yaxis.autorange == "reversed"
     assert fig.layout.title.text.startswith("Rank of the targets")  # not the log-prob title
@@ -418,7 +424,8 @@ def test_head_grid_is_layer_by_head_centred_on_zero(head_dla, ln_model):
     n_layers, n_heads = ln_model.cfg.n_layers, ln_model.cfg.n_heads
     mean = head_dla.mean_attribution(0)[: n_layers * n_heads].reshape(n_layers, n_heads)
     assert_close(_z(hm), mean.double(), atol=1e-7, rtol=0)
-    assert hm.zmid == 0
+    bound = float(mean.abs().max())
+    assert (hm.zmin, hm.zmax) == (pytest.approx(-bound), pytest.approx(bound))  # symmetric about zero
     assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("head", "layer")
     assert hm.hovertext[1][2].startswith("<b>L1H2</b>")
     one = _heatmap(head_grid_figure(head_dla, prompt=1))
@@ -442,7 +449,7 @@ def test_head_source_figure_is_the_source_attribution(ln_model):
     assert list(hm.y) == [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
     assert list(fig.layout.xaxis.ticktext) == [f"{i}:{cell_text(t)}" for i, t in enumerate(res.str_tokens[1][:n_src])]
     bound = float(expected.abs().max())
-    assert hm.zmid == 0 and (hm.zmin, hm.zmax) == (pytest.approx(-bound), pytest.approx(bound))
+    assert (hm.zmin, hm.zmax) == (pytest.approx(-bound), pytest.approx(bound))
     # each row sums to that head's entry of the layer x head grid
     assert_close(_z(hm).sum(1), res.grid()[:, :, 1, col, 0].reshape(-1).double(), atol=1e-5, rtol=0)
     head = tl.direct_logit_attribution(ln_model, SENTENCES[:2], " the", " and", unit="head")
@@ -465,12 +472,22 @@ def test_component_bars_are_the_rows_and_the_total(ln_model, head_dla):
     assert abs(sum(bars.y[:-1]) - bars.y[-1]) < 1e-4
     colours = list(bars.marker.color)
     assert all((c == "#2166ac") == (v >= 0) for c, v in zip(colours[:-1], bars.y[:-1]))
-    # head results: the non-grid rows plus the largest heads
+    # head results: the non-grid rows, the largest heads, one bar for all the other heads, the total
     fig_h = component_bars_figure(head_dla, n_grid=3)
-    labels = list(fig_h.data[0].x)
+    (bars_h,) = fig_h.data
+    labels = list(bars_h.x)
     heads = [lab for lab in labels if lab.startswith("L")]
     assert len(heads) == 3
-    assert len(labels) == len(head_dla.labels) - 12 + 3 + 1
+    assert len(labels) == len(head_dla.labels) - 12 + 3 + 1 + 1
+    assert labels[-2] == "other heads (9)"
+    mean = head_dla.mean_attribution(0)
+    shown = {head_dla.labels.index(lab) for lab in heads}
+    others = sum(float(mean[r]) for r in range(12) if r not in shown)  # the slow way: one head at a time
+    assert bars_h.y[-2] == pytest.approx(others, abs=1e-6)
+    # so the bars add up to the model's total again
+    assert abs(sum(bars_h.y[:-1]) - bars_h.y[-1]) < 1e-4
+    # every head shown: no "other" bar
+    assert "other heads" not in " ".join(component_bars_figure(head_dla, n_grid=12).data[0].x)
 
 
 def test_component_lens_figure_shows_promoted_and_suppressed_tokens(ln_model):
@@ -482,7 +499,7 @@ def test_component_lens_figure_shows_promoted_and_suppressed_tokens(ln_model):
         assert list(hm.text[r]) == [clip(cell_text(sup[r][1][-1][i])) for i in (2, 1, 0)] + [
             clip(cell_text(prom[r][1][-1][i])) for i in range(3)
         ]
-    assert hm.zmid == 0
+    assert hm.zmin == -hm.zmax
     assert isinstance(res.plot(), go.Figure)
 
 

@@ -425,3 +425,62 @@ def test_report_closes_with_a_corpus_evaluation_section(driver, ln_model, tmp_pa
     _assert_fits(driver)
     with pytest.raises(TypeError, match="evaluation must be a LensEvaluation"):
         report(ln_model, SENTENCES[0], out=tmp_path / "bad.html", evaluation={"kl": 1.0})
+
+
+# the demo report, as `tl-logitlens demo` writes it: what each section shows, read in the browser
+_DEMO_PAGE = """
+const text = e => e ? e.textContent.trim() : null;
+const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
+const heading = p => text(p.closest('figure').previousElementSibling);
+const howto = document.querySelector('.howto'), howtoH2 = howto.querySelector('h2');
+const num = document.querySelector('td.num'), code = document.querySelector('td code');
+return {
+    h2: Array.from(document.querySelectorAll('h2')).map(text),
+    h3: Array.from(document.querySelectorAll('h3')).map(text),
+    figures: plots.map(p => [heading(p), p.data.map(t => t.type), p.data.map(t => t.z && t.z[0] ? t.z[0].length : 0)]),
+    howto_gap: howtoH2.getBoundingClientRect().top - howto.getBoundingClientRect().top,
+    font: [getComputedStyle(code).fontSize, getComputedStyle(num).fontSize],
+};
+"""
+
+
+@pytest.mark.slow
+def test_demo_report_shows_lens_difference_and_heads_in_the_browser(driver, tmp_path, monkeypatch, capsys):
+    """``tl-logitlens demo``'s report, drawn in Chromium: the logit lens (heatmap and text view on the
+    same positions), the logit difference ' happy' − ' sad' and the heads that write it, and the
+    details a reader sees: no gap above "How to read this", tokens in tables as large as the numbers."""
+    from tl_logitlens.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "demo.html"]) == 0
+    capsys.readouterr()
+    driver.get((tmp_path / "demo.html").resolve().as_uri())
+    rendered = _rendered(driver, 10)
+    assert all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered), rendered
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    _assert_fits(driver)
+    page = driver.execute_script(_DEMO_PAGE)
+    assert page["h2"][:3] == ["How to read this", "Prompts and tokens", "Figures"]
+    headings = [h for h, _, _ in page["figures"]]
+    for section in (
+        "Logit lens, prompt 0",
+        "Text view, prompt 0",
+        "The final layer's top tokens across layers (prompt 0, after '…dog. The dog was very')",
+        "Targets across layers",
+        "Logit difference",
+        "Direct logit attribution by component",
+        "Direct logit attribution by head",
+    ):
+        assert section in headings, (section, headings)
+    assert "Prompt 0, after '…dog. The dog was very'" in page["h3"]
+    # the heatmap and the text view show the same positions (columns of their cells)
+    columns = {h: n for h, _, n in page["figures"]}
+    assert columns["Logit lens, prompt 0"][0] == columns["Text view, prompt 0"][-1]
+    # no empty band above the box's heading; table tokens the size of the numbers beside them
+    assert page["howto_gap"] < 20, page["howto_gap"]
+    assert page["font"][0] == page["font"][1], page["font"]
+    png = driver.get_screenshot_as_png()
+    (tmp_path / "demo.png").write_bytes(png)
+    driver.get("about:blank")
+    _, _, mean, var = driver.execute_async_script(_PIXEL_STATS, base64.b64encode(png).decode())
+    assert 100 < mean < 254.5 and var > 100, (mean, var)

@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "prepare_inputs": "tl_logitlens.inputs",
     "display_tokens": "tl_logitlens.tokens",
     "load_model": "tl_logitlens.models",
+    "demo_texts": "tl_logitlens.corpus",
     # analyses
     "LensResult": "tl_logitlens.predictions",
     "logit_lens": "tl_logitlens.predictions",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         component_lens,
         direct_logit_attribution,
     )
+    from tl_logitlens.corpus import demo_texts  # noqa: F401
     from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
     from tl_logitlens.inputs import Batch, prepare_inputs  # noqa: F401

@@ -12,6 +12,8 @@ from rich.text import Text
 TOKEN_CHARS = 10  # a token longer than this is cut with "…" in the terminal table
 N_ATTRIBUTIONS = 8
 WIDE = 110  # at least this many columns: evaluation tables show their intervals
+TAIL_CHARS = 16  # terminal titles quote the end of the prompt: "after '…The dog was very'"
+POSITIVE, NEGATIVE = "blue", "red"  # the package's signed-colour convention (plotting/_common.py) in ANSI
 
 
 def new_table(title: str, width: int) -> Any:
@@ -31,6 +33,19 @@ def _visible(token: str) -> str:
 
     text = visible_token(token)
     return text if len(text) <= TOKEN_CHARS else text[: TOKEN_CHARS - 1] + "…"
+
+
+def prompt_lines(prompts: Sequence[str], shown: int) -> list[str]:
+    """The prompts as the terminal prints them above the tables: ``prompt: ...`` (``prompt 0: ...``
+    for several, the first ``shown`` of them), whitespace other than spaces drawn."""
+    from tl_logitlens.tokens import visible_token
+
+    def text(p: str) -> str:
+        return "".join(ch if ch == " " else visible_token(ch) for ch in p)
+
+    if len(prompts) == 1:
+        return [f"prompt: {text(prompts[0])}"]
+    return [f"prompt {b}: {text(p)}" for b, p in enumerate(prompts[:shown])]
 
 
 def _fit(widths: Sequence[int], fixed: int, available: int) -> int:
@@ -93,7 +108,7 @@ def _top_table(
 def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     """The causal lens at prompt ``prompt``'s last token."""
     from tl_logitlens.lenses import LOGIT_LENS
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.tokens import display_tokens, text_before
 
     lens = data.lens
     col = int(lens.valid[prompt].sum()) - 1
@@ -112,9 +127,8 @@ def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
                     lens.target_ranks[:, prompt, col, t].tolist(),
                 )
             )
-    last = _visible(lens.str_tokens[prompt][-1])
     which = "" if data.lens_name == LOGIT_LENS.name else f", {data.lens_name}"
-    title = f"Top tokens per layer after '{last}' (prompt {prompt}{which})"
+    title = f"Top tokens per layer after '{text_before(lens, prompt, chars=TAIL_CHARS)}' (prompt {prompt}{which})"
     return _top_table(title, lens.labels, tops, lens.entropy[:, prompt, col].tolist(), targets, width)
 
 
@@ -132,40 +146,54 @@ def masked_table(data: Any, width: int) -> tuple[Any, list[str]]:
     return _top_table(title, res.labels, tops, res.entropy[:, 0, 0].tolist(), [], width)
 
 
+def _signed_bar(v: float, scale: float, half: int) -> Text:
+    """``v`` as a bar from a zero axis ``│``: right (blue) when positive, left (red) when negative."""
+    n = min(half, round(abs(v) / scale * half)) if scale > 0 else 0
+    left = " " * half if v >= 0 else " " * (half - n) + "█" * n
+    right = "█" * n + " " * (half - n) if v >= 0 else " " * half
+    return Text.assemble((left, NEGATIVE), ("│", "dim"), (right, POSITIVE))
+
+
 def versus_tables(data: Any, width: int) -> list[Any]:
     """With --versus: the logit difference per layer at prompt 0's last token (and the mean over
-    prompts), and the components with the largest attribution."""
+    prompts) with a bar either side of zero, then the components and, in a table of their own, the
+    heads with the largest direct logit attribution."""
+    from tl_logitlens.tokens import text_before
+
     out = []
     ld = data.logit_diff
     values = ld.values[:, 0, -1, 0].tolist()
     many = ld.values.shape[1] > 1
-    title = f"Logit difference {ld.pair_labels[0]} per layer (logits)"
+    target, versus = f"'{_visible(data.target)}'", f"'{_visible(data.versus)}'"
+    pair = f"{target} − {versus}"
+    title = f"Logit difference {pair} per layer after '{text_before(data.lens, 0, chars=TAIL_CHARS)}' (logits)"
     table = new_table(title, width)
     table.add_column("layer", style="bold", no_wrap=True)
     table.add_column("prompt 0", justify="right", no_wrap=True)
     if many:
         table.add_column(f"mean of {ld.values.shape[1]} [{ld.confidence:.0%} CI]", justify="right", no_wrap=True)
-    bar_w = max(8, min(30, width - 12 - 10 - (28 if many else 0)))
-    table.add_column("", no_wrap=True)
+    half = max(4, min(15, (width - 12 - 10 - (28 if many else 0) - 1) // 2))
+    table.add_column(Text(f"{'−':<{half}}0{'+':>{half}}"), no_wrap=True)
     scale = max((abs(v) for v in values), default=1.0) or 1.0
     for s, label in enumerate(ld.labels):
         v = values[s]
-        n = round(abs(v) / scale * bar_w)
-        bar = Text("█" * n, style="green" if v >= 0 else "red")
         row: list[Any] = [label, f"{v:+.3f}"]
         if many:
             m, lo, hi = (float(t[s, -1, 0]) for t in (ld.mean, ld.low, ld.high))
             row.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-        table.add_row(*row, bar)
+        table.add_row(*row, _signed_bar(v, scale, half))
+    table.caption = Text(
+        f"bars: right of 0 (+, {POSITIVE}) the layer favours {target}, left (−, {NEGATIVE}) {versus}", style="dim"
+    )
+    table.caption_justify = "left"
     out.append(table)
-    for result, what in ((data.attribution, "components"), (data.head_attribution, "heads")):
+    for result, what, column in ((data.attribution, "components", "component"), (data.head_attribution, "heads", "head")):
         if result is None:
             continue
-        top = result.top(N_ATTRIBUTIONS)
-        title = f"Top {what} by direct logit attribution to {ld.pair_labels[0]}"
-        att = new_table(title, width)
+        top = result.top(N_ATTRIBUTIONS)  # a head result's top() is its heads
+        att = new_table(f"Top {what} by direct logit attribution to {pair}", width)
         att.add_column("#", justify="right")
-        att.add_column("row", no_wrap=True)
+        att.add_column(column, no_wrap=True)
         att.add_column("logits", justify="right")
         att.add_column("share", justify="right")
         for _, row in top.iterrows():

@@ -126,15 +126,24 @@ class AttributionResult(RowsResult):
     def top(self, k: int = 10, *, pair: int = 0, rows: str | None = None, by: str = "abs") -> pd.DataFrame:
         """The ``k`` rows with the largest mean attribution (over prompts and read positions).
 
-        ``rows``: ``"grid"`` (heads or neurons only), ``"all"``; by default ``"grid"`` for
-        ``unit="neuron"`` (the top neurons over all layers) and ``"all"`` otherwise. ``by``:
-        ``"abs"`` (largest magnitude), ``"positive"`` or ``"negative"``. Columns: ``rank``,
+        ``rows``: ``"grid"`` (the unit's own rows: heads for ``unit="head"``/``"head_source"``, neurons
+        for ``unit="neuron"``, over all layers) or ``"all"`` (every row: also the embeddings, whole
+        MLPs or attention layers and the biases). Default: ``"grid"`` when the result has a grid, so
+        ``unit="head"`` ranks heads and ``unit="neuron"`` neurons; ``"all"`` for ``unit="component"``.
+        ``by``: ``"abs"`` (largest magnitude), ``"positive"`` or ``"negative"``. Columns: ``rank``,
         ``label``, ``layer``, ``index``, ``attribution`` (mean, logits), ``share`` (of the mean total).
+
+        Raises:
+            ValueError: ``rows="grid"`` on a component result; a bad ``k``, ``pair``, ``rows`` or ``by``.
+
+        Example:
+            >>> dla = tl.direct_logit_attribution(model, "The dog was very", " happy", " sad", unit="head")
+            >>> dla.top(3)  # the three heads with the largest mean |attribution|, e.g. L2H0, L3H1, L1H2
         """
         import pandas as pd
 
         if rows is None:
-            rows = "grid" if self.unit == "neuron" else "all"
+            rows = "all" if self.grid_size is None else "grid"
         if rows not in ("grid", "all"):
             raise ValueError(f"rows must be 'grid' or 'all', got {rows!r}")
         if rows == "grid" and self.grid_size is None:

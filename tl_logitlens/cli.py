@@ -17,25 +17,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tl_logitlens._terminal import eval_tables, lens_table, masked_table, versus_tables
-
 PROG = "tl-logitlens"
-# the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0
+# the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0.
+# " sad" (its rank 2-4 from layer 1 on) is the comparison: the logit difference and the heads writing it
 DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was very"
+DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
 COMMANDS = ("demo", "run", "eval")
+# the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
+PLOTLY_JS = ("inline", "cdn", "directory")
+PLOTLY_JS_FILE = "plotly.min.js"
+DEMO_TEXTS = "demo"  # --texts demo: the shipped held-out stories (tl.demo_texts())
 
 EPILOG = f"""\
-examples:
+examples (offline, on the built-in demo model and texts):
   {PROG} demo
+  {PROG} run demo "The dog was very" --target " happy" --versus " sad"
+  {PROG} run demo "The dog was very" --lens demo --plotly-js cdn
+  {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\
+      --json eval.json
+examples (a model from the hub, your own files):
   {PROG} run gpt2 "The Eiffel Tower is in the city of" \\
       --target " Paris" --versus " Rome"
   {PROG} run ./my-checkpoint --prompts-file prompts.txt \\
       --sites resid_pre resid_mid --csv lens.csv
-  {PROG} run demo "The dog was very" --lens demo
-  {PROG} eval ./stories260K --texts stories.json --lens ./tuned-lens \\
-      --json eval.json
   torchrun --nproc-per-node 4 -m tl_logitlens eval gpt2 \\
       --texts corpus.jsonl --json eval.json
 
@@ -121,7 +127,16 @@ def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default="logit_lens_report.html",
-        help="HTML report to write (default: logit_lens_report.html in the current folder)",
+        help="HTML report to write (default: logit_lens_report.html in the current folder). One file "
+        "of about 5 MB, most of it plotly.js, so it opens offline; see --plotly-js",
+    )
+    p.add_argument(
+        "--plotly-js",
+        choices=PLOTLY_JS,
+        default="inline",
+        help="where the report gets plotly.js: inline (default; ~5 MB, works offline), cdn (a few hundred "
+        "kB; the browser loads plotly.js from cdn.plot.ly, so viewing needs the internet) or directory "
+        f"(one shared {PLOTLY_JS_FILE} written beside the report)",
     )
     p.add_argument("--no-report", action="store_true", help="print the table only, write no HTML")
     p.add_argument(
@@ -141,7 +156,11 @@ def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the lens on the built-in demo model (offline, seconds)",
-        description="The logit lens (and the demo tuned lens) on the built-in demo model and a story prompt.",
+        description=(
+            f"The built-in demo model on a story prompt ({DEMO_PROMPT!r}): the logit lens and the demo "
+            f"tuned lens layer by layer, the logit difference {DEMO_TARGET!r} − {DEMO_VERSUS!r} and the "
+            "heads that write it, in the terminal and in an HTML report. Offline, seconds."
+        ),
         formatter_class=_Formatter,
     )
     _outputs(demo)
@@ -200,8 +219,8 @@ def _add_eval(sub: Any) -> None:
         ),
         epilog=(
             "examples:\n"
-            f"  {PROG} eval ./stories260K --texts stories.json \\\n"
-            "      --max-tokens 100000 --json eval.json\n"
+            f"  {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\\n"
+            "      --json eval.json\n"
             "  torchrun --nproc-per-node 2 -m tl_logitlens eval gpt2 \\\n"
             "      --texts corpus.txt --csv eval.csv"
         ),
@@ -210,10 +229,11 @@ def _add_eval(sub: Any) -> None:
     _model_and_device(ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there")
     ev.add_argument(
         "--texts",
-        metavar="FILE",
+        metavar="FILE|demo",
         required=True,
         help="the corpus: .txt (documents separated by blank lines), .json (a list of strings) or .jsonl "
-        "(one string or {\"text\": ...} per line)",
+        "(one string or {\"text\": ...} per line), or 'demo' for the 100 TinyStories shipped with the "
+        "package, which the demo model never saw (tl.demo_texts())",
     )
     ev.add_argument("--text-field", default="text", metavar="NAME", help="the field holding text in JSON objects (default: text)")
     ev.add_argument(
@@ -421,7 +441,7 @@ def _lens_command(args: argparse.Namespace) -> int:
     """``demo`` and ``run``: the lens on prompts, a terminal table, the report and the tables."""
     if args.command == "demo":
         model_name, prompts = "demo", [DEMO_PROMPT]
-        target = versus = None
+        target, versus = DEMO_TARGET, DEMO_VERSUS
         sites, norm, device, lens_spec = ["resid_pre"], "recompute", None, None
     else:
         model_name, prompts = args.model, _read_prompts(args)
@@ -429,11 +449,12 @@ def _lens_command(args: argparse.Namespace) -> int:
         sites, norm, device, lens_spec = args.sites, args.norm, args.device, args.lens
         if versus is not None and target is None:
             raise UsageError("--versus needs --target: the logit difference is target minus versus")
-        check_device(device)
     out = None if args.no_report else args.out
     _check_out(out, (".html", ".htm"), "the report")
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
+    check_device(device)  # imports torch (when a device is named): after every check that does not need it
+    from tl_logitlens._terminal import lens_table, masked_table, prompt_lines, versus_tables
 
     console, err = _consoles()
     model = _load(model_name, device, err)
@@ -445,7 +466,8 @@ def _lens_command(args: argparse.Namespace) -> int:
     if len(prompts) > 1:
         from rich.progress import Progress
 
-        with Progress(console=err, transient=True) as progress:
+        # a bar on a terminal only: piped or captured, rich would leave a blank line behind
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(lens_name(lens), total=len(prompts))
             data = compute_report(
                 model, prompts, **settings, progress=lambda done, total: progress.update(task, completed=done)
@@ -453,13 +475,17 @@ def _lens_command(args: argparse.Namespace) -> int:
     else:
         data = compute_report(model, prompts, **settings)
     width = console.width
+    for line in prompt_lines(prompts, 1):
+        console.print(line, markup=False)
+    console.print()
     if isinstance(data, ReportData):
         _print_table(console, *lens_table(data, 0, width))
         if args.command == "demo":
             tuned = _demo_tuned_lens(model)
             if tuned is not None:
                 console.print()
-                table, _ = lens_table(compute_report(model, prompts, top_k=args.top_k, lens=tuned), 0, width)
+                tuned_data = compute_report(model, prompts, top_k=args.top_k, lens=tuned, target=target, versus=versus)
+                table, _ = lens_table(tuned_data, 0, width)
                 console.print(table)  # the legend above holds for both
         if data.logit_diff is not None:
             for table in versus_tables(data, width):
@@ -474,7 +500,7 @@ def _lens_command(args: argparse.Namespace) -> int:
         if path is not None:
             console.print(f"wrote {what}: {path}")
     if out is not None:
-        path = write_report(data, out, max_prompts=SHOWN_PROMPTS)
+        path = write_report(data, out, max_prompts=SHOWN_PROMPTS, plotly_js=args.plotly_js)
         console.print(f"wrote report: {path}  (open it in a browser; it works offline)")
     return 0
 
@@ -485,15 +511,22 @@ def _lens_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     """``eval``: lenses scored over a corpus, a table per lens, JSON/CSV."""
+    texts: Any = Path(args.texts)
+    if args.texts == DEMO_TEXTS:
+        from tl_logitlens.corpus import demo_texts
+
+        texts = demo_texts()
+    elif not texts.is_file():
+        raise UsageError(
+            f"no corpus at {args.texts!r}; give a .txt, .json or .jsonl file, or 'demo' for the shipped stories"
+        )
+    _check_out(args.csv, (".csv",), "--csv")
+    _check_out(args.json, (".json",), "--json")
+    # torch loads from here on: every mistake in what was typed is reported before it
     from tl_logitlens import _distributed
     from tl_logitlens.lenses import lens_name
 
     check_device(args.device)
-    texts = Path(args.texts)
-    if not texts.is_file():
-        raise UsageError(f"no corpus at {args.texts!r}; give a .txt, .json or .jsonl file")
-    _check_out(args.csv, (".csv",), "--csv")
-    _check_out(args.json, (".json",), "--json")
     started = not (_distributed.launched_by_torchrun() and _is_initialized())
     world, device = _distributed.init_from_env(args.device)
     try:
@@ -521,6 +554,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
         if not world.is_main:
             return 0
+        from tl_logitlens._terminal import eval_tables
+
         tables, legend = eval_tables(ev, console.width)
         for i, table in enumerate(tables):
             if i:

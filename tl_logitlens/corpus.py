@@ -296,6 +296,25 @@ def read_texts(texts: Any) -> list[str]:
     return list(iter_texts(texts))
 
 
+DEMO_TEXTS = Path(__file__).parent / "demo_models" / "texts" / "tinystories_held_out.json"
+
+
+def demo_texts() -> list[str]:
+    """The 100 TinyStories the built-in demo models never saw, shipped with the package (about 90 KB).
+
+    The held-out split of ``load_model("demo")`` and ``"demo-bert"`` (the last 100 of a seeded shuffle
+    of a 1000-story sample, in that order; the demo model card's held-out loss is measured on them),
+    so examples of corpus evaluation, tuned-lens training and lens fitting run offline. A new list
+    on every call. Licence: CDLA-Sharing-1.0, as TinyStories (see ``demo_models/texts/README.md``).
+
+    Example:
+        >>> texts = tl.demo_texts()
+        >>> len(texts), texts[1][:30]
+        (100, 'Once upon a time, there was a ')
+    """
+    return json.loads(DEMO_TEXTS.read_text(encoding="utf-8"))
+
+
 def pack_windows(model: Any, texts: list[str], seq_len: int | None) -> Any:
     """``[window, seq_len]`` token ids: each text as BOS + its tokens (EOS where the model prepends no
     BOS), concatenated and cut into consecutive windows; each window starts with BOS when the model

@@ -350,7 +350,8 @@ class MaskedLensResult(LensStatistics):
         return depth_profile(self, target=target).plot(**kwargs)
 
     def plot_vocab(self, site: str | int = -1, prompt: int = 0, mask: int = 0, **kwargs: Any) -> go.Figure:
-        """The full-vocabulary log-softmax at one site, target highlighted (needs ``keep_logprobs=True``)."""
+        """The full-vocabulary log-softmax at one site, target highlighted (needs ``keep_logprobs=True``);
+        see :func:`tl_logitlens.plotting.vocab_figure`."""
         from tl_logitlens.plotting.masked import vocab_figure
 
         return vocab_figure(self, site=site, prompt=prompt, mask=mask, **kwargs)

@@ -337,7 +337,27 @@ def _staged_folder(path: Path) -> tempfile.TemporaryDirectory:
     return tmp
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off while a local checkpoint loads, then as they were: nothing is
+    downloaded, and its "Loading weights 100%" bar on every ``load_model("demo")`` is noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load_local(path: Path, device: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
+    with _no_progress_bars():
+        return _load_local_quietly(path, device, dtype, **kwargs)
+
+
+def _load_local_quietly(path: Path, device: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)

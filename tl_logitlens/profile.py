@@ -223,7 +223,7 @@ class DepthProfile(ShortRepr):
         return profile_figure(self, row=row, **kwargs)
 
     def plot_heatmaps(self, **kwargs: Any) -> go.Figure:
-        """Target and max log-prob heatmaps with the slope panel; see ``plotting.masked.profile_heatmaps``."""
+        """Target and max log-prob heatmaps with the slope panel; see :func:`tl_logitlens.plotting.profile_heatmaps`."""
         from tl_logitlens.plotting.masked import profile_heatmaps
 
         return profile_heatmaps(self, **kwargs)

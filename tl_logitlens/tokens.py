@@ -159,6 +159,47 @@ def visible_token(token: str) -> str:
     return "".join(out)
 
 
+def tail_text(tokens: Sequence[str], *, chars: int = 24, skip: Sequence[str] = ()) -> str:
+    """The end of a tokenised text as a person reads it, for titles: "after '…The dog was very'".
+
+    The last whole tokens of ``tokens`` (at least one) that fit in ``chars`` characters, joined, the
+    leading space dropped, led by ``…`` when the text goes on before them. Spaces stay spaces (it is
+    read as text); line breaks, tabs and control characters are drawn as :func:`visible_token` draws
+    them. Tokens in ``skip`` (special tokens such as BOS) end the text and are not shown.
+
+    Example:
+        >>> tail_text(["<|endoftext|>", "The", " dog", " was", " very"], chars=13, skip=["<|endoftext|>"])
+        '…dog was very'
+    """
+    skipped = set(skip)
+    kept: list[str] = []
+    for i in range(len(tokens) - 1, -1, -1):
+        tok = tokens[i]
+        if tok in skipped:
+            break
+        if kept and sum(map(len, kept)) + len(tok) > chars:
+            kept.append("…")
+            break
+        kept.append(tok)
+    text = "".join(reversed(kept))
+    text = "…" + text[1:].lstrip(" ") if text.startswith("…") else text.lstrip(" ")
+    return "".join(ch if ch == " " else visible_token(ch) for ch in text)
+
+
+TAIL_CHARS = 24  # titles quote at most this much of the text before a read position
+
+
+def text_before(result: Any, prompt: int, position: int | None = None, *, chars: int = TAIL_CHARS) -> str:
+    """The end of prompt ``prompt`` of a result up to token ``position`` (default: its last token), for
+    titles and headings: ``…The dog was very`` (:func:`tail_text`, the tokenizer's special tokens such
+    as BOS left out). ``result`` has ``str_tokens`` and ``tokenizer``, as every result here does."""
+    tokens = result.str_tokens[prompt]
+    if position is not None:
+        tokens = tokens[: position + 1]
+    special = tuple(getattr(result.tokenizer, "all_special_tokens", None) or ())
+    return tail_text(tokens, chars=chars, skip=special)
+
+
 def display_tokens(tokenizer: Any, ids: Sequence[int] | torch.Tensor, *, visible: bool = False) -> list[str]:
     """Readable strings for token ids: leading-space markers (``▁``, ``Ġ``) become spaces.
 

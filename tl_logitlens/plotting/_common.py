@@ -1,4 +1,14 @@
-"""Helpers every figure shares: visible token labels, the house style, colour scales, picking columns."""
+"""Helpers every figure shares: visible token labels, the house style, colour scales, picking columns.
+
+**Signed values: blue is positive, red is negative.** Every figure of a signed quantity (direct logit
+attribution heatmaps and head grids, head × source, the component lens, attribution bars, the
+terminal's logit-difference bars) draws positive values in blue (:data:`POSITIVE_COLOUR`) and
+negative values in red (:data:`NEGATIVE_COLOUR`), on one diverging scale (:data:`DIVERGING`, ColorBrewer's
+RdBu: white at zero, symmetric about it, so equal magnitudes get equal depth). For a logit difference
+``logit(target) − logit(versus)`` positive means *towards the target*: blue raises the target over the
+comparison token, red lowers it. Captions, colour bars and hover text say it in those words
+(:func:`sign_note`), and ``tests/test_plotting.py`` checks each figure's scale against its caption.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +52,16 @@ def clip(text: str, n: int = CELL_CHARS) -> str:
 def quoted(token: str) -> str:
     """A token in quotes for hover text and titles (whitespace drawn as in :func:`cell_text`)."""
     return "'" + cell_text(token) + "'"
+
+
+def after_quote(result: ResultBase, prompt: int, column: int) -> str:
+    """The text up to read-position ``column`` of ``prompt`` in quotes, for titles: ``'…The dog was
+    very'`` (:func:`~tl_logitlens.tokens.text_before`: spaces as spaces, special tokens left out),
+    markup escaped."""
+    from tl_logitlens.tokens import text_before
+
+    text = text_before(result, prompt, int(result.positions[prompt, column]))
+    return "'" + "".join(_ESCAPES.get(ch, ch) for ch in text) + "'"
 
 
 def check_index(name: str, value: object, n: int) -> int:
@@ -274,6 +294,62 @@ def pair_name(result: object, k: int, *, short: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Signed values: one diverging convention (see the module docstring).
+
+POSITIVE_COLOUR = "#2166ac"  # blue: positive, raises the value (towards the target)
+NEGATIVE_COLOUR = "#b2182b"  # red: negative, lowers it (towards the comparison token)
+POSITIVE_NAME, NEGATIVE_NAME = "blue", "red"  # the words captions use for them
+# ColorBrewer RdBu (plotly.colors.diverging.RdBu), red at the low end, blue at the high end
+DIVERGING: tuple[tuple[float, str], ...] = (
+    (0.0, "rgb(103,0,31)"), (0.1, "rgb(178,24,43)"), (0.2, "rgb(214,96,77)"), (0.3, "rgb(244,165,130)"),
+    (0.4, "rgb(253,219,199)"), (0.5, "rgb(247,247,247)"), (0.6, "rgb(209,229,240)"), (0.7, "rgb(146,197,222)"),
+    (0.8, "rgb(67,147,195)"), (0.9, "rgb(33,102,172)"), (1.0, "rgb(5,48,97)"),
+)
+
+
+def signed_colour(value: float | None) -> str:
+    """A bar's colour for ``value``: :data:`POSITIVE_COLOUR` from zero up, :data:`NEGATIVE_COLOUR` below."""
+    return POSITIVE_COLOUR if (value or 0.0) >= 0 else NEGATIVE_COLOUR
+
+
+def sign_note(positive: str = "raises the value", negative: str = "lowers it") -> str:
+    """The caption's sentence for the colour convention: ``"blue is positive (…), red negative (…)"``."""
+    return f"{POSITIVE_NAME} is positive ({positive}), {NEGATIVE_NAME} negative ({negative})"
+
+
+def sign_words(result: Any, pair: int, prompt: int | None = None) -> tuple[str, str]:
+    """What a positive and a negative value of ``pair`` mean, in words: ``("towards '␣happy'",
+    "towards '␣sad'")`` for a logit difference every prompt shares (or for one ``prompt``'s own
+    pair), else in general terms. Takes an attribution (``metric``) or a direction result (``kind``)."""
+    from tl_logitlens.tokens import display_tokens
+
+    def one(ids: torch.Tensor | None) -> str | None:
+        if ids is None or result.tokenizer is None:
+            return None
+        rows = ids[:, pair] if prompt is None else ids[prompt : prompt + 1, pair]
+        unique = torch.unique(rows).tolist()
+        return quoted(display_tokens(result.tokenizer, unique)[0]) if len(unique) == 1 else None
+
+    metric = getattr(result, "metric", None) or getattr(result, "kind", None)
+    if metric not in ("logit_diff", "logit"):
+        return "along the direction", "against it"
+    correct, incorrect = one(result.correct_ids), one(result.incorrect_ids)
+    if metric == "logit_diff":
+        return (
+            f"towards {correct or 'the correct token'}",
+            f"towards {incorrect or 'the incorrect token'}",
+        )
+    return f"raises the logit of {correct or 'the token'}", "lowers it"
+
+
+def signed_bound(values: torch.Tensor) -> float:
+    """The symmetric colour range ``±bound`` of ``values``: their largest finite magnitude (1 if none)."""
+    finite = values.detach()[torch.isfinite(values.detach())]
+    bound = float(finite.abs().max()) if finite.numel() else 0.0
+    return bound or 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Colour scales: adaptive to the cells shown, linear or log, the range overridable.
 
 SCALES = ("linear", "log")
@@ -308,18 +384,25 @@ def _number(v: float) -> str:
     return f"{v:.10f}".rstrip("0")
 
 
-def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
-    """Tick positions (``log10``) and labels (the values: 1, 10, 100, ...) between ``lo`` and ``hi``.
+MAX_LOG_TICKS = 13  # decades and half-decades up to ~6 decades (1 .. 1e6); decades only beyond
 
-    Decades only, unless that gives fewer than three ticks; then 1-3 steps (0.1, 0.3, 1, 3).
+
+def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    """Tick positions (``log10``) and labels (the values) between ``lo`` and ``hi``.
+
+    Every decade and half-decade (1, 3, 10, 30, 100, ...: a rank of 25 sits between labelled
+    ticks), as long as that is at most :data:`MAX_LOG_TICKS` ticks; decades only over wider ranges.
     """
     lo_e, hi_e = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
-    values = [10.0**e for e in range(lo_e, hi_e + 1)]
-    inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
-    if len(inside) < 3:
-        values = [m * 10.0**e for e in range(lo_e, hi_e + 1) for m in (1, 3)]
-        inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
-    return [math.log10(v) for v in inside], [_number(v) for v in inside]
+
+    def inside(steps: tuple[int, ...]) -> list[float]:
+        values = [m * 10.0**e for e in range(lo_e, hi_e + 1) for m in steps]
+        return [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+
+    ticks = inside((1, 3))
+    if len(ticks) > MAX_LOG_TICKS:
+        ticks = inside((1,))
+    return [math.log10(v) for v in ticks], [_number(v) for v in ticks]
 
 
 def colour_scale(

@@ -16,6 +16,7 @@ from tl_logitlens.plotting._common import (
     lens_note,
     line_trace,
     pair_name,
+    sign_words,
 )
 
 
@@ -35,6 +36,8 @@ def logit_diff_figure(
     ``per_prompt=True`` each prompt's own ``values`` are drawn as thin lines. ``pair``: one pair
     (index), or all of them (``None``). ``column``: which read-position column (``logit_diff``'s
     default reads each prompt's last token, a single column). Units: logits for logit differences.
+    Above the dotted zero line a site favours the correct token, below it the incorrect one (the
+    subtitle names them for a single pair).
     """
     n_sites, n_cols, n_pairs = result.mean.shape
     column = check_index("column", column, n_cols)
@@ -74,8 +77,11 @@ def logit_diff_figure(
         band = f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, too few for a band"
     many = "pairs" if result.kind == "logit_diff" else "directions"
     heading = pair_name(result, pairs[0]) if len(pairs) == 1 else f"{len(pairs)} {many}"
+    up, down = sign_words(result, pairs[0]) if len(pairs) == 1 else ("towards the correct token", "the incorrect one")
+    sides = f"<br><sup>above 0: {up}; below 0: {down}</sup>"
     return house_style(
         fig,
-        title=title or f"{what} across layers: {heading}<br><sup>norm={result.norm}{lens_note(result)}; {band}</sup>",
+        title=title
+        or f"{what} across layers: {heading}<br><sup>norm={result.norm}{lens_note(result)}; {band}</sup>{sides}",
         **LINE_CHART,
     )

@@ -20,6 +20,7 @@ from tl_logitlens.plotting._common import (
     MONO,
     PALETTE,
     _plain_length,
+    after_quote,
     as_list,
     band_trace,
     cell_text,
@@ -402,7 +403,7 @@ def top_token_evolution(
             ygap=1,
         )
     )
-    where = quoted(result.str_tokens[prompt][int(result.positions[prompt, col])])
+    where = after_quote(result, prompt, col)
     fig.update_xaxes(title_text="layer (residual stream site)", type="category")
     fig.update_yaxes(
         title_text="final layer's top tokens" if is_final_top else "target",

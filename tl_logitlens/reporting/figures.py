@@ -13,6 +13,7 @@ import torch
 
 from tl_logitlens.reporting.compute import EVOLUTION_N, AnyReportData, MaskedReportData, ReportData
 from tl_logitlens.reporting.tables import MASKED_HOLES_SHOWN, escape
+from tl_logitlens.tokens import text_before, visible_token
 
 FIGURE_MAX_WIDTH = 1140  # px: the report's column is 1200 px less padding, inside a 1280-px window
 HEATMAP_POSITIONS = 24  # the most input positions a report heatmap starts from (fewer if it would not fit)
@@ -34,14 +35,16 @@ def fit_width(fig: Any) -> Any:
     return fig
 
 
-def _positions_fitting(build: Callable[[int], Any], n_positions: int) -> tuple[Any, int]:
-    """``build(max_positions)`` with the most positions (at most ``HEATMAP_POSITIONS``) whose figure fits."""
+def _positions_fitting(builds: Sequence[Callable[[int], Any]], n_positions: int) -> tuple[list[Any], int]:
+    """``build(max_positions)`` for each of ``builds`` with the most positions (at most
+    ``HEATMAP_POSITIONS``) at which every one of the figures fits: figures drawn together (the lens
+    heatmap and its text view) show the same positions."""
     m = max(1, min(HEATMAP_POSITIONS, n_positions))
-    fig = build(m)
-    while m > 4 and (fig.layout.width or 0) > FIGURE_MAX_WIDTH:
+    figs = [build(m) for build in builds]
+    while m > 4 and any((fig.layout.width or 0) > FIGURE_MAX_WIDTH for fig in figs):
         m -= 2 if m > 8 else 1
-        fig = build(m)
-    return fit_width(fig), m
+        figs = [build(m) for build in builds]
+    return [fit_width(fig) for fig in figs], m
 
 
 def _clip_note(shown: int, total: int) -> str:
@@ -81,22 +84,25 @@ def _lens_figures(data: ReportData, shown: list[int]) -> list[Figure]:
     out = []
     for b in shown:
         n_cols = int(lens.valid[b].sum())
-        fig, m = _positions_fitting(lambda m, b=b: lens_heatmap(lens, prompt=b, max_positions=m), n_cols)
+        builds = [lambda m, b=b: lens_heatmap(lens, prompt=b, max_positions=m)]
+        if b == 0:  # prompt 0's text view shows the very positions of its heatmap
+            builds.append(lambda m: text_heatmap(lens, prompt=0, max_positions=m))
+        figs, m = _positions_fitting(builds, n_cols)
         out.append(Figure(
             f"Logit lens, prompt {b}",
             "Rows are sites (first layer at the bottom), columns the input tokens. Each cell is the token "
             "the lens predicts <i>after</i> its column's token at that site; its colour is that token's "
             "probability. Hover a cell for its top-k." + _clip_note(m, n_cols),
-            fig,
+            figs[0],
         ))
-    n0 = int(lens.valid[0].sum())
-    fig, m = _positions_fitting(lambda m: text_heatmap(lens, prompt=0, max_positions=m), n0)
-    out.append(Figure(
-        "Text view, prompt 0",
-        "The same predictions laid out as text: under each input token, every site's top token, shaded "
-        "by its probability." + _clip_note(m, n0),
-        fig,
-    ))
+        if b == 0:
+            text_view = Figure(
+                "Text view, prompt 0",
+                "The same predictions laid out as text: under each input token, every site's top token, shaded "
+                "by its probability." + _clip_note(m, n_cols),
+                figs[1],
+            )
+    out.append(text_view)
     last = torch.zeros_like(lens.valid)
     last[torch.arange(lens.valid.shape[0]), lens.valid.sum(1) - 1] = True
     out.append(_entropy_kl(
@@ -114,7 +120,7 @@ def _trajectory_figures(data: ReportData) -> list[Figure]:
     from tl_logitlens.plotting import target_trajectory, top_token_evolution
 
     out = [Figure(
-        "The final layer's top tokens across layers (prompt 0, last token)",
+        f"The final layer's top tokens across layers (prompt 0, after '{text_before(data.lens, 0)}')",
         f"The {EVOLUTION_N} tokens the model finally ranks highest after prompt 0's last token, and their "
         "probability at every site: where each one rises.",
         fit_width(top_token_evolution(data.evolution, n=EVOLUTION_N)),
@@ -137,12 +143,18 @@ def _trajectory_figures(data: ReportData) -> list[Figure]:
 def _attribution_figures(data: ReportData) -> list[Figure]:
     """With a comparison token: the logit difference across layers and its direct logit attribution."""
     from tl_logitlens.plotting import component_bars_figure, head_grid_figure, logit_diff_figure
+    from tl_logitlens.plotting._common import sign_note
 
+    colours = ""
+    if data.target is not None and data.versus is not None:
+        target, versus = (escape(f"'{visible_token(t)}'") for t in (data.target, data.versus))
+        colours = f" Colours: {sign_note(f'towards {target}', f'towards {versus}')}."
     drawn = [
         (
             data.logit_diff,
             "Logit difference",
-            f"logit({escape(data.target)}) − logit({escape(data.versus)}) at each prompt's last token, by site, read "
+            f"logit({escape(visible_token(data.target or ''))}) − logit({escape(visible_token(data.versus or ''))}) at "
+            "each prompt's last token, by site, read "
             f"with norm={escape(data.norm)}; at final_post it is the model's own logit difference.",
             lambda r: logit_diff_figure(r, per_prompt=len(data.prompts) <= 30),
         ),
@@ -150,14 +162,15 @@ def _attribution_figures(data: ReportData) -> list[Figure]:
             data.attribution,
             "Direct logit attribution by component",
             "How much each component (embeddings, each attention layer and MLP, biases) writes directly "
-            "along the target − versus direction (mean over prompts); the bars add up to the total.",
+            "along the target − versus direction (mean over prompts); the bars add up to the total (grey)."
+            + colours,
             component_bars_figure,
         ),
         (
             data.head_attribution,
             "Direct logit attribution by head",
-            "The same split into attention heads (layer × head), centred on zero: red pushes towards the "
-            "target, blue towards the comparison token.",
+            "The attention layers split into their heads (layer × head; mean over prompts), on a scale "
+            "symmetric about zero." + colours + " The MLPs, embeddings and biases are in the figure above.",
             head_grid_figure,
         ),
     ]

@@ -26,10 +26,12 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bo
 .meta { color: #555; font-size: 0.9em; }
 figure.figure { margin: 1.2em 0; max-width: 100%; overflow-x: auto; }
 figure.figure figcaption { color: #444; font-size: 0.9em; margin-top: 0.3em; max-width: 60em; }
-.tok { display: inline-block; font-family: monospace; white-space: pre; background: #eef3fa;
+code, .tok { font-family: ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace; font-size: inherit; }
+.tok { display: inline-block; white-space: pre; background: #eef3fa;
        border: 1px solid #c9d6ea; border-radius: 3px; padding: 0 3px; margin: 1px; }
 .howto { background: #f7f7f4; border: 1px solid #e2e2da; border-radius: 4px; padding: 0.4em 1em;
          font-size: 0.92em; max-width: 60em; }
+.howto h2 { margin-top: 0.4em; }
 .howto dt { font-weight: 600; margin-top: 0.4em; } .howto dd { margin-left: 1.2em; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.6em 0; max-width: 100%; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from tl_logitlens.masked import MaskedLensResult
 from tl_logitlens.predictions import LensResult
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
-from tl_logitlens.tokens import display_tokens, visible_token
+from tl_logitlens.tokens import display_tokens, text_before, visible_token
 
 MASKED_HOLES_SHOWN = 3  # holes per prompt drawn one by one in a masked-LM report
 
@@ -107,7 +107,8 @@ def tables_html(data: AnyReportData, shown: list[int]) -> list[str]:
     if isinstance(data, ReportData):
         parts = ["<h2>Tables: top tokens per layer at the last token</h2>"]
         for b in shown:
-            parts.append(f"<h3>Prompt {b}, after {token_box(data.lens.str_tokens[b][-1])}</h3>")
+            quote = escape(f"'{text_before(data.lens, b)}'")
+            parts.append(f"<h3>Prompt {b}, after {quote}</h3>")
             parts.append(top_table_html(data.lens, b))
         return parts
     parts = ["<h2>Tables: top tokens per layer at each hole</h2>"]
