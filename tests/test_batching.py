@@ -141,3 +141,34 @@ def test_logit_diff_and_attribution_on_mixed_lengths_equal_each_prompt_alone(ln_
         for unit in units:
             one = tl.direct_logit_attribution(model, prompt, " the", " a", unit=unit)
             assert_close(dla[unit].attribution[:, i], one.attribution[:, 0], atol=2e-5, rtol=1e-5, msg=f"{unit} {i}")
+
+
+def test_report_batches_prompts_by_length_and_keeps_their_order(ln_model):
+    from tl_logitlens.reporting import compute_report
+
+    prompts = MIXED * 3
+    data = compute_report(ln_model, prompts, batch_size=4)
+    together = tl.logit_lens(ln_model, prompts, top_k=5)
+    assert data.lens.str_tokens == together.str_tokens  # the user's order
+    assert torch.equal(data.lens.valid, together.valid) and torch.equal(data.lens.tokens, together.tokens)
+    for name in ("top_ids", "top_logprobs", "kl_to_final", "next_logprobs"):
+        got, want = getattr(data.lens, name), getattr(together, name)
+        if got.dtype.is_floating_point:
+            assert_close(got, want, atol=2e-5, rtol=1e-5, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(got, want), name
+    # sorted batches of 4 pad less than batches of 4 in the user's order
+    lengths = together.valid.sum(-1).tolist()
+    unsorted = [plan_forwards(lengths[i : i + 4], causal=True) for i in range(0, len(prompts), 4)]
+    before = 1 - sum(p.n_real for p in unsorted) / sum(p.n_slots for p in unsorted)
+    assert 0 <= data.padding_fraction < before
+
+
+def test_select_prompts_reorders_every_axis(ln_model):
+    res = tl.logit_lens(ln_model, MIXED[:3], targets=[" the"], final_top_k=2)
+    back = res.select_prompts([2, 0, 1])
+    assert back.str_tokens == (res.str_tokens[2], res.str_tokens[0], res.str_tokens[1])
+    assert torch.equal(back.top_ids[:, 1], res.top_ids[:, 0]) and torch.equal(back.final_top_ids[0], res.final_top_ids[2])
+    assert torch.equal(back.positions[2], res.positions[1]) and torch.equal(back.target_ids[0], res.target_ids[2])
+    with pytest.raises(ValueError, match="prompt indices in"):
+        res.select_prompts([3])
