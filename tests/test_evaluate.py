@@ -405,10 +405,13 @@ def test_no_output_when_stderr_is_not_a_terminal(ln_model, capfd):
 
 
 def _break_mlp(model, layer: int):
-    """A NaN in one weight of block ``layer``'s MLP: every state after it is NaN."""
+    """A NaN in one weight of block ``layer``'s MLP: every state after it is NaN. (HookedTransformer:
+    ``blocks.1.mlp.W_in``; a bridge: ``layers.1._original_component.mlp...weight``.)"""
+    import re
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith(f"blocks.{layer}.mlp") and p.ndim == 2:
+            if re.match(rf"(blocks|layers)\.{layer}\.", name) and ".mlp" in name and p.ndim == 2:
                 p[0, 0] = float("nan")
                 return model
     raise AssertionError("no MLP weight found")

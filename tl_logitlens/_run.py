@@ -212,8 +212,9 @@ def _forward(model: Any, tokens: torch.Tensor, mask: torch.Tensor | None, hooks:
             kwargs["one_zero_attention_mask"] = mask.long()
         else:
             kwargs["attention_mask"] = mask.long()
-    if _compat.is_encoder(model):
-        kwargs["return_type"] = None
+    # no logits: every analysis reads the cached states, and the final unembedding ([batch, pos, d_vocab])
+    # is a third of GPT-2 small's forward
+    kwargs["return_type"] = None
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache
