@@ -4,7 +4,9 @@
 chunked kernel as :func:`tl_logitlens.logit_lens` (so the numbers agree with it to float32
 rounding), keeps float64 running sums, and returns a :class:`LensEvaluation` with token-weighted
 means, bits per byte and bootstrap confidence intervals over documents. Under ``torch.distributed``
-(``torchrun``) documents are dealt to the ranks and the sums are added across them.
+(``torchrun``) documents are dealt to the ranks and the sums are added across them. Full windows
+run with no padding and no attention mask, shorter ones pooled by length (the padding computed is
+reported); with ``checkpoint_dir`` the sums are checkpointed and a stopped evaluation resumes.
 """
 
 from __future__ import annotations
