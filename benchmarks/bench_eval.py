@@ -1,14 +1,31 @@
-"""Corpus evaluation throughput: evaluate_lenses vs a plain loop, in 1 and 2 processes.
+"""Corpus evaluation against its floor: evaluate_lenses vs the model's unpadded forward plus the lens kernel.
 
-    python benchmarks/bench_eval.py [--model stories|gpt2|both] [--docs 40] [--seq-len 256] [--device cpu]
+    python benchmarks/bench_eval.py [--model stories|gpt2|both] [--docs 40] [--seq-len 512] [--threads 1]
+    python benchmarks/bench_eval.py --fresh-processes [--model stories]   # the allocator's effect
 
-The plain loop is what one writes by hand: the same windows and batches, one forward pass keeping
-every residual stream, then per site the full ``[batch, pos, d_vocab]`` float32 log-softmax, from
-which KL to the final layer, cross-entropy, entropy and top-1 agreement are summed. Both score the
-same tokens of TinyStories (``../shared/corpora``) with the logit lens, all sites of ``resid_pre``.
-Two processes split the documents (gloo, 127.0.0.1); each gets half the CPU threads. Times are
-wall clock after the model is loaded, best of ``--repeats``. The GPT-2-small-shaped model has
-random weights and GPT-2's real tokenizer (``../shared/tokenizers/gpt2``); TransformerLens 3.x only.
+The *floor* is what no evaluator can beat on these windows: every window run through the model with
+no padding and no attention mask (windows grouped by exact length, as many per forward as
+evaluate_lenses puts in one), keeping the same hooks, then the lens kernel (``unembed_metrics``, the
+tiled float32 unembedding that reduces each row to its statistics) over every position. Its two
+parts are timed alone too. ``evaluate_lenses`` adds the scheduling, the padding of its pooled short
+windows, the float64 sums and a 1000-replicate bootstrap. The *old batching* row is the evaluator
+before #26: windows read 4 batches ahead, sorted, batched ``--batch`` at a time, padded to the longest
+and run with an attention mask (TransformerLens's masked attention path), plus the same kernel.
+*TL forward* and *HF forward* are the forward alone over the floor's batches, without the final
+unembedding: TransformerLens's ``run_with_cache(return_type=None)`` keeping the hooks the lens reads
+(what evaluate_lenses runs), and the Hugging Face base model with ``output_hidden_states=True`` (the
+states tuned-lens reads), so their ratio is TransformerLens's share.
+
+Corpus: TinyStories documents 900.. (held out from the shared tuned lens's training), the logit lens
+at every ``resid_pre`` site and ``final_post``. Times are wall clock after the model is loaded, best
+of ``--repeats`` interleaved rounds (one warm-up round first); peak is resident memory above the
+start, one more sampled run (with every block above 1 MiB mmapped, so that resident memory follows
+what is live). The allocator is tuned as ``tl-logitlens`` tunes it
+(``--default-allocator``: left alone; then TransformerLens's forward pays page faults on every
+large buffer, several times over, and every row is slower). The GPT-2-small-shaped model has random weights and GPT-2's real
+tokenizer (TransformerLens 3.x only). ``--fresh-processes`` starts a new Python process per run and
+times its first forward over the windows with and without :func:`tl_logitlens.cli.tune_allocator`
+(and with the ``MALLOC_*_`` environment variables), best of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -16,156 +33,271 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from tl_logitlens.cli import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD
+
+sys.path.insert(0, str(Path(__file__).parent))
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 CORPUS = SHARED / "corpora" / "tinystories_1000.json"
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+FIRST_DOC = 900
+OLD_BUFFER_BATCHES = 4
 
 
-def load(name: str, device: str):
+def load(name: str):
     import tl_logitlens as tl
 
     if name == "stories":
-        return tl.load_model(str(STORIES), device=device)
+        return tl.load_model(str(STORIES), device="cpu")
     from _measure import gpt2_small_config
     from transformer_lens import HookedTransformer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
-    return HookedTransformer(gpt2_small_config(device=device), tokenizer=tok).eval()
+    return HookedTransformer(gpt2_small_config(device="cpu"), tokenizer=tok).eval()
 
 
-def plain_loop(model, texts, seq_len: int, batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Sums [site, 4] (KL, CE, entropy, agreement) by full log-softmax per site."""
+def load_hf(name: str):
+    import transformers
+
+    if name == "stories":
+        return transformers.AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
+    cfg = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def windows_of(model, texts, seq_len):
     from tl_logitlens.corpus import document_windows, tokenize_document
 
-    n = model.cfg.n_layers
-    hooks = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
-    windows = []
-    for i, text in enumerate(texts):
-        if i % world == rank:
-            windows += document_windows(tokenize_document(model, text).ids, seq_len)
-    sums = torch.zeros(len(hooks), 4, dtype=torch.float64)
-    device = model.cfg.device
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for j, w in enumerate(chunk):
-            tokens[j, : len(w)] = torch.tensor(w)
-            mask[j, : len(w)] = True
-        tokens, mask = tokens.to(device), mask.to(device)
+    return [document_windows(tokenize_document(model, t, i).ids, seq_len) for i, t in enumerate(texts)]
+
+
+def exact_batches(docs, seq_len, batch_size):
+    """The floor's batches: windows grouped by exact length, up to batch_size * seq_len tokens each."""
+    by_length: dict[int, list[list[int]]] = {}
+    for windows in docs:
+        for w in windows:
+            by_length.setdefault(len(w), []).append(w)
+    out = []
+    for length, ws in sorted(by_length.items(), reverse=True):
+        rows = max(1, batch_size * seq_len // length)
+        out += [torch.tensor(ws[i : i + rows]) for i in range(0, len(ws), rows)]
+    return out
+
+
+def old_batches(docs, batch_size):
+    """The evaluator's batches before #26, as (tokens, mask): read ahead, sorted, padded to the longest."""
+    out, pending = [], []
+
+    def flush(final):
+        nonlocal pending
+        pending.sort(key=lambda w: -len(w))
+        while pending and (final or len(pending) >= batch_size):
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            width = len(chunk[0])
+            tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for i, w in enumerate(chunk):
+                tokens[i, : len(w)], mask[i, : len(w)] = torch.tensor(w), True
+            out.append((tokens, mask))
+
+    for windows in docs:
+        pending.extend(windows)
+        if len(pending) >= OLD_BUFFER_BATCHES * batch_size:
+            flush(False)
+    flush(True)
+    return out
+
+
+class Lens:
+    """The logit lens's readout and kernel over a cache, as evaluate_lenses calls them."""
+
+    def __init__(self, model):
+        from tl_logitlens.lenses import LOGIT_LENS
+        from tl_logitlens.readout import Readout, resolve_sites
+
+        self.model = model
+        self.readout = Readout(model, LOGIT_LENS, "recompute", True)
+        self.sites = resolve_sites(model, "resid_pre")
+        self.final = resolve_sites(model, ["final_post"])[0]
+        self.hooks = sorted(set(self.readout.hooks([*self.sites, self.final])))
+
+    def forward(self, tokens, mask=None):
+        wanted = set(self.hooks)
+        kwargs = {"return_type": None} if mask is None else {"return_type": None, "attention_mask": mask.long()}
         with torch.inference_mode():
-            _, cache = model.run_with_cache(tokens, attention_mask=mask.long(), names_filter=lambda h: h in hooks)
-            final = (model.ln_final(cache[hooks[-1]]) @ model.W_U + model.b_U).log_softmax(-1)
-            has_next = mask[:, 1:]
-            for s, hook in enumerate(hooks):
-                lp = (model.ln_final(cache[hook]) @ model.W_U + model.b_U).log_softmax(-1)
-                kl = (final.exp() * (final - lp)).sum(-1)
-                ent = -(lp.exp() * lp).sum(-1)
-                ce = -lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
-                agree = (lp.argmax(-1) == final.argmax(-1)).double()
-                sums[s, 0] += kl[mask].double().sum().cpu()
-                sums[s, 1] += ce[has_next].double().sum().cpu()
-                sums[s, 2] += ent[mask].double().sum().cpu()
-                sums[s, 3] += agree[mask].sum().cpu()
-    return sums
+            return self.model.run_with_cache(tokens, names_filter=lambda n: n in wanted, **kwargs)[1]
+
+    def kernel(self, cache, mask):
+        from tl_logitlens._kernel import Unembedding, unembed_metrics
+
+        b, p = mask.nonzero(as_tuple=True)
+        sites, final, r = self.sites, self.final, self.readout
+        finals = frozenset(s for s, site in enumerate(sites) if site.hook == final.hook)
+        with torch.inference_mode():
+            return unembed_metrics(
+                lambda s, sl: r.normed(cache, sites[s], b[sl], p[sl]), len(sites),
+                lambda sl: r.normed(cache, final, b[sl], p[sl]), finals, torch.zeros(len(b), 1, dtype=torch.long),
+                1, 256, Unembedding.from_model(self.model, include_bias=True), "cpu",
+            )
 
 
-def run_once(model, texts, how: str, seq_len: int, batch: int, rank: int = 0, world: int = 1) -> float:
+def set_thresholds(size: int) -> None:
+    """glibc's mmap and trim thresholds (what tl_logitlens.cli.tune_allocator sets, at any size)."""
+    import ctypes
+
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(_M_MMAP_THRESHOLD, size) and mallopt(_M_TRIM_THRESHOLD, size)):
+        raise RuntimeError("mallopt refused the thresholds")
+
+
+def padding(batches) -> float:
+    slots = sum(m.numel() for _, m in batches)
+    return 1 - sum(int(m.sum()) for _, m in batches) / slots
+
+
+def bench_model(name: str, args) -> None:
+    from _measure import _peak_rss_above_start, measure_interleaved
+
     import tl_logitlens as tl
 
-    if model.cfg.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    if how == "evaluate_lenses":
-        tl.evaluate_lenses(model, texts, seq_len=seq_len, batch_size=batch, progress=False, n_bootstrap=1000)
-    else:
-        sums = plain_loop(model, texts, seq_len, batch, rank, world)
-        if world > 1:
-            torch.distributed.all_reduce(sums)
-    if model.cfg.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+    model = load(name)
+    texts = json.loads(CORPUS.read_text(encoding="utf-8"))[FIRST_DOC : FIRST_DOC + args.docs]
+    docs = windows_of(model, texts, args.seq_len)
+    n_tokens = sum(len(w) for ws in docs for w in ws)
+    floor = exact_batches(docs, args.seq_len, args.batch)
+    floor_masks = [torch.ones_like(t, dtype=torch.bool) for t in floor]
+    old = old_batches(docs, args.batch)
+    lens = Lens(model)
+    caches = [lens.forward(t) for t in floor]
+    hf = load_hf(name)
+
+    def hf_forward():
+        with torch.inference_mode():
+            for t in floor:
+                hf.base_model(t, output_hidden_states=True)  # no logits, as run_cache asks TransformerLens
+
+    last = {}
+
+    def evaluate():
+        last["ev"] = tl.evaluate_lenses(model, texts, seq_len=args.seq_len, batch_size=args.batch, progress=False)
+
+    fns = {
+        "evaluate_lenses": evaluate,
+        "floor: forward + kernel": lambda: [lens.kernel(lens.forward(t), m) for t, m in zip(floor, floor_masks)],
+        "old batching (padded, masked)": lambda: [lens.kernel(lens.forward(t, m), m) for t, m in old],
+        "TL forward (floor's batches)": lambda: [lens.forward(t) for t in floor],
+        "HF forward (floor's batches)": hf_forward,
+        "kernel alone": lambda: [lens.kernel(c, m) for c, m in zip(caches, floor_masks)],
+    }
+    if args.skip_old:
+        del fns["old batching (padded, masked)"]
+    peaks = None
+    if not args.default_allocator:
+        # peaks first, every block above 1 MiB mmapped so resident memory follows what is live; then
+        # the allocator as tl-logitlens tunes it (freed blocks kept: resident memory no longer shows peaks)
+        set_thresholds(1 << 20)
+        peaks = {n: _peak_rss_above_start(fn) / 2**20 for n, fn in fns.items()}
+        set_thresholds(ALLOCATOR_THRESHOLD)
+    rows = measure_interleaved(fns, repeats=args.repeats)
+    if peaks is not None:
+        for r in rows:
+            r.peak_mib = peaks[r.name]
+    times = {r.name: r.seconds for r in rows}
+    base = times["floor: forward + kernel"]
+    ev = last["ev"]
+    print(f"\n{name}: {len(texts)} documents, {n_tokens:,} tokens in {sum(len(ws) for ws in docs)} windows of at "
+          f"most {args.seq_len}; padding: old batching {padding(old):.1%}, evaluate_lenses {ev.padding_fraction:.1%}")
+    print(f"{'':32s} {'seconds':>8s} {'tok/s':>9s} {'x floor':>8s} {'peak MiB':>9s}")
+    for r in rows:
+        print(f"{r.name:32s} {r.seconds:8.3f} {n_tokens / r.seconds:9,.0f} {r.seconds / base:7.2f}x {r.peak_mib:9.1f}")
+    tl_share = times["TL forward (floor's batches)"] / times["HF forward (floor's batches)"]
+    print(f"TransformerLens forward / Hugging Face forward (same unpadded batches): {tl_share:.2f}x")
 
 
-def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
-    import torch.distributed as dist
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    torch.set_num_threads(max(1, args["threads"] // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = load(args["model"], "cpu")
-    texts = args["texts"]
-    times = {}
-    for how in ("evaluate_lenses", "plain loop"):
-        best = float("inf")
-        for _ in range(args["repeats"]):
-            dist.barrier()
-            best = min(best, run_once(model, texts, how, args["seq_len"], args["batch"], rank, world))
-        times[how] = best
-    if rank == 0:
-        Path(out).write_text(json.dumps(times))
-    dist.destroy_process_group()
+# ------------------------------------------------------------------------------------------------
+# the allocator, in fresh processes
 
 
-def count_tokens(model, texts) -> int:
-    from tl_logitlens.corpus import tokenize_document
+def child(name: str, docs_n: int, seq_len: int, batch: int, tune: bool) -> None:
+    """One fresh process: load, optionally tune the allocator, time the first forward over the windows."""
+    if tune:
+        from tl_logitlens.cli import tune_allocator
 
-    return sum(len(tokenize_document(model, t).ids) for t in texts)
+        assert tune_allocator(), "tune_allocator changed nothing"
+    model = load(name)
+    texts = json.loads(CORPUS.read_text(encoding="utf-8"))[FIRST_DOC : FIRST_DOC + docs_n]
+    batches = exact_batches(windows_of(model, texts, seq_len), seq_len, batch)
+    lens = Lens(model)
+    t0 = time.perf_counter()
+    for t in batches:
+        lens.forward(t)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def fresh_processes(args) -> None:
+    runs = {
+        "default glibc": ([], {}),
+        "tune_allocator() (the CLI)": (["--tune"], {}),
+        "MALLOC_*_THRESHOLD_=1 GiB": ([], {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}),
+    }
+    for name in (["stories", "gpt2"] if args.model == "both" else [args.model]):
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(args.repeats):
+            for label, (flags, extra) in runs.items():
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+                env.update(extra, OMP_NUM_THREADS=str(args.threads or torch.get_num_threads()))
+                cmd = [sys.executable, __file__, "--child", "--model", name, "--docs", str(args.docs),
+                       "--seq-len", str(args.seq_len), "--batch", str(args.batch), *flags]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                best[label] = min(best[label], json.loads(out.strip().splitlines()[-1])["seconds"])
+        print(f"\n{name}: first forward over {args.docs} documents' windows in a fresh process, best of {args.repeats}")
+        for label, sec in best.items():
+            print(f"  {label:30s} {sec:8.2f} s  {best['default glibc'] / sec:5.2f}x faster than default")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("stories", "gpt2", "both"), default="both")
     parser.add_argument("--docs", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-old", action="store_true", help="leave out the old batching (slow on GPT-2)")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: tune it as tl-logitlens does, see --fresh-processes)",
+    )
+    parser.add_argument("--fresh-processes", action="store_true", help="the allocator's effect on a fresh process")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    texts = json.loads(CORPUS.read_text(encoding="utf-8"))[: args.docs]
-    models = ["stories", "gpt2"] if args.model == "both" else [args.model]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{args.docs} TinyStories documents, windows of {args.seq_len}, batches of {args.batch}")
-    print(f"{'model':<10} {'procs':>5} {'how':<16} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs plain':>8}")
-    for name in models:
-        model = load(name, args.device)
-        n_tokens = count_tokens(model, texts)
-        for procs in args.procs:
-            if procs == 1:
-                times = {}
-                for how in ("evaluate_lenses", "plain loop"):
-                    run_once(model, texts[:2], how, args.seq_len, args.batch)  # warm-up
-                    times[how] = min(run_once(model, texts, how, args.seq_len, args.batch) for _ in range(args.repeats))
-            else:
-                if args.device != "cpu":
-                    continue  # one device here: data-parallel runs need one per process
-                import tempfile
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.model, args.docs, args.seq_len, args.batch, args.tune)
+        return
+    from _measure import cpu_line
 
-                import torch.multiprocessing as mp
-
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = os.path.join(tmp, "times.json")
-                    spec = {"model": name, "texts": texts, "seq_len": args.seq_len, "batch": args.batch,
-                            "repeats": args.repeats, "threads": torch.get_num_threads()}
-                    mp.spawn(_worker, args=(procs, port, spec, out), nprocs=procs, join=True)
-                    times = json.loads(Path(out).read_text())
-            for how, sec in times.items():
-                ratio = times["plain loop"] / sec
-                print(f"{name:<10} {procs:>5} {how:<16} {n_tokens:>8} {sec:>8.2f} {n_tokens / sec:>9.0f} {ratio:>7.2f}x")
+    print(cpu_line())
+    print(f"load: {os.getloadavg()[0]:.1f} (1-minute average) on {os.cpu_count()} cores")
+    if args.fresh_processes:
+        fresh_processes(args)
+        return
+    print(f"allocator: {'glibc default' if args.default_allocator else 'tuned as tl-logitlens tunes it'}")
+    for name in ["stories", "gpt2"] if args.model == "both" else [args.model]:
+        bench_model(name, args)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,286 @@ def test_stories_corpus_kl_falls_with_depth(stories):
     den = torch.tensor([n_tok, n_pred, n_tok, n_tok], dtype=torch.float64)
     assert_close(few.mean[0, :, : len(STATISTICS)], sums / den, atol=5e-5, rtol=1e-5)
     assert isinstance(ev, LensEvaluation)
+
+
+# -------------------------------------------------------------------------------------------------
+# batches without padding waste: the same numbers as each window run alone
+
+
+def _corpus(n: int) -> list[str]:
+    """``n`` documents of many lengths: some one short window, some several windows of 7 tokens."""
+    return [" ".join(SENTENCES[(i + j) % 5] for j in range(1 + i % 4))[: 8 + (i * 37) % 200] for i in range(n)]
+
+
+def _windows_alone(model, texts, seq_len, lenses):
+    """Per document ``[lens, site, stat]`` sums and counts, each window through logit_lens alone (no padding)."""
+    per_doc = []
+    for text in texts:
+        doc = tokenize_document(model, text)
+        stats = torch.zeros(len(lenses), model.cfg.n_layers + 1, 4, dtype=torch.float64)
+        counts = torch.zeros(5, dtype=torch.float64)
+        windows = document_windows(doc.ids, seq_len)
+        for window in windows:
+            for k, lens in enumerate(lenses):
+                res = tl.logit_lens(model, torch.tensor([window]), lens=lens, top_k=1)
+                top = res.top_ids[:, 0, :, 0]
+                stats[k] += torch.stack(
+                    [
+                        res.kl_to_final[:, 0].double().sum(-1),
+                        -res.next_logprobs[:, 0].double().nansum(-1),
+                        res.entropy[:, 0].double().sum(-1),
+                        (top == top[-1]).double().sum(-1),
+                    ],
+                    -1,
+                )
+            counts[:2] += torch.tensor([len(window), len(window) - 1], dtype=torch.float64)
+        counts[2:] = torch.tensor([len(model.tokenizer.decode(list(doc.ids[1:])).encode("utf-8")), 1, len(windows)])
+        per_doc.append((stats, counts))
+    return per_doc
+
+
+def _reference_intervals(per_doc, seed, n_bootstrap, confidence):
+    """Token-weighted means (statistics, then bits per byte) and percentile intervals of Poisson(1)
+    replicates over documents, each document's weights drawn from numpy's generator seeded (seed, index)."""
+    import numpy as np
+
+    stats = torch.stack([s for s, _ in per_doc])  # [doc, lens, site, stat]
+    counts = torch.stack([c for _, c in per_doc])  # [doc, count]
+    weights = torch.ones(1 + n_bootstrap, len(per_doc), dtype=torch.float64)
+    for i in range(len(per_doc)):
+        weights[1:, i] = torch.from_numpy(np.random.default_rng([seed, i]).poisson(1.0, n_bootstrap)).double()
+    s = torch.einsum("rd,dlsk->rlsk", weights, stats)
+    c = weights @ counts  # [replicate, count]
+    den = torch.stack([c[:, 0], c[:, 1], c[:, 0], c[:, 0]], -1)[:, None, None, :]
+    bits = s[..., :3] / math.log(2) / c[:, 2, None, None, None]
+    ratio = torch.cat([s / den, bits], -1)
+    q = np.quantile(ratio[1:].numpy(), [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    return ratio[0], torch.from_numpy(q[0]), torch.from_numpy(q[1]), c[0]
+
+
+class _Shift:
+    name = "shifted"
+
+    def check_model(self, model):
+        return None
+
+    def translate(self, site, states):
+        return states if site == "final_post" else states + torch.linspace(-1, 1, states.shape[-1])
+
+
+@pytest.mark.parametrize(("normalization", "folded"), [("LN", False), ("RMS", True)], ids=["LN-unfolded", "RMS-folded"])
+def test_every_statistic_equals_each_window_run_alone(normalization, folded):
+    """Full windows, pooled tails of many lengths and a second lens: every mean, interval bound and
+    count equals a reference that runs each window alone (no batch, no padding) to 1e-6."""
+    model = tiny_model(normalization, folded)
+    texts = _corpus(40)
+    ev = evaluate_lenses(
+        model, texts, lenses={"logit lens": None, "shifted": _Shift()}, seq_len=7, batch_size=2,
+        progress=False, n_bootstrap=200, seed=3,
+    )
+    per_doc = _windows_alone(model, texts, 7, [None, _Shift()])
+    mean, low, high, counts = _reference_intervals(per_doc, 3, 200, 0.95)
+    assert (ev.n_tokens, ev.n_predicted, ev.n_bytes, ev.n_documents, ev.n_windows) == tuple(int(c) for c in counts)
+    assert_close(ev.mean, mean, atol=1e-6, rtol=1e-6)
+    assert_close(ev.low, low, atol=1e-6, rtol=1e-6)
+    assert_close(ev.high, high, atol=1e-6, rtol=1e-6)
+    # the tails were pooled and batched by length: some padding, far less than one batch per document
+    assert ev.n_computed == ev.n_tokens + ev.n_padded
+    assert 0 < ev.padding_fraction < 0.25
+    assert ev.to_dict()["padding_fraction"] == ev.padding_fraction
+
+
+def test_full_windows_compute_no_padding(ln_model):
+    model = ln_model
+    # documents whose tokens after BOS fill whole windows of seq_len - 1
+    texts = []
+    for t in _corpus(30):
+        ids = tokenize_document(model, t).ids
+        keep = (len(ids) - 1) // 6 * 6
+        if keep:
+            texts.append(model.tokenizer.decode(list(ids[1 : 1 + keep])))
+    assert all((len(tokenize_document(model, t).ids) - 1) % 6 == 0 for t in texts)
+    ev = evaluate_lenses(model, texts, seq_len=7, batch_size=3, progress=False, n_bootstrap=0)
+    assert ev.n_padded == 0 and ev.padding_fraction == 0.0 and ev.n_computed == ev.n_tokens
+
+
+def test_no_output_when_stderr_is_not_a_terminal(ln_model, capfd):
+    evaluate_lenses(ln_model, DOCS, progress=True, n_bootstrap=0)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def _break_mlp(model, layer: int):
+    """A NaN in one weight of block ``layer``'s MLP: every state after it is NaN. (HookedTransformer:
+    ``blocks.1.mlp.W_in``; a bridge: ``layers.1._original_component.mlp...weight``.)"""
+    import re
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.match(rf"(blocks|layers)\.{layer}\.", name) and ".mlp" in name and p.ndim == 2:
+                p[0, 0] = float("nan")
+                return model
+    raise AssertionError("no MLP weight found")
+
+
+def test_nan_weight_is_an_error_naming_lens_site_document_and_token():
+    model = _break_mlp(tiny_model("LN", False), 1)
+    with pytest.raises(ValueError, match=r"lens 'logit lens', site '2_pre', document \d+, token \d+ \(window \d+, position \d+\)"):
+        evaluate_lenses(model, DOCS, seq_len=9, progress=False, n_bootstrap=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints: interrupt after k documents, resume, get the uninterrupted result
+
+
+class _Interrupted(ValueError):
+    pass
+
+
+def _stop_after(texts, k):
+    """An iterable corpus that raises after yielding ``k`` documents (a kill, for the test)."""
+    for i, text in enumerate(texts):
+        if i == k:
+            raise _Interrupted(f"interrupted after {k} documents")
+        yield text
+
+
+_FIELDS = ("mean", "low", "high", "sums")
+
+
+def test_resumed_evaluation_equals_an_uninterrupted_one(ln_model, tmp_path):
+    model, texts = ln_model, _corpus(23)
+    kwargs = {"seq_len": 7, "batch_size": 2, "progress": False, "n_bootstrap": 100, "checkpoint_every": 5}
+    whole = evaluate_lenses(model, texts, checkpoint_dir=tmp_path / "whole", **kwargs)
+    with pytest.raises(_Interrupted):
+        evaluate_lenses(model, _stop_after(texts, 13), checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["state"]
+    assert saved["next_document"] == 10  # the last checkpoint before the interruption
+    resumed = evaluate_lenses(model, texts, checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    for f in _FIELDS:  # the same batches in the same order: the same bits
+        assert torch.equal(getattr(resumed, f), getattr(whole, f)), f
+    assert (resumed.n_tokens, resumed.n_documents, resumed.n_padded) == (whole.n_tokens, whole.n_documents, whole.n_padded)
+    plain = evaluate_lenses(model, texts, seq_len=7, batch_size=2, progress=False, n_bootstrap=100)
+    for f in _FIELDS:  # without checkpoints the batches differ: float32 rounding only
+        assert_close(getattr(resumed, f), getattr(plain, f), atol=1e-6, rtol=1e-6, msg=f)
+    # a finished evaluation resumed returns its result without scoring again
+    again = evaluate_lenses(model, _stop_after(texts, len(texts)), checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    assert torch.equal(again.mean, whole.mean) and torch.equal(again.high, whole.high)
+
+
+def test_resume_with_max_tokens(ln_model, tmp_path):
+    model, texts = ln_model, _corpus(20)
+    kwargs = {"seq_len": 9, "progress": False, "n_bootstrap": 30, "checkpoint_every": 4, "max_tokens": 150}
+    whole = evaluate_lenses(model, texts, checkpoint_dir=tmp_path / "a", **kwargs)
+    with pytest.raises(_Interrupted):
+        evaluate_lenses(model, _stop_after(texts, 9), checkpoint_dir=tmp_path / "b", **kwargs)
+    resumed = evaluate_lenses(model, texts, checkpoint_dir=tmp_path / "b", **kwargs)
+    assert resumed.n_tokens == whole.n_tokens and resumed.n_documents == whole.n_documents < 12
+    assert torch.equal(resumed.mean, whole.mean) and torch.equal(resumed.low, whole.low)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"seed": 1}, "other settings .*seed"),
+        ({"seq_len": 8}, "other settings .*seq_len"),
+        ({"lenses": {"logit lens": None, "shifted": _Shift()}}, "other settings .*lenses"),
+        ({"texts": "other"}, "the corpus differs"),
+        ({"texts": "shorter"}, "the corpus has 3 documents"),
+    ],
+    ids=["seed", "seq_len", "lenses", "other-texts", "fewer-texts"],
+)
+def test_resume_with_other_settings_or_texts_is_refused(ln_model, tmp_path, change, match):
+    model, texts = ln_model, _corpus(12)
+    kwargs = {"seq_len": 7, "progress": False, "n_bootstrap": 10, "checkpoint_every": 4, "checkpoint_dir": tmp_path}
+    with pytest.raises(_Interrupted):
+        evaluate_lenses(model, _stop_after(texts, 9), **kwargs)
+    change = dict(change)
+    which = change.pop("texts", None)
+    if which == "other":
+        texts = [texts[0] + " changed", *texts[1:]]
+    elif which == "shorter":
+        texts = texts[:3]
+    with pytest.raises(ValueError, match=match):
+        evaluate_lenses(model, texts, **{**kwargs, **change})
+
+
+def test_a_changed_model_is_refused(tmp_path):
+    model, texts = tiny_model("LN", False), _corpus(8)
+    kwargs = {"seq_len": 7, "progress": False, "n_bootstrap": 0, "checkpoint_every": 3, "checkpoint_dir": tmp_path}
+    with pytest.raises(_Interrupted):
+        evaluate_lenses(model, _stop_after(texts, 5), **kwargs)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)
+    with pytest.raises(ValueError, match="other settings .*model"):
+        evaluate_lenses(model, texts, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"checkpoint_every": 0}, ValueError, "checkpoint_every=0"),
+        ({"checkpoint_every": 2.5}, TypeError, "checkpoint_every must be an int"),
+        ({"progress": "yes"}, TypeError, "progress must be True or False"),
+        ({"text_field": 3}, TypeError, "text_field must be a string"),
+        ({"n_bootstrap": -1}, ValueError, "n_bootstrap=-1"),
+        ({"confidence": float("nan")}, ValueError, "strictly between 0 and 1"),
+        ({"seed": True}, TypeError, "seed must be an int"),
+        ({"chunk_size": 0}, ValueError, "chunk_size=0"),
+        ({"checkpoint_dir": 5}, TypeError, "checkpoint_dir must be a folder path"),
+    ],
+    ids=["every-0", "every-float", "progress-str", "field-int", "boot-neg", "conf-nan", "seed-bool", "chunk-0", "dir-int"],
+)
+def test_bad_numeric_and_checkpoint_options(ln_model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        evaluate_lenses(ln_model, DOCS, **{"progress": False, **kwargs})
+
+
+def test_outputs_are_written_atomically(ln_model, tmp_path, monkeypatch):
+    ev = evaluate_lenses(ln_model, DOCS, progress=False, n_bootstrap=0)
+    path = tmp_path / "ev.json"
+    path.write_text("old", encoding="utf-8")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: "x" * 10)
+    monkeypatch.setattr("tl_logitlens._files.os.replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ev.to_json(str(path))
+    assert path.read_text(encoding="utf-8") == "old"  # the old file, whole
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, texts = tiny_model("LN", False), _corpus(23)
+        kwargs = {"seq_len": 7, "batch_size": 2, "progress": False, "n_bootstrap": 100, "checkpoint_every": 5}
+        try:
+            evaluate_lenses(model, _stop_after(texts, 13), checkpoint_dir=f"{out}/ckpt", **kwargs)
+            error = ""
+        except ValueError as err:
+            error = str(err)
+        ev = evaluate_lenses(model, texts, checkpoint_dir=f"{out}/ckpt", **kwargs)
+        torch.save({"error": error, **{f: getattr(ev, f) for f in ("mean", "low", "high", "n_tokens", "world_size")}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_resumed_equal_one(ln_model, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]  # one per rank
+    single = evaluate_lenses(ln_model, _corpus(23), seq_len=7, batch_size=2, progress=False, n_bootstrap=100)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "interrupted after 13 documents" in got["error"]
+        assert got["world_size"] == 2 and got["n_tokens"] == single.n_tokens
+        for f in ("mean", "low", "high"):
+            assert_close(got[f], getattr(single, f), atol=1e-6, rtol=1e-6, msg=f"rank {rank} {f}")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
@@ -81,17 +82,139 @@ def execute(
     return Run(batch=batch, positions=positions, valid=valid, cache=cache)
 
 
-def run_cache(model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str]) -> Any:
-    """A forward pass that keeps only ``hooks`` (the attention mask is passed only when there is padding)."""
+# A forward pass costs about this many token slots besides its tokens (hooks, Python, kernel launches):
+# the bucket planner merges two lengths into one padded forward when padding costs less than this.
+FORWARD_OVERHEAD_TOKENS = 64
+# hooks whose tensors have a second position axis ([batch, head, query, key]): batches that read them
+# are not split into length buckets (a split cache would need its own fill rule for the key axis)
+_TWO_POSITION_HOOKS = ("hook_pattern", "hook_attn_scores")
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How a right-padded batch is run: ``groups`` of rows, each one forward pass over its rows cut to
+    the group's longest (``widths``), with no attention mask unless ``masked``.
+
+    A causal model never lets a real token attend to a later one, so right padding needs no attention
+    mask: the real positions' states are those of the unpadded prompt (TransformerLens's masked
+    attention costs several times the work of its plain path). A bidirectional encoder would attend to
+    the pads, so its groups hold prompts of one length each. ``padding_fraction`` is the share of the
+    token slots computed that are padding.
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    widths: tuple[int, ...]
+    n_real: int
+    masked: bool = False
+
+    @property
+    def n_slots(self) -> int:
+        """Token slots the forward passes compute (real tokens and padding)."""
+        return sum(len(g) * w for g, w in zip(self.groups, self.widths))
+
+    @property
+    def padding_fraction(self) -> float:
+        slots = self.n_slots
+        return 0.0 if slots == 0 else 1.0 - self.n_real / slots
+
+
+def plan_forwards(
+    lengths: Sequence[int], *, causal: bool, split: bool = True, overhead: int = FORWARD_OVERHEAD_TOKENS
+) -> ForwardPlan:
+    """The forward passes for right-padded prompts of these ``lengths`` (see :class:`ForwardPlan`).
+
+    Causal: the rows sorted longest first are cut into consecutive groups that minimise the token slots
+    computed plus ``overhead`` per forward (an exact dynamic programme over the distinct lengths), so
+    padding stays small without one forward per length. Bidirectional: one group per length, no mask;
+    where ``split`` is False (the cache cannot be split) and lengths differ, one masked forward.
+    """
+    lengths = [int(n) for n in lengths]
+    n_real = sum(lengths)
+    if not lengths:
+        return ForwardPlan((), (), 0)
+    width = max(lengths)
+    everything = (tuple(range(len(lengths))),)
+    if not split or len(set(lengths)) == 1:
+        masked = not causal and len(set(lengths)) > 1
+        return ForwardPlan(everything, (width,), n_real, masked)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    values = sorted(set(lengths), reverse=True)
+    if not causal:
+        groups = tuple(tuple(i for i in order if lengths[i] == v) for v in values)
+        return ForwardPlan(groups, tuple(values), n_real)
+    counts = np.array([lengths.count(v) for v in values], dtype=np.int64)
+    before = np.concatenate([[0], np.cumsum(counts)])  # rows longer than values[k]
+    value = np.array(values, dtype=np.int64)
+    best = np.zeros(len(values) + 1, dtype=np.int64)  # best[m]: cost of the first m distinct lengths
+    start = np.zeros(len(values) + 1, dtype=np.int64)
+    for m in range(1, len(values) + 1):
+        # the last group holds the lengths values[k..m-1], padded to values[k]
+        cost = best[:m] + (before[m] - before[:m]) * value[:m] + overhead
+        k = int(np.argmin(cost))
+        best[m], start[m] = cost[k], k
+    cuts, m = [], len(values)
+    while m > 0:
+        cuts.append((int(start[m]), m))
+        m = int(start[m])
+    groups, widths = [], []
+    for k, m in reversed(cuts):
+        groups.append(tuple(order[int(before[k]) : int(before[m])]))
+        widths.append(values[k])
+    return ForwardPlan(tuple(groups), tuple(widths), n_real)
+
+
+def run_cache(
+    model: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: Sequence[str], plan: ForwardPlan | None = None
+) -> Any:
+    """A forward pass that keeps only ``hooks``, over right-padded ``tokens`` (``mask``: the real ones).
+
+    The batch runs as :func:`plan_forwards` plans it (``plan``: a plan already made for these lengths):
+    without an attention mask wherever the model cannot see the padding, in length buckets whose caches
+    are joined back into one ``[batch, pos, ...]`` cache in the rows' own order. A padding cell of a
+    joined cache repeats its row's last real position (finite, and never read as a token's state).
+    """
+    if plan is None:
+        plan = plan_forwards(
+            mask.sum(-1).tolist(),
+            causal=not _compat.is_encoder(model),
+            split=not any(h.endswith(_TWO_POSITION_HOOKS) for h in hooks),
+        )
+    if len(plan.groups) == 1:
+        return _forward(model, tokens, mask if plan.masked else None, hooks)
+    return _joined(model, tokens, plan, hooks)
+
+
+@torch.inference_mode()
+def _joined(model: Any, tokens: torch.Tensor, plan: ForwardPlan, hooks: Sequence[str]) -> Any:
+    """One forward per group of ``plan``, joined into one cache over ``tokens``'s ``[batch, pos]``."""
+    joined: dict[str, torch.Tensor] = {}
+    for rows, width in zip(plan.groups, plan.widths):
+        index = torch.tensor(rows, device=tokens.device)
+        part = _forward(model, tokens[index, :width], None, hooks)
+        for name in part.keys():
+            value = part[name]
+            if value.shape[:2] != (len(rows), width):
+                raise RuntimeError(f"cannot join length buckets: {name} is {list(value.shape)}, not [batch, pos, ...]")
+            if name not in joined:
+                joined[name] = value.new_empty((tokens.shape[0], tokens.shape[1], *value.shape[2:]))
+            joined[name][index, :width] = value
+            joined[name][index, width:] = value[:, width - 1 : width]
+        del part
+    return _compat.ActivationCache(joined, model)
+
+
+def _forward(model: Any, tokens: torch.Tensor, mask: torch.Tensor | None, hooks: Sequence[str]) -> Any:
+    """``model.run_with_cache`` keeping ``hooks``, with ``mask`` as the attention mask when given."""
     wanted = set(hooks)
     kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
-    if not bool(mask.all()):
+    if mask is not None:
         if _compat.is_encoder(model) and not _compat.is_bridge(model):
             kwargs["one_zero_attention_mask"] = mask.long()
         else:
             kwargs["attention_mask"] = mask.long()
-    if _compat.is_encoder(model):
-        kwargs["return_type"] = None
+    # no logits: every analysis reads the cached states, and the final unembedding ([batch, pos, d_vocab])
+    # is a third of GPT-2 small's forward
+    kwargs["return_type"] = None
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache

@@ -92,6 +92,60 @@ def _natural(text: str) -> int:
     return _whole(text, 0)
 
 
+def _threads(p: argparse.ArgumentParser) -> None:
+    """--threads, for commands that run tensor work on the CPU (eval; the fit commands)."""
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core). On a busy machine fewer "
+        "threads can be faster: the progress bar shows tokens/s",
+    )
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's thread count from --threads (the command owns the process; the library never does this)."""
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# keep freed tensor buffers up to this size in the heap instead of returning them to the OS
+ALLOCATOR_THRESHOLD = 1 << 30
+
+
+def tune_allocator() -> bool:
+    """Keep freed tensor buffers in the process (glibc ``mallopt``), so the next forward pass does not
+    page its buffers in again; a no-op where the C library is not glibc, or where the user set
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (their choice stands). Returns whether it
+    changed anything.
+
+    glibc serves each allocation above its mmap threshold (128 KiB at start, raised on the fly up to
+    32 MiB) with its own ``mmap`` and returns it with ``munmap`` when freed, so every forward pass
+    of a fresh process page-faults its activations in again. Called once by the CLI, which owns
+    its process; importing tl_logitlens never changes the allocator.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD) == 1 and done
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -249,9 +303,33 @@ def _add_eval(sub: Any) -> None:
     ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
     ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
     ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ev.add_argument("--json", metavar="FILE", help="write the settings, definition and per-site results (with intervals) as JSON")
-    ev.add_argument("--csv", metavar="FILE", help="write the per-site results as CSV (one row per site and lens)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
+    _threads(ev)
+    ev.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="save the running sums in DIR every --checkpoint-every documents, and resume from DIR when "
+        "it holds a checkpoint of the same settings and corpus (under torchrun: one per rank, in "
+        "DIR/rank-R-of-N)",
+    )
+    ev.add_argument(
+        "--checkpoint-every",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="documents between checkpoints (default 1000; with --checkpoint-dir)",
+    )
+    ev.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the settings, definition, padding fraction and per-site results (with intervals) as "
+        "JSON; an existing FILE is replaced (atomically)",
+    )
+    ev.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="write the per-site results as CSV (one row per site and lens); an existing FILE is replaced (atomically)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +477,7 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
             {
                 "norm": data.norm,
                 "versus": data.versus,
+                "padding_fraction": data.padding_fraction,
                 "lens": _records(data.lens.to_dataframe()),
                 "targets": None if data.lens.target_ids is None else _records(data.lens.target_dataframe()),
                 "logit_diff": None if data.logit_diff is None else _records(data.logit_diff.to_dataframe()),
@@ -522,11 +601,14 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file; give a folder")
     # torch loads from here on: every mistake in what was typed is reported before it
     from tl_logitlens import _distributed
     from tl_logitlens.lenses import lens_name
 
     check_device(args.device)
+    _apply_threads(args)
     started = not (_distributed.launched_by_torchrun() and _is_initialized())
     world, device = _distributed.init_from_env(args.device)
     try:
@@ -551,6 +633,8 @@ def _eval_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             n_bootstrap=args.bootstrap,
             text_field=args.text_field,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
         )
         if not world.is_main:
             return 0
@@ -563,11 +647,15 @@ def _eval_command(args: argparse.Namespace) -> int:
             console.print(table)
         for line in legend:
             console.print(line, style="dim", markup=False)
+        console.print(f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim")
         if args.json is not None:
             ev.to_json(args.json)
             console.print(f"wrote JSON: {args.json}")
         if args.csv is not None:
-            ev.to_dataframe().to_csv(args.csv, index=False)
+            from tl_logitlens._files import atomic_write
+
+            frame = ev.to_dataframe()
+            atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
             console.print(f"wrote table: {args.csv}")
         return 0
     finally:
@@ -602,11 +690,19 @@ def _misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tl-logitlens``; returns the exit status (0 ok, 2 a usage mistake)."""
+    """Entry point of ``tl-logitlens``; returns the exit status (0 ok, 2 a usage mistake).
+
+    Started as a command (``argv`` None: the console script, ``python -m tl_logitlens``, torchrun),
+    it owns its process and tunes the allocator (:func:`tune_allocator`); called from Python with
+    ``argv``, it leaves the caller's process as it is.
+    """
     parser = build_parser()
+    owns_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _misplaced_option(parser, argv)
     args = parser.parse_args(argv)
+    if owns_process:
+        tune_allocator()
     try:
         return _eval_command(args) if args.command == "eval" else _lens_command(args)
     except (UsageError, ValueError, TypeError) as err:

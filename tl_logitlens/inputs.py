@@ -30,7 +30,8 @@ class Batch:
 
     Right padding keeps every real token at its own position (positional embeddings and rotary
     phases are unchanged) and, in a causal model, no real token attends to a pad. ``mask`` marks
-    the real tokens; it is also passed to the model as its attention mask.
+    the real tokens. A causal model runs it without an attention mask (no real token can see a pad);
+    a masked LM runs each length in its own forward pass (see :func:`tl_logitlens._run.run_cache`).
     """
 
     tokens: Int[torch.Tensor, "batch pos"]

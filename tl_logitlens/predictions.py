@@ -140,6 +140,19 @@ class LensResult(LensStatistics):
             **{name: join(name) for name in names},
         )
 
+    def select_prompts(self, order: Sequence[int]) -> LensResult:
+        """The prompts ``order[0], order[1], ...`` of this result, in that order (axes and padding kept)."""
+        index = torch.as_tensor(list(order), dtype=torch.long)
+        if index.ndim != 1 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.str_tokens))):
+            raise ValueError(f"order must list prompt indices in [0, {len(self.str_tokens)}), got {list(order)[:8]}")
+
+        def take(name: str) -> torch.Tensor | None:
+            t = getattr(self, name)
+            return None if t is None else t.index_select(1 if name in _SITE_FIELDS else 0, index.to(t.device))
+
+        names = (*_SITE_FIELDS, "next_ids", "target_ids", "final_top_ids", "tokens", "positions", "valid")
+        return replace(self, str_tokens=tuple(self.str_tokens[i] for i in index.tolist()), **{n: take(n) for n in names})
+
     def to_dataframe(self) -> pd.DataFrame:
         """Long format: one row per site × prompt × position × top-k rank.
 

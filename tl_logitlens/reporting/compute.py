@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Union, no_type_check
 
 from tl_logitlens import _compat
+from tl_logitlens._run import plan_forwards
 from tl_logitlens.attribution import AttributionResult, direct_logit_attribution
 from tl_logitlens.directions import DirectionResult, logit_diff
 from tl_logitlens.inputs import resolve_token
@@ -33,6 +34,8 @@ class ReportData:
     - ``logit_diff``, ``attribution`` (components), ``head_attribution``: at each prompt's last
       token, for ``target`` minus ``versus``; None without ``versus``.
     - ``lens_name``: which lens read the sites (``"logit lens"``, or the ``name`` of the ``lens=`` given).
+    - ``padding_fraction``: the share of the token slots the lens's forward passes computed that were
+      padding (prompts are batched by length, so it stays small).
     """
 
     prompts: tuple[str, ...]
@@ -48,6 +51,7 @@ class ReportData:
     norm: str
     top_k: int
     lens_name: str = LOGIT_LENS.name
+    padding_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,24 @@ def _compute_causal(
     target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
     read = {"sites": sites, "norm": norm, "lens": lens}
     targets = [t for t in (target, versus) if t is not None] or None
-    parts = []
+    # prompts run in batches of similar length (little padding), then go back to the user's order
+    lengths = [int(model.to_tokens(p).shape[-1]) for p in prompts] if len(prompts) > batch_size else [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    parts, real, slots = [], 0, 0
     for start in range(0, len(prompts), batch_size):
-        parts.append(logit_lens(model, prompts[start : start + batch_size], top_k=top_k, targets=targets, **read))
+        chunk = order[start : start + batch_size]
+        part = logit_lens(model, [prompts[i] for i in chunk], top_k=top_k, targets=targets, **read)
+        plan = plan_forwards(part.valid.sum(-1).tolist(), causal=True)  # the plan logit_lens's forward ran
+        real, slots = real + plan.n_real, slots + plan.n_slots
+        parts.append(part)
         if progress is not None:
             progress(min(start + batch_size, len(prompts)), len(prompts))
     result = LensResult.concat(parts)
+    if order != sorted(order):
+        back = [0] * len(order)
+        for place, i in enumerate(order):
+            back[i] = place
+        result = result.select_prompts(back)
     # the final layer's top tokens at prompt 0's last token, then the lens again with them as targets
     first = logit_lens(model, prompts[0], top_k=EVOLUTION_N, positions="last", **read)
     finals = first.top_ids[-1, 0, 0].tolist()
@@ -187,6 +203,7 @@ def _compute_causal(
         norm=norm,
         top_k=top_k,
         lens_name=result.lens_name,
+        padding_fraction=0.0 if slots == 0 else 1.0 - real / slots,
     )
 
 
