@@ -311,9 +311,9 @@ def test_windows_start_with_bos_and_hold_the_stream_in_order(ln_model):
 
 
 def test_bad_training_settings_are_refused(ln_model):
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps=0 must be at least 1"):
         train_tuned_lens(ln_model, TEXTS, steps=0, progress=False)
-    with pytest.raises(ValueError, match="tokens_per_step must be positive"):
+    with pytest.raises(ValueError, match="tokens_per_step=0 must be at least 1"):
         train_tuned_lens(ln_model, TEXTS, tokens_per_step=0, progress=False)
     with pytest.raises(ValueError, match="momentum"):
         train_tuned_lens(ln_model, TEXTS, momentum=1.0, progress=False)
