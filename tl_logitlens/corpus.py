@@ -170,10 +170,10 @@ def _json_loads(text: str, where: str) -> Any:
 
 
 def _txt_lines(path: Path) -> Iterator[str]:
-    """A ``.txt`` file's lines, endings kept (``newline=""``: nothing translated), checked for NUL bytes
-    and UTF-8 as they come."""
+    """A ``.txt`` file's lines (``\r\n`` and ``\r`` read as ``\n``, as ``read_text`` reads them), checked
+    for NUL bytes and UTF-8 as they come."""
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8") as fh:
             for line in fh:
                 if "\x00" in line:
                     raise ValueError(f"{str(path)!r} holds NUL bytes: it looks binary, not a text corpus")
