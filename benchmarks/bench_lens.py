@@ -6,7 +6,9 @@ For each model dtype: the floor is ``n_sites`` bare ``[rows, 768] @ [768, 50257]
 dtype, the least any lens can cost; ``logit_lens`` is the public entry point as it is wired;
 ``unembed_metrics`` is the vocabulary-tiled kernel fed the normalised states (the call ``logit_lens``
 makes once it passes states rather than logits). All read the same precomputed cache, so the forward
-pass is excluded. Times are best of 3, run round-robin after a warm-up round in one process (the
+pass is excluded. ``unembed_metrics, NaN check off`` is the same kernel with
+``_kernel.check_finite`` (three ``isfinite`` reductions over ``[site, row]`` values per block) made a
+no-op: the last line gives the check's cost. Times are best of 3, run round-robin after a warm-up round in one process (the
 machine may be shared); peak memory is resident memory above the level before each call. The first line names the CPU and its AMX / AVX-512
 flags: the fp32 and bf16 floors, and so every ratio, depend on them.
 """
@@ -27,6 +29,7 @@ from _measure import (
 from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
+from tl_logitlens import _kernel
 from tl_logitlens._kernel import Unembedding, unembed_metrics
 from tl_logitlens.lenses import resolve_lens
 from tl_logitlens.predictions import DEFAULT_CHUNK_SIZE
@@ -73,6 +76,20 @@ def kernel_calls(model, cache, tokens, top_k=5):
     return tiled
 
 
+def without_finite_check(fn):
+    """``fn`` with the kernel's NaN/inf check (``_kernel.check_finite``) replaced by a no-op."""
+
+    def run():
+        real = _kernel.check_finite
+        _kernel.check_finite = lambda *args: None
+        try:
+            return fn()
+        finally:
+            _kernel.check_finite = real
+
+    return run
+
+
 def bench_dtype(dtype: torch.dtype, args) -> list:
     torch.manual_seed(0)
     model = HookedTransformer(gpt2_small_config(dtype=dtype)).eval()
@@ -100,6 +117,7 @@ def bench_dtype(dtype: torch.dtype, args) -> list:
         f"{name} floor {n_sites}x[{rows},768]@[768,50257]": floor,
         f"{name} unembed_metrics (tiled)": tiled(),
         f"{name} logit_lens (as wired)": lens,
+        f"{name} unembed_metrics, NaN check off": without_finite_check(tiled()),
     }
     if args.all:
         fns[f"{name} unembed_metrics chunk_size=32"] = tiled(32)
@@ -131,9 +149,10 @@ def main() -> None:
         results = bench_dtype(getattr(torch, dtype), args)
         print()
         print_table(results, baseline=results[0].name)
-        floor, tiled, lens = results[0], results[1], results[2]
+        floor, tiled, lens, unchecked = results[0], results[1], results[2], results[3]
         print(f"{dtype}: unembed_metrics / floor {tiled.seconds / floor.seconds:.2f}x, "
-              f"logit_lens / floor {lens.seconds / floor.seconds:.2f}x")
+              f"logit_lens / floor {lens.seconds / floor.seconds:.2f}x, "
+              f"NaN/inf check: with / without {tiled.seconds / unchecked.seconds:.3f}x")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +37,11 @@ class NonFiniteError(ValueError):
         self.site = site
         self.row = row
 
-    def explain(self, where: str) -> ValueError:
-        """A ``ValueError`` saying where (``where``: e.g. "site '2_pre', prompt 0, position 5") and what to check."""
+    def explain(self, where: str, who: str = "the lens") -> ValueError:
+        """A ``ValueError`` saying where (``where``: e.g. "site '2_pre', prompt 0, position 5") and what to check;
+        ``who`` met the values ("the lens", "direct logit attribution")."""
         return ValueError(
-            f"the lens met NaN or inf at {where}: the residual state, the final norm, W_U/b_U or the lens's "
+            f"{who} met NaN or inf at {where}: the residual state, the final norm, W_U/b_U or the lens's "
             "weights hold non-finite values there, so no statistic is computed from it. Check the model's "
             "weights (a broken checkpoint), its dtype (float16 overflows; load float32 or bfloat16) and the "
             "lens's weights"
@@ -62,6 +63,31 @@ def check_finite(final_lse: torch.Tensor | None, statistics: dict[str, torch.Ten
     if not bool(kl.all()):
         site, row = (~kl).nonzero()[0].tolist()
         raise NonFiniteError(site, row0 + row)
+
+
+def check_finite_cells(
+    values: Float[torch.Tensor, "row batch pos *rest"],
+    valid: torch.Tensor,
+    positions: Int[torch.Tensor, "batch pos"],
+    row_name: Callable[[int], str],
+    who: str = "the lens",
+    order: Sequence[int] | None = None,
+) -> None:
+    """Raise ``ValueError`` (:meth:`NonFiniteError.explain`) at the first non-finite value of a linear
+    readout's ``[row, batch, pos, ...]`` grid (a site, an attribution row) among the ``valid`` cells,
+    naming the row (``row_name``), the prompt and the token position (``positions[b, j]``). Rows are
+    searched in ``order`` (default: as given, shallowest site first), so the name is where a NaN first
+    appears. Padding cells are not checked. One reduction over values already computed: free next to
+    what produced them."""
+    bad = ~torch.isfinite(values) & valid.reshape(1, *valid.shape, *([1] * (values.ndim - 3))).to(values.device)
+    bad_cells = bad.flatten(3).any(-1)  # [row, batch, pos]
+    bad_rows = bad_cells.flatten(1).any(-1).tolist()
+    if not any(bad_rows):
+        return
+    row = next(r for r in (range(len(bad_rows)) if order is None else order) if bad_rows[r])
+    b, j = bad_cells[row].nonzero()[0].tolist()
+    where = f"{row_name(row)}, prompt {b}, position {int(positions[b, j])}"
+    raise NonFiniteError(row, b).explain(where, who)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ promotes and suppresses. The arithmetic is in :mod:`tl_logitlens._dla`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, no_type_check
@@ -29,6 +30,7 @@ from tl_logitlens._dla import (
     unit_vectors,
 )
 from tl_logitlens._frames import long_index, position_columns
+from tl_logitlens._kernel import check_finite_cells
 from tl_logitlens._pairs import Pairs, resolve_pairs
 from tl_logitlens._results import RowsResult, common_fields, nested_token_strings, token_strings
 from tl_logitlens._run import Run, execute
@@ -624,6 +626,46 @@ def direct_logit_attribution(
     return _attribution(model, run, pairs, unit, scale)
 
 
+def _stream_order(w: _Writer) -> tuple[int, int]:
+    """Where a writer writes in the forward pass: (layer, 0 attention / 1 MLP); embeddings first."""
+    m = re.match(r"blocks\.(\d+)\.hook_(attn|mlp)_out$", w.hook or "")
+    if m is None:
+        return (-1, 0) if w.kind == "state" else (1 << 30, 0)
+    return int(m.group(1)), int(m.group(2) == "mlp")
+
+
+def _check_finite(
+    model: Any, cache: Any, unit: str, projector: CachedReadout, attribution: torch.Tensor, total: torch.Tensor, run: Run
+) -> None:
+    """Refuse non-finite attributions, naming where they come from.
+
+    The identity checks skip NaN (``nan_to_num``), so without this a NaN weight or state would give
+    rows that look like numbers. A NaN anywhere in the stream also makes the final norm's cached scale
+    NaN, which every row is divided by; so on the (rare) error path the direction and then the cached
+    writers, in the order the forward pass writes them, are searched for the first non-finite value.
+    """
+    valid, pos_index = run.valid, run.positions
+    keep = valid[None, ..., None]
+    if bool(torch.isfinite(torch.where(keep, attribution, 0.0)).all()) and bool(
+        torch.isfinite(torch.where(keep[0], total, 0.0)).all()
+    ):
+        return
+    who = "direct logit attribution"
+    if not bool(torch.isfinite(projector.g).all()):
+        raise ValueError(
+            f"{who} met NaN or inf in the direction it reads along (the tokens' unembedding columns W_U and "
+            "the final norm's weight): Check the model's weights (a broken checkpoint)"
+        )
+    for w in sorted(_writers(model, unit), key=_stream_order):
+        if w.hook is not None:
+            values = gather_rows(cache[w.hook], pos_index)[None]
+            check_finite_cells(values, valid, pos_index, lambda _, w=w: f"{w.hook!r} (row {w.label!r})", who)
+        elif not bool(torch.isfinite(w.value).all()):
+            raise ValueError(f"{who} met NaN or inf in the bias row {w.label!r}: Check the model's weights (a broken checkpoint)")
+    check_finite_cells(attribution, valid, pos_index, lambda r: "an attribution row", who)
+    check_finite_cells(total[None], valid, pos_index, lambda r: "the model's own final logit", who)
+
+
 def _attribution(model: Any, run: Run, pairs: Pairs, unit: str, scale: float) -> AttributionResult:
     """The attribution rows of ``pairs`` over the run, and the model's own total beside them."""
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
@@ -642,6 +684,7 @@ def _attribution(model: Any, run: Run, pairs: Pairs, unit: str, scale: float) ->
 
     attribution = torch.stack(rows.values)
     grid_size = None if rows.grid_width is None else (model.cfg.n_layers, rows.grid_width)
+    _check_finite(model, cache, unit, projector, attribution, total, run)
 
     nan = torch.full((), float("nan"), device=attribution.device)
     keep = valid[..., None]
@@ -771,6 +814,9 @@ def _component_lens(model: Any, run: Run, unit: str, top_k: int, chunk_size: int
             dtype=model.cfg.dtype,
         )
 
+    # topk ranks NaN above every number, so a NaN would show as a "promoted" token: refuse it
+    for parts in (top_v, bot_v):
+        check_finite_cells(torch.stack(parts), valid, pos_index, lambda r: f"row {labels[r]!r}", "the component lens")
     keep = valid[None, ..., None]
 
     def finish(parts: list[torch.Tensor], fill: float | int) -> torch.Tensor:

@@ -181,7 +181,8 @@ def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default="logit_lens_report.html",
-        help="HTML report to write (default: logit_lens_report.html in the current folder). One file "
+        help="HTML report to write (default: logit_lens_report.html in the current folder; an existing file is "
+        "replaced, whole, once the report is ready). One file "
         "of about 5 MB, most of it plotly.js, so it opens offline; see --plotly-js",
     )
     p.add_argument(
@@ -197,12 +198,13 @@ def _outputs(p: argparse.ArgumentParser) -> None:
         "--csv",
         metavar="FILE",
         help="also write the lens table as CSV: one row per layer, prompt, position and rank, with "
-        "the target's (and --versus token's) probability and rank",
+        "the target's (and --versus token's) probability and rank (an existing file is replaced)",
     )
     p.add_argument(
         "--json",
         metavar="FILE",
-        help="also write the settings, tables, logit differences and attributions as JSON",
+        help="also write the settings, tables, logit differences and attributions as JSON (an existing "
+        "file is replaced)",
     )
 
 
@@ -454,12 +456,13 @@ def _records(frame: Any) -> Any:
 
 
 def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
+    from tl_logitlens._files import atomic_write, atomic_write_text
     from tl_logitlens.reporting import ReportData
 
     causal = isinstance(data, ReportData)
     if csv is not None:
         frame = _lens_csv_frame(data) if causal else data.masked[0].to_dataframe()
-        frame.to_csv(csv, index=False)
+        atomic_write(csv, lambda tmp: frame.to_csv(tmp, index=False))
     if json_path is None:
         return
     import json
@@ -489,7 +492,7 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
         )
     else:
         payload["masked"] = [_records(m.to_dataframe()) for m in data.masked]
-    Path(json_path).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(payload, indent=1))
 
 
 def _consoles() -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ others from the tokens before them in that window.
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def _file_texts(path: Path, text_field: str, txt_split: str) -> Iterator[str]:
         raise ValueError(f"no corpus file at {str(path)!r}; give a .txt, .json or .jsonl file")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; give a .txt, .json or .jsonl file")
+    if not stat.S_ISREG(path.stat().st_mode):  # opening a FIFO would wait for a writer; a device never ends
+        raise ValueError(
+            f"{str(path)!r} is not a regular file (a FIFO, a socket or a device); save the corpus to a file first"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".json", ".jsonl"):
         raise ValueError(
@@ -132,24 +137,20 @@ def _file_texts(path: Path, text_field: str, txt_split: str) -> Iterator[str]:
     if suffix == ".jsonl":
         yield from _jsonl_texts(path, text_field)
         return
+    if suffix == ".txt":
+        # read line by line, so a large file is never held whole (only its current document is)
+        raw = _txt_lines(path)
+        if txt_split == "file":
+            yield "".join(raw)
+            return
+        lines = (piece for line in raw for piece in line.splitlines())  # exactly the file's str.splitlines()
+        yield from (lines if txt_split == "line" else _paragraphs(lines))
+        return
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{str(path)!r} is not UTF-8 text, so it is not a corpus; save it as UTF-8") from None
-    if suffix == ".txt":
-        if "\x00" in content:
-            raise ValueError(f"{str(path)!r} holds NUL bytes: it looks binary, not a text corpus")
-        if txt_split == "file":
-            yield content
-        elif txt_split == "line":
-            yield from content.splitlines()
-        else:
-            yield from _paragraphs(content)
-        return
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); a .json corpus is a list of strings") from None
+    data = _json_loads(content, f"{str(path)!r}")
     if not isinstance(data, list):
         raise ValueError(
             f"{str(path)!r} holds a JSON {type(data).__name__}, not a list; a .json corpus is a list of strings "
@@ -157,6 +158,28 @@ def _file_texts(path: Path, text_field: str, txt_split: str) -> Iterator[str]:
         )
     for i, item in enumerate(data):
         yield _from_record(item, text_field, f"item {i} of {str(path)!r}")
+
+
+def _json_loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err.msg} at line {err.lineno}); a .json corpus is a list of strings") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a corpus (a list of strings, or of objects with text)") from None
+
+
+def _txt_lines(path: Path) -> Iterator[str]:
+    """A ``.txt`` file's lines (``\r\n`` and ``\r`` read as ``\n``, as ``read_text`` reads them), checked
+    for NUL bytes and UTF-8 as they come."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if "\x00" in line:
+                    raise ValueError(f"{str(path)!r} holds NUL bytes: it looks binary, not a text corpus")
+                yield line
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text, so it is not a corpus; save it as UTF-8") from None
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -168,8 +191,8 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 where = f"line {lineno} of {str(path)!r}"
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{where} is not JSON; a .jsonl corpus holds one JSON string or object per line") from None
+                except (json.JSONDecodeError, RecursionError):
+                    raise ValueError(f"{where} is not JSON (or nested too deeply); a .jsonl corpus holds one JSON string or object per line") from None
                 yield _from_record(item, text_field, where)
     except UnicodeDecodeError:
         raise ValueError(f"{str(path)!r} is not UTF-8 text, so it is not a corpus; save it as UTF-8") from None
@@ -187,9 +210,9 @@ def _from_record(item: Any, text_field: str, where: str) -> str:
     raise TypeError(f"{where} is a {type(item).__name__}, not a string; a corpus holds text")
 
 
-def _paragraphs(content: str) -> Iterator[str]:
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
     block: list[str] = []
-    for line in content.splitlines():
+    for line in lines:
         if line.strip():
             block.append(line)
         elif block:
@@ -224,12 +247,44 @@ def _dataset_texts(ds: Any, text_field: str) -> Iterator[str]:
             yield item
 
 
-def tokenize_document(model: Any, text: str, index: int = 0) -> Document:
-    """``text`` as token ids with the model's BOS first (never truncated), and its decoded byte count."""
+# a prefix of a document is tokenised instead of the whole when only its first tokens are needed: it must
+# reach this many tokens past the cut, and agree with a prefix twice as long on the tokens kept
+_PREFIX_MARGIN = 64
+_CHARS_PER_TOKEN = 8
+
+
+def _tokenize(model: Any, text: str) -> list[int]:
+    return model.to_tokens(text, prepend_bos=True, truncate=False)[0].tolist()
+
+
+def _first_tokens(model: Any, text: str, limit: int) -> list[int]:
+    """The first ``limit`` tokens (BOS included) of ``text``, tokenising a prefix of it, not the whole.
+
+    A tokenizer's output near the end of a prefix can differ from the whole text's (a word cut in two),
+    so the prefix must reach ``_PREFIX_MARGIN`` tokens past the cut and give the same first ``limit``
+    tokens as a prefix twice as long; it doubles until it does (or is the whole text). The work is a
+    few times ``limit`` tokens, whatever the document's length.
+    """
+    n_chars = max(1024, _CHARS_PER_TOKEN * (limit + _PREFIX_MARGIN))
+    previous: list[int] | None = None
+    while n_chars < len(text):
+        ids = _tokenize(model, text[:n_chars])
+        if len(ids) >= limit + _PREFIX_MARGIN:
+            if previous is not None and previous[:limit] == ids[:limit]:
+                return ids[:limit]
+            previous = ids
+        n_chars *= 2
+    return _tokenize(model, text)[:limit]
+
+
+def tokenize_document(model: Any, text: str, index: int = 0, max_tokens: int | None = None) -> Document:
+    """``text`` as token ids with the model's BOS first, and its decoded byte count: the whole document,
+    or with ``max_tokens`` its first ``max_tokens`` tokens (BOS included), found by tokenising a prefix
+    (so a huge document costs time and memory in proportion to ``max_tokens``, not to its length)."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so a text corpus cannot be tokenised; set one with model.set_tokenizer(...)")
-    ids = model.to_tokens(text, prepend_bos=True, truncate=False)[0].tolist()
+    ids = _tokenize(model, text) if max_tokens is None else _first_tokens(model, text, max_tokens)
     return Document(index=index, ids=tuple(ids), n_bytes=decoded_bytes(tokenizer, ids[1:]))
 
 
@@ -244,9 +299,10 @@ def documents(
     """The documents of ``texts`` (see :func:`iter_texts`), tokenised, in corpus order.
 
     With ``max_tokens`` the corpus is cut after that many document tokens (BOS included), the last
-    document shortened to fit. ``owns(index)`` picks which documents are yielded (one process's
-    share under torch.distributed); the cut counts every document, so it falls at the same place
-    whoever owns what.
+    document shortened to fit; files are read a line at a time and a document only as far as the cut
+    needs (:func:`tokenize_document`), so ``max_tokens`` bounds the time and memory. ``owns(index)``
+    picks which documents are yielded (one process's share under torch.distributed); the cut counts
+    every document, so it falls at the same place whoever owns what.
     """
     taken = 0
     for index, text in enumerate(iter_texts(texts, text_field=text_field)):
@@ -257,10 +313,7 @@ def documents(
             continue
         if taken >= max_tokens:
             return
-        doc = tokenize_document(model, text, index)
-        if taken + len(doc.ids) > max_tokens:
-            ids = doc.ids[: max_tokens - taken]
-            doc = Document(index, ids, decoded_bytes(model.tokenizer, ids[1:]))
+        doc = tokenize_document(model, text, index, max_tokens=max_tokens - taken)
         taken += len(doc.ids)
         if mine:
             yield doc

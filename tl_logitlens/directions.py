@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float, Int
 
 from tl_logitlens._dla import unembed_bias, unembed_columns
 from tl_logitlens._frames import long_index, position_columns
+from tl_logitlens._kernel import check_finite_cells
 from tl_logitlens._pairs import Pairs, check_direction, resolve_pairs
 from tl_logitlens._results import (
     BootstrapInterval,
@@ -206,6 +207,7 @@ def _direction_result(
 ) -> DirectionResult:
     """Values at padding set to NaN, the bootstrap summary over prompts, and the common fields."""
     valid = run.valid
+    check_finite_cells(values, valid, run.positions, lambda s: f"site {site_list[s].label!r}")
     values = torch.where(valid[None, :, :, None], values, torch.full((), float("nan"), device=values.device))
     return DirectionResult(
         **common_fields(readout.model, run.batch, run.positions, valid, readout.name),

@@ -6,6 +6,7 @@ logit difference and the attributions reject the same mistakes with the same wor
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,26 @@ def check_count(value: object, name: str, low: int, high: int | None = None) -> 
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ValueError(f"{name}={value} must be {bound}")
+    return value
+
+
+def check_real(
+    value: object, name: str, low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """A real-valued option (a learning rate, a weight decay...): a finite Python or NumPy number (not a
+    bool) in the interval from ``low`` to ``high`` (open at an end where ``low_open``/``high_open``),
+    returned as a float; a TypeError or ValueError that names it otherwise (NaN and inf included)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
+    below = value <= low if low_open else value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
+        raise ValueError(f"{name}={value:g} must be in {lo}, {hi}")
     return value
 
 

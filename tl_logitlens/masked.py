@@ -26,7 +26,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens import _compat
-from tl_logitlens._kernel import BlockMetrics, Workspace, block_metrics, final_distribution
+from tl_logitlens._kernel import (
+    BlockMetrics,
+    NonFiniteError,
+    Workspace,
+    block_metrics,
+    check_finite,
+    final_distribution,
+)
 from tl_logitlens._results import (
     DepthRows,
     LensStatistics,
@@ -255,8 +262,14 @@ def _hole_metrics(
         )
         final = final_distribution(z[-1], ws)
         per_site = [block_metrics(z[s], final, q, top_k, ws) for s in range(n_sites)]
-        for name in BlockMetrics.__dataclass_fields__:
-            outs[name].append(torch.stack([getattr(m, name) for m in per_site]))
+        stacked = {name: torch.stack([getattr(m, name) for m in per_site]) for name in BlockMetrics.__dataclass_fields__}
+        try:  # the final site is one of the sites, so its own statistics are checked with theirs
+            check_finite(None, stacked, start)
+        except NonFiniteError as err:
+            where = f"site {sites[err.site].label!r}, prompt {int(rows.b[err.row])}, position {int(rows.p[err.row])}"
+            raise err.explain(where, "the masked-LM lens") from None
+        for name, value in stacked.items():
+            outs[name].append(value)
         lp = torch.log_softmax(z, dim=-1)
         tracked = lp.amax(0).topk(n_track, dim=-1).indices  # [chunk, n_track]
         outs["tracked_ids"].append(tracked)

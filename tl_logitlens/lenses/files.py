@@ -1,48 +1,139 @@
 """The files of a lens: this package's own folder format, and reading other tools' files safely.
 
-A lens saved by this package is a folder with two files, written atomically one after the other:
+A lens saved by this package is a folder with two files:
 
 - ``{stem}.safetensors``: the tensors, and in the safetensors header (``__metadata__``) the lens's
   whole metadata as JSON under the key ``"tl_logitlens"``. This file alone *is* the lens: weights and
-  metadata (what it was made for, the readout fingerprint, how it was fitted) are replaced together,
-  so a folder always holds one saved lens, old or new, even if a save is killed at any moment;
-- ``{stem}.json``: the same metadata, indented, for people to read. It is written second and read
-  only when the weights file has no metadata (format version 1, before the metadata moved into it).
+  metadata (what it was made for, the readout fingerprint, how it was fitted) are replaced together;
+- ``{stem}.json``: the same metadata, indented, for people to read. It is read only when the weights
+  file has no metadata (format version 1, before the metadata moved into it).
+
+Every lens folder (this package's, tuned-lens's two files) is written whole into a temporary folder
+beside the target and swapped into place (:func:`write_folder`): a reader, or a save killed at any
+moment, sees the old lens or the new one, never a mix of the two and never nothing.
 
 Tensors are stored as safetensors (never a pickle); reading another tool's ``.pt`` goes through
-:func:`read_torch_file`, which refuses anything but plain tensors and containers.
+:func:`read_torch_file`, which refuses anything but plain tensors and containers. Every parse error
+(a truncated file, JSON that is not an object or not UTF-8, a pickle that needs code) is a
+``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tl_logitlens._files import atomic_write, atomic_write_text
+from tl_logitlens._files import current_umask
 
 METADATA_KEY = "tl_logitlens"
 
 
-def write_lens_folder(folder: str | os.PathLike, stem: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write ``{stem}.safetensors`` (the tensors, float32, with ``meta`` in the header) and then
-    ``{stem}.json`` into ``folder`` (created if needed), each atomically. Returns the folder."""
-    from safetensors.torch import save_file
+# how a save that was cut short names the folders it leaves beside the target (removed by the next save)
+_TMP_SUFFIX = ".tmp"
 
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system has no such call, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary folder beside ``folder``, then put it in ``folder``'s place
+    atomically: a reader (or a save killed at any moment) sees the old folder or the new one, whole.
+
+    Files already in ``folder`` that ``write`` does not write are kept (hard-linked into the new
+    folder). Where the system cannot swap two folders atomically (not Linux), the old folder is renamed
+    aside for the instant the new one is renamed in. Returns the folder.
+
+    Raises:
+        ValueError: ``folder`` is a file, or holds sub-folders (a lens folder holds files only).
+    """
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; a lens is saved as a folder, give a folder path")
-    folder.mkdir(parents=True, exist_ok=True)
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{folder.name}.*{_TMP_SUFFIX}"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_TMP_SUFFIX, dir=parent))
+    try:
+        # mkdtemp's folder is private (0700); give it the mode the folder has, or a new folder would get
+        os.chmod(tmp, folder.stat().st_mode & 0o7777 if folder.exists() else 0o777 & ~current_umask())
+        write(tmp)
+        if folder.is_dir():
+            for old in folder.iterdir():
+                if old.is_dir():
+                    raise ValueError(
+                        f"{str(folder)!r} holds a folder ({old.name}); save the lens into a new or empty folder"
+                    )
+                if not (tmp / old.name).exists():
+                    try:
+                        os.link(old, tmp / old.name)
+                    except OSError:
+                        shutil.copy2(old, tmp / old.name)
+        _fsync_folder(tmp)
+        if not folder.exists():
+            os.rename(tmp, folder)
+        elif _exchange(tmp, folder):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        else:
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=_TMP_SUFFIX, dir=parent))
+            os.rmdir(aside)
+            os.rename(folder, aside)
+            os.rename(tmp, folder)
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_lens_folder(folder: str | os.PathLike, stem: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write ``{stem}.safetensors`` (the tensors, float32, with ``meta`` in the header) and ``{stem}.json``
+    into ``folder`` (created if needed), swapping the folder in whole (:func:`write_folder`)."""
+    from safetensors.torch import save_file
+
     text = json.dumps(dict(meta), indent=1)
     plain = {k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}
     header = {METADATA_KEY: json.dumps(dict(meta)), "format": str(meta.get("format", ""))}
-    atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(plain, tmp, metadata=header))
-    atomic_write_text(folder / f"{stem}.json", text + "\n")
-    return folder
+
+    def write(tmp: Path) -> None:
+        save_file(plain, tmp / f"{stem}.safetensors", metadata=header)
+        (tmp / f"{stem}.json").write_text(text + "\n", encoding="utf-8")
+
+    return write_folder(folder, write)
 
 
 def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -52,7 +143,7 @@ def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], 
     Raises:
         ValueError: a missing or unreadable file, metadata that is not a JSON object.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     weights, card = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     if not weights.is_file():
@@ -61,25 +152,54 @@ def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], 
         with safe_open(str(weights), framework="pt", device="cpu") as fh:
             header = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); save the lens again") from err
+    except Exception as err:  # safetensors raises its own error types on a crafted or truncated file
+        raise ValueError(f"{weights} is not a readable safetensors file ({_first_line(err)}); save the lens again") from err
     if METADATA_KEY in header:
-        meta = _json_object(header[METADATA_KEY], f"the metadata in {weights}")
+        meta = json_object(header[METADATA_KEY], f"the metadata in {weights}")
     elif card.is_file():
-        meta = _json_object(card.read_text(encoding="utf-8"), str(card))
+        meta = read_json_object(card)
     else:
         raise ValueError(f"{str(folder)!r} has {weights.name} without its metadata ({card.name}); save the lens again")
     return tensors, meta
 
 
-def _json_object(text: str, where: str) -> dict[str, Any]:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def json_object(text: str, where: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; ``where`` names it in errors.
+
+    Raises:
+        ValueError: not JSON, nested too deeply to parse, or not an object.
+    """
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a lens's metadata") from None
     if not isinstance(value, dict):
         raise ValueError(f"{where} holds a JSON {type(value).__name__}, not an object")
     return value
+
+
+def read_json_object(path: Path, limit: int = 1 << 24) -> dict[str, Any]:
+    """A small JSON file (at most ``limit`` bytes: a config or a card) holding an object.
+
+    Raises:
+        ValueError: too large, not UTF-8, not JSON, or not an object; the message names the file.
+    """
+    try:
+        if path.stat().st_size > limit:
+            raise ValueError(f"{path} is {path.stat().st_size} bytes; a lens's JSON is small (at most {limit})")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); is it a lens's JSON file?") from None
+    except OSError as err:
+        raise ValueError(f"{path} could not be read ({err.strerror})") from err
+    return json_object(text, str(path))
 
 
 def read_torch_file(path: Path) -> Any:
@@ -89,13 +209,49 @@ def read_torch_file(path: Path) -> Any:
     Raises:
         ValueError: the file is not such a checkpoint; the message names it.
     """
-    import pickle
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, OSError, ValueError) as err:
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    except Exception as err:  # a crafted file fails in many ways (unpickling, zip, storage): all one answer
         raise ValueError(
-            f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: {first}); "
+            f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: {_first_line(err)}); "
             "refusing to unpickle anything else"
         ) from err
+
+
+def model_sizes(model: Any) -> dict[str, int]:
+    """The sizes a lens file must match: ``d_model`` and ``n_layers``."""
+    return {"d_model": int(model.cfg.d_model), "n_layers": int(model.cfg.n_layers)}
+
+
+def check_size(value: Any, key: str, expected: int, where: str, what: str) -> int:
+    """A size read from a lens file (``key`` in ``where``), checked to be a whole number equal to the
+    model's ``expected`` *before* anything of that size is allocated.
+
+    Raises:
+        ValueError: not a whole number, or not the model's.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**62:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key} is {value!r}, not a whole number; the file is damaged")
+    if value != expected:
+        raise ValueError(
+            f"{where}: {key} is {value}, but the model's is {expected}; this {what} was made for another model"
+        )
+    return value
+
+
+def check_tensor(t: Any, shape: tuple[int, ...], key: str, where: str) -> torch.Tensor:
+    """A lens tensor ``key`` from ``where``: a float tensor of ``shape`` holding finite values.
+
+    Raises:
+        ValueError: another type, shape or dtype, or NaN/inf (naming the file and the tensor).
+    """
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+        got = f"shape {list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{where}: {key} should be a float tensor of shape {list(shape)}, not {got}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{where}: {key} holds NaN or inf; the lens file is broken (re-train or re-save it), so it is not loaded"
+        )
+    return t

@@ -13,6 +13,7 @@ lens that carries a map of its own (tuned, Jacobian):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ _PROBE_RANDOM = 8
 # to ~1e-5 across TransformerLens versions and weight processing; a 16-bit model rounds its norm and W_U
 FINGERPRINT_ATOL = {torch.float32: 1e-3, torch.float64: 1e-3}
 FINGERPRINT_ATOL_16BIT = 0.25
-# a row is "centred" when its mean is below this fraction of its root mean square
+# a row is "centred" when its mean is below this fraction of its root mean square, or below the dtype's
+# epsilon: a centred float32 row rounded to bfloat16 keeps a mean of up to ~0.25 eps·rms (measured 1.9e-3 on
+# the demo model, eps 7.8e-3), while an uncentred row's mean is ~rms/sqrt(d_model) and far more at its max
 _CENTRED_RTOL = 1e-3
 
 
@@ -62,10 +65,41 @@ def readout_fingerprint(model: Any) -> dict[str, Any]:
     }
 
 
-def fingerprint_distance(model: Any, fingerprint: dict[str, Any]) -> float:
-    """Max abs difference (nats) between the model's probe log-probs and a stored fingerprint."""
+def check_fingerprint(fingerprint: Any, where: str) -> dict[str, Any]:
+    """A stored readout fingerprint, checked to be well formed (as :func:`readout_fingerprint` writes it).
+
+    Raises:
+        ValueError: made with other probes, or malformed (ids that are not token ids from 0, log-probs
+            that are not a finite ``[n_probes, n_ids]`` table); the message names ``where``.
+    """
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"{where}: the readout fingerprint is a {type(fingerprint).__name__}, not an object; the file is damaged")
     if fingerprint.get("probe_seed") != _PROBE_SEED or fingerprint.get("n_probes") != _N_PROBES:
-        raise ValueError("the lens's fingerprint was made with other probes; re-save the lens with this version")
+        raise ValueError(f"{where}: the lens's fingerprint was made with other probes; re-save the lens with this version")
+    ids, logprobs = fingerprint.get("token_ids"), fingerprint.get("logprobs")
+    if (
+        not isinstance(ids, list)
+        or not 0 < len(ids) <= _N_PROBES * (_PROBE_TOP + _PROBE_RANDOM)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        raise ValueError(f"{where}: the readout fingerprint's token_ids must be a short list of token ids (ints from 0); the file is damaged")
+    if (
+        not isinstance(logprobs, list)
+        or len(logprobs) != _N_PROBES
+        or not all(isinstance(row, list) and len(row) == len(ids) for row in logprobs)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for row in logprobs for v in row)
+    ):
+        raise ValueError(
+            f"{where}: the readout fingerprint's logprobs must be {_N_PROBES} rows of {len(ids)} finite numbers; "
+            "the file is damaged"
+        )
+    return fingerprint
+
+
+def fingerprint_distance(model: Any, fingerprint: dict[str, Any]) -> float:
+    """Max abs difference (nats) between the model's probe log-probs and a stored fingerprint (inf where
+    it names token ids beyond the model's vocabulary)."""
+    check_fingerprint(fingerprint, "the lens")
     logp = _probe_logprobs(model)
     ids = torch.tensor(fingerprint["token_ids"], dtype=torch.long, device=logp.device)
     if int(ids.max()) >= logp.shape[-1]:
@@ -74,10 +108,26 @@ def fingerprint_distance(model: Any, fingerprint: dict[str, Any]) -> float:
     return float((logp[:, ids] - stored).abs().max())
 
 
+def made_for(model: Any) -> dict[str, Any]:
+    """What a lens records about the model it is made for: name, shapes, norm, whether the stream was
+    centred, and the readout fingerprint (what :func:`check_made_for` checks)."""
+    cfg = model.cfg
+    return {
+        "model_name": str(getattr(cfg, "model_name", "")),
+        "d_model": int(cfg.d_model),
+        "n_layers": int(cfg.n_layers),
+        "d_vocab": int(model.W_U.shape[-1]),
+        "normalization_type": str(normalization_type(model)),
+        "stream_centred": writing_weights_centred(model),
+        "fingerprint": readout_fingerprint(model),
+    }
+
+
 def _rows_centred(w: torch.Tensor) -> bool:
+    rtol = max(_CENTRED_RTOL, torch.finfo(w.dtype).eps) if w.is_floating_point() else _CENTRED_RTOL
     w = w.detach().float().reshape(-1, w.shape[-1])
     rms = w.pow(2).mean(-1).sqrt()
-    return bool((w.mean(-1).abs() <= _CENTRED_RTOL * rms + 1e-12).all())
+    return bool((w.mean(-1).abs() <= rtol * rms + 1e-12).all())
 
 
 def writing_weights_centred(model: Any) -> bool | None:

@@ -8,22 +8,49 @@ the last block before the final norm. A state is read as ``W_U · final_norm(J_l
 so every analysis that takes ``lens=`` reads through it. The logit lens is the special case ``J_l = I``.
 
 :class:`JacobianLens` is the map and its bookkeeping; fitting it is
-:mod:`tl_logitlens.lenses.jacobian_fitting`; its files are read and written here.
+:mod:`tl_logitlens.lenses.jacobian_fitting`; its files are read and written here:
+
+- this package's: a folder with ``jacobian_lens.safetensors`` (``"J.{layer}"`` ``[d_model, d_model]``
+  float32, the metadata, readout fingerprint included, in its header) and ``jacobian_lens.json`` (the
+  same metadata, for people), written whole (:func:`~tl_logitlens.lenses.files.write_folder`);
+- the reference format (``anthropics/jacobian-lens``, TransformerLens 4.3's ``JacobianLens.save``/``load``):
+  one ``torch.save`` dict with ``"J"`` (``{layer: Tensor[d_model, d_model]}``), ``"n_prompts"``,
+  ``"source_layers"``, ``"d_model"`` and optional ``"metadata"`` (plain types), written atomically and
+  read with ``torch.load(weights_only=True)``; TransformerLens's fit checkpoints (``"jacobian_sum"``,
+  ``"n_done"``) are read too. It carries no fingerprint, so it is checked by shape and layer count.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from tl_logitlens.lenses.fingerprint import check_made_for
+from tl_logitlens._files import atomic_torch_save
+from tl_logitlens.lenses.files import (
+    check_size,
+    check_tensor,
+    model_sizes,
+    read_lens_folder,
+    read_torch_file,
+    write_lens_folder,
+)
+from tl_logitlens.lenses.fingerprint import check_fingerprint, check_made_for
 
 _POST_RE = re.compile(r"^(\d+)_post$")
 NAME = "Jacobian lens"
+FORMAT = "tl_logitlens Jacobian lens"
+FORMAT_VERSION = 1
+STEM = "jacobian_lens"
+WEIGHTS_FILE = f"{STEM}.safetensors"
+REFERENCE_FORMAT = "jlens"
+# where this package's metadata rides in a reference file's "metadata" (plain types, so it survives there)
+_META_KEY = "tl_logitlens"
 
 
 class JacobianLens:
@@ -157,6 +184,45 @@ class JacobianLens:
             )
         check_made_for(model, self.meta, self.name, remedy)
 
+    def save(self, path: str | os.PathLike, format: str = "tl_logitlens") -> Path:
+        """Save the lens and return the path written. An existing lens there is replaced.
+
+        ``format="tl_logitlens"`` (the default): a folder with ``jacobian_lens.safetensors`` (``"J.{layer}"``,
+        float32, with the metadata in its header: what the lens was made for, the readout fingerprint,
+        how it was fitted) and ``jacobian_lens.json`` (the same, for people), swapped in whole.
+        ``format="jlens"``: the reference format, one ``torch.save`` file with ``"J"`` (float32),
+        ``"n_prompts"``, ``"source_layers"``, ``"d_model"`` and ``"metadata"`` (plain types; this
+        package's metadata under ``"tl_logitlens"``), written atomically. TransformerLens 4.3's
+        ``JacobianLens.load`` and the reference implementation read it.
+
+        Raises:
+            ValueError: an unknown ``format``; metadata that is not plain (JSON-like) values.
+        """
+        meta = {
+            **self.meta,
+            "name": self.name,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_prompts": self.n_prompts,
+            "source_layers": list(self.source_layers),
+        }
+        _check_plain(meta, "the lens's meta")
+        matrices = {layer: m.detach().float().cpu().contiguous() for layer, m in self.jacobians.items()}
+        if format == "tl_logitlens":
+            return write_lens_folder(path, STEM, {f"J.{layer}": m for layer, m in matrices.items()}, meta)
+        if format == REFERENCE_FORMAT:
+            payload = {
+                "J": matrices,
+                "n_prompts": self.n_prompts,
+                "source_layers": list(self.source_layers),
+                "d_model": self.d_model,
+                "metadata": {"model_name": str(self.meta.get("model_name", "")), _META_KEY: meta},
+            }
+            return atomic_torch_save(Path(path).expanduser(), payload)
+        raise ValueError(f"format must be 'tl_logitlens' (this package's folder) or 'jlens' (the reference .pt), not {format!r}")
+
     @classmethod
     def merge(cls, lenses: Sequence[JacobianLens]) -> JacobianLens:
         """The ``n_prompts``-weighted mean of lenses fitted on disjoint prompt sets (summed in float64).
@@ -184,3 +250,154 @@ class JacobianLens:
         }
         meta = {**first.meta, "n_prompts": total}
         return cls(merged, n_prompts=total, d_model=first.d_model, n_layers=first.n_layers, meta=meta, name=first.name)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse what a reference file's metadata cannot hold (``torch.load(weights_only=True)`` and
+    TransformerLens accept None, bool, int, float, str, lists, tuples and string-keyed dicts)."""
+    if value is None or type(value) in (bool, int, float, str):
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"{where} has a key {key!r} that is not a string; metadata keys must be strings")
+            _check_plain(item, f"{where}.{key}")
+        return
+    raise ValueError(f"{where} is a {type(value).__name__}; lens metadata holds plain values only (numbers, strings, lists, dicts)")
+
+
+def _is_plain(value: Any) -> bool:
+    try:
+        _check_plain(value, "metadata")
+    except ValueError:
+        return False
+    return True
+
+
+def is_own_folder(folder: Path) -> bool:
+    """A folder written by :meth:`JacobianLens.save` in this package's format."""
+    return (folder / WEIGHTS_FILE).is_file()
+
+
+def _layer(key: Any, where: str) -> int:
+    if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
+        raise ValueError(f"{where}: layer {key!r} is not a layer number")
+    return int(key)
+
+
+def _matrices(raw: Any, d_model: int, n_layers: int, where: str, scale: int = 1) -> dict[int, torch.Tensor]:
+    """``{layer: J_l}`` from a file's ``{layer: tensor}`` (divided by ``scale``: a checkpoint's prompt
+    count), every layer a source layer of the model, every matrix a finite ``[d_model, d_model]``."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{where}: the matrices must be a non-empty {{layer: tensor}} dict, not {type(raw).__name__}")
+    if len(raw) > n_layers:
+        raise ValueError(f"{where} holds {len(raw)} matrices; the model has {n_layers} layers")
+    out = {}
+    for key, matrix in raw.items():
+        layer = _layer(key, where)
+        if layer >= n_layers - 1:
+            raise ValueError(
+                f"{where}: layer {layer} has a matrix, but this {n_layers}-layer model's source layers are 0 to "
+                f"{n_layers - 2}; this Jacobian lens was made for another model"
+            )
+        out[layer] = check_tensor(matrix, (d_model, d_model), f"J[{layer}]", where).float() / scale
+    return out
+
+
+def _count(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {key} is {value!r}, not a count (an int of 0 or more)")
+    return value
+
+
+def read_own(folder: Path, model: Any) -> JacobianLens:
+    """The lens :meth:`JacobianLens.save` wrote into ``folder`` (this package's format); its sizes are
+    checked against ``model`` before anything is built."""
+    tensors, meta = read_lens_folder(folder, STEM)
+    where = str(folder / WEIGHTS_FILE)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where} is {meta.get('format')!r} version {meta.get('format_version')!r}; this version of tl_logitlens "
+            f"reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    sizes = model_sizes(model)
+    d_model = check_size(meta.get("d_model"), "d_model", sizes["d_model"], where, NAME)
+    if meta.get("n_layers") is not None:
+        check_size(meta["n_layers"], "n_layers", sizes["n_layers"], where, NAME)
+    if "fingerprint" in meta:
+        check_fingerprint(meta["fingerprint"], where)
+    raw = {}
+    for key, t in tensors.items():
+        if not key.startswith("J."):
+            raise ValueError(f"{where}: unexpected tensor {key!r}; a Jacobian lens holds 'J.{{layer}}' only")
+        raw[key[2:]] = t
+    jacobians = _matrices(raw, d_model, sizes["n_layers"], where)
+    if sorted(jacobians) != list(meta.get("source_layers", sorted(jacobians))):
+        raise ValueError(f"{where}: the metadata's source_layers {meta.get('source_layers')} are not the matrices' {sorted(jacobians)}")
+    n_prompts = _count(meta.pop("n_prompts", 0), "n_prompts", where)
+    name = str(meta.pop("name", NAME))
+    for key in ("d_model", "n_layers", "source_layers"):
+        meta.pop(key, None)
+    return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d_model, n_layers=sizes["n_layers"], meta=meta, name=name)
+
+
+def is_reference_payload(payload: Any) -> bool:
+    """A reference-format dict (``"J"``) or a TransformerLens fit checkpoint (``"jacobian_sum"``)."""
+    return isinstance(payload, dict) and ("J" in payload or "jacobian_sum" in payload)
+
+
+def read_reference(path: Path, model: Any, payload: Any = None) -> JacobianLens:
+    """A reference-format file (``"J"``, ``"n_prompts"``, ``"source_layers"``, ``"d_model"``, optional
+    ``"metadata"``) or a TransformerLens fit checkpoint (``"jacobian_sum"`` over ``"n_done"`` prompts),
+    read with ``torch.load(weights_only=True)``; ``d_model`` and the layers are checked against
+    ``model`` (the file has no ``n_layers``: the model's is used). A file this package wrote carries its
+    metadata (fingerprint included) in ``metadata["tl_logitlens"]``; any other is checked by shape and
+    layer count only, and reads the model's raw (uncentred) stream, as the reference fit does."""
+    payload = read_torch_file(path) if payload is None else payload
+    where = str(path)
+    if not is_reference_payload(payload):
+        raise ValueError(f"{where} is not a Jacobian lens: expected a dict with 'J' (the reference format) or 'jacobian_sum' (a fit checkpoint)")
+    sizes = model_sizes(model)
+    metadata = payload.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: metadata is a {type(metadata).__name__}, not a dict")
+    if "J" in payload:
+        d_model = check_size(payload.get("d_model"), "d_model", sizes["d_model"], where, NAME)
+        n_prompts = _count(payload.get("n_prompts", 0), "n_prompts", where)
+        jacobians = _matrices(payload["J"], d_model, sizes["n_layers"], where)
+        listed = payload.get("source_layers")
+        if listed is not None and (not isinstance(listed, (list, tuple)) or sorted(map(str, listed)) != sorted(map(str, jacobians))):
+            raise ValueError(f"{where}: source_layers {listed!r} are not the layers of J ({sorted(jacobians)})")
+        fmt = "J-lens reference"
+    else:
+        n_prompts = _count(payload.get("n_done", payload.get("n_prompts", 0)), "n_done", where)
+        if n_prompts < 1:
+            raise ValueError(f"{where} is a fit checkpoint of {n_prompts} prompts; it holds no mean to read")
+        raw = payload["jacobian_sum"]
+        first = next(iter(raw.values()), None) if isinstance(raw, dict) else None
+        d_model = check_size(first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else None, "d_model", sizes["d_model"], where, NAME)
+        jacobians = _matrices(raw, d_model, sizes["n_layers"], where, scale=n_prompts)
+        fmt = "J-lens fit checkpoint"
+    own = metadata.get(_META_KEY)
+    if isinstance(own, dict):
+        meta = dict(own)
+        if "fingerprint" in meta:
+            check_fingerprint(meta["fingerprint"], where)
+        name = str(meta.pop("name", NAME))
+        for key in ("d_model", "n_layers", "source_layers", "n_prompts"):
+            meta.pop(key, None)
+    else:
+        name = NAME
+        meta = {
+            "format": fmt,
+            "model_name": str(metadata.get("model_name", "")),
+            # the reference fit reads the model's raw residual stream, which TransformerLens's centring changes
+            "stream_centred": False,
+            "reference_metadata": metadata if _is_plain(metadata) else {"note": "held values that are not plain; left out"},
+            "source": where,
+        }
+    return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d_model, n_layers=sizes["n_layers"], meta=meta, name=name)

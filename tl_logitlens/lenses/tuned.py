@@ -26,15 +26,24 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._compat import normalization_type
-from tl_logitlens.lenses.files import read_lens_folder, read_torch_file, write_lens_folder
-from tl_logitlens.lenses.fingerprint import check_made_for, readout_fingerprint, writing_weights_centred
+from tl_logitlens.lenses.files import (
+    check_size,
+    check_tensor,
+    model_sizes,
+    read_json_object,
+    read_lens_folder,
+    read_torch_file,
+    write_folder,
+    write_lens_folder,
+)
+from tl_logitlens.lenses.fingerprint import check_fingerprint, check_made_for, made_for
 
 # version 2: the metadata lives in the weights file's header too (lenses.files), so a save replaces both at once
 FORMAT_VERSION = 2
@@ -82,19 +91,8 @@ class TunedLens(torch.nn.Module):
     @classmethod
     def for_model(cls, model: Any) -> TunedLens:
         """A lens at initialisation (every translator zero: the logit lens) made for ``model``."""
-        cfg = model.cfg
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_name": str(getattr(cfg, "model_name", "")),
-            "d_model": int(cfg.d_model),
-            "n_layers": int(cfg.n_layers),
-            "d_vocab": int(model.W_U.shape[-1]),
-            "normalization_type": str(normalization_type(model)),
-            "stream_centred": writing_weights_centred(model),
-            "fingerprint": readout_fingerprint(model),
-        }
-        return cls(cfg.d_model, cfg.n_layers, meta=meta).to(model.W_U.device)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **made_for(model)}
+        return cls(model.cfg.d_model, model.cfg.n_layers, meta=meta).to(model.W_U.device)
 
     def translator_index(self, site: str) -> int | None:
         """The translator that reads site ``site`` (a label), or None where the lens is the identity."""
@@ -142,16 +140,45 @@ class TunedLens(torch.nn.Module):
             )
         check_made_for(model, self.meta, "tuned lens", "train one with tl.train_tuned_lens(model, texts)")
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """Write ``tuned_lens.safetensors`` (``"{i}.weight"``, ``"{i}.bias"``, float32, with the metadata
-        in its header) and ``tuned_lens.json`` (the same metadata: what the lens was made for, how it was
-        trained) into ``folder``, each atomically (see :mod:`tl_logitlens.lenses.files`)."""
+    def save(self, folder: str | os.PathLike, format: str = "tl_logitlens") -> Path:
+        """Save the lens into ``folder`` and return it. An existing lens there is replaced.
+
+        ``format="tl_logitlens"`` (the default): ``tuned_lens.safetensors`` (``"{i}.weight"``,
+        ``"{i}.bias"``, float32, with the metadata in its header: what the lens was made for, the readout
+        fingerprint, how it was trained) and ``tuned_lens.json`` (the same metadata, for people).
+        ``format="tuned-lens"``: tuned-lens 0.2.0's ``config.json`` and ``params.pt`` (the same tensors,
+        float32), so the lens can be used with tuned-lens; that format carries no fingerprint.
+
+        Either way the folder is written whole and swapped into place (:func:`~tl_logitlens.lenses.files.write_folder`):
+        a save killed at any moment leaves the old lens or the new one, never a mix.
+
+        Raises:
+            ValueError: an unknown ``format``; ``folder`` is a file.
+        """
         tensors = {}
         for i in range(self.n_layers):
-            tensors[f"{i}.weight"] = self.weight[i]
-            tensors[f"{i}.bias"] = self.bias[i]
-        meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
-        write_lens_folder(folder, STEM, tensors, meta)
+            tensors[f"{i}.weight"] = self.weight[i].detach().float().cpu().contiguous()
+            tensors[f"{i}.bias"] = self.bias[i].detach().float().cpu().contiguous()
+        if format == "tl_logitlens":
+            meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
+            return write_lens_folder(folder, STEM, tensors, meta)
+        if format == "tuned-lens":
+            config = {
+                "base_model_name_or_path": str(self.meta.get("model_name", "")),
+                "d_model": self.d_model,
+                "num_hidden_layers": self.n_layers,
+                "bias": True,
+                "base_model_revision": None,
+                "unembed_hash": self.meta.get("unembed_hash"),
+                "lens_type": "linear_tuned_lens",
+            }
+
+            def write(tmp: Path) -> None:
+                (tmp / TUNED_LENS_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+                torch.save(OrderedDict(tensors), tmp / TUNED_LENS_PARAMS)
+
+            return write_folder(folder, write)
+        raise ValueError(f"format must be 'tl_logitlens' (this package's) or 'tuned-lens' (tuned-lens 0.2.0's), not {format!r}")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, d_model={self.d_model}, n_layers={self.n_layers}, model={self.meta.get('model_name')!r}"
@@ -167,15 +194,15 @@ def is_tuned_lens_folder(folder: Path) -> bool:
     return (folder / TUNED_LENS_CONFIG).is_file() and (folder / TUNED_LENS_PARAMS).is_file()
 
 
-def _stack(state: dict[str, torch.Tensor], n_layers: int, d_model: int, bias: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(state: dict[str, Any], n_layers: int, d_model: int, bias: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The translators of a checkpoint as ``[layer, d_model, d_model]`` and ``[layer, d_model]`` float32
+    (``n_layers`` and ``d_model`` already checked against the model)."""
     expected = {f"{i}.weight" for i in range(n_layers)} | ({f"{i}.bias" for i in range(n_layers)} if bias else set())
     if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        missing, extra = sorted(expected - set(state)), sorted(map(str, set(state) - expected))
         raise ValueError(f"{where} does not hold {n_layers} translators: missing {missing[:4]}, unexpected {extra[:4]}")
     for key, t in state.items():
-        shape = (d_model, d_model) if key.endswith("weight") else (d_model,)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-            raise ValueError(f"{where}: {key} should be a float tensor of shape {list(shape)}")
+        check_tensor(t, (d_model, d_model) if key.endswith("weight") else (d_model,), key, where)
     weight = torch.stack([state[f"{i}.weight"].float() for i in range(n_layers)])
     zeros = torch.zeros(d_model)
     b = torch.stack([state[f"{i}.bias"].float() if bias else zeros for i in range(n_layers)])
@@ -189,38 +216,45 @@ def _with_weights(lens: TunedLens, weight: torch.Tensor, bias: torch.Tensor) -> 
     return lens
 
 
-def read_own(folder: Path) -> TunedLens:
-    """The lens :meth:`TunedLens.save` wrote into ``folder`` (not yet checked against a model)."""
+def read_own(folder: Path, model: Any) -> TunedLens:
+    """The lens :meth:`TunedLens.save` wrote into ``folder``; its sizes are checked against ``model``
+    before anything is built (its fingerprint is checked by :meth:`TunedLens.check_model`)."""
     tensors, meta = read_lens_folder(folder, STEM)
+    where = str(folder / WEIGHTS_FILE)
     if meta.get("format_version") not in READS_VERSIONS:
         raise ValueError(
-            f"{folder / CONFIG_FILE} has format version {meta.get('format_version')!r}; this version of "
+            f"{where} has format version {meta.get('format_version')!r}; this version of "
             f"tl_logitlens reads versions {list(READS_VERSIONS)}"
         )
-    try:
-        d_model, n_layers = int(meta["d_model"]), int(meta["n_layers"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{folder / CONFIG_FILE} lacks d_model/n_layers") from err
-    weight, bias = _stack(tensors, n_layers, d_model, True, str(folder / WEIGHTS_FILE))
+    sizes = model_sizes(model)
+    d_model = check_size(meta.get("d_model"), "d_model", sizes["d_model"], where, "tuned lens")
+    n_layers = check_size(meta.get("n_layers"), "n_layers", sizes["n_layers"], where, "tuned lens")
+    if "fingerprint" in meta:
+        check_fingerprint(meta["fingerprint"], where)
+    weight, bias = _stack(tensors, n_layers, d_model, True, where)
     name = meta.pop("name", "tuned lens")
-    return _with_weights(TunedLens(d_model, n_layers, meta=meta, name=name), weight, bias)
+    return _with_weights(TunedLens(d_model, n_layers, meta=meta, name=str(name)), weight, bias)
 
 
-def read_tuned_lens_format(folder: Path) -> TunedLens:
+def read_tuned_lens_format(folder: Path, model: Any) -> TunedLens:
     """A tuned-lens 0.2.0 checkpoint (``config.json`` + ``params.pt``), its translators reading the
-    uncentred stream; ``params.pt`` is read with ``torch.load(weights_only=True)`` only."""
-    try:
-        config = json.loads((folder / TUNED_LENS_CONFIG).read_text())
-        d_model, n_layers = int(config["d_model"]), int(config["num_hidden_layers"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{folder / TUNED_LENS_CONFIG} is not a tuned-lens config (d_model, num_hidden_layers)") from err
+    uncentred stream. The config's sizes are checked against ``model`` before ``params.pt`` is read,
+    and that is read with ``torch.load(weights_only=True)`` only."""
+    where = folder / TUNED_LENS_CONFIG
+    config = read_json_object(where)
+    sizes = model_sizes(model)
+    d_model = check_size(config.get("d_model"), "d_model", sizes["d_model"], str(where), "tuned lens")
+    n_layers = check_size(config.get("num_hidden_layers"), "num_hidden_layers", sizes["n_layers"], str(where), "tuned lens")
     lens_type = config.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
         raise ValueError(f"{folder} holds a tuned-lens {lens_type!r}; only 'linear_tuned_lens' is read")
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise ValueError(f"{where}: bias is {bias!r}, not true or false")
     state = read_torch_file(folder / TUNED_LENS_PARAMS)
     if not isinstance(state, dict):
         raise ValueError(f"{folder / TUNED_LENS_PARAMS} holds a {type(state).__name__}, not a dict of tensors")
-    weight, bias = _stack(state, n_layers, d_model, bool(config.get("bias", True)), str(folder / TUNED_LENS_PARAMS))
+    weight, b = _stack(state, n_layers, d_model, bias, str(folder / TUNED_LENS_PARAMS))
     meta = {
         "format": "tuned-lens 0.2.0",
         "model_name": str(config.get("base_model_name_or_path", "")),
@@ -228,7 +262,7 @@ def read_tuned_lens_format(folder: Path) -> TunedLens:
         "n_layers": n_layers,
         # tuned-lens reads Hugging Face's residual stream, which TransformerLens's centring changes
         "stream_centred": False,
-        "unembed_hash": config.get("unembed_hash"),
+        "unembed_hash": config.get("unembed_hash") if isinstance(config.get("unembed_hash"), str) else None,
         "source": str(folder),
     }
-    return _with_weights(TunedLens(d_model, n_layers, meta=meta), weight, bias)
+    return _with_weights(TunedLens(d_model, n_layers, meta=meta), weight, b)

@@ -16,14 +16,19 @@ the loss and its exact gradient cost two ``[row, d_model] x [d_model, chunk]`` m
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any
+import os
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
 
 from tl_logitlens._compat import normalization_type
+from tl_logitlens._distributed import World, current_world, sum_over_ranks
+from tl_logitlens._files import Checkpoint
 from tl_logitlens.corpus import pack_windows, read_texts
+from tl_logitlens.inputs import check_count, check_flag, check_real
 from tl_logitlens.lenses.tuned import TunedLens
 from tl_logitlens.readout import check_model as check_causal_model
 from tl_logitlens.readout import logit_scale, soft_cap
@@ -182,6 +187,53 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def _check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Every numeric option of :func:`train_tuned_lens`, checked: finite, in range, an int where it counts
+    something (a TypeError or ValueError naming the option; no ``x or default`` for a user's value)."""
+    out = dict(settings)
+    if out["steps"] is not None:
+        out["steps"] = check_count(out["steps"], "steps", 1)
+    out["tokens_per_step"] = check_count(out["tokens_per_step"], "tokens_per_step", 1)
+    if out["seq_len"] is not None:
+        out["seq_len"] = check_count(out["seq_len"], "seq_len", 2)
+    out["lr"] = check_real(out["lr"], "lr", 0.0, low_open=True)
+    out["momentum"] = check_real(out["momentum"], "momentum", 0.0, 1.0, high_open=True)
+    out["weight_decay"] = check_real(out["weight_decay"], "weight_decay", 0.0)
+    out["warmup_steps"] = check_count(out["warmup_steps"], "warmup_steps", 0)
+    out["grad_clip"] = check_real(out["grad_clip"], "grad_clip", 0.0, low_open=True)
+    if out["batch_size"] is not None:
+        out["batch_size"] = check_count(out["batch_size"], "batch_size", 1)
+    out["seed"] = check_count(out["seed"], "seed", 0, 2**63 - 1)
+    out["vocab_chunk"] = check_count(out["vocab_chunk"], "vocab_chunk", 1)
+    out["checkpoint_every"] = check_count(out["checkpoint_every"], "checkpoint_every", 1)
+    check_flag(out["progress"], "progress")
+    return out
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """A short hash of tensors' bytes: ties a checkpoint to the data (and starting lens) it was made on."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _all_reduce_gradients(lens: TunedLens, world: World) -> None:
+    """Sum every rank's gradient (each already divided by the step's total token count, so the sum is
+    the mean over the whole step's tokens, as one process computes it), added in rank order."""
+    grads = []
+    for p in lens.parameters():
+        if p.grad is None:  # a rank with no window this step contributes zeros
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = sum_over_ranks(torch.cat([g.reshape(-1) for g in grads]), world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@no_type_check  # checks its own arguments, with messages that say what to pass
 def train_tuned_lens(
     model: Any,
     texts: Any,
@@ -199,6 +251,8 @@ def train_tuned_lens(
     progress: bool = True,
     lens: TunedLens | None = None,
     vocab_chunk: int = VOCAB_CHUNK,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on ``texts``: minimise ``KL(final ‖ lens)`` (nats per token)
     summed over the ``resid_pre`` sites, the model frozen.
@@ -207,6 +261,10 @@ def train_tuned_lens(
     learning rate ``lr · (1 - momentum)`` (PyTorch's momentum scales steps by ``1/(1 - momentum)``),
     weight decay ``weight_decay`` (towards the identity translator), linear decay to zero after
     ``warmup_steps``, the gradient norm clipped to ``grad_clip``.
+
+    Under ``torchrun`` (a process group initialised by the caller) each rank runs its share of every
+    step's windows and the gradients are summed across ranks before the step, so the same total batch
+    gives the same lens as one process (to float rounding of the sums' order).
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode; its device is used, its
@@ -217,37 +275,51 @@ def train_tuned_lens(
             ``seq_len`` tokens (default ``n_ctx``), each window starting with BOS as a prompt would.
         steps: optimiser steps; default one pass over the windows.
         tokens_per_step: tokens per optimiser step (whole windows, at least one).
+        lr, momentum, weight_decay, warmup_steps, grad_clip: the optimiser (finite; ``lr`` and
+            ``grad_clip`` above 0, ``momentum`` in [0, 1), ``weight_decay`` 0 or more).
         batch_size: windows per forward pass (default: as many as fit in 2048 tokens); gradients
             are accumulated over a step.
         seed: the window order; runs are deterministic for a seed.
         lens: a lens to continue training (default: a new one at the logit lens).
         vocab_chunk: vocabulary entries per block of the streamed loss.
+        checkpoint_dir: a folder to keep a checkpoint in (:class:`~tl_logitlens._files.Checkpoint`): every
+            ``checkpoint_every`` steps, and at the end, the translators, the optimiser's momentum, the
+            schedule, the window order's random state and position, and the loss so far are saved
+            atomically. Called again with the same folder and settings, training resumes there and
+            ends with the lens an uninterrupted run gives, bit for bit on the CPU (a finished run
+            returns its lens at once). Other settings, data or model are refused.
 
     Returns:
         The trained :class:`~tl_logitlens.lenses.tuned.TunedLens`; ``lens.meta["training"]`` records the
         settings and the loss per step.
 
     Raises:
-        ValueError: no usable text, a soft-capped model, a ``seq_len`` over ``n_ctx``, bad settings.
-        TypeError: ``texts`` of the wrong type.
+        ValueError: no usable text, a soft-capped model, a ``seq_len`` over ``n_ctx``, an option out of
+            range or not finite, a checkpoint made with other settings, a loss that is not finite (the
+            step is named: lower ``lr``, or check the model and texts).
+        TypeError: ``texts`` of the wrong type; an option of the wrong type.
+
+    Example:
+        >>> lens = tl.train_tuned_lens(model, "stories.json", steps=250, checkpoint_dir="runs/lens")  # doctest: +SKIP
     """
     check_causal_model(model)
     if soft_cap(model) is not None or logit_scale(model) is None:
         raise ValueError("training a tuned lens on a model that soft-caps its logits (Gemma 2) is not supported")
-    for name, value in (("tokens_per_step", tokens_per_step), ("grad_clip", grad_clip), ("lr", lr)):
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, not {value!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int or None (one pass over the windows), not {steps!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), not {momentum!r}")
-    windows = pack_windows(model, read_texts(texts), seq_len)
+    opts = _check_settings(
+        {"steps": steps, "tokens_per_step": tokens_per_step, "seq_len": seq_len, "lr": lr, "momentum": momentum,
+         "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_clip": grad_clip,
+         "batch_size": batch_size, "seed": seed, "vocab_chunk": vocab_chunk, "checkpoint_every": checkpoint_every,
+         "progress": progress}
+    )
+    if lens is not None and not isinstance(lens, TunedLens):
+        raise TypeError(f"lens must be a TunedLens to continue training, or None, not {type(lens).__name__}")
+    windows = pack_windows(model, read_texts(texts), opts["seq_len"])
     n_windows, window_len = windows.shape
-    per_step = max(1, tokens_per_step // window_len)
-    batch = batch_size or max(1, 2048 // window_len)
-    if batch < 1:
-        raise ValueError(f"batch_size must be positive, not {batch_size!r}")
-    n_steps = steps if steps is not None else max(1, math.ceil(n_windows / per_step))
+    per_step = max(1, opts["tokens_per_step"] // window_len)
+    batch = opts["batch_size"] if opts["batch_size"] is not None else max(1, 2048 // window_len)
+    n_steps = opts["steps"] if opts["steps"] is not None else max(1, math.ceil(n_windows / per_step))
+    lr, momentum, warmup = opts["lr"], opts["momentum"], opts["warmup_steps"]
+    world = current_world()
 
     device = model.W_U.device
     if lens is None:
@@ -261,37 +333,81 @@ def train_tuned_lens(
     b_u = None if b_u is None else b_u.detach().float()
 
     opt = torch.optim.SGD(lens.parameters(), lr=lr * (1 - momentum), momentum=momentum,
-                          nesterov=momentum > 0, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, n_steps, warmup_steps))
-    gen = torch.Generator().manual_seed(seed)
+                          nesterov=momentum > 0, weight_decay=opts["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, n_steps, warmup))
+    gen = torch.Generator().manual_seed(opts["seed"])
     order = torch.empty(0, dtype=torch.long)
     history: list[float] = []
+    done = 0
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        settings = {
+            **{k: v for k, v in opts.items() if k not in ("progress", "checkpoint_every")},
+            "steps": n_steps, "batch_size": batch, "windows": _digest(windows), "world_size": world.size,
+            "fingerprint": lens.meta.get("fingerprint"), "start": _digest(lens.weight, lens.bias),
+        }
+        ckpt = Checkpoint(checkpoint_dir, settings, job="tuned lens training")
+        state = ckpt.load()
+        if state is not None:
+            with torch.no_grad():
+                lens.weight.copy_(state["weight"])
+                lens.bias.copy_(state["bias"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["schedule"])
+            gen.set_state(state["rng"])
+            order, history, done = state["order"], list(state["history"]), int(state["step"])
+
+    def save_checkpoint(step: int) -> None:
+        if ckpt is not None and world.is_main:
+            ckpt.save({
+                "step": step, "weight": lens.weight.detach().cpu(), "bias": lens.bias.detach().cpu(),
+                "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "rng": gen.get_state(),
+                "order": order, "history": history,
+            })
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(n_steps), desc="tuned lens", disable=not progress, unit="step")
-    for _ in bar:
+    bar = tqdm(range(done, n_steps), desc="tuned lens", disable=not opts["progress"] or not world.is_main, unit="step",
+               initial=done, total=n_steps)
+    for step in bar:
         if len(order) < per_step:
             order = torch.cat([order, torch.randperm(n_windows, generator=gen)])
         step_windows, order = order[:per_step], order[per_step:]
         n_tokens = len(step_windows) * window_len
+        mine = step_windows[world.rank :: world.size]  # this rank's share (all of it in one process)
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for i in range(0, len(step_windows), batch):
-            tokens = windows[step_windows[i : i + batch]].to(device)
-            loss = lens_kl_sum(model, lens, tokens, wt, b_u, scale, vocab_chunk) / n_tokens
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for i in range(0, len(mine), batch):
+            tokens = windows[mine[i : i + batch]].to(device)
+            loss = lens_kl_sum(model, lens, tokens, wt, b_u, scale, opts["vocab_chunk"]) / n_tokens
             loss.backward()
             step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(lens.parameters(), grad_clip)
+        if world.size > 1:
+            _all_reduce_gradients(lens, world)
+            step_loss = sum_over_ranks(step_loss, world)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(lens.parameters(), opts["grad_clip"]))
+        for what, value in (("loss", float(step_loss)), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"the tuned lens's {what} is {value} at step {step + 1} of {n_steps}: training stopped (the "
+                    f"lens is left as it was after step {step}). A learning rate too large for these texts "
+                    f"(lr={lr:g}; try a smaller one) or a model whose outputs are not finite on them (check "
+                    "its weights and dtype)"
+                )
         opt.step()
         sched.step()
-        history.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        history.append(float(step_loss))
+        bar.set_postfix(loss=f"{float(step_loss):.4f}")
+        if (step + 1) % opts["checkpoint_every"] == 0 and step + 1 < n_steps:
+            save_checkpoint(step + 1)
     bar.close()
+    if done < n_steps:
+        save_checkpoint(n_steps)
     lens.meta["training"] = {
         "objective": "KL(final || lens), nats per token, summed over resid_pre sites",
-        "optimizer": "SGD (Nesterov)", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "warmup_steps": warmup_steps, "grad_clip": grad_clip, "steps": n_steps, "seed": seed,
+        "optimizer": "SGD (Nesterov)", "lr": lr, "momentum": momentum, "weight_decay": opts["weight_decay"],
+        "warmup_steps": warmup, "grad_clip": opts["grad_clip"], "steps": n_steps, "seed": opts["seed"],
         "tokens_per_step": per_step * window_len, "seq_len": window_len, "windows": n_windows,
         "loss_per_step": history,
     }

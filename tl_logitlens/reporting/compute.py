@@ -129,7 +129,9 @@ def compute_report(
                 "the logit difference and its attribution are for causal LMs; a masked-LM report takes a "
                 "target only (drop versus)"
             )
-        if sites != "resid_pre" or norm != "recompute" or lens is not None:
+        # the command line passes its default as a list (--sites takes several)
+        default_sites = sites == "resid_pre" or (isinstance(sites, (list, tuple)) and list(sites) == ["resid_pre"])
+        if not default_sites or norm != "recompute" or lens is not None:
             raise ValueError(
                 "a masked LM's lens reads every block's input through its own MLM head: sites, norm and lens "
                 "do not apply; leave them at their defaults"

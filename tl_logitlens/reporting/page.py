@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tl_logitlens._files import atomic_write_text
 from tl_logitlens.directions import NORM_VIEWS
 from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
@@ -126,7 +127,7 @@ def plotly_js_html(plotly_js: str, out: Path) -> str:
         )
     shared = out.parent / PLOTLY_JS_FILE
     if not shared.is_file() or shared.read_text(encoding="utf-8") != source:
-        shared.write_text(source, encoding="utf-8")
+        atomic_write_text(shared, source)
     return f'<script charset="utf-8" src="{PLOTLY_JS_FILE}"></script>'
 
 
@@ -217,5 +218,5 @@ def write_report(
         f"{plotly_js_html(plotly_js, out)}</head>"
         f"<body>{''.join(parts)}</body></html>\n"
     )
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)  # a reader (or a kill mid-write) sees the old page or the new one, whole
     return out
