@@ -99,6 +99,22 @@ def writing_weights_centred(model: Any) -> bool | None:
     return True
 
 
+def model_record(model: Any) -> dict[str, Any]:
+    """What a lens records about the model it is made for (plain JSON-able values): its name, shapes,
+    normalisation, whether a LayerNorm stream is centred, and the readout fingerprint; what
+    :func:`check_made_for` reads back."""
+    cfg = model.cfg
+    return {
+        "model_name": str(getattr(cfg, "model_name", "")),
+        "d_model": int(cfg.d_model),
+        "n_layers": int(cfg.n_layers),
+        "d_vocab": int(model.W_U.shape[-1]),
+        "normalization_type": str(normalization_type(model)),
+        "stream_centred": writing_weights_centred(model),
+        "fingerprint": readout_fingerprint(model),
+    }
+
+
 def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> None:
     """Raise ``ValueError`` when a lens whose metadata is ``meta`` was not made for ``model``.
 

@@ -32,9 +32,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._compat import normalization_type
 from tl_logitlens.lenses.files import read_lens_folder, read_torch_file, write_lens_folder
-from tl_logitlens.lenses.fingerprint import check_made_for, readout_fingerprint, writing_weights_centred
+from tl_logitlens.lenses.fingerprint import check_made_for, model_record
 
 # version 2: the metadata lives in the weights file's header too (lenses.files), so a save replaces both at once
 FORMAT_VERSION = 2
@@ -82,19 +81,8 @@ class TunedLens(torch.nn.Module):
     @classmethod
     def for_model(cls, model: Any) -> TunedLens:
         """A lens at initialisation (every translator zero: the logit lens) made for ``model``."""
-        cfg = model.cfg
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_name": str(getattr(cfg, "model_name", "")),
-            "d_model": int(cfg.d_model),
-            "n_layers": int(cfg.n_layers),
-            "d_vocab": int(model.W_U.shape[-1]),
-            "normalization_type": str(normalization_type(model)),
-            "stream_centred": writing_weights_centred(model),
-            "fingerprint": readout_fingerprint(model),
-        }
-        return cls(cfg.d_model, cfg.n_layers, meta=meta).to(model.W_U.device)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **model_record(model)}
+        return cls(model.cfg.d_model, model.cfg.n_layers, meta=meta).to(model.W_U.device)
 
     def translator_index(self, site: str) -> int | None:
         """The translator that reads site ``site`` (a label), or None where the lens is the identity."""
