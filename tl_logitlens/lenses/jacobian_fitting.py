@@ -72,6 +72,11 @@ def _int_setting(name: str, value: Any, low: int, high: int | None = None, why: 
     return value
 
 
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
+
+
 def _source_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
     """The source layers, checked: ints from 0 to ``n_layers - 2``, none twice; every one by default."""
     if layers is None:
@@ -337,8 +342,7 @@ def fit_jacobian_lens(
     if dims_per_pass is not None:
         _int_setting("dims_per_pass", dims_per_pass, 1, d_model, f" (d_model is {d_model})")
     _int_setting("checkpoint_every", checkpoint_every, 1)
-    if not isinstance(progress, bool):
-        raise ValueError(f"progress must be True or False, not {progress!r}")
+    _check_flag("progress", progress)
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty string, not {name!r}")
 
