@@ -15,11 +15,14 @@ prompts' matrices; a prompt with ``n <= skip_first + 1`` has no valid position a
 
 How it is computed here (the numbers are the estimator's; only the schedule differs from TL's):
 
-- prompts of equal length share one forward pass (no padding); the forward stops at the last block,
-  and its graph is shared by every source layer and every cotangent;
-- the ``d_model`` cotangents go through the backward ``dims_per_pass`` at a time as one batched
-  backward (``torch.autograd.grad(..., is_grads_batched=True)``), so the prompt is never replicated in
-  the forward and every backward matmul is ``dims_per_pass`` times wider;
+- prompts of equal length share one forward pass (no padding), stopped after the last block; its graph
+  is shared by every source layer and every cotangent;
+- in that forward pass each prompt is repeated ``dims_per_pass`` times, so one backward pass carries
+  ``dims_per_pass`` cotangents of every prompt at once (copy ``j`` the one-hot of output dimension
+  ``start + j``), as TransformerLens's ``dim_batch`` does for one prompt: ``d_model / dims_per_pass``
+  backward passes per batch of prompts instead of per prompt, each of plain autograd kernels on a wider
+  batch (``torch.autograd.grad(is_grads_batched=True)`` was measured slower on small models: its
+  ``vmap`` loops over the cotangents in the softmax and activation backward kernels);
 - gradients are averaged over positions and summed over prompts in float64, on the model's device;
   the model's parameters are frozen for the fit (their ``requires_grad`` flags restored after, also on
   error), so no weight gradient is ever computed or stored.
@@ -55,8 +58,10 @@ CHECKPOINT_JOB = "Jacobian lens fit"
 # Prompts are grouped by length within blocks of this many batches' worth of texts (per rank); a
 # checkpoint is written only at a block's end, so a resumed fit forms exactly the same batches.
 BLOCK_BATCHES = 4
-# The batched backward's working memory, per pass, that the default dims_per_pass keeps under.
-BACKWARD_BUDGET_BYTES = 2**30
+# The default dims_per_pass (see default_dims_per_pass): rows per backward matmul, and a cap on the
+# replicated forward pass's saved activations.
+ROWS_PER_PASS = 512
+FORWARD_BUDGET_BYTES = 2**30
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -170,20 +175,23 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def default_dims_per_pass(model: Any, n_prompts: int, n_tokens: int, n_sources: int) -> int:
-    """Cotangents per batched backward that keep its working memory under ``BACKWARD_BUDGET_BYTES``:
-    per cotangent, the gradients returned at every source layer and a few block-wide intermediates
-    (residual, MLP hidden, attention pattern), for ``n_prompts`` prompts of ``n_tokens``; the passes
-    are then balanced so that none is much smaller than the others."""
+def default_dims_per_pass(model: Any, n_prompts: int, n_tokens: int) -> int:
+    """Copies of each prompt (output dimensions per backward pass) for a batch of ``n_prompts`` prompts of
+    ``n_tokens``: enough that every backward matmul has ``ROWS_PER_PASS`` rows (the rows of
+    TransformerLens's default, ``dim_batch=8`` copies of a 64-token prompt: a batch of prompts needs
+    fewer copies, so the same memory goes further), at most what keeps the replicated forward pass's
+    saved activations under ``FORWARD_BUDGET_BYTES``; then balanced, so the last pass is not mostly
+    empty."""
     cfg = model.cfg
     d_model = int(cfg.d_model)
     d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d_model)
     n_heads = int(getattr(cfg, "n_heads", None) or 1)
+    k = max(1, math.ceil(ROWS_PER_PASS / (n_prompts * n_tokens)))
+    # per copy of one prompt, each block keeps a few residual-wide, MLP-wide and attention-pattern tensors
     size = torch.finfo(model.W_U.dtype).bits // 8
-    per_dim = size * n_prompts * n_tokens * ((n_sources + 1) * d_model + 4 * (d_model + d_mlp + n_heads * n_tokens))
-    k = max(1, min(d_model, BACKWARD_BUDGET_BYTES // max(per_dim, 1)))
-    passes = math.ceil(d_model / k)
-    return math.ceil(d_model / passes)
+    per_copy = size * n_prompts * n_tokens * int(cfg.n_layers) * (8 * d_model + 3 * d_mlp + 3 * n_heads * n_tokens)
+    k = max(1, min(k, d_model, FORWARD_BUDGET_BYTES // max(per_copy, 1)))
+    return math.ceil(d_model / math.ceil(d_model / k))
 
 
 def prompt_jacobian_sums(
@@ -196,8 +204,14 @@ def prompt_jacobian_sums(
     accumulate_on: torch.device,
 ) -> Float[torch.Tensor, "layer d_model d_model"]:
     """``Σ_prompts J_l`` (float64, ``[layer, d_model, d_model]`` in the order of ``hooks``) for a batch of
-    prompts of one length: one forward pass, then ``d_model`` one-hot cotangents (at every valid
-    position of every prompt) in batched backward passes of ``dims_per_pass``."""
+    prompts of one length.
+
+    One forward pass of every prompt repeated ``dims_per_pass`` times (the model stopped after the last
+    block), then ``ceil(d_model / dims_per_pass)`` backward passes through it: in a pass, copy ``j`` of
+    every prompt carries the one-hot cotangent of output dimension ``start + j`` at every valid
+    position, so one pass gives rows ``start .. start + dims_per_pass`` of every prompt's matrix at
+    every source layer. Plain autograd on a wider batch: every operation's own backward kernel runs,
+    with no per-cotangent loop."""
     layers = list(hooks)
     root = hooks[layers[0]]
     captured: dict[str, torch.Tensor] = {}
@@ -214,11 +228,13 @@ def prompt_jacobian_sums(
 
         return hook_fn
 
+    batch, n = tokens.shape
+    copies = dims_per_pass
     fwd_hooks = [(name, capture(name)) for name in dict.fromkeys([*hooks.values(), target_hook])]
     with torch.inference_mode(False), torch.enable_grad():
         with model.hooks(fwd_hooks=fwd_hooks):
             try:
-                model(tokens, return_type=None)
+                model(tokens.repeat_interleave(copies, dim=0), return_type=None)  # prompt b's copies together
             except _Stop:
                 pass
         missing = [name for name in (*hooks.values(), target_hook) if name not in captured]
@@ -228,23 +244,23 @@ def prompt_jacobian_sums(
         sources = [captured[hooks[layer]] for layer in layers]
         if not target.requires_grad:
             raise RuntimeError(f"{target_hook} does not depend on {root}; the model's hooks do not form one stream")
-        batch, n, d_model = target.shape
+        d_model = target.shape[-1]
         n_valid = n - 1 - skip_first
         sums = torch.zeros(len(layers), d_model, d_model, dtype=torch.float64, device=accumulate_on)
-        cotangent = torch.zeros(dims_per_pass, batch, n, d_model, dtype=target.dtype, device=target.device)
-        for start in range(0, d_model, dims_per_pass):
-            k = min(dims_per_pass, d_model - start)
-            cot = cotangent[:k]
-            cot.zero_()
-            rows = torch.arange(k, device=target.device)
-            cot[rows, :, skip_first : n - 1, start + rows] = 1.0  # one-hot at every valid target position
+        cotangent = torch.zeros(batch, copies, n, d_model, dtype=target.dtype, device=target.device)
+        copy = torch.arange(copies, device=target.device)
+        for start in range(0, d_model, copies):
+            k = min(copies, d_model - start)  # the last pass may leave copies k.. without a cotangent
+            cotangent.zero_()
+            cotangent[:, copy[:k], skip_first : n - 1, start + copy[:k]] = 1.0  # at every valid target position
             grads = torch.autograd.grad(
-                target, sources, cot, retain_graph=start + k < d_model, is_grads_batched=True
+                target, sources, cotangent.view(batch * copies, n, d_model), retain_graph=start + k < d_model
             )
             for index, grad in enumerate(grads):
-                # [k, batch, n, d] -> mean over valid source positions, summed over prompts, in float64
-                valid = grad.narrow(2, skip_first, n_valid).to(device=accumulate_on, dtype=torch.float64)
-                sums[index, start : start + k] += valid.sum(dim=2).sum(dim=1) / n_valid
+                # [batch, copy, pos, d]: mean over valid source positions, summed over prompts, in float64
+                valid = grad.view(batch, copies, n, d_model)[:, :k].narrow(2, skip_first, n_valid)
+                valid = valid.to(device=accumulate_on, dtype=torch.float64)
+                sums[index, start : start + k] += valid.sum(dim=2).sum(dim=0) / n_valid
             del grads
     return sums
 
@@ -296,8 +312,11 @@ def fit_jacobian_lens(
             the last.
         max_prompts: use only the first ``max_prompts`` texts (skipped ones included); default all.
         batch_size: prompts of equal length per forward pass.
-        dims_per_pass: cotangents (output dimensions) per batched backward pass, 1 to ``d_model``;
-            default as many as keep the backward's working memory under about 1 GiB.
+        dims_per_pass: copies of each prompt in the forward pass, i.e. output dimensions per backward
+            pass, 1 to ``d_model`` (TransformerLens's ``dim_batch``); default from the batch's size
+            (:func:`default_dims_per_pass`: 512 rows per backward matmul, as TransformerLens's default
+            for a 64-token prompt, so a batch of 8 such prompts needs no copies; the replicated
+            forward's saved activations under about 1 GiB).
         progress: show a progress bar (prompts/s, ETA where the number of texts is known, skipped).
         checkpoint_dir: a folder to save the running sums in (``checkpoint.pt``, every
             ``checkpoint_every`` texts and at the end) and to resume from: a fit started again with
@@ -475,8 +494,7 @@ class _Run:
             self.save()
 
     def _add(self, tokens: torch.Tensor) -> None:
-        n_sources = len(self.hooks)
-        k = self.dims_per_pass or default_dims_per_pass(self.model, *tokens.shape, n_sources)
+        k = self.dims_per_pass or default_dims_per_pass(self.model, *tokens.shape)
         self.sums += prompt_jacobian_sums(
             self.model, tokens.to(self.device), self.hooks, self.target_hook, self.skip_first, k, self.accumulate_on
         )
