@@ -39,8 +39,27 @@ def fix_mmap_threshold() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def mmap_large_blocks(threshold: int = 2**20) -> None:
+    """From now on, have glibc mmap every block of ``threshold`` bytes or more (so freeing it returns it to
+    the OS and resident memory follows what is live), and return the heap's free memory to the OS now:
+    the runtime form of :func:`fix_mmap_threshold`, for a script that times with glibc's default first
+    (which keeps large freed blocks in the heap and reuses them) and measures peak memory after."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, threshold)
+    libc.malloc_trim(0)
+
+
 def _peak_rss_above_start(fn: Callable[[], object]) -> int:
     """Run ``fn`` once while a thread samples resident memory every 0.5 ms; the peak above the start."""
+    return _timed_peak(fn)[1]
+
+
+def _timed_peak(fn: Callable[[], object]) -> tuple[float, int]:
+    """Run ``fn`` once while a thread samples resident memory every 0.5 ms: its wall time and the
+    peak resident memory above the start."""
     gc.collect()
     start_rss = _rss()
     peak = start_rss
@@ -54,11 +73,13 @@ def _peak_rss_above_start(fn: Callable[[], object]) -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    t0 = time.perf_counter()
     out = fn()
+    seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
     del out
-    return max(peak, _rss()) - start_rss
+    return seconds, max(peak, _rss()) - start_rss
 
 
 def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measurement:
@@ -80,21 +101,44 @@ def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measuremen
     return Measurement(name, best, _peak_rss_above_start(fn) / 2**20)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3) -> list[Measurement]:
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 3,
+    *,
+    warmup: bool = True,
+    sample_timed: bool = False,
+    before_peaks: Callable[[], None] | None = None,
+) -> list[Measurement]:
     """Best-of-``repeats`` wall time of each function, run round-robin (one warm-up round, then
     ``repeats`` rounds of every function in turn), so load from other processes on a shared machine
-    falls on all of them alike; then each one's peak resident memory, as :func:`measure` takes it."""
-    for fn in fns.values():
-        fn()  # warm-up
+    falls on all of them alike; then each one's peak resident memory, as :func:`measure` takes it.
+
+    For calls of minutes, ``warmup=False`` skips the warm-up round and ``sample_timed=True`` samples
+    memory during the timed runs (the sampler's wake-ups cost nothing next to them) instead of one
+    more run of each. ``before_peaks`` runs between the timed rounds and the memory runs (e.g.
+    :func:`mmap_large_blocks`).
+    """
+    if warmup:
+        for fn in fns.values():
+            fn()
     best = dict.fromkeys(fns, float("inf"))
+    peak = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            if sample_timed:
+                seconds, peak_bytes = _timed_peak(fn)
+                best[name], peak[name] = min(best[name], seconds), max(peak[name], peak_bytes)
+                continue
             gc.collect()
             t0 = time.perf_counter()
             out = fn()
             best[name] = min(best[name], time.perf_counter() - t0)
             del out
-    return [Measurement(name, best[name], _peak_rss_above_start(fn) / 2**20) for name, fn in fns.items()]
+    if not sample_timed:
+        if before_peaks is not None:
+            before_peaks()
+        peak = {name: _peak_rss_above_start(fn) for name, fn in fns.items()}
+    return [Measurement(name, best[name], peak[name] / 2**20) for name, fn in fns.items()]
 
 
 def cpu_line() -> str:

@@ -25,7 +25,7 @@ from tl_logitlens import _compat
 from tl_logitlens.lenses import JacobianLens, TunedLens, load_lens
 from tl_logitlens.lenses import files as lens_files
 from tl_logitlens.lenses.files import read_lens_folder, write_lens_folder
-from tl_logitlens.lenses.fingerprint import made_for
+from tl_logitlens.lenses.fingerprint import model_record
 
 JLENS = SHARED / "lenses" / "stories260K-jacobian-lens"
 TUNED = SHARED / "lenses" / "stories260K-tuned-lens"
@@ -50,7 +50,7 @@ def _jacobian(model, seed: int, n_prompts: int = 5) -> JacobianLens:
     d, n = model.cfg.d_model, model.cfg.n_layers
     eye = torch.eye(d)
     jacobians = {layer: eye + torch.randn(d, d, generator=gen) * 0.1 for layer in range(n - 1)}
-    return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d, n_layers=n, meta=made_for(model))
+    return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d, n_layers=n, meta=model_record(model))
 
 
 def _same_jacobians(a: JacobianLens, b: JacobianLens) -> bool:

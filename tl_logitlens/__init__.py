@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "Lens": "tl_logitlens.lenses",
     "TunedLens": "tl_logitlens.lenses",
     "JacobianLens": "tl_logitlens.lenses",
+    "fit_jacobian_lens": "tl_logitlens.lenses",
     "load_lens": "tl_logitlens.lenses",
     "train_tuned_lens": "tl_logitlens.lenses",
     # inputs
@@ -83,7 +84,14 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
     from tl_logitlens.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.lens_comparison import LensComparison, compare_lenses  # noqa: F401
-    from tl_logitlens.lenses import JacobianLens, Lens, TunedLens, load_lens, train_tuned_lens  # noqa: F401
+    from tl_logitlens.lenses import (  # noqa: F401
+        JacobianLens,
+        Lens,
+        TunedLens,
+        fit_jacobian_lens,
+        load_lens,
+        train_tuned_lens,
+    )
     from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens  # noqa: F401
     from tl_logitlens.models import load_model  # noqa: F401
     from tl_logitlens.predictions import LensResult, logit_lens  # noqa: F401

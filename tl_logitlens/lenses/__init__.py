@@ -7,7 +7,8 @@ and unembedding read.
   stream's centring);
 - :mod:`~tl_logitlens.lenses.tuned`: the tuned lens and its files; its training in
   :mod:`~tl_logitlens.lenses.tuned_training`;
-- :mod:`~tl_logitlens.lenses.jacobian`: the Jacobian lens (J-lens) and its files;
+- :mod:`~tl_logitlens.lenses.jacobian`: the Jacobian lens (J-lens) and its files; its fitting in
+  :mod:`~tl_logitlens.lenses.jacobian_fitting`;
 - :mod:`~tl_logitlens.lenses.files`: this package's lens folders, and reading other tools' files safely;
 - :mod:`~tl_logitlens.lenses.loading`: :func:`load_lens`, for every format and the built-in lenses.
 
@@ -16,6 +17,7 @@ the analyses; it never imports an analysis, a figure or the report.
 """
 
 from tl_logitlens.lenses.jacobian import JacobianLens
+from tl_logitlens.lenses.jacobian_fitting import fit_jacobian_lens
 from tl_logitlens.lenses.loading import load_lens
 from tl_logitlens.lenses.protocol import LOGIT_LENS, Lens, LogitLens, lens_name, resolve_lens
 from tl_logitlens.lenses.tuned import TunedLens
@@ -27,6 +29,7 @@ __all__ = [
     "Lens",
     "LogitLens",
     "TunedLens",
+    "fit_jacobian_lens",
     "lens_name",
     "load_lens",
     "resolve_lens",

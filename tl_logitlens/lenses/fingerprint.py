@@ -108,21 +108,6 @@ def fingerprint_distance(model: Any, fingerprint: dict[str, Any]) -> float:
     return float((logp[:, ids] - stored).abs().max())
 
 
-def made_for(model: Any) -> dict[str, Any]:
-    """What a lens records about the model it is made for: name, shapes, norm, whether the stream was
-    centred, and the readout fingerprint (what :func:`check_made_for` checks)."""
-    cfg = model.cfg
-    return {
-        "model_name": str(getattr(cfg, "model_name", "")),
-        "d_model": int(cfg.d_model),
-        "n_layers": int(cfg.n_layers),
-        "d_vocab": int(model.W_U.shape[-1]),
-        "normalization_type": str(normalization_type(model)),
-        "stream_centred": writing_weights_centred(model),
-        "fingerprint": readout_fingerprint(model),
-    }
-
-
 def _rows_centred(w: torch.Tensor) -> bool:
     rtol = max(_CENTRED_RTOL, torch.finfo(w.dtype).eps) if w.is_floating_point() else _CENTRED_RTOL
     w = w.detach().float().reshape(-1, w.shape[-1])
@@ -147,6 +132,22 @@ def writing_weights_centred(model: Any) -> bool | None:
             if isinstance(w, torch.Tensor) and w.numel() and not _rows_centred(w):
                 return False
     return True
+
+
+def model_record(model: Any) -> dict[str, Any]:
+    """What a lens records about the model it is made for (plain JSON-able values): its name, shapes,
+    normalisation, whether a LayerNorm stream is centred, and the readout fingerprint; what
+    :func:`check_made_for` reads back."""
+    cfg = model.cfg
+    return {
+        "model_name": str(getattr(cfg, "model_name", "")),
+        "d_model": int(cfg.d_model),
+        "n_layers": int(cfg.n_layers),
+        "d_vocab": int(model.W_U.shape[-1]),
+        "normalization_type": str(normalization_type(model)),
+        "stream_centred": writing_weights_centred(model),
+        "fingerprint": readout_fingerprint(model),
+    }
 
 
 def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> None:

@@ -43,7 +43,7 @@ from tl_logitlens.lenses.files import (
     write_folder,
     write_lens_folder,
 )
-from tl_logitlens.lenses.fingerprint import check_fingerprint, check_made_for, made_for
+from tl_logitlens.lenses.fingerprint import check_fingerprint, check_made_for, model_record
 
 # version 2: the metadata lives in the weights file's header too (lenses.files), so a save replaces both at once
 FORMAT_VERSION = 2
@@ -91,7 +91,7 @@ class TunedLens(torch.nn.Module):
     @classmethod
     def for_model(cls, model: Any) -> TunedLens:
         """A lens at initialisation (every translator zero: the logit lens) made for ``model``."""
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **made_for(model)}
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **model_record(model)}
         return cls(model.cfg.d_model, model.cfg.n_layers, meta=meta).to(model.W_U.device)
 
     def translator_index(self, site: str) -> int | None:
