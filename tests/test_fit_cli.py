@@ -19,10 +19,11 @@ from tests.test_cli import _in_process, _lines_fit, _one_line_error
 from tl_logitlens import fit_commands
 from tl_logitlens._files import Checkpoint
 
-# one text too short for skip_first=2 (BOS + 1 token), so the skipped count is exercised
-TEXTS = [*SENTENCES, "Hi", *SENTENCES[::-1]]
-J_ARGS = ["--seq-len", "12", "--skip-first", "2", "--layers", "0", "2", "--batch-size", "2"]
-J_KWARGS = {"seq_len": 12, "skip_first": 2, "layers": [0, 2], "batch_size": 2}
+# one text too short for skip_first=2 (BOS + 1 token), so the skipped count is exercised; batches of one
+# prompt make blocks of 4 texts, so a checkpoint falls inside the fit
+TEXTS = [*SENTENCES, "Hi"]
+J_ARGS = ["--seq-len", "8", "--skip-first", "2", "--layers", "0", "2", "--batch-size", "1"]
+J_KWARGS = {"seq_len": 8, "skip_first": 2, "layers": [0, 2], "batch_size": 1}
 T_ARGS = ["--steps", "3", "--tokens-per-step", "96", "--seq-len", "16", "--batch-size", "1", "--lr", "0.5"]
 T_KWARGS = {"steps": 3, "tokens_per_step": 96, "seq_len": 16, "batch_size": 1, "lr": 0.5}
 
@@ -30,6 +31,12 @@ T_KWARGS = {"steps": 3, "tokens_per_step": 96, "seq_len": 16, "batch_size": 1, "
 @pytest.fixture(scope="module")
 def model():
     return tl.load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def raw_model():
+    """The demo model as the CLI loads it to write another tool's format: the stream uncentred."""
+    return tl.load_model("demo", center_writing_weights=False)
 
 
 @pytest.fixture
@@ -41,10 +48,8 @@ def corpus(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def jlens(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("texts") / "corpus.json"
-    path.write_text(json.dumps(TEXTS), encoding="utf-8")
-    return tl.fit_jacobian_lens(model, path, progress=False, **J_KWARGS)
+def jlens(model):
+    return tl.fit_jacobian_lens(model, TEXTS, progress=False, **J_KWARGS)
 
 
 @pytest.fixture(scope="module")
@@ -68,43 +73,60 @@ def _same_tuned_lens(got, want) -> None:
 # --- end to end -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("out", ["lens.pt", "lens"], ids=["reference-pt", "own-folder"])
-def test_fit_jacobian_writes_the_library_lens(corpus, capsys, model, jlens, out):
-    res = _in_process(["fit", "jacobian", "demo", "--texts", "corpus.json", "--out", out, *J_ARGS], capsys)
+def test_fit_jacobian_writes_the_library_lens_in_a_folder(corpus, capsys, model, jlens):
+    res = _in_process(["fit", "jacobian", "demo", "--texts", "corpus.json", "--out", "lens", *J_ARGS], capsys)
     assert res.returncode == 0, res.stderr
     _lines_fit(res.stdout, 80)
-    assert "source layers 0, 2 of 4 blocks" in res.stdout
-    assert "10 prompts averaged of 11 texts read; 1 too short (3 tokens or fewer)" in res.stdout
-    assert f"tl.load_lens('{out}', model)" in res.stdout and "--sites resid_post" in res.stdout
-    _same_jacobian_lens(tl.load_lens(out, model), jlens)
-    if out.endswith(".pt"):  # the reference format: one torch.save dict, read as data
-        payload = torch.load(corpus.parent / out, weights_only=True)
-        assert {"J", "n_prompts", "source_layers", "d_model"} <= set(payload)
-        assert "wrote lens.pt (the J-lens reference format)" in res.stdout
-    else:
-        assert (corpus.parent / out / "jacobian_lens.safetensors").is_file()
-        assert "wrote lens (a folder)" in res.stdout
+    assert "Jacobian lens of demo: source layers 0, 2 of 4 blocks" in res.stdout
+    assert "5 prompts averaged of 6 texts read; 1 too short (3 tokens or fewer)" in res.stdout
+    assert "wrote lens (a folder)" in res.stdout and "tl.load_lens('lens', model)" in res.stdout
+    assert "tl-logitlens run demo PROMPT --lens lens --sites resid_post" in res.stdout
+    assert (corpus.parent / "lens" / "jacobian_lens.safetensors").is_file()
+    _same_jacobian_lens(tl.load_lens("lens", model), jlens)
 
 
-@pytest.mark.parametrize("fmt", ["tl_logitlens", "tuned-lens"], ids=["own-format", "tuned-lens-format"])
-def test_fit_tuned_writes_the_library_lens(corpus, capsys, model, tuned, fmt):
-    res = _in_process(["fit", "tuned", "demo", "--texts", "corpus.json", "--out", "lens", "--format", fmt, *T_ARGS], capsys)
+def test_fit_jacobian_writes_the_reference_pt_of_the_uncentred_stream(corpus, capsys, raw_model):
+    """The .pt is read by other tools as the raw stream: the CLI fits on the model loaded uncentred."""
+    res = _in_process(["fit", "jacobian", "demo", "--texts", "corpus.json", "--out", "lens.pt", *J_ARGS], capsys)
     assert res.returncode == 0, res.stderr
     _lines_fit(res.stdout, 80)
-    assert "3 steps of 96 tokens" in res.stdout and "nats/token" in res.stdout
-    names = sorted(p.name for p in (corpus.parent / "lens").iterdir())
-    assert names == (["config.json", "params.pt"] if fmt == "tuned-lens" else ["tuned_lens.json", "tuned_lens.safetensors"])
+    assert "wrote lens.pt (the J-lens reference format)" in res.stdout
+    assert "tl.load_lens('lens.pt', tl.load_model('demo', center_writing_weights=False))" in res.stdout
+    payload = torch.load(corpus.parent / "lens.pt", weights_only=True)  # one torch.save dict, read as data
+    assert {"J", "n_prompts", "source_layers", "d_model"} <= set(payload) and payload["n_prompts"] == 5
+    want = tl.fit_jacobian_lens(raw_model, TEXTS, progress=False, **J_KWARGS)
+    _same_jacobian_lens(tl.load_lens("lens.pt", raw_model), want)
+
+
+def test_fit_tuned_writes_the_library_lens(corpus, capsys, model, tuned):
+    res = _in_process(["fit", "tuned", "demo", "--texts", "corpus.json", "--out", "lens", *T_ARGS], capsys)
+    assert res.returncode == 0, res.stderr
+    _lines_fit(res.stdout, 80)
+    assert "tuned lens of demo: 3 steps of 96 tokens" in res.stdout and "nats/token" in res.stdout
+    assert sorted(p.name for p in (corpus.parent / "lens").iterdir()) == ["tuned_lens.json", "tuned_lens.safetensors"]
     _same_tuned_lens(tl.load_lens("lens", model), tuned)
 
 
-def test_texts_demo_is_the_shipped_stories_and_an_existing_lens_is_replaced(corpus, capsys, model):
+def test_fit_tuned_in_tuned_lens_format_loads_back(corpus, capsys, raw_model):
+    """tuned-lens reads the raw stream: the CLI trains on the model loaded uncentred, and says so."""
+    args = ["fit", "tuned", "demo", "--texts", "corpus.json", "--out", "lens", "--format", "tuned-lens", *T_ARGS]
+    res = _in_process(args, capsys)
+    assert res.returncode == 0, res.stderr
+    _lines_fit(res.stdout, 80)
+    assert "wrote lens (tuned-lens 0.2.0's format)" in res.stdout and "center_writing_weights=False" in res.stdout
+    assert sorted(p.name for p in (corpus.parent / "lens").iterdir()) == ["config.json", "params.pt"]
+    want = tl.train_tuned_lens(raw_model, TEXTS, progress=False, **T_KWARGS)
+    _same_tuned_lens(tl.load_lens("lens", raw_model), want)
+
+
+def test_texts_demo_is_the_shipped_stories_and_an_existing_lens_is_replaced(corpus, capsys, raw_model):
     args = ["fit", "jacobian", "demo", "--texts", "demo", "--out", "lens.pt", "--max-prompts", "3", *J_ARGS]
     (corpus.parent / "lens.pt").write_bytes(b"an older file")  # replaced, as --help says
     res = _in_process(args, capsys)
     assert res.returncode == 0, res.stderr
-    want = tl.fit_jacobian_lens(model, tl.demo_texts(), max_prompts=3, progress=False, **J_KWARGS)
-    _same_jacobian_lens(tl.load_lens("lens.pt", model), want)
-    assert "3 prompts averaged of 3 texts read" in res.stdout
+    want = tl.fit_jacobian_lens(raw_model, tl.demo_texts(), max_prompts=3, progress=False, **J_KWARGS)
+    _same_jacobian_lens(tl.load_lens("lens.pt", raw_model), want)
+    assert "3 prompts averaged of 3 texts read" in res.stdout and "reference format" in res.stdout
 
 
 # --- usage mistakes -------------------------------------------------------------------------------
@@ -241,18 +263,20 @@ def test_torchrun_two_processes_write_one_process_lens(tmp_path, model, jlens, t
     (tmp_path / "corpus.json").write_text(json.dumps(TEXTS), encoding="utf-8")
     env = dict(os.environ, COLUMNS="80", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     runs = {
-        "jacobian": ["fit", "jacobian", "demo", "--texts", "corpus.json", "--out", "j.pt", *J_ARGS],
+        "jacobian": ["fit", "jacobian", "demo", "--texts", "corpus.json", "--out", "j", *J_ARGS],
         "tuned": ["fit", "tuned", "demo", "--texts", "corpus.json", "--out", "tuned", *T_ARGS],
     }
-    for kind, args in runs.items():
-        res = subprocess.run(
-            [*torchrun_command(2), "-m", "tl_logitlens", *args], cwd=tmp_path, env=env, capture_output=True,
-            text=True, timeout=600,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert res.stdout.count("wrote ") == 1 and "(2 processes)" in res.stdout, res.stdout
-    two = tl.load_lens(tmp_path / "j.pt", model)
-    assert (two.n_prompts, two.source_layers) == (jlens.n_prompts, jlens.source_layers) == (10, (0, 2))
+    procs = [  # started together: each pays its imports and model load while the other computes
+        subprocess.Popen([*torchrun_command(2), "-m", "tl_logitlens", *args], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in runs.values()
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.count("wrote ") == 1 and "(2 processes)" in out, out  # rank 0 alone prints
+    two = tl.load_lens(tmp_path / "j", model)
+    assert (two.n_prompts, two.source_layers) == (jlens.n_prompts, jlens.source_layers) == (5, (0, 2))
     for layer in jlens.source_layers:
         assert_close(two.jacobians[layer], jlens.jacobians[layer], atol=1e-7, rtol=1e-6)
     lens = tl.load_lens(tmp_path / "tuned", model)

@@ -125,14 +125,15 @@ def _consoles() -> tuple[Any, Any]:
     return Console(width=width, highlight=False), Console(stderr=True, highlight=False)
 
 
-def _load(model_name: str, device: str | None, err: Any) -> Any:
+def _load(model_name: str, device: str | None, err: Any, **options: Any) -> Any:
+    """The model, with a status line while it loads; ``options`` go to :func:`tl.load_model`."""
     with err.status(f"loading {model_name} ..."):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # one status line is enough
         from tl_logitlens.models import load_model
 
-        return load_model(model_name, device=device)
+        return load_model(model_name, device=device, **options)
 
 
 def _is_initialized() -> bool:

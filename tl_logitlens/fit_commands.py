@@ -47,6 +47,8 @@ LENS_FILES = {
 }
 REFERENCE_SUFFIX = ".pt"  # fit jacobian --out X.pt: the J-lens reference format
 TUNED_FORMATS = ("tl_logitlens", "tuned-lens")
+# formats other tools read, as the model's raw residual stream (no record of TransformerLens's centring)
+FOREIGN_FORMATS = ("jlens", "tuned-lens")
 # tl.fit_jacobian_lens's and tl.train_tuned_lens's defaults, as --help states them (a test compares them)
 JACOBIAN_DEFAULTS = {"seq_len": 128, "skip_first": 16, "batch_size": 8, "checkpoint_every": 256}
 TUNED_DEFAULTS = {
@@ -119,9 +121,10 @@ def _add_jacobian(sub: Any) -> None:
     _common(
         p,
         out_help="a file ending in .pt: the J-lens reference format (TransformerLens 4.3's JacobianLens.load "
-        "and anthropics/jacobian-lens read it); anything else: a folder in this package's format "
-        "(safetensors + JSON, with the model's fingerprint). Either loads with tl.load_lens(PATH, model). "
-        "An existing lens there is replaced, whole, once the fit is done",
+        "and anthropics/jacobian-lens read it), fitted on the model loaded with center_writing_weights=False, "
+        "the raw stream those tools read; anything else: a folder in this package's format (safetensors + "
+        "JSON, with the model's fingerprint). Either loads with tl.load_lens(PATH, model). An existing lens "
+        "there is replaced, whole, once the fit is done",
         seq_len_help=f"tokens per prompt at most, BOS included (default {d['seq_len']})",
         batch_help=f"prompts of equal length per forward pass (default {d['batch_size']})",
         every_help=f"texts between checkpoints (default {d['checkpoint_every']}; with --checkpoint-dir; under "
@@ -179,7 +182,8 @@ def _add_tuned(sub: Any) -> None:
         choices=TUNED_FORMATS,
         default=TUNED_FORMATS[0],
         help="tl_logitlens (default: safetensors + JSON, with the model's fingerprint) or tuned-lens "
-        "(tuned-lens 0.2.0's config.json + params.pt, to use the lens there)",
+        "(tuned-lens 0.2.0's config.json + params.pt, to use the lens there; trained on the model loaded "
+        "with center_writing_weights=False, the raw stream tuned-lens reads)",
     )
     p.add_argument("--steps", type=_positive, metavar="N", help="optimiser steps (default: one pass over the windows)")
     p.add_argument(
@@ -280,23 +284,22 @@ def _fit_command(args: argparse.Namespace) -> int:
     _apply_threads(args)
     with _process_group(args.device) as (world, device):
         console, err = _consoles()
-        model = _load(args.model, device, err)
+        fmt = ("jlens" if args.out.lower().endswith(REFERENCE_SUFFIX) else "tl_logitlens") if jacobian else args.format
+        # the other tools' formats carry no record of TransformerLens's centring and are read as the raw
+        # (Hugging Face) stream: fit on that stream, so the file means there what it means here
+        options = {"center_writing_weights": False} if fmt in FOREIGN_FORMATS else {}
+        model = _load(args.model, device, err, **options)
         progress = not args.no_progress and sys.stderr.isatty()
         lens = (_fit_jacobian if jacobian else _train_tuned)(model, texts, args, progress)
         if not world.is_main:
             return 0
-        fmt = ("jlens" if args.out.lower().endswith(REFERENCE_SUFFIX) else "tl_logitlens") if jacobian else args.format
         written = lens.save(args.out, format=fmt)
         for line in _summary(lens, args, world.size):
             console.print(line, markup=False, highlight=False)
         what = {"jlens": "the J-lens reference format", "tuned-lens": "tuned-lens 0.2.0's format"}.get(fmt, "a folder")
         console.print(f"wrote {written} ({what})", markup=False, highlight=False)
-        sites = " --sites resid_post" if jacobian else ""
-        console.print(
-            f"load it with tl.load_lens({args.out!r}, model), or: {PROG} run MODEL PROMPT --lens {args.out}{sites}",
-            markup=False,
-            highlight=False,
-        )
+        for line in _how_to_load(args, jacobian, options):
+            console.print(line, markup=False, highlight=False)
     return 0
 
 
@@ -321,6 +324,22 @@ def _train_tuned(model: Any, texts: Any, args: argparse.Namespace, progress: boo
          "batch_size", "seed", "checkpoint_every"),
     )
     return train_tuned_lens(model, texts, progress=progress, checkpoint_dir=args.checkpoint_dir, **options)
+
+
+def _how_to_load(args: argparse.Namespace, jacobian: bool, options: dict[str, Any]) -> list[str]:
+    """How to use the lens written: from Python and, where the model loads as the CLI loads it, with
+    ``run``."""
+    sites = " --sites resid_post" if jacobian else ""
+    if not options:
+        return [
+            f"load it with tl.load_lens({args.out!r}, model), or use it with",
+            f"  {PROG} run {args.model} PROMPT --lens {args.out}{sites}",
+        ]
+    model = f"tl.load_model({args.model!r}, {', '.join(f'{k}={v!r}' for k, v in options.items())})"
+    return [
+        "fitted on the uncentred stream, as other tools read this format; load it with",
+        f"  tl.load_lens({args.out!r}, {model})",
+    ]
 
 
 def _spans(values: Any) -> str:
