@@ -80,7 +80,7 @@ def test_fit_jacobian_writes_the_library_lens_in_a_folder(corpus, capsys, model,
     assert "Jacobian lens of demo: source layers 0, 2 of 4 blocks" in res.stdout
     assert "5 prompts averaged of 6 texts read; 1 too short (3 tokens or fewer)" in res.stdout
     assert "wrote lens (a folder)" in res.stdout and "tl.load_lens('lens', model)" in res.stdout
-    assert "tl-logitlens run demo PROMPT --lens lens --sites resid_post" in res.stdout
+    assert "tl-logitlens run demo PROMPT --lens lens --sites 0_post 2_post final_post" in res.stdout
     assert (corpus.parent / "lens" / "jacobian_lens.safetensors").is_file()
     _same_jacobian_lens(tl.load_lens("lens", model), jlens)
 

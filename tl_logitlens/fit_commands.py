@@ -107,8 +107,8 @@ def _add_jacobian(sub: Any) -> None:
             "prompts and positions of the Jacobian of the last block's output with respect to block l's "
             "output; the lens reads W_U final_norm(J_l h_l) at resid_post sites. Exact, float64 sums, "
             "deterministic. Each text is one prompt, BOS included, cut to --seq-len tokens; a prompt with no "
-            "position past the first skip_first (--skip-first) and before its last is skipped. Under torchrun the prompts are dealt across "
-            "processes and their sums added: the same lens as one process."
+            "position after its first --skip-first and before its last is skipped. Under torchrun the "
+            "prompts are dealt across processes and their sums added: the same lens as one process."
         ),
         epilog=(
             "examples:\n"
@@ -298,7 +298,7 @@ def _fit_command(args: argparse.Namespace) -> int:
             console.print(line, markup=False, highlight=False)
         what = {"jlens": "the J-lens reference format", "tuned-lens": "tuned-lens 0.2.0's format"}.get(fmt, "a folder")
         console.print(f"wrote {written} ({what})", markup=False, highlight=False)
-        for line in _how_to_load(args, jacobian, options):
+        for line in _how_to_load(args, lens, options):
             console.print(line, markup=False, highlight=False)
     return 0
 
@@ -326,10 +326,14 @@ def _train_tuned(model: Any, texts: Any, args: argparse.Namespace, progress: boo
     return train_tuned_lens(model, texts, progress=progress, checkpoint_dir=args.checkpoint_dir, **options)
 
 
-def _how_to_load(args: argparse.Namespace, jacobian: bool, options: dict[str, Any]) -> list[str]:
+def _how_to_load(args: argparse.Namespace, lens: Any, options: dict[str, Any]) -> list[str]:
     """How to use the lens written: from Python and, where the model loads as the CLI loads it, with
-    ``run``."""
-    sites = " --sites resid_post" if jacobian else ""
+    ``run`` (a Jacobian lens reads the outputs of its source layers and of the last block)."""
+    sites = ""
+    if args.kind == "jacobian":
+        every = tuple(lens.source_layers) == tuple(range(lens.n_layers - 1))
+        labels = [*(f"{layer}_post" for layer in lens.source_layers), "final_post"]
+        sites = " --sites " + ("resid_post" if every else " ".join(labels))
     if not options:
         return [
             f"load it with tl.load_lens({args.out!r}, model), or use it with",
