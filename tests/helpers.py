@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -397,3 +399,13 @@ def tiny_bridge(
 
 NORM_VARIANTS = [("LN", False), ("LN", True), ("RMS", False), ("RMS", True)]
 NORM_IDS = ["LN-unfolded", "LN-folded", "RMS-unfolded", "RMS-folded"]
+
+
+def torchrun_command(nproc: int = 2) -> list[str]:
+    """``torchrun --nproc-per-node nproc`` with this interpreter (``python -m torch.distributed.run``), on a
+    free local port; append the script or ``-m module`` and its arguments."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(port)]

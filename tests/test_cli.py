@@ -88,6 +88,9 @@ _NO_TORCH_ARGV = [
     ["demo", "--help"],
     ["run", "--help"],
     ["eval", "--help"],
+    ["fit", "--help"],
+    ["fit", "jacobian", "--help"],
+    ["fit", "tuned", "--help"],
     ["frobnicate"],
     ["run", "demo"],
     ["run", "demo", "hi", "--top-k", "0"],
@@ -95,7 +98,12 @@ _NO_TORCH_ARGV = [
     ["run", "demo", "--prompts-file", "no_such_file.txt"],
     ["eval", "demo", "--texts", "stories.json"],
     ["eval", "demo", "--texts", "demo", "--json", "eval.txt"],
+    ["fit", "jacobian", "demo", "--texts", "stories.json", "--out", "j.pt"],
+    ["fit", "jacobian", "demo", "--texts", "demo", "--out", "no_such_folder/j.pt"],
+    ["fit", "tuned", "demo", "--texts", "demo", "--out", "lens", "--lr", "nan"],
+    ["fit", "tuned", "demo", "--texts", "demo", "--out", "lens.pt"],
 ]
+_NO_TORCH_HELP = 8  # the first entries ask for help or the version
 
 
 def test_help_argument_errors_and_missing_files_answer_before_torch_is_imported(tmp_path):
@@ -123,7 +131,7 @@ def test_help_argument_errors_and_missing_files_answer_before_torch_is_imported(
     for argv, exit_code, loaded in answers:
         assert exit_code in (0, 2), (argv, exit_code)
         assert loaded == [], f"tl-logitlens {' '.join(argv)} imported {loaded}"
-    assert [code for _, code, _ in answers] == [0, 0, 0, 0, 0] + [2] * (len(_NO_TORCH_ARGV) - 5)
+    assert [code for _, code, _ in answers] == [0] * _NO_TORCH_HELP + [2] * (len(_NO_TORCH_ARGV) - _NO_TORCH_HELP)
     assert "no corpus at 'stories.json'" in res.stderr and "'demo' for the shipped stories" in res.stderr
 
 
@@ -287,8 +295,11 @@ def test_version_help_texts_and_examples(capsys):
     assert res.returncode == 0 and "examples (offline" in res.stdout and "torchrun" in res.stdout
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"demo", "run", "eval"}
-    for name, sub in subparsers.items():
+    assert set(subparsers) == {"demo", "run", "eval", "fit"}
+    kinds = next(a for a in subparsers["fit"]._actions if a.dest == "kind").choices
+    assert set(kinds) == {"jacobian", "tuned"}
+    named = {**subparsers, **{f"fit {kind}": sub for kind, sub in kinds.items()}}
+    for name, sub in named.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
 
@@ -356,20 +367,13 @@ def test_target_as_a_token_id(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_json_one_process_writes(tmp_path):
-    import socket
-
-    from tests.helpers import SENTENCES
+    from tests.helpers import SENTENCES, torchrun_command
 
     (tmp_path / "corpus.txt").write_text("\n\n".join(SENTENCES * 3), encoding="utf-8")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
     common = ["eval", "demo", "--texts", "corpus.txt", "--seq-len", "6", "--bootstrap", "100", "--no-progress"]
     env = dict(os.environ, COLUMNS="100", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     two = subprocess.Popen(
-        [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "tl_logitlens", *common, "--json", "two.json"],
+        [*torchrun_command(2), "-m", "tl_logitlens", *common, "--json", "two.json"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     one = subprocess.Popen(
@@ -395,7 +399,11 @@ def test_torchrun_two_processes_write_the_json_one_process_writes(tmp_path):
                 assert rb[key] == value
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["eval"]], ids=["main", "demo", "run", "eval"])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["demo"], ["run"], ["eval"], ["fit"], ["fit", "jacobian"], ["fit", "tuned"]],
+    ids=["main", "demo", "run", "eval", "fit", "fit-jacobian", "fit-tuned"],
+)
 def test_help_fits_80_columns(monkeypatch, capsys, command):
     from tl_logitlens.cli import build_parser
 

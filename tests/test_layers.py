@@ -48,7 +48,10 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("plotting", ("tl_logitlens.plotting", "tl_logitlens.plotting.*")),
     ("reporting", ("tl_logitlens.reporting", "tl_logitlens.reporting.*")),
-    ("cli", ("tl_logitlens.cli", "tl_logitlens._terminal", "tl_logitlens.__main__")),
+    (
+        "cli",
+        ("tl_logitlens.cli", "tl_logitlens._cli_shared", "tl_logitlens.fit_commands", "tl_logitlens._terminal", "tl_logitlens.__main__"),
+    ),
 ]
 # Off the floors: the package itself (it loads its public names lazily, by string, on first use; a
 # module that reads a public name from it is resolved to the name's own module below), and the stubs of

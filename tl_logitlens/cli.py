@@ -17,18 +17,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-PROG = "tl-logitlens"
+from tl_logitlens._cli_shared import (
+    PROG,
+    TEXTS_HELP,
+    UsageError,
+    _apply_threads,
+    _check_checkpoint_dir,
+    _check_out,
+    _consoles,
+    _Formatter,
+    _load,
+    _model_and_device,
+    _natural,
+    _positive,
+    _process_group,
+    _texts,
+    _threads,
+    check_device,
+)
+from tl_logitlens.fit_commands import _add_fit, _fit_command
+
 # the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0.
 # " sad" (its rank 2-4 from layer 1 on) is the comparison: the logit difference and the heads writing it
 DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was very"
 DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
-COMMANDS = ("demo", "run", "eval")
+COMMANDS = ("demo", "run", "eval", "fit")
 # the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
-DEMO_TEXTS = "demo"  # --texts demo: the shipped held-out stories (tl.demo_texts())
 
 EPILOG = f"""\
 examples (offline, on the built-in demo model and texts):
@@ -37,6 +55,7 @@ examples (offline, on the built-in demo model and texts):
   {PROG} run demo "The dog was very" --lens demo --plotly-js cdn
   {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\
       --json eval.json
+  {PROG} fit jacobian demo --texts demo --seq-len 64 --out demo-j.pt
 examples (a model from the hub, your own files):
   {PROG} run gpt2 "The Eiffel Tower is in the city of" \\
       --target " Paris" --versus " Rome"
@@ -49,66 +68,12 @@ examples (a model from the hub, your own files):
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Prose in descriptions and epilogs is wrapped to the terminal; indented lines (example
-    commands, already broken to fit 80 columns) are kept as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
-
-        return "\n".join(
-            line if not line or line[0].isspace() else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
-            for line in text.splitlines()
-        )
-
-
-class UsageError(Exception):
-    """A mistake in the command line: reported in one line, exit code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (with a pointer to --help) instead of the usage block."""
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _whole(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1" if low == 1 else f"{value} must be 0 or more")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _whole(text, 1)
-
-
-def _natural(text: str) -> int:
-    return _whole(text, 0)
-
-
-def _threads(p: argparse.ArgumentParser) -> None:
-    """--threads, for commands that run tensor work on the CPU (eval; the fit commands)."""
-    p.add_argument(
-        "--threads",
-        type=_positive,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core). On a busy machine fewer "
-        "threads can be faster: the progress bar shows tokens/s",
-    )
-
-
-def _apply_threads(args: argparse.Namespace) -> None:
-    """Set torch's thread count from --threads (the command owns the process; the library never does this)."""
-    if getattr(args, "threads", None) is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -156,11 +121,6 @@ def _version() -> str:
 
         return __version__
 
-
-def _model_and_device(p: argparse.ArgumentParser, device_help: str) -> None:
-    """MODEL and --device, as run and eval take them."""
-    p.add_argument("model", metavar="MODEL", help="'demo', a local checkpoint folder, or a model name like 'gpt2'")
-    p.add_argument("--device", help=f"torch device, e.g. cpu, cuda or cuda:1 (default: {device_help})")
 
 
 def _sites(p: argparse.ArgumentParser) -> None:
@@ -287,9 +247,7 @@ def _add_eval(sub: Any) -> None:
         "--texts",
         metavar="FILE|demo",
         required=True,
-        help="the corpus: .txt (documents separated by blank lines), .json (a list of strings) or .jsonl "
-        "(one string or {\"text\": ...} per line), or 'demo' for the 100 TinyStories shipped with the "
-        "package, which the demo model never saw (tl.demo_texts())",
+        help=f"the corpus: {TEXTS_HELP}",
     )
     ev.add_argument("--text-field", default="text", metavar="NAME", help="the field holding text in JSON objects (default: text)")
     ev.add_argument(
@@ -344,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_run, _add_eval):
+    for add in (_add_demo, _add_run, _add_eval, _add_fit):
         add(sub)
     return parser
 
@@ -379,38 +337,6 @@ def _token_arg(text: str | None) -> str | int | None:
     return text
 
 
-def _check_out(path: str | None, suffixes: Sequence[str], what: str) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if p.suffix.lower() not in suffixes:
-        raise UsageError(f"{what} {path!r} should end in {' or '.join(suffixes)}")
-    if not p.parent.is_dir():
-        raise UsageError(f"the folder for {what} {path!r} does not exist; create it first")
-    if p.is_dir():
-        raise UsageError(f"{what} {path!r} is a folder; give a file name")
-
-
-def check_device(device: str | None) -> None:
-    """Refuse a device string torch does not know, or a device this machine does not have."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {device}: tl-logitlens runs on cpu, cuda or mps")
 
 
 def _load_lens(spec: str, model: Any) -> Any:
@@ -495,22 +421,6 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
     atomic_write_text(json_path, json.dumps(payload, indent=1))
 
 
-def _consoles() -> tuple[Any, Any]:
-    from rich.console import Console
-
-    # a terminal (or COLUMNS) sets the width; output piped to a file gets 120 columns
-    width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
-    return Console(width=width, highlight=False), Console(stderr=True, highlight=False)
-
-
-def _load(model_name: str, device: str | None, err: Any) -> Any:
-    with err.status(f"loading {model_name} ..."):
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # one status line is enough
-        from tl_logitlens.models import load_model
-
-        return load_model(model_name, device=device)
 
 
 def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
@@ -593,28 +503,16 @@ def _lens_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     """``eval``: lenses scored over a corpus, a table per lens, JSON/CSV."""
-    texts: Any = Path(args.texts)
-    if args.texts == DEMO_TEXTS:
-        from tl_logitlens.corpus import demo_texts
-
-        texts = demo_texts()
-    elif not texts.is_file():
-        raise UsageError(
-            f"no corpus at {args.texts!r}; give a .txt, .json or .jsonl file, or 'demo' for the shipped stories"
-        )
+    texts = _texts(args.texts)
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
-    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
-        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file; give a folder")
+    _check_checkpoint_dir(args.checkpoint_dir)
     # torch loads from here on: every mistake in what was typed is reported before it
-    from tl_logitlens import _distributed
     from tl_logitlens.lenses import lens_name
 
     check_device(args.device)
     _apply_threads(args)
-    started = not (_distributed.launched_by_torchrun() and _is_initialized())
-    world, device = _distributed.init_from_env(args.device)
-    try:
+    with _process_group(args.device) as (world, device):
         console, err = _consoles()
         model = _load(args.model, device, err)
         lenses: dict[str, Any] = {lens_name(None): None}
@@ -661,17 +559,6 @@ def _eval_command(args: argparse.Namespace) -> int:
             atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
             console.print(f"wrote table: {args.csv}")
         return 0
-    finally:
-        if world.size > 1 and started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _is_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owns_process:
         tune_allocator()
     try:
-        return _eval_command(args) if args.command == "eval" else _lens_command(args)
+        command = {"eval": _eval_command, "fit": _fit_command}.get(args.command, _lens_command)
+        return command(args)
     except (UsageError, ValueError, TypeError) as err:
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
         return EXIT_USAGE
