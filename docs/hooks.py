@@ -14,6 +14,7 @@ and the home page from README.md, so no page list is kept by hand.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -83,9 +84,15 @@ def _api_pages() -> dict[str, tuple[str, list[str]]]:
 
 
 def _title(nb: Path) -> str:
-    stem = nb.stem
-    number, _, rest = stem.partition("_")
-    return f"{number} · {rest.replace('_', ' ').capitalize()}" if number.isdigit() else stem
+    """The notebook's own title, its first markdown heading up to a colon ("5 · Tuned lens"), so the
+    nav says what the tutorial says (file names lose capitals: "masked lm")."""
+    for cell in json.loads(nb.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] == "markdown":
+            first = "".join(cell["source"]).strip().splitlines()[0]
+            if first.startswith("# "):
+                return first[2:].split(":")[0].strip()
+            break
+    return nb.stem
 
 
 def on_config(config):
