@@ -115,8 +115,9 @@ def measure_interleaved(
 
     For calls of minutes, ``warmup=False`` skips the warm-up round and ``sample_timed=True`` samples
     memory during the timed runs (the sampler's wake-ups cost nothing next to them) instead of one
-    more run of each. ``before_peaks`` runs between the timed rounds and the memory runs (e.g.
-    :func:`mmap_large_blocks`).
+    more run of each. ``before_peaks`` runs before each memory run (e.g. :func:`mmap_large_blocks`, which
+    also returns the heap's free pages to the OS, so that no run's peak is hidden by heap an earlier one
+    freed).
     """
     if warmup:
         for fn in fns.values():
@@ -135,9 +136,11 @@ def measure_interleaved(
             best[name] = min(best[name], time.perf_counter() - t0)
             del out
     if not sample_timed:
-        if before_peaks is not None:
-            before_peaks()
-        peak = {name: _peak_rss_above_start(fn) for name, fn in fns.items()}
+        peak = {}
+        for name, fn in fns.items():
+            if before_peaks is not None:  # before each: a run must not reuse heap freed by the one before
+                before_peaks()
+            peak[name] = _peak_rss_above_start(fn)
     return [Measurement(name, best[name], peak[name] / 2**20) for name, fn in fns.items()]
 
 
