@@ -183,5 +183,12 @@ def gpt2_small_config(**overrides):
     return HookedTransformerConfig(**kwargs)
 
 
+def load_line() -> str:
+    """The machine's load (1-, 5- and 15-minute averages, as ``uptime`` prints them) beside its cores:
+    timings taken with the load above the core count are shared with other work."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average: {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 def threads() -> int:
     return torch.get_num_threads()

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import cpu_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
+from _measure import cpu_line, load_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -194,7 +194,7 @@ def run_shape(shape: str, repeats: int) -> None:
     for name, out in outputs.items():
         if out is not None and name != first:
             print(f"J of {name} vs {first}: {agreement(out, outputs[first])}")
-    print(f"\n{title}; TransformerLens {_compat.TL_VERSION}; {threads()} threads")
+    print(f"\n{title}; TransformerLens {_compat.TL_VERSION}; {threads()} threads; {load_line()}")
     print_table(rows, baseline=first)
     by_name = {r.name: r for r in rows}
     ours_row = by_name[first]
