@@ -17,8 +17,9 @@ unembedding: TransformerLens's ``run_with_cache(return_type=None)`` keeping the 
 states tuned-lens reads), so their ratio is TransformerLens's share.
 
 Corpus: TinyStories documents 900.. (held out from the shared tuned lens's training), the logit lens
-at every ``resid_pre`` site and ``final_post``. Times are wall clock after the model is loaded, best
-of ``--repeats`` interleaved rounds (one warm-up round first); peak is resident memory above the
+at every ``resid_pre`` site and ``final_post``. Times are wall clock after the model is loaded, and CPU time
+(``_measure.cpu_clock``: with ``--threads 1`` the calling thread's, which a loaded machine inflates far
+less), best of ``--repeats`` interleaved rounds (one warm-up round first); peak is resident memory above the
 start, one more sampled run (with every block above 1 MiB mmapped, so that resident memory follows
 what is live). The allocator is tuned as ``tl-logitlens`` tunes it
 (``--default-allocator``: left alone; then TransformerLens's forward pays page faults on every
@@ -213,15 +214,19 @@ def bench_model(name: str, args) -> None:
         for r in rows:
             r.peak_mib = peaks[r.name]
     times = {r.name: r.seconds for r in rows}
-    base = times["floor: forward + kernel"]
+    cpu = {r.name: r.cpu_seconds for r in rows}
+    base, base_cpu = times["floor: forward + kernel"], cpu["floor: forward + kernel"]
     ev = last["ev"]
     print(f"\n{name}: {len(texts)} documents, {n_tokens:,} tokens in {sum(len(ws) for ws in docs)} windows of at "
           f"most {args.seq_len}; padding: old batching {padding(old):.1%}, evaluate_lenses {ev.padding_fraction:.1%}")
-    print(f"{'':32s} {'seconds':>8s} {'tok/s':>9s} {'x floor':>8s} {'peak MiB':>9s}")
+    print(f"load: {os.getloadavg()[0]:.1f} (1-minute average) on {os.cpu_count()} cores")
+    print(f"{'':32s} {'wall s':>8s} {'tok/s':>9s} {'x floor':>8s} {'CPU s':>8s} {'x floor':>8s} {'peak MiB':>9s}")
     for r in rows:
-        print(f"{r.name:32s} {r.seconds:8.3f} {n_tokens / r.seconds:9,.0f} {r.seconds / base:7.2f}x {r.peak_mib:9.1f}")
-    tl_share = times["TL forward (floor's batches)"] / times["HF forward (floor's batches)"]
-    print(f"TransformerLens forward / Hugging Face forward (same unpadded batches): {tl_share:.2f}x")
+        print(f"{r.name:32s} {r.seconds:8.3f} {n_tokens / r.seconds:9,.0f} {r.seconds / base:7.2f}x "
+              f"{r.cpu_seconds:8.3f} {r.cpu_seconds / base_cpu:7.2f}x {r.peak_mib:9.1f}")
+    tl_row, hf_row = "TL forward (floor's batches)", "HF forward (floor's batches)"
+    print(f"TransformerLens forward / Hugging Face forward (same unpadded batches): {times[tl_row] / times[hf_row]:.2f}x "
+          f"(CPU {cpu[tl_row] / cpu[hf_row]:.2f}x)")
 
 
 # ------------------------------------------------------------------------------------------------
