@@ -243,10 +243,10 @@ def child(name: str, docs_n: int, seq_len: int, batch: int, tune: bool) -> None:
     texts = json.loads(CORPUS.read_text(encoding="utf-8"))[FIRST_DOC : FIRST_DOC + docs_n]
     batches = exact_batches(windows_of(model, texts, seq_len), seq_len, batch)
     lens = Lens(model)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for t in batches:
         lens.forward(t)
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}))
 
 
 def fresh_processes(args) -> None:
@@ -257,6 +257,7 @@ def fresh_processes(args) -> None:
     }
     for name in (["stories", "gpt2"] if args.model == "both" else [args.model]):
         best = dict.fromkeys(runs, float("inf"))
+        best_cpu = dict.fromkeys(runs, float("inf"))
         for _ in range(args.repeats):
             for label, (flags, extra) in runs.items():
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -264,10 +265,15 @@ def fresh_processes(args) -> None:
                 cmd = [sys.executable, __file__, "--child", "--model", name, "--docs", str(args.docs),
                        "--seq-len", str(args.seq_len), "--batch", str(args.batch), *flags]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-                best[label] = min(best[label], json.loads(out.strip().splitlines()[-1])["seconds"])
-        print(f"\n{name}: first forward over {args.docs} documents' windows in a fresh process, best of {args.repeats}")
+                got = json.loads(out.strip().splitlines()[-1])
+                best[label] = min(best[label], got["seconds"])
+                best_cpu[label] = min(best_cpu[label], got["cpu_seconds"])
+        print(f"\n{name}: first forward over {args.docs} documents' windows in a fresh process, best of "
+              f"{args.repeats}; load {os.getloadavg()[0]:.1f}; CPU: user + system (page faults are system time)")
         for label, sec in best.items():
-            print(f"  {label:30s} {sec:8.2f} s  {best['default glibc'] / sec:5.2f}x faster than default")
+            cpu = best_cpu[label]
+            print(f"  {label:30s} {sec:8.2f} s  {best['default glibc'] / sec:5.2f}x faster than default;  "
+                  f"CPU {cpu:6.2f} s  {best_cpu['default glibc'] / cpu:5.2f}x")
 
 
 def main() -> None:
