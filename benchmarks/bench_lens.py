@@ -158,7 +158,8 @@ def main() -> None:
         floor, tiled, lens, unchecked = results[0], results[1], results[2], results[3]
         print(f"{dtype}: unembed_metrics / floor {tiled.seconds / floor.seconds:.2f}x, "
               f"logit_lens / floor {lens.seconds / floor.seconds:.2f}x, "
-              f"NaN/inf check: with / without {tiled.seconds / unchecked.seconds:.3f}x")
+              f"NaN/inf check: with / without {tiled.seconds / unchecked.seconds:.3f}x "
+              f"(CPU {tiled.cpu_seconds / unchecked.cpu_seconds:.3f}x)")
 
 
 if __name__ == "__main__":
