@@ -22,9 +22,20 @@ def _rss() -> int:
 
 @dataclass
 class Measurement:
+    """A function's best wall time, its best CPU time (see :func:`cpu_clock`) and its peak memory."""
+
     name: str
     seconds: float
     peak_mib: float
+    cpu_seconds: float = float("nan")
+
+
+def cpu_clock() -> float:
+    """CPU seconds of this thread when torch runs on 1 thread (torch's work, and autograd's backward on
+    the CPU, then run on the calling thread; a memory sampler's thread is not counted), else of the
+    process. On a shared machine the wall time counts the time other processes held the cores; with 1
+    thread, the CPU time is close to the wall time on an idle machine."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
 
 def fix_mmap_threshold() -> None:
@@ -57,9 +68,9 @@ def _peak_rss_above_start(fn: Callable[[], object]) -> int:
     return _timed_peak(fn)[1]
 
 
-def _timed_peak(fn: Callable[[], object]) -> tuple[float, int]:
-    """Run ``fn`` once while a thread samples resident memory every 0.5 ms: its wall time and the
-    peak resident memory above the start."""
+def _timed_peak(fn: Callable[[], object]) -> tuple[float, int, float]:
+    """Run ``fn`` once while a thread samples resident memory every 0.5 ms: its wall time, the
+    peak resident memory above the start and its CPU time (:func:`cpu_clock`)."""
     gc.collect()
     start_rss = _rss()
     peak = start_rss
@@ -73,13 +84,13 @@ def _timed_peak(fn: Callable[[], object]) -> tuple[float, int]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    t0 = time.perf_counter()
+    c0, t0 = cpu_clock(), time.perf_counter()
     out = fn()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_clock() - c0
     done.set()
     sampler.join()
     del out
-    return seconds, max(peak, _rss()) - start_rss
+    return seconds, max(peak, _rss()) - start_rss, cpu
 
 
 def measure(name: str, fn: Callable[[], object], repeats: int = 3) -> Measurement:
@@ -115,30 +126,36 @@ def measure_interleaved(
 
     For calls of minutes, ``warmup=False`` skips the warm-up round and ``sample_timed=True`` samples
     memory during the timed runs (the sampler's wake-ups cost nothing next to them) instead of one
-    more run of each. ``before_peaks`` runs between the timed rounds and the memory runs (e.g.
-    :func:`mmap_large_blocks`).
+    more run of each. ``before_peaks`` runs before each memory run (e.g. :func:`mmap_large_blocks`, which
+    also returns the heap's free pages to the OS, so that no run's peak is hidden by heap an earlier one
+    freed).
     """
     if warmup:
         for fn in fns.values():
             fn()
     best = dict.fromkeys(fns, float("inf"))
+    best_cpu = dict.fromkeys(fns, float("inf"))
     peak = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
             if sample_timed:
-                seconds, peak_bytes = _timed_peak(fn)
+                seconds, peak_bytes, cpu = _timed_peak(fn)
                 best[name], peak[name] = min(best[name], seconds), max(peak[name], peak_bytes)
+                best_cpu[name] = min(best_cpu[name], cpu)
                 continue
             gc.collect()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_clock(), time.perf_counter()
             out = fn()
             best[name] = min(best[name], time.perf_counter() - t0)
+            best_cpu[name] = min(best_cpu[name], cpu_clock() - c0)
             del out
     if not sample_timed:
-        if before_peaks is not None:
-            before_peaks()
-        peak = {name: _peak_rss_above_start(fn) for name, fn in fns.items()}
-    return [Measurement(name, best[name], peak[name] / 2**20) for name, fn in fns.items()]
+        peak = {}
+        for name, fn in fns.items():
+            if before_peaks is not None:  # before each: a run must not reuse heap freed by the one before
+                before_peaks()
+            peak[name] = _peak_rss_above_start(fn)
+    return [Measurement(name, best[name], peak[name] / 2**20, best_cpu[name]) for name in fns]
 
 
 def cpu_line() -> str:
@@ -161,10 +178,12 @@ def cpu_line() -> str:
 
 
 def print_table(rows: list[Measurement], baseline: str) -> None:
+    """Wall seconds, CPU seconds (:func:`cpu_clock`), each as a multiple of ``baseline``'s, and peak memory."""
     base = next(r for r in rows if r.name == baseline)
-    print(f"{'':42s} {'seconds':>9s} {'x ' + baseline[:14]:>18s} {'peak MiB':>10s}")
+    print(f"{'':44s} {'wall s':>8s} {'x base':>7s} {'CPU s':>8s} {'x base':>7s} {'peak MiB':>9s}   (base: {baseline})")
     for r in rows:
-        print(f"{r.name:42s} {r.seconds:9.3f} {r.seconds / base.seconds:17.2f}x {r.peak_mib:10.1f}")
+        print(f"{r.name:44s} {r.seconds:8.3f} {r.seconds / base.seconds:6.2f}x {r.cpu_seconds:8.3f} "
+              f"{r.cpu_seconds / base.cpu_seconds:6.2f}x {r.peak_mib:9.1f}")
 
 
 def gpt2_small_config(**overrides):
@@ -178,6 +197,13 @@ def gpt2_small_config(**overrides):
     )
     kwargs.update(overrides)
     return HookedTransformerConfig(**kwargs)
+
+
+def load_line() -> str:
+    """The machine's load (1-, 5- and 15-minute averages, as ``uptime`` prints them) beside its cores:
+    timings taken with the load above the core count are shared with other work."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average: {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 def threads() -> int:

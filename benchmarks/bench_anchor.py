@@ -10,7 +10,8 @@ fresh process: ``tl_logitlens.cli.main`` with ``eval`` arguments (after ``tune_a
 ``tl-logitlens`` command does), and tuned-lens's ``Eval`` command dataclass with ``lens_types=["logit",
 "tuned"]`` and its ``execute()`` (what ``python -m tuned_lens eval`` runs; its command line refuses a
 list of lens types). *wall* is the whole process (interpreter, imports, model load, evaluation,
-output); *in-process* is the time inside that entry point, taken by a driver around it. Best of
+output); *in-process* is the time inside that entry point, taken by a driver around it, as wall
+time and as CPU time (the process's and its children's: on a loaded machine, the figure to compare). Best of
 ``--repeats``, the two tools interleaved.
 
 tuned-lens is run from its own virtual environment (it needs ``transformers<5``), which must exist::
@@ -44,10 +45,12 @@ SEQ_LEN = 512
 
 # a driver around each command's own entry point: the time inside it, on stderr's last line
 _DRIVER = """
-import sys, time
-t = time.perf_counter()
+import os, sys, time
+t, c = time.perf_counter(), os.times()
 {call}
-sys.stderr.write("\\nIN-PROCESS %.4f\\n" % (time.perf_counter() - t))
+e = os.times()
+cpu = (e.user + e.system + e.children_user + e.children_system) - (c.user + c.system + c.children_user + c.children_system)
+sys.stderr.write("\\nIN-PROCESS %.4f %.4f\\n" % (time.perf_counter() - t, cpu))
 """
 _TL = "from tl_logitlens.cli import main, tune_allocator; tune_allocator(); rc = main(sys.argv[1:]); assert rc == 0, rc"
 # its command line cannot take --lens_types logit tuned (simple_parsing refuses a list of Literals), so
@@ -77,14 +80,15 @@ def _model_for_transformers4(tmp: Path) -> Path:
     return folder
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
+def run(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float, float]:
+    """The process's wall time, and the wall and CPU time (its own and its children's) inside the entry point."""
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    inside = float(res.stderr.strip().splitlines()[-1].split()[-1])
-    return wall, inside
+    inside, cpu = (float(x) for x in res.stderr.strip().splitlines()[-1].split()[-2:])
+    return wall, inside, cpu
 
 
 def main() -> None:
@@ -110,20 +114,20 @@ def main() -> None:
                 "--no-progress", "--json", "ours.json"]
         theirs = [args.tunedlens_python, "-c", _DRIVER.format(call=_TUNED), "held_out.jsonl", str(SEQ_LEN),
                   str(_model_for_transformers4(Path(tmp))), str(LENS), str(args.tunedlens_batch), "theirs"]
-        best = {"tl-logitlens eval": [float("inf")] * 2, "tuned-lens 0.2.0 Eval": [float("inf")] * 2}
+        best = {"tl-logitlens eval": [float("inf")] * 3, "tuned-lens 0.2.0 Eval": [float("inf")] * 3}
         for _ in range(args.repeats):
             for name, cmd in (("tl-logitlens eval", ours), ("tuned-lens 0.2.0 Eval", theirs)):
-                wall, inside = run(cmd, env, tmp)
-                best[name] = [min(best[name][0], wall), min(best[name][1], inside)]
+                best[name] = [min(a, b) for a, b in zip(best[name], run(cmd, env, tmp))]
         ev = json.loads((Path(tmp) / "ours.json").read_text(encoding="utf-8"))
     print(f"load: {os.getloadavg()[0]:.1f} (1-minute average) on {os.cpu_count()} cores; 1 thread; best of {args.repeats}")
     print(f"{len(texts)} held-out stories, {ev['n_tokens']:,} tokens scored by tl-logitlens "
           f"(padding {ev['padding_fraction']:.1%}), logit lens + tuned lens, windows of {SEQ_LEN}")
-    print(f"{'':24s} {'wall s':>8s} {'in-process s':>13s}")
-    for name, (wall, inside) in best.items():
-        print(f"{name:24s} {wall:8.2f} {inside:13.2f}")
-    (w_ours, i_ours), (w_theirs, i_theirs) = best.values()
-    print(f"tl-logitlens / tuned-lens: wall {w_ours / w_theirs:.2f}x, in-process {i_ours / i_theirs:.2f}x")
+    print(f"{'':24s} {'wall s':>8s} {'in-process s':>13s} {'in-process CPU s':>17s}")
+    for name, (wall, inside, cpu) in best.items():
+        print(f"{name:24s} {wall:8.2f} {inside:13.2f} {cpu:17.2f}")
+    (w_ours, i_ours, c_ours), (w_theirs, i_theirs, c_theirs) = best.values()
+    print(f"tl-logitlens / tuned-lens: wall {w_ours / w_theirs:.2f}x, in-process {i_ours / i_theirs:.2f}x, "
+          f"in-process CPU {c_ours / c_theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ unembedding: TransformerLens's ``run_with_cache(return_type=None)`` keeping the 
 states tuned-lens reads), so their ratio is TransformerLens's share.
 
 Corpus: TinyStories documents 900.. (held out from the shared tuned lens's training), the logit lens
-at every ``resid_pre`` site and ``final_post``. Times are wall clock after the model is loaded, best
-of ``--repeats`` interleaved rounds (one warm-up round first); peak is resident memory above the
+at every ``resid_pre`` site and ``final_post``. Times are wall clock after the model is loaded, and CPU time
+(``_measure.cpu_clock``: with ``--threads 1`` the calling thread's, which a loaded machine inflates far
+less), best of ``--repeats`` interleaved rounds (one warm-up round first); peak is resident memory above the
 start, one more sampled run (with every block above 1 MiB mmapped, so that resident memory follows
 what is live). The allocator is tuned as ``tl-logitlens`` tunes it
 (``--default-allocator``: left alone; then TransformerLens's forward pays page faults on every
@@ -213,15 +214,19 @@ def bench_model(name: str, args) -> None:
         for r in rows:
             r.peak_mib = peaks[r.name]
     times = {r.name: r.seconds for r in rows}
-    base = times["floor: forward + kernel"]
+    cpu = {r.name: r.cpu_seconds for r in rows}
+    base, base_cpu = times["floor: forward + kernel"], cpu["floor: forward + kernel"]
     ev = last["ev"]
     print(f"\n{name}: {len(texts)} documents, {n_tokens:,} tokens in {sum(len(ws) for ws in docs)} windows of at "
           f"most {args.seq_len}; padding: old batching {padding(old):.1%}, evaluate_lenses {ev.padding_fraction:.1%}")
-    print(f"{'':32s} {'seconds':>8s} {'tok/s':>9s} {'x floor':>8s} {'peak MiB':>9s}")
+    print(f"load: {os.getloadavg()[0]:.1f} (1-minute average) on {os.cpu_count()} cores")
+    print(f"{'':32s} {'wall s':>8s} {'tok/s':>9s} {'x floor':>8s} {'CPU s':>8s} {'x floor':>8s} {'peak MiB':>9s}")
     for r in rows:
-        print(f"{r.name:32s} {r.seconds:8.3f} {n_tokens / r.seconds:9,.0f} {r.seconds / base:7.2f}x {r.peak_mib:9.1f}")
-    tl_share = times["TL forward (floor's batches)"] / times["HF forward (floor's batches)"]
-    print(f"TransformerLens forward / Hugging Face forward (same unpadded batches): {tl_share:.2f}x")
+        print(f"{r.name:32s} {r.seconds:8.3f} {n_tokens / r.seconds:9,.0f} {r.seconds / base:7.2f}x "
+              f"{r.cpu_seconds:8.3f} {r.cpu_seconds / base_cpu:7.2f}x {r.peak_mib:9.1f}")
+    tl_row, hf_row = "TL forward (floor's batches)", "HF forward (floor's batches)"
+    print(f"TransformerLens forward / Hugging Face forward (same unpadded batches): {times[tl_row] / times[hf_row]:.2f}x "
+          f"(CPU {cpu[tl_row] / cpu[hf_row]:.2f}x)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,10 +243,10 @@ def child(name: str, docs_n: int, seq_len: int, batch: int, tune: bool) -> None:
     texts = json.loads(CORPUS.read_text(encoding="utf-8"))[FIRST_DOC : FIRST_DOC + docs_n]
     batches = exact_batches(windows_of(model, texts, seq_len), seq_len, batch)
     lens = Lens(model)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for t in batches:
         lens.forward(t)
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}))
 
 
 def fresh_processes(args) -> None:
@@ -252,6 +257,7 @@ def fresh_processes(args) -> None:
     }
     for name in (["stories", "gpt2"] if args.model == "both" else [args.model]):
         best = dict.fromkeys(runs, float("inf"))
+        best_cpu = dict.fromkeys(runs, float("inf"))
         for _ in range(args.repeats):
             for label, (flags, extra) in runs.items():
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -259,10 +265,15 @@ def fresh_processes(args) -> None:
                 cmd = [sys.executable, __file__, "--child", "--model", name, "--docs", str(args.docs),
                        "--seq-len", str(args.seq_len), "--batch", str(args.batch), *flags]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-                best[label] = min(best[label], json.loads(out.strip().splitlines()[-1])["seconds"])
-        print(f"\n{name}: first forward over {args.docs} documents' windows in a fresh process, best of {args.repeats}")
+                got = json.loads(out.strip().splitlines()[-1])
+                best[label] = min(best[label], got["seconds"])
+                best_cpu[label] = min(best_cpu[label], got["cpu_seconds"])
+        print(f"\n{name}: first forward over {args.docs} documents' windows in a fresh process, best of "
+              f"{args.repeats}; load {os.getloadavg()[0]:.1f}; CPU: user + system (page faults are system time)")
         for label, sec in best.items():
-            print(f"  {label:30s} {sec:8.2f} s  {best['default glibc'] / sec:5.2f}x faster than default")
+            cpu = best_cpu[label]
+            print(f"  {label:30s} {sec:8.2f} s  {best['default glibc'] / sec:5.2f}x faster than default;  "
+                  f"CPU {cpu:6.2f} s  {best_cpu['default glibc'] / cpu:5.2f}x")
 
 
 def main() -> None:

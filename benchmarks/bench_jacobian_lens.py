@@ -20,7 +20,8 @@ Rows, on one model, in one process, interleaved, best of ``--repeats``:
 
 The floor is the estimator's work done one row at a time: per prompt one forward pass, then ``d_model``
 plain backward passes (a one-hot cotangent at every valid position, gradients to every source layer,
-``retain_graph``), nothing accumulated. Every J is checked against the first row's (max abs difference,
+``retain_graph``), nothing accumulated. Times are wall clock and CPU time (``_measure.cpu_clock``: with ``--threads 1``, the
+calling thread's, which a loaded machine inflates far less). Every J is checked against the first row's (max abs difference,
 and relative Frobenius norm of the difference). Peak memory is resident memory above the level before
 each call (``_measure.py``), measured in one more run of each after the timed rounds with glibc set to
 mmap every block of 1 MiB or more (``mmap_large_blocks``); the timed rounds run with glibc's default,
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import cpu_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
+from _measure import cpu_line, load_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -194,17 +195,19 @@ def run_shape(shape: str, repeats: int) -> None:
     for name, out in outputs.items():
         if out is not None and name != first:
             print(f"J of {name} vs {first}: {agreement(out, outputs[first])}")
-    print(f"\n{title}; TransformerLens {_compat.TL_VERSION}; {threads()} threads")
+    print(f"\n{title}; TransformerLens {_compat.TL_VERSION}; {threads()} threads; {load_line()}")
     print_table(rows, baseline=first)
     by_name = {r.name: r for r in rows}
     ours_row = by_name[first]
     for name, row in by_name.items():
         if name.startswith("TL"):
-            print(f"  {name} / ours: time {row.seconds / ours_row.seconds:.2f}x, peak memory "
+            print(f"  {name} / ours: time {row.seconds / ours_row.seconds:.2f}x (CPU "
+                  f"{row.cpu_seconds / ours_row.cpu_seconds:.2f}x), peak memory "
                   f"{row.peak_mib / max(ours_row.peak_mib, 1e-9):.2f}x")
         if name.startswith("floor"):
             mine = by_name[f"ours ({name[len('floor ('):name.index(')')]})"]
-            print(f"  {mine.name} / {name}: {mine.seconds / row.seconds:.2f}x")
+            print(f"  {mine.name} / {name}: {mine.seconds / row.seconds:.2f}x (CPU "
+                  f"{mine.cpu_seconds / row.cpu_seconds:.2f}x)")
     print(flush=True)
 
 

@@ -1,6 +1,7 @@
 """Full logit lens vs the matmul floor and a naive per-layer loop, on a GPT-2-small-shaped model.
 
-    python benchmarks/bench_lens.py [--batch 8] [--seq 64] [--dtypes float32 bfloat16]
+    python benchmarks/bench_lens.py [--batch 8] [--seq 64] [--dtypes float32 bfloat16] [--threads N]
+                                 [--repeats 3]
 
 For each model dtype: the floor is ``n_sites`` bare ``[rows, 768] @ [768, 50257]`` matmuls of that
 dtype, the least any lens can cost; ``logit_lens`` is the public entry point as it is wired;
@@ -8,7 +9,7 @@ dtype, the least any lens can cost; ``logit_lens`` is the public entry point as 
 makes once it passes states rather than logits). All read the same precomputed cache, so the forward
 pass is excluded. ``unembed_metrics, NaN check off`` is the same kernel with
 ``_kernel.check_finite`` (three ``isfinite`` reductions over ``[site, row]`` values per block) made a
-no-op: the last line gives the check's cost. Times are best of 3, run round-robin after a warm-up round in one process (the
+no-op: the last line gives the check's cost. Times are best of ``--repeats``, run round-robin after a warm-up round in one process (the
 machine may be shared); peak memory is resident memory above the level before each call. The first line names the CPU and its AMX / AVX-512
 flags: the fp32 and bf16 floors, and so every ratio, depend on them.
 """
@@ -22,6 +23,7 @@ from _measure import (
     cpu_line,
     fix_mmap_threshold,
     gpt2_small_config,
+    load_line,
     measure_interleaved,
     print_table,
     threads,
@@ -122,7 +124,7 @@ def bench_dtype(dtype: torch.dtype, args) -> list:
     if args.all:
         fns[f"{name} unembed_metrics chunk_size=32"] = tiled(32)
         fns[f"{name} naive full log-softmax loop"] = naive
-    return measure_interleaved(fns)
+    return measure_interleaved(fns, repeats=args.repeats)
 
 
 def main() -> None:
@@ -133,7 +135,11 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
                         help="default: float32, and bfloat16 where the CPU has AVX-512 BF16 or AMX")
     parser.add_argument("--all", action="store_true", help="also time chunk_size=32 and the naive loop")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up), best taken")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     line = cpu_line()
     print(line)
     if args.dtypes is None:
@@ -144,15 +150,16 @@ def main() -> None:
         if not native_bf16:
             print("bfloat16 rows skipped: this CPU has neither AVX-512 BF16 nor AMX (pass --dtypes bfloat16 to force)")
     print(f"GPT-2-small shape, random weights; batch {args.batch} x {args.seq} tokens, 13 sites, "
-          f"{threads()} threads; best of 3, interleaved")
+          f"{threads()} threads; best of {args.repeats}, interleaved")
     for dtype in args.dtypes:
         results = bench_dtype(getattr(torch, dtype), args)
-        print()
+        print(f"\n{load_line()}")
         print_table(results, baseline=results[0].name)
         floor, tiled, lens, unchecked = results[0], results[1], results[2], results[3]
         print(f"{dtype}: unembed_metrics / floor {tiled.seconds / floor.seconds:.2f}x, "
               f"logit_lens / floor {lens.seconds / floor.seconds:.2f}x, "
-              f"NaN/inf check: with / without {tiled.seconds / unchecked.seconds:.3f}x")
+              f"NaN/inf check: with / without {tiled.seconds / unchecked.seconds:.3f}x "
+              f"(CPU {tiled.cpu_seconds / unchecked.cpu_seconds:.3f}x)")
 
 
 if __name__ == "__main__":
