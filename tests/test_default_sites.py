@@ -244,3 +244,22 @@ def test_names_must_differ_wherever_lenses_are_shown_side_by_side():
     c.name = "logit lens"
     with pytest.raises(ValueError, match="both called 'logit lens'"):
         tl.compare_lenses(model, "Hello", lenses=[None, c])
+
+
+def test_cli_run_takes_several_lenses_and_shows_them_side_by_side(tmp_path, monkeypatch, capsys):
+    from tl_logitlens.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["run", "demo", "The dog was very", "--no-report", "--json", "out.json"]
+    assert main([*args, "--lens", "logit", "--lens", "demo", "--lens", "demo-jacobian"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("3 lenses, top token per layer after 'The dog was very'")[1].split("\n\n")[0]
+    assert table.splitlines()[1].split() == ["layer", "logit", "lens", "tuned", "lens", "Jacobian", "lens"]
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["0_post", "1_post", "2_post", "final_post"]
+    assert all(len(line) <= 80 for line in out.splitlines())
+    payload = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert payload["lens_name"] == "logit lens" and payload["sites"][0] == "0_pre"  # the first lens's tables
+    # two lenses of one name are told apart by what was typed, as eval does
+    assert main([*args, "--lens", "demo", "--lens", "demo"]) == 0
+    assert "tuned lens (demo)" in capsys.readouterr().out
