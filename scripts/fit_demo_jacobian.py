@@ -11,8 +11,8 @@ agreement with the final layer. Writes ``tl_logitlens/demo_models/demo/jacobian_
 
 Usage: ``python scripts/fit_demo_jacobian.py`` (10-25 minutes on 2 busy CPU cores; it keeps a checkpoint
 in ``/tmp/fit_demo_jacobian_checkpoint`` and resumes from it, then ``--fit-seconds=S`` records the first
-run's time); ``--card-only`` re-evaluates the saved lens and rewrites its metadata and card. ``tests/test_demo_jacobian.py`` checks
-that the recorded numbers are what a recomputation gives.
+run's time); ``--card-only`` re-evaluates the saved lens and rewrites its metadata and card; ``--check`` prints the recomputed point
+estimates as JSON and writes nothing (``tests/test_demo_jacobian.py`` compares them with the recorded ones).
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ def main() -> None:
 
     torch.set_num_threads(SETTINGS["torch_threads"])
     model = tl.load_model("demo")
+    if "--check" in sys.argv:  # recompute the point estimates, print them as JSON, write nothing
+        print(json.dumps(evaluate(model, tl.load_lens(OUT, model), n_bootstrap=0)))
+        return
     if "--card-only" in sys.argv:
         jlens = tl.load_lens(OUT, model)
     else:
