@@ -259,15 +259,21 @@ def test_demo_prints_the_table_and_writes_the_report(model_runs):
     assert lines[0] == f"prompt: {DEMO_PROMPT}"  # the prompt itself, then the tables
     assert "Top tokens per layer after '…dog was very'" in lines[2]
     rows = [line for line in lines if line.split(" ")[0] in ("0_pre", "1_pre", "2_pre", "3_pre", "final_post")]
-    assert len(rows) == 15  # the logit lens, the demo tuned lens, the logit difference
-    assert any("tuned lens" in line for line in lines)
+    assert len(rows) == 11  # the logit lens, the logit difference, and the three lenses' final_post
+    # the three lenses side by side, compactly: at the block outputs, which all three read
+    compare = res.stdout.split("3 lenses, top token per layer after '…dog was very'")[1].split("\n\n")[0]
+    header = compare.splitlines()[1].split()
+    assert header[0] == "layer" and " ".join(header[1:]) == "logit lens tuned lens Jacobian lens", header
+    assert [line.split()[0] for line in compare.splitlines()[2:6]] == ["0_post", "1_post", "2_post", "final_post"]
     assert "Logit difference '␣happy' − '␣sad' per layer after '…dog was very'" in res.stdout
     assert "Top heads by direct logit attribution to '␣happy' − '␣sad'" in res.stdout
     page = (cwd / "logit_lens_report.html").read_text(encoding="utf-8")
     assert "<script src" not in page
     # the logit lens (heatmap, text view, ...), the logit difference and the per-head attribution
-    for heading in ("Logit lens, prompt 0", "Text view, prompt 0", "Logit difference", "Direct logit attribution by head"):
+    for heading in ("Logit lens, prompt 0", "Text view, prompt 0", "Logit difference", "Direct logit attribution by head",
+                    "3 lenses on prompt 0"):
         assert f"<h3>{heading}</h3>" in page
+    assert "Lenses side by side: logit lens, tuned lens, Jacobian lens" in page
     assert page.count("Plotly.newPlot") >= 8
     assert "wrote report: logit_lens_report.html" in res.stdout
 

@@ -60,7 +60,7 @@ def test_top1_agreement_and_site_table_against_the_final_logits():
 def test_two_lenses_with_one_name_need_a_dict():
     model = tiny_model("LN", folded=False)
     a, b = tl.TunedLens.for_model(model), tl.TunedLens.for_model(model)
-    with pytest.raises(ValueError, match="both called 'tuned lens'; pass a dict"):
+    with pytest.raises(ValueError, match="both called 'tuned lens'.*or pass a dict"):
         tl.compare_lenses(model, "Hello", lenses=[a, b])
     cmp = tl.compare_lenses(model, "Hello", lenses={"lens A": a, "lens B": b})
     assert cmp.lenses == ("lens A", "lens B")

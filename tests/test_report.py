@@ -440,6 +440,8 @@ return {
     figures: plots.map(p => [heading(p), p.data.map(t => t.type), p.data.map(t => t.z && t.z[0] ? t.z[0].length : 0)]),
     howto_gap: howtoH2.getBoundingClientRect().top - howto.getBoundingClientRect().top,
     font: [getComputedStyle(code).fontSize, getComputedStyle(num).fontSize],
+    comparison: Array.from(document.querySelectorAll('#lens-comparison table tr'))
+        .map(tr => Array.from(tr.children).map(text)),
 };
 """
 
@@ -447,7 +449,8 @@ return {
 @pytest.mark.slow
 def test_demo_report_shows_lens_difference_and_heads_in_the_browser(driver, tmp_path, monkeypatch, capsys):
     """``tl-logitlens demo``'s report, drawn in Chromium: the logit lens (heatmap and text view on the
-    same positions), the logit difference ' happy' − ' sad' and the heads that write it, and the
+    same positions), the logit difference ' happy' − ' sad' and the heads that write it, the three
+    lenses side by side (logit, tuned, Jacobian: heatmaps and the per-site table), and the
     details a reader sees: no gap above "How to read this", tokens in tables as large as the numbers."""
     from tl_logitlens.cli import main
 
@@ -455,8 +458,8 @@ def test_demo_report_shows_lens_difference_and_heads_in_the_browser(driver, tmp_
     assert main(["demo", "--out", "demo.html"]) == 0
     capsys.readouterr()
     driver.get((tmp_path / "demo.html").resolve().as_uri())
-    rendered = _rendered(driver, 10)
-    assert all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered), rendered
+    rendered = _rendered(driver, 10)  # nine of the logit lens, one of the three lenses
+    assert len(rendered) == 10 and all(svgs >= 1 and drawn >= 1 for _, svgs, drawn in rendered), rendered
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     _assert_fits(driver)
     page = driver.execute_script(_DEMO_PAGE)
@@ -473,6 +476,15 @@ def test_demo_report_shows_lens_difference_and_heads_in_the_browser(driver, tmp_
     ):
         assert section in headings, (section, headings)
     assert "Prompt 0, after '…dog. The dog was very'" in page["h3"]
+    # the three lenses side by side: one heatmap per lens on the block outputs, and the per-site table
+    assert "Lenses side by side: logit lens, tuned lens, Jacobian lens" in page["h2"]
+    types = {h: t for h, t, _ in page["figures"]}
+    assert types["3 lenses on prompt 0"] == ["heatmap"] * 3
+    table = page["comparison"]
+    assert table[0] == ["site", "logit lens", "tuned lens", "Jacobian lens"]
+    assert table[1] == ["KL (nats)", "top-1 agreement"] * 3
+    assert [row[0] for row in table[2:]] == ["0_post", "1_post", "2_post", "final_post"]
+    assert table[-1][1:] == ["0.000", "100.0%"] * 3  # at final_post every lens is the model
     # the heatmap and the text view show the same positions (columns of their cells)
     columns = {h: n for h, _, n in page["figures"]}
     assert columns["Logit lens, prompt 0"][0] == columns["Text view, prompt 0"][-1]

@@ -132,6 +132,31 @@ def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     return _top_table(title, lens.labels, tops, lens.entropy[:, prompt, col].tolist(), targets, width)
 
 
+def comparison_table(cmp: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
+    """Several lenses at prompt ``prompt``'s last token, compactly: per site (rows) and lens (columns)
+    the lens's top-1 token and its probability, and whether it is the model's final top-1 token."""
+    from tl_logitlens.tokens import text_before
+
+    first = cmp.results[0]
+    col = int(cmp.valid[prompt].sum()) - 1
+    tops = [r.top_tokens() for r in cmp.results]
+    probs = cmp.top_logprobs[:, :, prompt, col, 0].exp().tolist()
+    agree = cmp.top1_agreement[:, :, prompt, col].tolist()
+    title = f"{len(cmp.lenses)} lenses, top token per layer after '{text_before(first, prompt, chars=TAIL_CHARS)}'"
+    table = new_table(title, width)
+    table.add_column("layer", style="bold", no_wrap=True)
+    for name in cmp.lenses:
+        table.add_column(Text(name), no_wrap=True, overflow="ellipsis")
+    for s, label in enumerate(cmp.labels):
+        cells = []
+        for k in range(len(cmp.lenses)):
+            mark = "" if agree[k][s] == 1.0 else " ·"
+            cells.append(Text(f"{_visible(tops[k][s][prompt][col][0])} {probs[k][s]:.2f}{mark}"))
+        table.add_row(label, *cells)
+    legend = ["·: not the model's final top token"] if any(a != 1.0 for row in agree for a in row) else []
+    return table, legend
+
+
 def masked_table(data: Any, width: int) -> tuple[Any, list[str]]:
     """The masked lens at prompt 0's first hole."""
     from tl_logitlens.tokens import display_tokens

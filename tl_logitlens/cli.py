@@ -41,6 +41,8 @@ from tl_logitlens.fit_commands import _add_fit, _fit_command
 # " sad" (its rank 2-4 from layer 1 on) is the comparison: the logit difference and the heads writing it
 DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was very"
 DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
+DEMO_LENSES = ("demo", "demo-jacobian")  # the lenses shipped for the demo model, shown beside the logit lens
+LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
 COMMANDS = ("demo", "run", "eval", "fit")
@@ -128,10 +130,11 @@ def _sites(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sites",
         nargs="+",
-        default=["resid_pre"],
+        default=None,
         metavar="SITE",
-        help="resid_pre (default: every layer's input, then final_post), resid_mid, resid_post, or "
-        "labels like 0_pre final_post",
+        help="resid_pre (every layer's input, then final_post), resid_mid, resid_post, or labels like "
+        "0_pre final_post (default: the lens's own: resid_pre for the logit and tuned lenses, resid_post "
+        "for a Jacobian lens)",
     )
 
 
@@ -173,8 +176,9 @@ def _add_demo(sub: Any) -> None:
         "demo",
         help="run the lens on the built-in demo model (offline, seconds)",
         description=(
-            f"The built-in demo model on a story prompt ({DEMO_PROMPT!r}): the logit lens and the demo "
-            f"tuned lens layer by layer, the logit difference {DEMO_TARGET!r} − {DEMO_VERSUS!r} and the "
+            f"The built-in demo model on a story prompt ({DEMO_PROMPT!r}): the logit lens layer by layer, "
+            "the three lenses side by side (logit, the shipped tuned lens 'demo' and Jacobian lens "
+            f"'demo-jacobian'), the logit difference {DEMO_TARGET!r} − {DEMO_VERSUS!r} and the "
             "heads that write it, in the terminal and in an HTML report. Offline, seconds."
         ),
         formatter_class=_Formatter,
@@ -216,9 +220,12 @@ def _add_run(sub: Any) -> None:
     )
     run.add_argument(
         "--lens",
-        metavar="PATH|demo",
-        help="read the layers through a tuned lens: a folder saved by tl.TunedLens (or tuned-lens "
-        "0.2.0), or 'demo' for the one shipped with the demo model (default: the logit lens)",
+        metavar="PATH|NAME",
+        action="append",
+        default=[],
+        help="read the layers through a lens: a tuned or Jacobian lens folder or .pt file, 'demo' or "
+        "'demo-jacobian' (the demo model's), or 'logit' (default: the logit lens). Repeat it to compare "
+        "several side by side: the first is read in every table, all of them in a comparison",
     )
     _outputs(run)
 
@@ -345,12 +352,29 @@ def _load_lens(spec: str, model: Any) -> Any:
     return load_lens(spec, model)
 
 
-def _demo_tuned_lens(model: Any) -> Any:
-    """The demo tuned lens, or None where this version ships none."""
-    try:
-        return _load_lens("demo", model)
-    except (UsageError, ValueError, TypeError, OSError):
+def _lenses(specs: Sequence[str], model: Any, demo: bool = False) -> Any:
+    """What ``--lens`` asks for: None (the logit lens), one lens, or several as ``{name: lens}`` (the
+    first read in every table); ``logit`` is the logit lens. Two lenses of one name are told apart by
+    what was typed, ``"tuned lens (b/)"``, as ``eval`` does. ``demo``: the demo's lenses, each left out
+    where this version ships none."""
+    lenses: dict[str, Any] = {}
+    for spec in specs:
+        if spec == LOGIT_SPEC:
+            lens = None
+        else:
+            try:
+                lens = _load_lens(spec, model)
+            except (ValueError, OSError):
+                if demo:
+                    continue
+                raise
+        from tl_logitlens.lenses import lens_name
+
+        name = lens_name(lens)
+        lenses[name if name not in lenses else f"{name} ({spec})"] = lens
+    if not lenses:
         return None
+    return next(iter(lenses.values())) if len(lenses) == 1 else lenses
 
 
 def _lens_csv_frame(data: Any) -> Any:
@@ -434,11 +458,11 @@ def _lens_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         model_name, prompts = "demo", [DEMO_PROMPT]
         target, versus = DEMO_TARGET, DEMO_VERSUS
-        sites, norm, device, lens_spec = ["resid_pre"], "recompute", None, None
+        sites, norm, device, lens_specs = None, "recompute", None, [LOGIT_SPEC, *DEMO_LENSES]
     else:
         model_name, prompts = args.model, _read_prompts(args)
         target, versus = _token_arg(args.target), _token_arg(args.versus)
-        sites, norm, device, lens_spec = args.sites, args.norm, args.device, args.lens
+        sites, norm, device, lens_specs = args.sites, args.norm, args.device, args.lens
         if versus is not None and target is None:
             raise UsageError("--versus needs --target: the logit difference is target minus versus")
     out = None if args.no_report else args.out
@@ -446,11 +470,11 @@ def _lens_command(args: argparse.Namespace) -> int:
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
     check_device(device)  # imports torch (when a device is named): after every check that does not need it
-    from tl_logitlens._terminal import lens_table, masked_table, prompt_lines, versus_tables
+    from tl_logitlens._terminal import comparison_table, lens_table, masked_table, prompt_lines, versus_tables
 
     console, err = _consoles()
     model = _load(model_name, device, err)
-    lens = None if lens_spec is None else _load_lens(lens_spec, model)
+    lens = _lenses(lens_specs, model, demo=args.command == "demo")
     from tl_logitlens.lenses import lens_name
     from tl_logitlens.reporting import ReportData, compute_report, write_report
 
@@ -460,7 +484,7 @@ def _lens_command(args: argparse.Namespace) -> int:
 
         # a bar on a terminal only: piped or captured, rich would leave a blank line behind
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task(lens_name(lens), total=len(prompts))
+            task = progress.add_task(lens_name(lens) if not isinstance(lens, dict) else next(iter(lens)), total=len(prompts))
             data = compute_report(
                 model, prompts, **settings, progress=lambda done, total: progress.update(task, completed=done)
             )
@@ -472,13 +496,9 @@ def _lens_command(args: argparse.Namespace) -> int:
     console.print()
     if isinstance(data, ReportData):
         _print_table(console, *lens_table(data, 0, width))
-        if args.command == "demo":
-            tuned = _demo_tuned_lens(model)
-            if tuned is not None:
-                console.print()
-                tuned_data = compute_report(model, prompts, top_k=args.top_k, lens=tuned, target=target, versus=versus)
-                table, _ = lens_table(tuned_data, 0, width)
-                console.print(table)  # the legend above holds for both
+        if data.comparison is not None:
+            console.print()
+            _print_table(console, *comparison_table(data.comparison, 0, width))
         if data.logit_diff is not None:
             for table in versus_tables(data, width):
                 console.print()

@@ -30,7 +30,7 @@ from tl_logitlens._results import (
 )
 from tl_logitlens._run import Run, execute
 from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
-from tl_logitlens.lenses import resolve_lens
+from tl_logitlens.lenses import resolve_lens, sites_or_default
 from tl_logitlens.readout import Readout, Site, check_model, check_norm, resolve_sites, transform_logits
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _prepare(
     inputs: Inputs,
     cache: Any,
     lens: Any,
-    sites: str | Sequence[str],
+    sites: str | Sequence[str] | None,
     norm: str,
     positions: PositionSpec,
     prepend_bos: bool | None,
@@ -182,7 +182,7 @@ def _prepare(
     check_norm(norm)
     check_flag(include_bias, "include_bias")
     readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
-    site_list = resolve_sites(model, sites)
+    site_list = resolve_sites(model, sites_or_default(model, sites, [readout.lens]))
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
     return readout, site_list, execute(model, batch, pos_index, valid, readout.hooks(site_list), cache)
@@ -229,7 +229,7 @@ def logit_diff(
     *,
     positions: PositionSpec = "last",
     norm: str = "recompute",
-    sites: str | Sequence[str] = "resid_pre",
+    sites: str | Sequence[str] | None = None,
     include_bias: bool = True,
     per_prompt: bool = False,
     cache: Any = None,
@@ -267,8 +267,9 @@ def logit_diff(
             also works with ``per_prompt=True``.
         positions: ``"last"`` (each prompt's last real token, the default), ``None`` (all), an int
             or a list of ints (negative counts back from each prompt's end).
-        sites: as in :func:`~tl_logitlens.logit_lens` (``"resid_pre"``: every layer's input, then
-            ``final_post``).
+        sites: as in :func:`~tl_logitlens.logit_lens`; default (``None``): the lens's
+            ``default_sites`` (``"resid_pre"``, every layer's input then ``final_post``, for the logit
+            and tuned lenses; ``"resid_post"`` for the Jacobian lens). Sites given are read as given.
         lens: ``None`` (the logit lens) or a lens object (e.g. a tuned lens) applied to each site's
             state before the final norm.
         n_bootstrap, confidence, seed: the percentile bootstrap over prompts behind ``low``/``high``.
@@ -323,7 +324,7 @@ def direction_lens(
     direction_labels: Sequence[str] | None = None,
     positions: PositionSpec = "last",
     norm: str = "recompute",
-    sites: str | Sequence[str] = "resid_pre",
+    sites: str | Sequence[str] | None = None,
     cache: Any = None,
     lens: Any = None,
     n_bootstrap: int = 1000,
@@ -339,7 +340,8 @@ def direction_lens(
     difference of ``a`` over ``b`` without ``b_U``; a probe or steering vector trained on the raw
     residual stream is read with ``norm="none"``. ``norm`` is as in :func:`logit_diff` (the final
     norm's bias is part of the normalised state). The result's ``pair`` dimension runs over the
-    directions.
+    directions. ``sites`` and ``lens`` are as in :func:`logit_diff` (by default the sites the lens
+    reads by default: ``"resid_post"`` for the Jacobian lens, ``"resid_pre"`` otherwise).
     """
     bootstrap = check_bootstrap(n_bootstrap, confidence, seed, min_replicates=1)
     dirs = check_direction(model, direction)

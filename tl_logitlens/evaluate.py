@@ -34,7 +34,7 @@ from tl_logitlens._results import BootstrapInterval, check_bootstrap, interval_f
 from tl_logitlens._run import ForwardPlan, plan_forwards, run_cache
 from tl_logitlens.corpus import corpus_length, document_windows, documents, iter_texts
 from tl_logitlens.inputs import check_count, check_flag
-from tl_logitlens.lenses import lens_name, resolve_lens
+from tl_logitlens.lenses import lens_name, named_lenses, sites_or_default
 from tl_logitlens.measures import (  # noqa: F401 (TITLES: re-exported, figures used to read it here)
     BPB_STATISTICS,
     DEFINITION,
@@ -218,27 +218,6 @@ class LensEvaluation(BootstrapInterval):
         from tl_logitlens.plotting.evaluation import evaluation_figure
 
         return evaluation_figure(self, statistics=statistics, **kwargs)
-
-
-def _resolve_lenses(model: Any, lenses: object) -> dict[str, Any]:
-    if lenses is None:
-        return {lens_name(None): resolve_lens(model, None)}
-    if isinstance(lenses, Mapping):
-        if not lenses:
-            raise ValueError("lenses is an empty dict; pass None for the logit lens or {name: lens, ...}")
-        out = {}
-        for name, lens in lenses.items():
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"lens names must be non-empty strings, got {name!r}")
-            out[name] = resolve_lens(model, lens)
-        return out
-    if isinstance(lenses, (list, tuple)):
-        names = [lens_name(lens) for lens in lenses]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two lenses share a name in {names}; pass a dict {{name: lens}} instead")
-        return {n: resolve_lens(model, lens) for n, lens in zip(names, lenses)}
-    lens = resolve_lens(model, lenses)
-    return {lens_name(lens): lens}
 
 
 def _bootstrap_weights(seed: int, index: int, n: int) -> np.ndarray:
@@ -520,7 +499,7 @@ def evaluate_lenses(
     texts: Any,
     *,
     lenses: Any = None,
-    sites: str | Sequence[str] = "resid_pre",
+    sites: str | Sequence[str] | None = None,
     seq_len: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int | None = None,
@@ -581,8 +560,12 @@ def evaluate_lenses(
         texts: a list or iterable of strings, a ``.txt``/``.json``/``.jsonl`` path, or a Hugging
             Face ``datasets`` split, streaming or not (see :func:`tl_logitlens.corpus.iter_texts`).
         lenses: ``None`` (the logit lens), one lens, a list of lenses, or a dict ``{name: lens}``.
-        sites: as in :func:`~tl_logitlens.logit_lens` (``"resid_pre"``: every layer's input, then
-            ``final_post``).
+            Lenses are labelled by name, so names must differ (two tuned lenses: set ``lens.name`` on
+            one, or pass a dict; see :func:`~tl_logitlens.lenses.named_lenses`).
+        sites: as in :func:`~tl_logitlens.logit_lens`; default (``None``): the sites the lenses read
+            by default (:func:`~tl_logitlens.lenses.default_sites`): ``"resid_pre"`` (every layer's
+            input, then ``final_post``) for the logit and tuned lenses, ``"resid_post"`` when a Jacobian
+            lens is among them (every lens here reads block outputs). Sites given are read as given.
         seq_len: the longest window, BOS included (default and maximum: the model's ``n_ctx``).
         batch_size: full windows per forward pass; shorter windows fill ``batch_size · seq_len`` tokens.
         max_tokens: stop after this many document tokens (BOS included), in corpus order; the
@@ -624,9 +607,9 @@ def evaluate_lenses(
     if not isinstance(text_field, str):
         raise TypeError(f"text_field must be a string, not {type(text_field).__name__}")
     bootstrap = check_bootstrap(n_bootstrap, confidence, seed, min_replicates=0)
-    named = _resolve_lenses(model, lenses)
+    named = named_lenses(model, lenses)
     readouts = [Readout(model, lens, "recompute", True) for lens in named.values()]
-    site_list = resolve_sites(model, sites)
+    site_list = resolve_sites(model, sites_or_default(model, sites, list(named.values())))
     final = resolve_sites(model, ["final_post"])[0]
     world = current_world()
     checkpoint = None

@@ -8,7 +8,7 @@ often its top-1 token is the model's (top-1 agreement).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, no_type_check
 
@@ -19,7 +19,7 @@ from tl_logitlens._frames import long_index
 from tl_logitlens._results import LOGIT_LENS_NAME, ResultBase, labels_summary
 from tl_logitlens._run import EMBED_HOOK, run_cache
 from tl_logitlens.inputs import Inputs, PositionSpec, Targets, prepare_inputs
-from tl_logitlens.lenses import lens_name, resolve_lens
+from tl_logitlens.lenses import check_reads, named_lenses, sites_or_default
 from tl_logitlens.predictions import DEFAULT_CHUNK_SIZE, LensResult, logit_lens
 from tl_logitlens.readout import Readout, check_model, final_site, resolve_sites
 
@@ -143,33 +143,6 @@ class LensComparison(ResultBase):
         return lens_comparison_figure(self, **kwargs)
 
 
-def named_lenses(model: Any, lenses: object) -> dict[str, Any]:
-    """``{name: lens}`` from a list (``None`` is the logit lens; names are the lenses' own, and must
-    differ) or a dict ``{name: lens}`` (names of your choosing), each checked against ``model``."""
-    if isinstance(lenses, Mapping):
-        if not lenses:
-            raise ValueError("lenses is empty; pass e.g. [None, tuned_lens] or {'logit': None, 'tuned': tuned_lens}")
-        for name in lenses:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"lens names must be non-empty strings, got {name!r}")
-        return {name: resolve_lens(model, lens) for name, lens in lenses.items()}
-    if isinstance(lenses, (str, bytes)) or not isinstance(lenses, Sequence):
-        raise TypeError(
-            f"lenses must be a list of lenses (None for the logit lens) or a dict {{name: lens}}, not "
-            f"{type(lenses).__name__}"
-        )
-    if not lenses:
-        raise ValueError("lenses is empty; pass e.g. [None, tuned_lens]")
-    names = [lens_name(lens) for lens in lenses]
-    doubles = sorted({n for n in names if names.count(n) > 1})
-    if doubles:
-        raise ValueError(
-            f"two lenses are both called {doubles[0]!r}; pass a dict {{name: lens}} to tell them apart, e.g. "
-            f"{{'{doubles[0]} A': lens_a, '{doubles[0]} B': lens_b}}"
-        )
-    return {name: resolve_lens(model, lens) for name, lens in zip(names, lenses)}
-
-
 # Entry points check their own arguments (see predictions.logit_lens).
 @no_type_check
 def compare_lenses(
@@ -177,7 +150,7 @@ def compare_lenses(
     inputs: Inputs,
     *,
     lenses: Any = (None,),
-    sites: str | Sequence[str] = "resid_post",
+    sites: str | Sequence[str] | None = None,
     cache: Any = None,
     top_k: int = 5,
     targets: Targets = None,
@@ -195,9 +168,12 @@ def compare_lenses(
 
     Args:
         lenses: a list (``None`` is the logit lens; each lens's own ``name`` labels it, and two lenses
-            may not share a name) or a dict ``{name: lens}``.
-        sites: ``"resid_post"`` by default: the sites every lens reads (the Jacobian lens reads block
-            outputs only; the tuned lens reads ``{l}_post`` through translator ``l + 1``).
+            may not share a name: set ``lens.name`` on one, or pass a dict) or a dict ``{name: lens}``.
+        sites: default (``None``): the sites the lenses read by default
+            (:func:`~tl_logitlens.lenses.default_sites`): ``"resid_pre"`` for the logit and tuned
+            lenses, ``"resid_post"`` when a Jacobian lens is among them (it reads block outputs only;
+            the tuned lens reads ``{l}_post`` through translator ``l + 1``). Sites given are read as
+            given.
         Other arguments as :func:`~tl_logitlens.logit_lens`.
 
     Raises:
@@ -210,10 +186,9 @@ def compare_lenses(
     """
     check_model(model)
     named = named_lenses(model, lenses)
+    sites = sites_or_default(model, sites, list(named.values()))
     site_list = resolve_sites(model, sites)
-    for lens in named.values():  # a site a lens cannot read is refused before the model runs
-        for site in site_list:
-            lens.translate(site.label, torch.zeros(1, model.cfg.d_model, dtype=model.W_U.dtype, device=model.W_U.device))
+    check_reads(model, list(named.values()), site_list)  # a site a lens cannot read is refused before the model runs
     if cache is None:
         batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
         # every lens's hooks, and the embedding, by which logit_lens checks that the cache is of these inputs

@@ -35,7 +35,7 @@ from tl_logitlens.inputs import (
     resolve_positions,
     resolve_token,
 )
-from tl_logitlens.lenses import resolve_lens
+from tl_logitlens.lenses import resolve_lens, sites_or_default
 from tl_logitlens.readout import Readout, Site, check_model, check_norm, final_site, resolve_sites
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ def logit_lens(
     *,
     cache: Any = None,
     lens: Any = None,
-    sites: str | Sequence[str] = "resid_pre",
+    sites: str | Sequence[str] | None = None,
     norm: str = "recompute",
     include_bias: bool = True,
     top_k: int = 5,
@@ -299,8 +299,11 @@ def logit_lens(
         cache: an ``ActivationCache`` of these inputs on this model; computed when omitted.
         lens: ``None`` (the logit lens) or a lens object (e.g. a :class:`~tl_logitlens.TunedLens`)
             whose ``translate`` maps each site's states before the final norm reads them.
-        sites: ``"resid_pre"`` (every layer's input, then ``final_post``), a list of kinds
-            (add ``"resid_mid"`` to split attention from MLP), or explicit labels.
+        sites: a kind, ``"resid_pre"`` (every layer's input, then ``final_post``) or
+            ``"resid_post"`` (every block's output), a list of kinds (add ``"resid_mid"`` to split
+            attention from MLP), or explicit labels. Default (``None``): the lens's own
+            ``default_sites``: ``"resid_pre"`` for the logit and tuned lenses, ``"resid_post"`` for the
+            Jacobian lens (the sites it reads). Sites given are read as given.
         targets: token strings or ids shared by every row, or a ``[batch, 1]``/``[batch, pos]``
             tensor with one id per prompt or per read position.
         final_top_k: also follow the final site's top-``n`` tokens at every site
@@ -313,7 +316,8 @@ def logit_lens(
 
     Raises:
         ValueError, TypeError: bad arguments, with what to pass instead; a ``cache`` computed
-            from other inputs or another model.
+            from other inputs or another model; a site the lens does not read (the message names the
+            sites it reads).
 
     Example:
         >>> lens = tl.logit_lens(model, "The Eiffel Tower is in the city of", targets=[" Paris"])
@@ -328,7 +332,7 @@ def logit_lens(
     check_count(final_top_k, "final_top_k", 0, d_vocab)
     check_count(chunk_size, "chunk_size", 1)
     readout = Readout(model, resolve_lens(model, lens), norm, include_bias)
-    site_list = resolve_sites(model, sites)
+    site_list = resolve_sites(model, sites_or_default(model, sites, [readout.lens]))
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
     target_ids = _resolve_targets(model, targets, *pos_index.shape)

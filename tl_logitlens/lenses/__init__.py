@@ -19,7 +19,18 @@ the analyses; it never imports an analysis, a figure or the report.
 from tl_logitlens.lenses.jacobian import JacobianLens
 from tl_logitlens.lenses.jacobian_fitting import fit_jacobian_lens
 from tl_logitlens.lenses.loading import load_lens
-from tl_logitlens.lenses.protocol import LOGIT_LENS, Lens, LogitLens, lens_name, resolve_lens
+from tl_logitlens.lenses.protocol import (
+    LOGIT_LENS,
+    Lens,
+    LogitLens,
+    check_reads,
+    default_sites,
+    lens_default_sites,
+    lens_name,
+    named_lenses,
+    resolve_lens,
+    sites_or_default,
+)
 from tl_logitlens.lenses.tuned import TunedLens
 from tl_logitlens.lenses.tuned_training import train_tuned_lens
 
@@ -29,9 +40,14 @@ __all__ = [
     "Lens",
     "LogitLens",
     "TunedLens",
+    "check_reads",
+    "default_sites",
     "fit_jacobian_lens",
+    "lens_default_sites",
     "lens_name",
     "load_lens",
+    "named_lenses",
     "resolve_lens",
+    "sites_or_default",
     "train_tuned_lens",
 ]

@@ -68,11 +68,15 @@ class JacobianLens:
         meta: what the lens was made for and how it was fitted (model name, readout fingerprint,
             stream centring, fit settings), plain JSON-able values.
         name: the name figures and tables show.
+        default_sites: ``"resid_post"``, the sites every analysis reads through this lens when it is
+            given no ``sites=`` (the lens reads block outputs only).
 
     Example:
         >>> jlens = tl.fit_jacobian_lens(model, tl.demo_texts()[:8])             # doctest: +SKIP
-        >>> tl.logit_lens(model, "The dog was very", lens=jlens, sites="resid_post")  # doctest: +SKIP
+        >>> tl.logit_lens(model, "The dog was very", lens=jlens)   # reads resid_post  # doctest: +SKIP
     """
+
+    default_sites = "resid_post"
 
     def __init__(
         self,

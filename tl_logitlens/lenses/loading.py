@@ -7,7 +7,9 @@
 - a folder with ``config.json`` + ``params.pt``: a tuned-lens 0.2.0 checkpoint;
 - a ``.pt`` file holding ``"J"``: a Jacobian lens in the reference format (``anthropics/jacobian-lens``,
   TransformerLens 4.3), or ``"jacobian_sum"``: a TransformerLens fit checkpoint;
-- a built-in name: ``"demo"``, the tuned lens shipped for ``load_model("demo")``.
+- a built-in name: ``"demo"``, the tuned lens shipped for ``load_model("demo")``, and
+  ``"demo-jacobian"``, the Jacobian lens shipped for it (``scripts/fit_demo_jacobian.py``; its card,
+  ``demo_models/demo/jacobian_lens/LENS_CARD.md``, gives held-out KL and top-1 agreement of all three).
 
 Every file is read as data (safetensors, ``torch.load(weights_only=True)``, JSON); every size in it is
 checked against the model before anything of that size is built; every lens is checked against the
@@ -28,7 +30,10 @@ from tl_logitlens.lenses.jacobian import JacobianLens
 from tl_logitlens.lenses.tuned import TunedLens
 
 _DEMO_MODELS = Path(__file__).resolve().parent.parent / "demo_models"
-BUILTIN_LENSES = {"demo": _DEMO_MODELS / "demo" / "tuned_lens"}
+BUILTIN_LENSES = {
+    "demo": _DEMO_MODELS / "demo" / "tuned_lens",
+    "demo-jacobian": _DEMO_MODELS / "demo" / "jacobian_lens",
+}
 # this package's own formats always carry the readout fingerprint; the others never do
 _OWN_FORMATS = (tuned.FORMAT, jacobian.FORMAT)
 
@@ -78,7 +83,7 @@ def load_lens(path_or_name: Any, model: Any, *, check_fingerprint: bool = True) 
 
     The path may hold any lens format (see :mod:`tl_logitlens.lenses.loading`): this package's tuned or
     Jacobian lens folder, a tuned-lens 0.2.0 folder, or a Jacobian lens ``.pt`` in the reference format.
-    ``"demo"`` is the tuned lens shipped for ``load_model("demo")``.
+    ``"demo"`` is the tuned lens shipped for ``load_model("demo")``, ``"demo-jacobian"`` the Jacobian lens.
 
     This package's files carry a readout fingerprint of the model they were made for, and a file whose
     fingerprint is missing is refused: it may be a lens for another model of the same shape. Pass

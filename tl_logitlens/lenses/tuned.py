@@ -72,6 +72,9 @@ class TunedLens(torch.nn.Module):
         >>> tl.logit_lens(model, "Once upon a time", lens=lens)   # doctest: +SKIP
     """
 
+    # the sites analyses read through it when given no sites= (it reads resid_post too)
+    default_sites = "resid_pre"
+
     def __init__(self, d_model: int, n_layers: int, *, meta: dict[str, Any] | None = None,
                  name: str = "tuned lens") -> None:
         super().__init__()

@@ -81,7 +81,8 @@ def report(
     ``report(model, prompts, out=..., **analysis)`` is ``write_report(compute_report(model, prompts,
     **analysis), out, ...)`` with ``out``, ``max_prompts`` and ``plotly_js`` checked first. The
     analysis arguments are :func:`compute_report`'s: ``target`` and ``versus`` (tokens), ``top_k``
-    (5), ``sites`` (``"resid_pre"``), ``norm`` (``"recompute"``), ``lens`` (None for the logit lens,
+    (5), ``sites`` (default: the lens's own, ``"resid_pre"`` for the logit and tuned lenses and
+    ``"resid_post"`` for the Jacobian lens), ``norm`` (``"recompute"``), ``lens`` (None for the logit lens,
     or a lens object for the analyses that take one; the report names it), ``mask_positions``
     (masked LMs), ``batch_size`` and ``progress``.
 

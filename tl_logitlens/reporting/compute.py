@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, no_type_check
 
@@ -11,7 +11,8 @@ from tl_logitlens._run import plan_forwards
 from tl_logitlens.attribution import AttributionResult, direct_logit_attribution
 from tl_logitlens.directions import DirectionResult, logit_diff
 from tl_logitlens.inputs import resolve_token
-from tl_logitlens.lenses import LOGIT_LENS
+from tl_logitlens.lens_comparison import LensComparison, compare_lenses
+from tl_logitlens.lenses import LOGIT_LENS, named_lenses, resolve_lens, sites_or_default
 from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
 from tl_logitlens.models import load_model
 from tl_logitlens.predictions import LensResult, logit_lens
@@ -33,9 +34,13 @@ class ReportData:
       ``EVOLUTION_N`` tokens there (for :func:`~tl_logitlens.plotting.top_token_evolution`).
     - ``logit_diff``, ``attribution`` (components), ``head_attribution``: at each prompt's last
       token, for ``target`` minus ``versus``; None without ``versus``.
-    - ``lens_name``: which lens read the sites (``"logit lens"``, or the ``name`` of the ``lens=`` given).
+    - ``lens_name``: which lens read the sites (``"logit lens"``, or the ``name`` of the ``lens=`` given;
+      with several lenses, the first one's).
     - ``padding_fraction``: the share of the token slots the lens's forward passes computed that were
       padding (prompts are batched by length, so it stays small).
+    - ``comparison``: with several lenses (``lens=[...]``), :func:`~tl_logitlens.compare_lenses` of all of
+      them over every prompt, at the sites they all read (by default the first of their default sites
+      that every one reads: ``resid_post`` when a Jacobian lens is among them); None with one lens.
     """
 
     prompts: tuple[str, ...]
@@ -52,6 +57,7 @@ class ReportData:
     top_k: int
     lens_name: str = LOGIT_LENS.name
     padding_fraction: float = 0.0
+    comparison: LensComparison | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ def compute_report(
     target: str | int | None = None,
     versus: str | int | None = None,
     top_k: int = 5,
-    sites: str | Sequence[str] = "resid_pre",
+    sites: str | Sequence[str] | None = None,
     norm: str = "recompute",
     batch_size: int = 16,
     progress: Progress | None = None,
@@ -118,7 +124,18 @@ def compute_report(
 
     ``model`` is a model object or anything :func:`~tl_logitlens.load_model` takes. A masked LM gets
     a :class:`MaskedReportData` (see :func:`compute_masked_report`), a causal LM a :class:`ReportData`.
-    ``lens``: None (the logit lens) or a lens object, passed to the analyses that read sites.
+    ``lens``: None (the logit lens) or a lens object, passed to the analyses that read sites; or several,
+    a list (``None`` is the logit lens) or a dict ``{name: lens}``: the first is read by every analysis
+    as one lens is, and :func:`~tl_logitlens.compare_lenses` reads all of them side by side
+    (``ReportData.comparison``, the report's "lenses side by side" section). Lenses are shown by name,
+    so their names must differ (set ``lens.name`` on one, or pass a dict).
+    ``sites``: default (``None``): the lens's ``default_sites`` (``"resid_pre"`` for the logit and tuned
+    lenses, ``"resid_post"`` for the Jacobian lens), and for the comparison the first default every
+    lens reads; sites given are read as given, by every lens.
+
+    Example:
+        >>> data = compute_report("demo", "The dog was very", lens=[None, tl.load_lens("demo", model)])  # doctest: +SKIP
+        >>> data.comparison.site_table()                                                            # doctest: +SKIP
     ``mask_positions``: masked LMs only, where to put the hole in prompts without a mask token.
     """
     model = load_model(model)
@@ -130,7 +147,7 @@ def compute_report(
                 "target only (drop versus)"
             )
         # the command line passes its default as a list (--sites takes several)
-        default_sites = sites == "resid_pre" or (isinstance(sites, (list, tuple)) and list(sites) == ["resid_pre"])
+        default_sites = sites in (None, "resid_pre") or (isinstance(sites, (list, tuple)) and list(sites) == ["resid_pre"])
         if not default_sites or norm != "recompute" or lens is not None:
             raise ValueError(
                 "a masked LM's lens reads every block's input through its own MLM head: sites, norm and lens "
@@ -154,7 +171,7 @@ def _compute_causal(
     target: str | int | None,
     versus: str | int | None,
     top_k: int,
-    sites: str | Sequence[str],
+    sites: str | Sequence[str] | None,
     norm: str,
     batch_size: int,
     progress: Progress | None,
@@ -162,6 +179,13 @@ def _compute_causal(
 ) -> ReportData:
     """:func:`compute_report` for a causal LM, its arguments checked."""
     target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
+    comparison, main_name = None, None
+    if isinstance(lens, (list, tuple, Mapping)):  # several lenses: the first reads every section
+        named = named_lenses(model, lens)
+        if len(named) > 1:
+            comparison = compare_lenses(model, prompts, lenses=named, sites=sites, top_k=top_k)
+        main_name, lens = next(iter(named.items()))
+    sites = sites_or_default(model, sites, [resolve_lens(model, lens)])  # the lens's own default sites
     read = {"sites": sites, "norm": norm, "lens": lens}
     targets = [t for t in (target, versus) if t is not None] or None
     # prompts run in batches of similar length (little padding), then go back to the user's order
@@ -204,8 +228,9 @@ def _compute_causal(
         sites=result.labels,
         norm=norm,
         top_k=top_k,
-        lens_name=result.lens_name,
+        lens_name=result.lens_name if main_name is None else main_name,
         padding_fraction=0.0 if slots == 0 else 1.0 - real / slots,
+        comparison=comparison,
     )
 
 

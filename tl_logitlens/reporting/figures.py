@@ -232,3 +232,21 @@ def _masked_entropy_kl(data: MaskedReportData) -> Figure:
         "site), in nats (0 at final_post).",
         len(data.prompts),
     )
+
+
+def comparison_figure(data: ReportData) -> Figure | None:
+    """With several lenses: one heatmap per lens on prompt 0, on one colour scale (None with one lens)."""
+    cmp = data.comparison
+    if cmp is None:
+        return None
+    n_cols = int(cmp.valid[0].sum())
+    figs, m = _positions_fitting([lambda m: cmp.plot(prompt=0, max_positions=m)], n_cols)
+    names = ", ".join(escape(name) for name in cmp.lenses)
+    return Figure(
+        f"{len(cmp.lenses)} lenses on prompt 0",
+        f"The same run read through each lens ({names}), top to bottom, at the sites every one of them reads "
+        f"({escape(cmp.labels[0])} … {escape(cmp.labels[-1])}). As in the lens heatmap, each cell is the token the "
+        "lens predicts after its column's token; one colour scale for all panels, so a colour is the same "
+        "probability in each." + _clip_note(m, n_cols),
+        figs[0],
+    )

@@ -14,8 +14,8 @@ from tl_logitlens._files import atomic_write_text
 from tl_logitlens.directions import NORM_VIEWS
 from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
-from tl_logitlens.reporting.figures import figures
-from tl_logitlens.reporting.tables import escape, prompts_html, tables_html, token_box
+from tl_logitlens.reporting.figures import comparison_figure, figures
+from tl_logitlens.reporting.tables import comparison_table_html, escape, prompts_html, tables_html, token_box
 
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
@@ -150,6 +150,26 @@ def _howto(data: AnyReportData) -> str:
     return f'<section class="howto"><h2>How to read this</h2><dl>{body}</dl></section>'
 
 
+def _comparison_html(data: AnyReportData) -> list[str]:
+    """With several lenses: the "lenses side by side" section, their heatmaps and the per-site table."""
+    figure = None if isinstance(data, MaskedReportData) else comparison_figure(data)
+    if figure is None:
+        return []
+    cmp = data.comparison
+    n = int(cmp.valid.sum())
+    return [
+        f'<section id="lens-comparison"><h2>Lenses side by side: {escape(", ".join(cmp.lenses))}</h2>',
+        f"<h3>{escape(figure.heading)}</h3>",
+        _figure_html(figure.fig, "figure-comparison", figure.caption),
+        "<h3>How close each lens is to the model's output, by site</h3>",
+        f"<p>Mean over every read position of every prompt ({n} positions): KL(final ‖ site) in nats (0 is the "
+        "model's own distribution) and top-1 agreement (how often the lens's top token is the model's final "
+        "top token). For a corpus, use <code>tl.evaluate_lenses</code> or <code>tl-logitlens eval</code>.</p>",
+        comparison_table_html(cmp),
+        "</section>",
+    ]
+
+
 def _default_title(data: AnyReportData) -> str:
     if isinstance(data, MaskedReportData):
         kind = "Masked-LM lens report"
@@ -204,6 +224,7 @@ def write_report(
     for i, figure in enumerate(figures(data, shown)):
         parts.append(f"<h3>{escape(figure.heading)}</h3>")
         parts.append(_figure_html(figure.fig, f"figure-{i}", figure.caption))
+    parts += _comparison_html(data)
     parts += tables_html(data, shown)
     if evaluation is not None:
         from tl_logitlens.evaluate import LensEvaluation

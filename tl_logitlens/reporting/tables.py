@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from tl_logitlens.lens_comparison import LensComparison
 from tl_logitlens.masked import MaskedLensResult
 from tl_logitlens.predictions import LensResult
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
@@ -118,3 +119,22 @@ def tables_html(data: AnyReportData, shown: list[int]) -> list[str]:
             parts.append(f"<h3>Prompt {b}, hole at position {int(res.mask_positions[0, j])}</h3>")
             parts.append(masked_table_html(res, 0, j))
     return parts
+
+
+def comparison_table_html(comparison: LensComparison) -> str:
+    """Per site, for each lens: the mean ``KL(final ‖ site)`` (nats) and top-1 agreement with the final
+    layer over every read position of every prompt (:meth:`LensComparison.site_table`)."""
+    table = comparison.site_table()
+    lenses = list(comparison.lenses)
+    head = "<tr><th rowspan='2'>site</th>" + "".join(f"<th colspan='2'>{escape(name)}</th>" for name in lenses) + "</tr>"
+    head += "<tr>" + "<th>KL (nats)</th><th>top-1 agreement</th>" * len(lenses) + "</tr>"
+    rows = []
+    for site in comparison.labels:
+        part = table[table.site == site].set_index("lens")
+        cells = "".join(
+            f'<td class="num">{part.loc[name, "kl_to_final"]:.3f}</td>'
+            f'<td class="num">{part.loc[name, "top1_agreement"]:.1%}</td>'
+            for name in lenses
+        )
+        rows.append(f"<tr><th>{escape(site)}</th>{cells}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
