@@ -19,24 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tl_logitlens._cli_shared import (
-    PROG,
-    TEXTS_HELP,
-    UsageError,
-    _apply_threads,
-    _check_checkpoint_dir,
-    _check_out,
-    _consoles,
-    _Formatter,
-    _load,
-    _model_and_device,
-    _natural,
-    _positive,
-    _process_group,
-    _texts,
-    _threads,
-    check_device,
-)
+from tl_logitlens import _cli_shared as shared
 
 # the files each lens format writes into its folder (tl_logitlens.lenses.{tuned,jacobian}: STEM, WEIGHTS_FILE,
 # CONFIG_FILE, TUNED_LENS_CONFIG, TUNED_LENS_PARAMS; named here so the checks need no torch)
@@ -81,20 +64,20 @@ def _real(low: float, high: float | None = None, *, above: bool = False, below: 
 def _common(p: argparse.ArgumentParser, out_help: str, seq_len_help: str, batch_help: str, every_help: str) -> None:
     """What both fit commands take: the model and device, the corpus, where the lens goes, the sizes,
     the checkpoint, threads and the progress bar."""
-    _model_and_device(p, DEVICE_HELP)
-    p.add_argument("--texts", metavar="FILE|demo", required=True, help=f"the texts to fit on: {TEXTS_HELP}")
+    shared._model_and_device(p, DEVICE_HELP)
+    p.add_argument("--texts", metavar="FILE|demo", required=True, help=f"the texts to fit on: {shared.TEXTS_HELP}")
     p.add_argument("--out", metavar="PATH", required=True, help=out_help)
-    p.add_argument("--seq-len", type=_positive, metavar="N", help=seq_len_help)
-    p.add_argument("--batch-size", type=_positive, metavar="N", help=batch_help)
+    p.add_argument("--seq-len", type=shared._positive, metavar="N", help=seq_len_help)
+    p.add_argument("--batch-size", type=shared._positive, metavar="N", help=batch_help)
     p.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
         help="save the state in DIR as it goes, and resume from DIR when it holds a checkpoint of the same "
         "settings and texts (a finished one returns its lens at once; other settings are refused)",
     )
-    p.add_argument("--checkpoint-every", type=_positive, metavar="N", help=every_help)
+    p.add_argument("--checkpoint-every", type=shared._positive, metavar="N", help=every_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
-    _threads(p)
+    shared._threads(p)
 
 
 def _add_jacobian(sub: Any) -> None:
@@ -112,11 +95,11 @@ def _add_jacobian(sub: Any) -> None:
         ),
         epilog=(
             "examples:\n"
-            f"  {PROG} fit jacobian demo --texts demo --seq-len 64 --out demo-j.pt\n"
+            f"  {shared.PROG} fit jacobian demo --texts demo --seq-len 64 --out demo-j.pt\n"
             "  torchrun --nproc-per-node 4 -m tl_logitlens fit jacobian gpt2 \\\n"
             "      --texts corpus.jsonl --out gpt2-jlens"
         ),
-        formatter_class=_Formatter,
+        formatter_class=shared._Formatter,
     )
     _common(
         p,
@@ -132,19 +115,19 @@ def _add_jacobian(sub: Any) -> None:
     )
     p.add_argument(
         "--skip-first",
-        type=_natural,
+        type=shared._natural,
         metavar="N",
         help=f"leading positions left out of the sources and targets (default {d['skip_first']})",
     )
     p.add_argument(
         "--layers",
-        type=_natural,
+        type=shared._natural,
         nargs="+",
         metavar="L",
         help="source layers, block indices from 0 to n_layers - 2 (default: every block below the last, "
         "which reads with the identity)",
     )
-    p.add_argument("--max-prompts", type=_positive, metavar="N", help="use only the first N texts (default: all)")
+    p.add_argument("--max-prompts", type=shared._positive, metavar="N", help="use only the first N texts (default: all)")
 
 
 def _add_tuned(sub: Any) -> None:
@@ -161,11 +144,11 @@ def _add_tuned(sub: Any) -> None:
         ),
         epilog=(
             "examples:\n"
-            f"  {PROG} fit tuned demo --texts demo --steps 50 --out demo-tuned\n"
+            f"  {shared.PROG} fit tuned demo --texts demo --steps 50 --out demo-tuned\n"
             "  torchrun --nproc-per-node 4 -m tl_logitlens fit tuned gpt2 \\\n"
             "      --texts corpus.jsonl --steps 250 --out gpt2-tuned"
         ),
-        formatter_class=_Formatter,
+        formatter_class=shared._Formatter,
     )
     _common(
         p,
@@ -185,10 +168,10 @@ def _add_tuned(sub: Any) -> None:
         "(tuned-lens 0.2.0's config.json + params.pt, to use the lens there; trained on the model loaded "
         "with center_writing_weights=False, the raw stream tuned-lens reads)",
     )
-    p.add_argument("--steps", type=_positive, metavar="N", help="optimiser steps (default: one pass over the windows)")
+    p.add_argument("--steps", type=shared._positive, metavar="N", help="optimiser steps (default: one pass over the windows)")
     p.add_argument(
         "--tokens-per-step",
-        type=_positive,
+        type=shared._positive,
         default=d["tokens_per_step"],
         metavar="N",
         help=f"tokens per step, in whole windows, at least one (default {d['tokens_per_step']})",
@@ -210,7 +193,7 @@ def _add_tuned(sub: Any) -> None:
     )
     p.add_argument(
         "--warmup-steps",
-        type=_natural,
+        type=shared._natural,
         default=d["warmup_steps"],
         metavar="N",
         help=f"steps of linear warm-up before the linear decay to zero (default {d['warmup_steps']})",
@@ -222,7 +205,7 @@ def _add_tuned(sub: Any) -> None:
         metavar="X",
         help=f"largest gradient norm (default {d['grad_clip']:g})",
     )
-    p.add_argument("--seed", type=_natural, default=d["seed"], metavar="N", help=f"the window order's seed (default {d['seed']})")
+    p.add_argument("--seed", type=shared._natural, default=d["seed"], metavar="N", help=f"the window order's seed (default {d['seed']})")
 
 
 def _add_fit(sub: Any) -> None:
@@ -230,8 +213,8 @@ def _add_fit(sub: Any) -> None:
         "fit",
         help="fit a Jacobian lens or train a tuned lens on a corpus, and save it",
         description="Fit a lens on MODEL over a corpus and save it (also under torchrun).",
-        epilog=f"'{PROG} fit jacobian --help' and '{PROG} fit tuned --help' list their options.",
-        formatter_class=_Formatter,
+        epilog=f"'{shared.PROG} fit jacobian --help' and '{shared.PROG} fit tuned --help' list their options.",
+        formatter_class=shared._Formatter,
     )
     kinds = fit.add_subparsers(dest="kind", metavar="KIND", help="jacobian or tuned", parser_class=type(fit))
     kinds.required = True
@@ -247,17 +230,17 @@ def _check_folder_out(path: str, writes: str) -> None:
     another lens format (``writes`` is the format written)."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise UsageError(f"--out {path!r} is a file; this lens is saved as a folder, give a folder path")
+        raise shared.UsageError(f"--out {path!r} is a file; this lens is saved as a folder, give a folder path")
     if not p.parent.is_dir():
-        raise UsageError(f"the folder for --out {path!r} does not exist; create it first")
+        raise shared.UsageError(f"the folder for --out {path!r} does not exist; create it first")
     if not p.is_dir():
         return
     for entry in sorted(p.iterdir()):
         if entry.is_dir():
-            raise UsageError(f"--out {path!r} holds a folder ({entry.name}); save the lens into a new or empty folder")
+            raise shared.UsageError(f"--out {path!r} holds a folder ({entry.name}); save the lens into a new or empty folder")
         other = [kind for kind, names in LENS_FILES.items() if kind != writes and entry.name in names]
         if other:
-            raise UsageError(
+            raise shared.UsageError(
                 f"--out {path!r} holds {entry.name}, a file of another lens format, which the save would keep "
                 "beside the new lens; give a new or empty folder"
             )
@@ -270,25 +253,25 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``fit jacobian`` and ``fit tuned``: the checks, then the fit, then (rank 0) the save and a summary."""
-    texts = _texts(args.texts)
+    texts = shared._texts(args.texts)
     jacobian = args.kind == "jacobian"
     if jacobian and args.out.lower().endswith(REFERENCE_SUFFIX):
-        _check_out(args.out, (REFERENCE_SUFFIX,), "--out")
+        shared._check_out(args.out, (REFERENCE_SUFFIX,), "--out")
     elif not jacobian and args.out.lower().endswith(REFERENCE_SUFFIX):
-        raise UsageError(f"--out {args.out!r}: a tuned lens is saved as a folder; give a folder name, not a .pt file")
+        raise shared.UsageError(f"--out {args.out!r}: a tuned lens is saved as a folder; give a folder name, not a .pt file")
     else:
         _check_folder_out(args.out, "jacobian" if jacobian else args.format)
-    _check_checkpoint_dir(args.checkpoint_dir)
+    shared._check_checkpoint_dir(args.checkpoint_dir)
     # torch loads from here on: every mistake in what was typed is reported before it
-    check_device(args.device)
-    _apply_threads(args)
-    with _process_group(args.device) as (world, device):
-        console, err = _consoles()
+    shared.check_device(args.device)
+    shared._apply_threads(args)
+    with shared._process_group(args.device) as (world, device):
+        console, err = shared._consoles()
         fmt = ("jlens" if args.out.lower().endswith(REFERENCE_SUFFIX) else "tl_logitlens") if jacobian else args.format
         # the other tools' formats carry no record of TransformerLens's centring and are read as the raw
         # (Hugging Face) stream: fit on that stream, so the file means there what it means here
         options = {"center_writing_weights": False} if fmt in FOREIGN_FORMATS else {}
-        model = _load(args.model, device, err, **options)
+        model = shared._load(args.model, device, err, **options)
         progress = not args.no_progress and sys.stderr.isatty()
         lens = (_fit_jacobian if jacobian else _train_tuned)(model, texts, args, progress)
         if not world.is_main:
@@ -337,7 +320,7 @@ def _how_to_load(args: argparse.Namespace, lens: Any, options: dict[str, Any]) -
     if not options:
         return [
             f"load it with tl.load_lens({args.out!r}, model), or use it with",
-            f"  {PROG} run {args.model} PROMPT --lens {args.out}{sites}",
+            f"  {shared.PROG} run {args.model} PROMPT --lens {args.out}{sites}",
         ]
     model = f"tl.load_model({args.model!r}, {', '.join(f'{k}={v!r}' for k, v in options.items())})"
     return [
