@@ -259,10 +259,11 @@ def _add_eval(sub: Any) -> None:
     ev.add_argument("--text-field", default="text", metavar="NAME", help="the field holding text in JSON objects (default: text)")
     ev.add_argument(
         "--lens",
-        metavar="PATH|demo",
+        metavar="PATH|NAME",
         action="append",
         default=[],
-        help="a tuned lens to evaluate beside the logit lens: a folder, or 'demo' (repeat for several)",
+        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, or the "
+        "demo model's 'demo' (tuned) or 'demo-jacobian' (repeat for several)",
     )
     _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")

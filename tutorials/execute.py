@@ -36,6 +36,11 @@ def execute(path: Path) -> None:
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}},
                    record_timing=False).execute()
     for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            # tl.plotting.show warns when kaleido made no PNG (it happens under load); GitHub and the docs
+            # would then show no figure, so nothing is written and the notebook is to be executed again
+            if output.get("name") == "stderr" and "no PNG for this figure" in output.get("text", ""):
+                raise RuntimeError(f"{path.name}: a figure got no PNG ({output['text'].strip()}); run it again")
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
     nb.metadata["tl_logitlens"] = {"source_sha256": source_hash(nb)}
