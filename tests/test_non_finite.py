@@ -8,6 +8,8 @@ check. Before, each finished with finite-looking top ids, ranks, bootstrap inter
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -125,7 +127,7 @@ def test_cli_run_on_a_broken_model_is_a_one_line_error_exit_2(tmp_path, monkeypa
 def test_masked_lens_refuses_non_finite_values(where):
     from tests.encoder_helpers import tiny_encoder
 
-    model = tiny_encoder("bert")
+    model = copy.deepcopy(tiny_encoder("bert"))  # the helper's model is cached and shared: never poison it
     with torch.no_grad():
         if where == "W_in":
             model.blocks[1].mlp.W_in[0, 0] = float("nan")

@@ -158,12 +158,12 @@ def test_numpy_integers_are_accepted_for_positions_and_targets(ln_model):
     [
         ({"include_bias": "no"}, TypeError, "include_bias must be True or False, not 'no'"),
         ({"prepend_bos": "yes"}, TypeError, "prepend_bos must be True, False or None"),
-        ({"sites": None}, TypeError, "sites must be a kind"),
+        ({"sites": 3}, TypeError, "sites must be a kind"),
         ({"sites": ["resid_pre", "3_mid"]}, ValueError, "mixes kinds"),
         ({"keep_logprobs": 1}, TypeError, "keep_logprobs must be True or False"),
         ({"final_top_k": -1}, ValueError, "final_top_k=-1"),
     ],
-    ids=["include_bias", "prepend_bos", "sites_none", "mixed_sites", "keep_logprobs", "final_top_k"],
+    ids=["include_bias", "prepend_bos", "sites_int", "mixed_sites", "keep_logprobs", "final_top_k"],
 )
 def test_bad_options_say_what_to_pass(ln_model, kwargs, error, match):
     with pytest.raises(error, match=match):
