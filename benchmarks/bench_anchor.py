@@ -6,7 +6,7 @@ Both read TinyStories 900-999 (held out from the shared tuned lens's training,
 ``../shared/corpora/tinystories_1000.json``) in 512-token windows with stories260K, the logit lens
 and the tuned lens in ``../shared/lenses/stories260K-tuned-lens`` (tuned-lens 0.2.0's own format),
 on 1 thread (``OMP_NUM_THREADS=1``; ``--threads 1`` for tl-logitlens), CPU. Each tool runs in a
-fresh process: ``tl_logitlens.cli.main`` with ``eval`` arguments (after ``tune_allocator()``, as the
+fresh process: ``tl_logitlens.cli.commands.main`` with ``eval`` arguments (after ``tune_allocator()``, as the
 ``tl-logitlens`` command does), and tuned-lens's ``Eval`` command dataclass with ``lens_types=["logit",
 "tuned"]`` and its ``execute()`` (what ``python -m tuned_lens eval`` runs; its command line refuses a
 list of lens types). *wall* is the whole process (interpreter, imports, model load, evaluation,
@@ -52,7 +52,7 @@ e = os.times()
 cpu = (e.user + e.system + e.children_user + e.children_system) - (c.user + c.system + c.children_user + c.children_system)
 sys.stderr.write("\\nIN-PROCESS %.4f %.4f\\n" % (time.perf_counter() - t, cpu))
 """
-_TL = "from tl_logitlens.cli import main, tune_allocator; tune_allocator(); rc = main(sys.argv[1:]); assert rc == 0, rc"
+_TL = "from tl_logitlens.cli.commands import main, tune_allocator; tune_allocator(); rc = main(sys.argv[1:]); assert rc == 0, rc"
 # its command line cannot take --lens_types logit tuned (simple_parsing refuses a list of Literals), so
 # the driver builds the command's own Eval dataclass from the same arguments and calls execute()
 _TUNED = (

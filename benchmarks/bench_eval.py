@@ -25,7 +25,7 @@ what is live). The allocator is tuned as ``tl-logitlens`` tunes it
 (``--default-allocator``: left alone; then TransformerLens's forward pays page faults on every
 large buffer, several times over, and every row is slower). The GPT-2-small-shaped model has random weights and GPT-2's real
 tokenizer (TransformerLens 3.x only). ``--fresh-processes`` starts a new Python process per run and
-times its first forward over the windows with and without :func:`tl_logitlens.cli.tune_allocator`
+times its first forward over the windows with and without :func:`tl_logitlens.cli.commands.tune_allocator`
 (and with the ``MALLOC_*_`` environment variables), best of ``--repeats``.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from tl_logitlens.cli import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD
+from tl_logitlens.cli.commands import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -76,7 +76,7 @@ def load_hf(name: str):
 
 
 def windows_of(model, texts, seq_len):
-    from tl_logitlens.corpus import document_windows, tokenize_document
+    from tl_logitlens.core.corpus import document_windows, tokenize_document
 
     return [document_windows(tokenize_document(model, t, i).ids, seq_len) for i, t in enumerate(texts)]
 
@@ -122,8 +122,8 @@ class Lens:
     """The logit lens's readout and kernel over a cache, as evaluate_lenses calls them."""
 
     def __init__(self, model):
+        from tl_logitlens.core.readout import Readout, resolve_sites
         from tl_logitlens.lenses import LOGIT_LENS
-        from tl_logitlens.readout import Readout, resolve_sites
 
         self.model = model
         self.readout = Readout(model, LOGIT_LENS, "recompute", True)
@@ -138,7 +138,7 @@ class Lens:
             return self.model.run_with_cache(tokens, names_filter=lambda n: n in wanted, **kwargs)[1]
 
     def kernel(self, cache, mask):
-        from tl_logitlens._kernel import Unembedding, unembed_metrics
+        from tl_logitlens.core.kernel import Unembedding, unembed_metrics
 
         b, p = mask.nonzero(as_tuple=True)
         sites, final, r = self.sites, self.final, self.readout
@@ -152,7 +152,7 @@ class Lens:
 
 
 def set_thresholds(size: int) -> None:
-    """glibc's mmap and trim thresholds (what tl_logitlens.cli.tune_allocator sets, at any size)."""
+    """glibc's mmap and trim thresholds (what tl_logitlens.cli.commands.tune_allocator sets, at any size)."""
     import ctypes
 
     mallopt = ctypes.CDLL(None).mallopt
@@ -236,7 +236,7 @@ def bench_model(name: str, args) -> None:
 def child(name: str, docs_n: int, seq_len: int, batch: int, tune: bool) -> None:
     """One fresh process: load, optionally tune the allocator, time the first forward over the windows."""
     if tune:
-        from tl_logitlens.cli import tune_allocator
+        from tl_logitlens.cli.commands import tune_allocator
 
         assert tune_allocator(), "tune_allocator changed nothing"
     model = load(name)

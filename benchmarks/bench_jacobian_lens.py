@@ -129,8 +129,7 @@ def agreement(a, b) -> str:
 
 def stories_models(tl4: bool):
     import tl_logitlens as tl
-    from tl_logitlens import _compat
-
+    from tl_logitlens.core import compat as _compat
     texts = json.loads(STORIES_JSON.read_text(encoding="utf-8"))[:8]
     bridge = _compat.TransformerBridge.boot_transformers(str(STORIES), device="cpu", dtype=torch.float32).eval()
     models = {"raw bridge": bridge}
@@ -144,8 +143,7 @@ def gpt2_models(tl4: bool):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     import tl_logitlens as tl
-    from tl_logitlens import _compat
-
+    from tl_logitlens.core import compat as _compat
     torch.manual_seed(0)
     config = GPT2Config()
     hf = GPT2LMHeadModel(config).eval()
@@ -165,8 +163,7 @@ def gpt2_models(tl4: bool):
 
 
 def run_shape(shape: str, repeats: int) -> None:
-    from tl_logitlens import _compat
-
+    from tl_logitlens.core import compat as _compat
     tl4 = _compat.HookedTransformer is None
     title, texts, models = (stories_models if shape == "stories" else gpt2_models)(tl4)
     fns = {}

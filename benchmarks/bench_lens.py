@@ -31,11 +31,11 @@ from _measure import (
 from transformer_lens import HookedTransformer
 
 import tl_logitlens as tl
-from tl_logitlens import _kernel
-from tl_logitlens._kernel import Unembedding, unembed_metrics
+from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE
+from tl_logitlens.core import kernel as _kernel
+from tl_logitlens.core.kernel import Unembedding, unembed_metrics
+from tl_logitlens.core.readout import Readout, Site, resolve_sites
 from tl_logitlens.lenses import resolve_lens
-from tl_logitlens.predictions import DEFAULT_CHUNK_SIZE
-from tl_logitlens.readout import Readout, Site, resolve_sites
 
 
 def naive_lens(model, cache, tokens, top_k=5):

@@ -18,7 +18,7 @@ import torch
 from _measure import fix_mmap_threshold, measure, print_table, threads
 
 import tl_logitlens as tl
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 
 def gpt2_small_bridge():

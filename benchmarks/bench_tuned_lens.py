@@ -37,8 +37,8 @@ STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 
 
 def ours(model, lens, tokens):
+    from tl_logitlens.core.readout import logit_scale
     from tl_logitlens.lenses.tuned_training import lens_kl_sum
-    from tl_logitlens.readout import logit_scale
 
     wt = model.W_U.detach().float().T.contiguous()
     b_u = getattr(model, "b_U", None)

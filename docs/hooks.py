@@ -73,6 +73,8 @@ def _api_pages() -> dict[str, tuple[str, list[str]]]:
             if not isinstance(home, str) or not home.startswith("tl_logitlens") or package.endswith("plotting"):
                 home = package  # constants and the plotting package: one page for their package
             short = home.removeprefix("tl_logitlens.").lstrip("_") or "tl_logitlens"
+            # core/ and analyses/ are the floors, not what a reader looks up: "analyses.predictions" → "predictions"
+            short = short.removeprefix("core.").removeprefix("analyses.")
             path = f"api/{short.replace('.', '_')}.md"
             pages.setdefault(path, (_page_title(short), []))[1].append(f"{package}.{name}")
     order = [f"api/{short.replace('.', '_')}.md" for short in TITLES]

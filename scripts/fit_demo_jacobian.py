@@ -124,7 +124,7 @@ def card(meta: dict[str, Any]) -> str:
 
 def main() -> None:
     import tl_logitlens as tl
-    from tl_logitlens._files import atomic_write_text
+    from tl_logitlens.core.files import atomic_write_text
 
     torch.set_num_threads(SETTINGS["torch_threads"])
     model = tl.load_model("demo")

@@ -89,7 +89,7 @@ def write_card(meta: dict, evaluation: dict) -> None:
 
 def main() -> None:
     import tl_logitlens as tl
-    from tl_logitlens.corpus import pack_windows
+    from tl_logitlens.core.corpus import pack_windows
 
     torch.set_num_threads(SETTINGS["torch_threads"])
     split = load_split()

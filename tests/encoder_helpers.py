@@ -114,7 +114,7 @@ def hf_roberta(seed: int = 0, n_layers: int = 3, d_model: int = 32, n_heads: int
 @lru_cache(maxsize=2)
 def tiny_encoder(kind: str = "bert"):
     """A converted tiny random encoder (cached: treat as read-only)."""
-    from tl_logitlens.encoders import bert_to_hooked_encoder, roberta_to_hooked_encoder
+    from tl_logitlens.core.encoders import bert_to_hooked_encoder, roberta_to_hooked_encoder
 
     if kind == "bert":
         hf, tok = hf_bert()

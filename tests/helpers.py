@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 # TransformerLens 4.x has no HookedTransformer: there the tiny models are TransformerBridges
 # (see tiny_bridge), with exactly the weights the HookedTransformer would get on 3.x.
 HAS_HOOKED_TRANSFORMER = _compat.HookedTransformer is not None
 
 # The one feature TransformerLens 4.x lacks here: HookedEncoder (masked language models), which
-# tl_logitlens.encoders and tl_logitlens.masked are built on. Test modules about them carry this mark.
+# tl_logitlens.core.encoders and tl_logitlens.analyses.masked are built on. Test modules about them carry this mark.
 requires_hooked_encoder = pytest.mark.skipif(
     _compat.HookedEncoder is None,
     reason=f"TransformerLens {_compat.TL_VERSION} has no HookedEncoder (removed in 4.0): the BERT/RoBERTa "

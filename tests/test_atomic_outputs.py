@@ -58,8 +58,7 @@ def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path, report_dat
 def test_cli_json_and_csv_interrupted_mid_write_leave_the_old_files(tmp_path, monkeypatch, report_data):
     import pandas as pd
 
-    from tl_logitlens import cli
-
+    from tl_logitlens.cli import commands as cli
     csv, js = tmp_path / "t.csv", tmp_path / "t.json"
     csv.write_text("old csv\n")
     js.write_text('{"old": true}\n')
@@ -74,8 +73,7 @@ def test_cli_json_and_csv_interrupted_mid_write_leave_the_old_files(tmp_path, mo
         cli._write_tables(report_data, str(csv), str(js))
     assert csv.read_text() == "old csv\n"
     monkeypatch.undo()
-    from tl_logitlens import _files
-
+    from tl_logitlens.core import files as _files
     def interrupted_write(path, text):
         def write(tmp):
             tmp.write_text(text[:10])  # part of the new file, then Ctrl-C
@@ -95,7 +93,7 @@ def test_cli_json_and_csv_interrupted_mid_write_leave_the_old_files(tmp_path, mo
 
 @pytest.mark.parametrize("option", ["--out", "--csv", "--json"])
 def test_help_says_an_existing_output_is_replaced(capsys, option):
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
 
     with pytest.raises(SystemExit):
         main(["run", "--help"])

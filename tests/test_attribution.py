@@ -7,8 +7,8 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, STORIES, assert_close, require_shared, tiny_model
-from tl_logitlens import _compat
-from tl_logitlens.readout import final_norm_bias
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.readout import final_norm_bias
 
 C, WRONG = " the", " park"
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"

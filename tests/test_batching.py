@@ -10,7 +10,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, tiny_model
-from tl_logitlens._run import ForwardPlan, plan_forwards, run_cache
+from tl_logitlens.core.run import ForwardPlan, plan_forwards, run_cache
 
 # prompts of very different lengths, in an order that is not sorted by length
 MIXED = [

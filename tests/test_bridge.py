@@ -17,7 +17,7 @@ import torch
 import tl_logitlens as tl
 from tests.helpers import GPT2_TOKENIZER, SENTENCES, STORIES, assert_close, require_shared
 from tests.test_lens import reference_lens
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
 # Over GPT-2's 50257 tokens the float32 entropy and KL (blocked dot products in lens._rowdot) agree
@@ -236,7 +236,7 @@ def test_logit_scaling_is_in_logit_diff_and_attribution(granite_folder, granite_
     """A model that scales its logits after ``W_U`` (Granite: / logits_scaling): the logit difference at
     ``final_post``, the attribution's total and its rows' sum are all the Hugging Face model's own
     difference, not the unscaled ``W_U`` difference (4x larger here)."""
-    from tl_logitlens.readout import logit_scale
+    from tl_logitlens.core.readout import logit_scale
 
     assert logit_scale(granite_bridge) == pytest.approx(0.25, rel=1e-6)
     tokens = granite_bridge.to_tokens(PROMPT)
@@ -276,7 +276,7 @@ def test_component_lens_rows_add_up_to_scaled_logits(granite_folder, granite_bri
 def test_non_linear_logit_transform_is_applied_per_token_and_refused_by_attribution(granite_bridge, monkeypatch):
     """An adapter that soft-caps its logits after ``W_U``: the logit difference caps each token's logit
     before subtracting, as the model does; no sum of rows can equal a capped logit, so attribution refuses."""
-    from tl_logitlens.readout import logit_scale
+    from tl_logitlens.core.readout import logit_scale
 
     cap = 0.5
     monkeypatch.setattr(granite_bridge.adapter, "apply_output_logits_transform", lambda x: cap * torch.tanh(x / cap))

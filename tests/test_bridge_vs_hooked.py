@@ -25,7 +25,7 @@ from tests.helpers import (
     tiny_tokenizer,
 )
 from tests.test_bridge import PROMPT, boot, save_random_gpt2
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 pytestmark = pytest.mark.skipif(
     _compat.HookedTransformer is None,

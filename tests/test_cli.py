@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import STORIES, require_shared
-from tl_logitlens.cli import DEMO_PROMPT, main
+from tl_logitlens.cli.commands import DEMO_PROMPT, main
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the"
 
@@ -20,7 +20,7 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She loved to pla
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, COLUMNS="160", PYTHONWARNINGS="ignore")
     return subprocess.Popen(
-        [sys.executable, "-m", "tl_logitlens.cli", *args],
+        [sys.executable, "-m", "tl_logitlens", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -111,7 +111,7 @@ def test_help_argument_errors_and_missing_files_answer_before_torch_is_imported(
     errors and missing files are answered from the standard library (and argparse) alone."""
     code = (
         "import json, sys\n"
-        "from tl_logitlens.cli import main\n"
+        "from tl_logitlens.cli.commands import main\n"
         "heavy = ('torch', 'transformer_lens', 'transformers', 'plotly', 'pandas')\n"
         "out = []\n"
         "for argv in json.loads(sys.argv[1]):\n"
@@ -136,7 +136,7 @@ def test_help_argument_errors_and_missing_files_answer_before_torch_is_imported(
 
 
 def test_help_says_the_report_size_and_how_to_make_it_small(capsys):
-    from tl_logitlens import cli
+    from tl_logitlens.cli import commands as cli
     from tl_logitlens.reporting import PLOTLY_JS, PLOTLY_JS_FILE
 
     assert (cli.PLOTLY_JS, cli.PLOTLY_JS_FILE) == (PLOTLY_JS, PLOTLY_JS_FILE)  # --help's copy of them
@@ -293,7 +293,7 @@ def test_empty_prompt_in_a_subprocess_is_a_one_line_error(model_runs):
 
 def test_version_help_texts_and_examples(capsys):
     from tl_logitlens import __version__
-    from tl_logitlens.cli import build_parser
+    from tl_logitlens.cli.commands import build_parser
 
     res = _in_process(["--version"], capsys)
     assert res.returncode == 0 and res.stdout.strip() == f"tl-logitlens {__version__}"
@@ -411,7 +411,7 @@ def test_torchrun_two_processes_write_the_json_one_process_writes(tmp_path):
     ids=["main", "demo", "run", "eval", "fit", "fit-jacobian", "fit-tuned"],
 )
 def test_help_fits_80_columns(monkeypatch, capsys, command):
-    from tl_logitlens.cli import build_parser
+    from tl_logitlens.cli.commands import build_parser
 
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit) as exit_info:

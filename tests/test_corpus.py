@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.helpers import SHARED, require_shared, tiny_model
-from tl_logitlens.corpus import corpus_length, document_windows, documents, iter_texts, tokenize_document
+from tl_logitlens.core.corpus import corpus_length, document_windows, documents, iter_texts, tokenize_document
 
 STORIES_JSON = SHARED / "corpora" / "tinystories_1000.json"
 
@@ -147,7 +147,7 @@ def test_demo_texts_are_the_demo_models_held_out_stories():
     import random
 
     import tl_logitlens as tl
-    from tl_logitlens.corpus import DEMO_TEXTS
+    from tl_logitlens.core.corpus import DEMO_TEXTS
 
     texts = tl.demo_texts()
     assert len(texts) == 100 and all(isinstance(t, str) and t.strip() for t in texts)
@@ -172,7 +172,7 @@ def test_demo_texts_ship_in_the_wheel():
     import subprocess
     from pathlib import Path
 
-    from tl_logitlens.corpus import DEMO_TEXTS
+    from tl_logitlens.core.corpus import DEMO_TEXTS
 
     root = Path(__file__).resolve().parents[1]
     pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")

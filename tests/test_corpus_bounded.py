@@ -14,7 +14,7 @@ import pytest
 
 import tl_logitlens as tl
 from tests.helpers import SHARED, require_shared
-from tl_logitlens.corpus import documents, iter_texts
+from tl_logitlens.core.corpus import documents, iter_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 

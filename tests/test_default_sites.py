@@ -205,7 +205,7 @@ def test_compute_report_with_a_jacobian_lens_reads_resid_post():
 
 
 def test_cli_run_with_a_jacobian_lens_reads_resid_post(tmp_path, monkeypatch, capsys):
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
     from tl_logitlens.lenses.fingerprint import model_record
 
     model = tl.load_model("demo")
@@ -247,7 +247,7 @@ def test_names_must_differ_wherever_lenses_are_shown_side_by_side():
 
 
 def test_cli_run_takes_several_lenses_and_shows_them_side_by_side(tmp_path, monkeypatch, capsys):
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "80")

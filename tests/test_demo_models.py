@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.helpers import SHARED, assert_close, require_shared
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "tl_logitlens" / "demo_models"
 GPT_DIR = DEMO_DIR / "demo"

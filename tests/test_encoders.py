@@ -9,8 +9,8 @@ import tl_logitlens
 from tests.encoder_helpers import hf_bert, hf_roberta, save_folder
 from tests.encoder_helpers import tiny_encoder as _hooked_encoder
 from tests.helpers import SENTENCES, assert_close, requires_hooked_encoder
-from tl_logitlens import _compat
-from tl_logitlens.encoders import bert_to_hooked_encoder, is_encoder_name, roberta_to_hooked_encoder
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.encoders import bert_to_hooked_encoder, is_encoder_name, roberta_to_hooked_encoder
 
 KINDS = ["bert", "roberta"]
 TEXTS = ["The cat sat on the mat.", SENTENCES[0]]
@@ -82,7 +82,7 @@ def test_load_model_from_local_folder(kind):
 
 
 def test_load_model_routes_encoder_names(monkeypatch):
-    import tl_logitlens.encoders as encoders
+    import tl_logitlens.core.encoders as encoders
 
     calls = []
     monkeypatch.setattr(encoders, "load_encoder", lambda name, **kw: calls.append(name) or "encoder")
@@ -111,7 +111,7 @@ def test_load_model_takes_no_loading_options():
 @pytest.mark.parametrize("kind", KINDS)
 def test_sites_are_hugging_face_hidden_states(kind):
     """What the lens reads: the embedding output and each block's output equal HF's hidden states."""
-    from tl_logitlens.masked import encoder_sites
+    from tl_logitlens.analyses.masked import encoder_sites
 
     hf, tok = _hf(kind)
     model = tl_logitlens.load_model(save_folder(hf, tok))

@@ -64,7 +64,7 @@ def test_bad_options_are_one_line_errors(corpus, capsys, extra, fragments):
 
 
 def test_help_says_outputs_are_replaced(capsys, monkeypatch):
-    from tl_logitlens.cli import build_parser
+    from tl_logitlens.cli.commands import build_parser
 
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit):
@@ -107,9 +107,9 @@ _PROBE = textwrap.dedent(
         libc.free(ptr)
         return before - rss() < size // 2
 
-    import tl_logitlens, tl_logitlens.cli, tl_logitlens.evaluate  # noqa: E401
+    import tl_logitlens, tl_logitlens.cli.commands, tl_logitlens.analyses.evaluate  # noqa: E401
     first = kept_after_free()
-    changed = tl_logitlens.cli.tune_allocator()
+    changed = tl_logitlens.cli.commands.tune_allocator()
     print(first, changed, kept_after_free())
     """
 )

@@ -11,8 +11,8 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, SHARED, assert_close, require_shared, tiny_model
-from tl_logitlens.corpus import document_windows, tokenize_document
-from tl_logitlens.evaluate import STATISTICS, LensEvaluation, evaluate_lenses
+from tl_logitlens.analyses.evaluate import STATISTICS, LensEvaluation, evaluate_lenses
+from tl_logitlens.core.corpus import document_windows, tokenize_document
 
 STORIES_JSON = SHARED / "corpora" / "tinystories_1000.json"
 # documents of different lengths, some longer than the windows used below
@@ -539,7 +539,7 @@ def test_outputs_are_written_atomically(ln_model, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(json, "dumps", lambda *a, **k: "x" * 10)
-    monkeypatch.setattr("tl_logitlens._files.os.replace", broken)
+    monkeypatch.setattr("tl_logitlens.core.files.os.replace", broken)
     with pytest.raises(OSError, match="disk full"):
         ev.to_json(str(path))
     assert path.read_text(encoding="utf-8") == "old"  # the old file, whole

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from tl_logitlens._files import Checkpoint, atomic_write, atomic_write_text
+from tl_logitlens.core.files import Checkpoint, atomic_write, atomic_write_text
 
 
 def test_atomic_write_replaces_the_file(tmp_path):

@@ -16,8 +16,8 @@ import torch
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, torchrun_command
 from tests.test_cli import _in_process, _lines_fit, _one_line_error
-from tl_logitlens import fit_commands
-from tl_logitlens._files import Checkpoint
+from tl_logitlens.cli import fit as fit_commands
+from tl_logitlens.core.files import Checkpoint
 
 # one text too short for skip_first=2 (BOS + 1 token), so the skipped count is exercised; batches of one
 # prompt make blocks of 4 texts, so a checkpoint falls inside the fit

@@ -31,7 +31,7 @@ import torch
 import tl_logitlens as tl
 from tests.encoder_helpers import hf_bert, hf_roberta, roberta_tokenizer, wordpiece_tokenizer
 from tests.helpers import GPT2_TOKENIZER, STORIES, assert_close, require_shared
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 ON_3X = _compat.HookedTransformer is not None
 TEXT = "Once upon a time, there was a little girl named Lily."

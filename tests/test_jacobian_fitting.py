@@ -28,7 +28,7 @@ from tests.helpers import (
     require_shared,
     tiny_model,
 )
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 from tl_logitlens.lenses.jacobian_fitting import resid_post_hook
 
 ROOT = Path(__file__).resolve().parents[1]

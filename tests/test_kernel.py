@@ -1,4 +1,4 @@
-"""The tiled metric kernel (tl_logitlens._kernel) against the whole-block definition and float64 truth.
+"""The tiled metric kernel (tl_logitlens.core.kernel) against the whole-block definition and float64 truth.
 
 ``unembed_metrics`` computes logits one vocabulary tile at a time from states and an unembedding. It
 must give :func:`block_metrics`' numbers on the full logits (and those are checked against a float64
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close
-from tl_logitlens._kernel import (
+from tl_logitlens.core.kernel import (
     Unembedding,
     Workspace,
     block_metrics,
@@ -150,8 +150,8 @@ def test_bad_tile_size():
 def test_unembed_metrics_on_a_model_equal_its_logits(any_model):
     """On a model: the states path (Readout.normed + Unembedding.from_model), the way logit_lens calls
     it, gives the numbers of block_metrics on the model's full logits (Readout.logits)."""
+    from tl_logitlens.core.readout import Readout, Site, resolve_sites
     from tl_logitlens.lenses import resolve_lens
-    from tl_logitlens.readout import Readout, Site, resolve_sites
 
     tokens = torch.randint(0, any_model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(1))
     _, cache = any_model.run_with_cache(tokens)

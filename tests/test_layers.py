@@ -7,7 +7,7 @@ Floors, lowest first (a module may import its own floor and the floors below it)
 The test parses every module (nothing is imported), collects every import that runs (at module level
 or inside a function; imports under ``if TYPE_CHECKING:`` never run and are left out) and fails on:
 
-- a module that is on no floor (place a new module in ``FLOORS`` on purpose);
+- a module that is on no floor (every module lives in one of the packages named in ``FLOORS``);
 - an import that runs against the floors, unless it is in ``UPWARD``, the commented allow-list of
   lazy imports (a result's ``.plot()`` importing its figure inside the method);
 - a circle of imports, the allowed upward ones included.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
-from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -25,57 +24,40 @@ import pytest
 PACKAGE = "tl_logitlens"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-# floor name, and the modules on it (fnmatch patterns over dotted names)
-FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    (
-        "core",
-        (
-            "tl_logitlens._compat", "tl_logitlens._distributed", "tl_logitlens._files", "tl_logitlens._frames",
-            "tl_logitlens._kernel",
-            "tl_logitlens._moved", "tl_logitlens._results", "tl_logitlens._run", "tl_logitlens.corpus",
-            "tl_logitlens.encoders", "tl_logitlens.inputs", "tl_logitlens.measures", "tl_logitlens.models",
-            "tl_logitlens.readout", "tl_logitlens.tokens",
-        ),
-    ),
-    ("lenses", ("tl_logitlens.lenses", "tl_logitlens.lenses.*")),
-    (
-        "analyses",
-        (
-            "tl_logitlens._dla", "tl_logitlens._pairs", "tl_logitlens.attribution", "tl_logitlens.directions",
-            "tl_logitlens.evaluate", "tl_logitlens.lens_comparison", "tl_logitlens.masked", "tl_logitlens.predictions",
-            "tl_logitlens.profile", "tl_logitlens.steering",
-        ),
-    ),
-    ("plotting", ("tl_logitlens.plotting", "tl_logitlens.plotting.*")),
-    ("reporting", ("tl_logitlens.reporting", "tl_logitlens.reporting.*")),
-    (
-        "cli",
-        ("tl_logitlens.cli", "tl_logitlens._cli_shared", "tl_logitlens.fit_commands", "tl_logitlens._terminal", "tl_logitlens.__main__"),
-    ),
-]
+# The floors, lowest first: each is a package of tl_logitlens, and a module's floor is its package's, so a
+# new module gets its floor from the folder it is put in.
+FLOORS: list[str] = ["core", "lenses", "analyses", "plotting", "reporting", "cli"]
+# ``python -m tl_logitlens`` runs the command line: it stands on the top floor.
+ON_TOP = ("tl_logitlens.__main__",)
 # Off the floors: the package itself (it loads its public names lazily, by string, on first use; a
 # module that reads a public name from it is resolved to the name's own module below), and the stubs of
-# modules that moved (they forward by string too, see tl_logitlens._moved).
-OFF_FLOORS = ("tl_logitlens", "tl_logitlens.tuned", "tl_logitlens.tuned_io", "tl_logitlens.tuned_train", "tl_logitlens.lens")
+# modules that moved (they forward by string too, see tl_logitlens.core.moved).
+OFF_FLOORS = (
+    "tl_logitlens",
+    "tl_logitlens.tuned",
+    "tl_logitlens.tuned_io",
+    "tl_logitlens.tuned_train",
+    "tl_logitlens.lens",
+)
 
 # Imports allowed to run upward. Each is lazy (inside the method that needs it), so importing the
 # lower module never loads the higher one: a result's figure is drawn by plotting, which reads the
-# result through tl_logitlens._results and never imports the analysis back.
+# result through tl_logitlens.core.results and never imports the analysis back.
 UPWARD: set[tuple[str, str]] = {
     # LensResult.plot
-    ("tl_logitlens.predictions", "tl_logitlens.plotting"),
+    ("tl_logitlens.analyses.predictions", "tl_logitlens.plotting"),
     # DirectionResult.plot
-    ("tl_logitlens.directions", "tl_logitlens.plotting"),
+    ("tl_logitlens.analyses.directions", "tl_logitlens.plotting"),
     # AttributionResult.plot, ComponentLensResult.plot
-    ("tl_logitlens.attribution", "tl_logitlens.plotting"),
+    ("tl_logitlens.analyses.attribution", "tl_logitlens.plotting"),
     # MaskedLensResult.plot_vocab, SlidingMaskResult.plot
-    ("tl_logitlens.masked", "tl_logitlens.plotting.masked"),
+    ("tl_logitlens.analyses.masked", "tl_logitlens.plotting.masked"),
     # DepthProfile.plot, .heatmap
-    ("tl_logitlens.profile", "tl_logitlens.plotting.masked"),
+    ("tl_logitlens.analyses.profile", "tl_logitlens.plotting.masked"),
     # LensComparison.plot
-    ("tl_logitlens.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
+    ("tl_logitlens.analyses.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
-    ("tl_logitlens.evaluate", "tl_logitlens.plotting.evaluation"),
+    ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
 }
 
 
@@ -163,15 +145,17 @@ def edges() -> dict[tuple[str, str], bool]:
 
 
 def floor_of(name: str) -> int | None:
-    for i, (_, patterns) in enumerate(FLOORS):
-        if any(fnmatch(name, p) for p in patterns):
-            return i
-    return None
+    if name in ON_TOP:
+        return len(FLOORS) - 1
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != PACKAGE or parts[1] not in FLOORS:
+        return None
+    return FLOORS.index(parts[1])
 
 
 def test_every_module_is_on_a_floor():
     unplaced = [m for m in modules() if m not in OFF_FLOORS and floor_of(m) is None]
-    assert not unplaced, f"modules on no floor: {unplaced}; add each to FLOORS in {Path(__file__).name}"
+    assert not unplaced, f"modules on no floor: {unplaced}; put each in one of the packages {FLOORS}"
 
 
 def test_imports_run_down_the_floors():
@@ -187,7 +171,7 @@ def test_imports_run_down_the_floors():
             if not lazy:
                 wrong.append(f"{src} -> {dst} is allowed only inside a method, but it runs at import")
             continue
-        wrong.append(f"{src} ({FLOORS[s][0]}) imports {dst} ({FLOORS[d][0]})")
+        wrong.append(f"{src} ({FLOORS[s]}) imports {dst} ({FLOORS[d]})")
     assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
 
 
@@ -202,7 +186,9 @@ def test_no_import_circles():
     for src, dst in edges():
         graph.setdefault(src, set()).add(dst)
     cycles = _cycles(graph)
-    assert not cycles, "modules that import each other in a circle:\n" + "\n".join(", ".join(c) for c in cycles)
+    assert not cycles, "modules that import each other in a circle:\n" + "\n".join(
+        ", ".join(c) for c in cycles
+    )
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -262,3 +248,28 @@ def test_the_parser_sees_lazy_and_type_checking_imports():
     )
     seen = {node.names[0].name: lazy for node, lazy in _runtime_imports(tree) if isinstance(node, ast.Import)}
     assert seen == {"tl_logitlens.a": False, "tl_logitlens.c": True}
+
+
+def test_the_top_level_holds_the_packages_and_nothing_else():
+    """The floors are folders: beside them only the package's own files and the shims of moved modules."""
+    shims = {name.rpartition(".")[2] + ".py" for name in OFF_FLOORS if name != PACKAGE}
+    expected = {"__init__.py", "__main__.py", "py.typed", "demo_models", *FLOORS, *shims}
+    present = {p.name for p in ROOT.iterdir() if p.name != "__pycache__"}
+    assert present == expected, (
+        f"unexpected at the top of {PACKAGE}/: {sorted(present - expected)}; missing: {sorted(expected - present)}"
+    )
+
+
+@pytest.mark.parametrize(
+    "module, floor",
+    [
+        ("tl_logitlens.core.new_module", "core"),
+        ("tl_logitlens.analyses.new_analysis", "analyses"),
+        ("tl_logitlens.cli.new_command", "cli"),
+        ("tl_logitlens.__main__", "cli"),
+        ("tl_logitlens.new_top_level_module", None),
+    ],
+)
+def test_a_module_gets_its_floor_from_its_folder(module, floor):
+    found = floor_of(module)
+    assert (FLOORS[found] if found is not None else None) == floor

@@ -7,7 +7,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, tiny_model
-from tl_logitlens.readout import resolve_sites
+from tl_logitlens.core.readout import resolve_sites
 
 
 def reference_lens(model, tokens, norm="recompute", include_bias=True, mask=None):

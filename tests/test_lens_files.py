@@ -21,7 +21,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SHARED, assert_close, require_shared, tiny_model
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 from tl_logitlens.lenses import JacobianLens, TunedLens, load_lens
 from tl_logitlens.lenses import files as lens_files
 from tl_logitlens.lenses.files import read_lens_folder, write_lens_folder

@@ -12,7 +12,8 @@ import tl_logitlens
 from tests.encoder_helpers import hf_bert, hf_roberta, save_folder
 from tests.encoder_helpers import tiny_encoder as _hooked_encoder
 from tests.helpers import assert_close, tiny_model
-from tl_logitlens import _compat, masked_lens, sliding_mask_lens
+from tl_logitlens import masked_lens, sliding_mask_lens
+from tl_logitlens.core import compat as _compat
 
 KINDS = ["bert", "roberta"]
 TEXT = "The cat sat on the mat and looked at the big red ball."

@@ -9,7 +9,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import GPT2_TOKENIZER, SENTENCES, STORIES, assert_close, require_shared
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,8 @@ def test_report_refuses_non_finite_values_and_writes_nothing(tmp_path, where):
 
 
 def test_cli_run_on_a_broken_model_is_a_one_line_error_exit_2(tmp_path, monkeypatch, capsys):
-    from tl_logitlens import models
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
+    from tl_logitlens.core import models
 
     model, _ = _broken("W_in")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: model)

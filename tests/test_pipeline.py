@@ -222,7 +222,7 @@ def test_masked_lens_unmasked_read_keeps_the_real_token(demo_bert):
     assert int(plain.tokens[0, hole]) == int(plain.original_tokens[0, hole]) == int(plain.original_ids[0, 0])
     assert not plain.masked
     # reference: the MLM head on Hugging Face-free, hand-run cache of the unmasked tokens
-    from tl_logitlens.masked import encoder_sites, mlm_logits
+    from tl_logitlens.analyses.masked import encoder_sites, mlm_logits
 
     _, cache = demo_bert.run_with_cache(plain.tokens)
     for s, site in enumerate(encoder_sites(demo_bert)):
@@ -269,7 +269,7 @@ def test_masked_lens_takes_a_lens_and_reads_each_state_through_it(demo_bert):
     assert_not_close(scaled.original_logprobs[:-1], plain.original_logprobs[:-1], atol=1e-3)
     assert_close(scaled.original_logprobs[-1], plain.original_logprobs[-1], atol=0, rtol=0)
     # the reference: the MLM head on the scaled cached state
-    from tl_logitlens.masked import encoder_sites, mlm_logits
+    from tl_logitlens.analyses.masked import encoder_sites, mlm_logits
 
     _, cache = demo_bert.run_with_cache(scaled.tokens)
     hole, orig = int(scaled.positions[0, 0]), int(scaled.original_ids[0, 0])

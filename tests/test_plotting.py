@@ -24,8 +24,8 @@ from tl_logitlens.plotting import (
     text_heatmap,
     top_token_evolution,
 )
-from tl_logitlens.plotting._common import check_index, clip, colour_scale, log_ticks, pair_name, wrap_title
 from tl_logitlens.plotting.entropy import entropy_kl_figure
+from tl_logitlens.plotting.style import check_index, clip, colour_scale, log_ticks, pair_name, wrap_title
 
 PROMPTS = SENTENCES[:3]
 

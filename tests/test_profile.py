@@ -9,7 +9,7 @@ import torch
 from tests.helpers import SENTENCES, assert_close
 from tests.test_masked import tiny_encoder
 from tl_logitlens import depth_profile, logit_lens, masked_lens, sliding_mask_lens
-from tl_logitlens.profile import decision_sites, fit_sqrt, site_depths
+from tl_logitlens.analyses.profile import decision_sites, fit_sqrt, site_depths
 
 
 def _polyfit(depths: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:

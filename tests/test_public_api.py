@@ -44,11 +44,11 @@ def test_an_unknown_name_is_an_attribute_error():
         ("tl_logitlens.tuned", "TunedLens", "tl_logitlens.lenses.tuned"),
         ("tl_logitlens.tuned", "readout_fingerprint", "tl_logitlens.lenses.fingerprint"),
         ("tl_logitlens.tuned_io", "load_lens", "tl_logitlens.lenses.loading"),
-        ("tl_logitlens.tuned_io", "pack_windows", "tl_logitlens.corpus"),
+        ("tl_logitlens.tuned_io", "pack_windows", "tl_logitlens.core.corpus"),
         ("tl_logitlens.tuned_train", "train_tuned_lens", "tl_logitlens.lenses.tuned_training"),
         ("tl_logitlens.tuned_train", "chunked_kl", "tl_logitlens.lenses.tuned_training"),
-        ("tl_logitlens.lens", "logit_lens", "tl_logitlens.predictions"),
-        ("tl_logitlens.lens", "LensResult", "tl_logitlens.predictions"),
+        ("tl_logitlens.lens", "logit_lens", "tl_logitlens.analyses.predictions"),
+        ("tl_logitlens.lens", "LensResult", "tl_logitlens.analyses.predictions"),
     ],
 )
 def test_moved_modules_forward_with_a_deprecation_warning(old, name, new):

@@ -13,6 +13,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, assert_not_close, require_browser
+from tl_logitlens.core.tokens import display_tokens, visible_token
 from tl_logitlens.reporting import (
     MaskedReportData,
     compute_report,
@@ -20,7 +21,6 @@ from tl_logitlens.reporting import (
     top_table_html,
     write_report,
 )
-from tl_logitlens.tokens import display_tokens, visible_token
 
 CHROME_FLAGS = (
     "--headless",
@@ -452,7 +452,7 @@ def test_demo_report_shows_lens_difference_and_heads_in_the_browser(driver, tmp_
     same positions), the logit difference ' happy' − ' sad' and the heads that write it, the three
     lenses side by side (logit, tuned, Jacobian: heatmaps and the per-site table), and the
     details a reader sees: no gap above "How to read this", tokens in tables as large as the numbers."""
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--out", "demo.html"]) == 0

@@ -23,7 +23,7 @@ from tl_logitlens.plotting import (
     head_source_figure,
     logit_diff_figure,
 )
-from tl_logitlens.plotting._common import DIVERGING, NEGATIVE_COLOUR, POSITIVE_COLOUR
+from tl_logitlens.plotting.style import DIVERGING, NEGATIVE_COLOUR, POSITIVE_COLOUR
 
 CORRECT, INCORRECT = " the", " and"
 
@@ -150,7 +150,7 @@ def test_report_captions_match_the_figures_they_describe(ln_model):
 
 
 def test_terminal_logit_difference_bars_show_the_sign_by_side_and_colour():
-    from tl_logitlens._terminal import NEGATIVE, POSITIVE, _signed_bar
+    from tl_logitlens.cli.terminal import NEGATIVE, POSITIVE, _signed_bar
 
     up, down = _signed_bar(0.5, 1.0, 10), _signed_bar(-0.5, 1.0, 10)
     for bar in (up, down):

@@ -21,7 +21,7 @@ from tests.helpers import (
     tiny_bridge,
 )
 from tests.test_bridge import PROMPT, boot
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 try:
     from transformer_lens.tools.analysis.logit_lens import logit_lens as tl_logit_lens

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.helpers import GPT2_TOKENIZER, STORIES, require_shared, tiny_tokenizer
-from tl_logitlens.tokens import display_tokens, is_byte_level, visible_token
+from tl_logitlens.core.tokens import display_tokens, is_byte_level, visible_token
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, SHARED, STORIES, assert_close, require_shared, tiny_model
-from tl_logitlens.corpus import pack_windows, read_texts
+from tl_logitlens.core.corpus import pack_windows, read_texts
 from tl_logitlens.lenses import TunedLens, load_lens, train_tuned_lens
 from tl_logitlens.lenses.files import read_lens_folder, write_lens_folder
 from tl_logitlens.lenses.fingerprint import readout_fingerprint, writing_weights_centred
@@ -279,7 +279,7 @@ def test_the_weights_file_carries_the_metadata(tmp_path, ln_model):
 
 
 def test_texts_from_files_lists_and_datasets(tmp_path):
-    """Training reads its text through tl_logitlens.corpus (tested there); the sources reach it."""
+    """Training reads its text through tl_logitlens.core.corpus (tested there); the sources reach it."""
     (tmp_path / "a.txt").write_text("one two three")
     (tmp_path / "a.json").write_text(json.dumps(["one", {"text": "two"}]))
     (tmp_path / "a.jsonl").write_text('"one"\n\n{"text": "two"}\n')

@@ -12,7 +12,7 @@ import tl_logitlens as tl
 def test_cli_runs_a_masked_lm(tmp_path, monkeypatch, capsys):
     """The CLI's default --sites is a list (["resid_pre"]); the report's masked-LM check compared it with
     the string "resid_pre" and refused every masked-LM run with "sites, norm and lens do not apply"."""
-    from tl_logitlens.cli import main
+    from tl_logitlens.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     code = main(["run", "demo-bert", "The cat sat on the [MASK].", "--json", "out.json", "--no-report"])

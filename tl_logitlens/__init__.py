@@ -22,35 +22,35 @@ _EXPORTS: dict[str, str] = {
     "load_lens": "tl_logitlens.lenses",
     "train_tuned_lens": "tl_logitlens.lenses",
     # inputs
-    "Batch": "tl_logitlens.inputs",
-    "prepare_inputs": "tl_logitlens.inputs",
-    "display_tokens": "tl_logitlens.tokens",
-    "load_model": "tl_logitlens.models",
-    "demo_texts": "tl_logitlens.corpus",
+    "Batch": "tl_logitlens.core.inputs",
+    "prepare_inputs": "tl_logitlens.core.inputs",
+    "display_tokens": "tl_logitlens.core.tokens",
+    "load_model": "tl_logitlens.core.models",
+    "demo_texts": "tl_logitlens.core.corpus",
     # analyses
-    "LensResult": "tl_logitlens.predictions",
-    "logit_lens": "tl_logitlens.predictions",
-    "NORM_VIEWS": "tl_logitlens.directions",
-    "DirectionResult": "tl_logitlens.directions",
-    "direction_lens": "tl_logitlens.directions",
-    "logit_diff": "tl_logitlens.directions",
-    "AttributionResult": "tl_logitlens.attribution",
-    "ComponentLensResult": "tl_logitlens.attribution",
-    "component_lens": "tl_logitlens.attribution",
-    "direct_logit_attribution": "tl_logitlens.attribution",
-    "MaskedLensResult": "tl_logitlens.masked",
-    "SlidingMaskResult": "tl_logitlens.masked",
-    "masked_lens": "tl_logitlens.masked",
-    "sliding_mask_lens": "tl_logitlens.masked",
-    "DepthProfile": "tl_logitlens.profile",
-    "depth_profile": "tl_logitlens.profile",
-    "LensComparison": "tl_logitlens.lens_comparison",
-    "compare_lenses": "tl_logitlens.lens_comparison",
-    "lens_vectors": "tl_logitlens.steering",
-    "steer": "tl_logitlens.steering",
-    "ablate": "tl_logitlens.steering",
-    "LensEvaluation": "tl_logitlens.evaluate",
-    "evaluate_lenses": "tl_logitlens.evaluate",
+    "LensResult": "tl_logitlens.analyses.predictions",
+    "logit_lens": "tl_logitlens.analyses.predictions",
+    "NORM_VIEWS": "tl_logitlens.analyses.directions",
+    "DirectionResult": "tl_logitlens.analyses.directions",
+    "direction_lens": "tl_logitlens.analyses.directions",
+    "logit_diff": "tl_logitlens.analyses.directions",
+    "AttributionResult": "tl_logitlens.analyses.attribution",
+    "ComponentLensResult": "tl_logitlens.analyses.attribution",
+    "component_lens": "tl_logitlens.analyses.attribution",
+    "direct_logit_attribution": "tl_logitlens.analyses.attribution",
+    "MaskedLensResult": "tl_logitlens.analyses.masked",
+    "SlidingMaskResult": "tl_logitlens.analyses.masked",
+    "masked_lens": "tl_logitlens.analyses.masked",
+    "sliding_mask_lens": "tl_logitlens.analyses.masked",
+    "DepthProfile": "tl_logitlens.analyses.profile",
+    "depth_profile": "tl_logitlens.analyses.profile",
+    "LensComparison": "tl_logitlens.analyses.lens_comparison",
+    "compare_lenses": "tl_logitlens.analyses.lens_comparison",
+    "lens_vectors": "tl_logitlens.analyses.steering",
+    "steer": "tl_logitlens.analyses.steering",
+    "ablate": "tl_logitlens.analyses.steering",
+    "LensEvaluation": "tl_logitlens.analyses.evaluate",
+    "evaluate_lenses": "tl_logitlens.analyses.evaluate",
     # the report
     "report": "tl_logitlens.reporting",
 }
@@ -73,17 +73,28 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads these
     # ruff reads __all__ only as a literal list, so it cannot see that these are re-exported
-    from tl_logitlens.attribution import (  # noqa: F401
+    from tl_logitlens.analyses.attribution import (  # noqa: F401
         AttributionResult,
         ComponentLensResult,
         component_lens,
         direct_logit_attribution,
     )
-    from tl_logitlens.corpus import demo_texts  # noqa: F401
-    from tl_logitlens.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
-    from tl_logitlens.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
-    from tl_logitlens.inputs import Batch, prepare_inputs  # noqa: F401
-    from tl_logitlens.lens_comparison import LensComparison, compare_lenses  # noqa: F401
+    from tl_logitlens.analyses.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
+    from tl_logitlens.analyses.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
+    from tl_logitlens.analyses.masked import (  # noqa: F401
+        MaskedLensResult,
+        SlidingMaskResult,
+        masked_lens,
+        sliding_mask_lens,
+    )
+    from tl_logitlens.analyses.predictions import LensResult, logit_lens  # noqa: F401
+    from tl_logitlens.analyses.profile import DepthProfile, depth_profile  # noqa: F401
+    from tl_logitlens.analyses.steering import ablate, lens_vectors, steer  # noqa: F401
+    from tl_logitlens.core.corpus import demo_texts  # noqa: F401
+    from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
+    from tl_logitlens.core.models import load_model  # noqa: F401
+    from tl_logitlens.core.tokens import display_tokens  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
         Lens,
@@ -92,10 +103,4 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         load_lens,
         train_tuned_lens,
     )
-    from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens  # noqa: F401
-    from tl_logitlens.models import load_model  # noqa: F401
-    from tl_logitlens.predictions import LensResult, logit_lens  # noqa: F401
-    from tl_logitlens.profile import DepthProfile, depth_profile  # noqa: F401
     from tl_logitlens.reporting import report  # noqa: F401
-    from tl_logitlens.steering import ablate, lens_vectors, steer  # noqa: F401
-    from tl_logitlens.tokens import display_tokens  # noqa: F401

@@ -1,8 +1,8 @@
 """Deprecated: tuned-lens files moved to :mod:`tl_logitlens.lenses.tuned`, :func:`load_lens` to
-:mod:`tl_logitlens.lenses.loading`, reading text to :mod:`tl_logitlens.corpus`; this stub forwards
+:mod:`tl_logitlens.lenses.loading`, reading text to :mod:`tl_logitlens.core.corpus`; this stub forwards
 until tl_logitlens 0.3."""
 
-from tl_logitlens._moved import forwarder
+from tl_logitlens.core.moved import forwarder
 
 __getattr__ = forwarder(
     "tl_logitlens.tuned_io",
@@ -10,7 +10,7 @@ __getattr__ = forwarder(
         "load_lens": "tl_logitlens.lenses.loading",
         "WEIGHTS_FILE": "tl_logitlens.lenses.tuned",
         "CONFIG_FILE": "tl_logitlens.lenses.tuned",
-        "read_texts": "tl_logitlens.corpus",
-        "pack_windows": "tl_logitlens.corpus",
+        "read_texts": "tl_logitlens.core.corpus",
+        "pack_windows": "tl_logitlens.core.corpus",
     },
 )

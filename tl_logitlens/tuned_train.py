@@ -1,7 +1,7 @@
 """Deprecated: tuned-lens training moved to :mod:`tl_logitlens.lenses.tuned_training`; this stub
 forwards to it until tl_logitlens 0.3."""
 
-from tl_logitlens._moved import forwarder
+from tl_logitlens.core.moved import forwarder
 
 __getattr__ = forwarder(
     "tl_logitlens.tuned_train",

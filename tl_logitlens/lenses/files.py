@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tl_logitlens._files import current_umask
+from tl_logitlens.core.files import current_umask
 
 METADATA_KEY = "tl_logitlens"
 

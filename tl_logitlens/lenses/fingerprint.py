@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._compat import normalization_type
-from tl_logitlens.readout import normalise, unembed
+from tl_logitlens.core.compat import normalization_type
+from tl_logitlens.core.readout import normalise, unembed
 
 _PROBE_SEED = 0
 _N_PROBES = 4

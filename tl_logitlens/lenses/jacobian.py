@@ -4,7 +4,7 @@ in Language Models", Transformer Circuits Thread).
 For each source layer ``l`` the lens holds one ``[d_model, d_model]`` matrix ``J_l``: the average first-order
 effect of the output of block ``l`` (``blocks.{l}.hook_resid_post``, site ``"{l}_post"``) on the output of
 the last block before the final norm. A state is read as ``W_U · final_norm(J_l h)``: the lens maps
-``h ↦ J_l h`` and the model's own final norm and unembedding do the rest (:class:`~tl_logitlens.readout.Readout`),
+``h ↦ J_l h`` and the model's own final norm and unembedding do the rest (:class:`~tl_logitlens.core.readout.Readout`),
 so every analysis that takes ``lens=`` reads through it. The logit lens is the special case ``J_l = I``.
 
 :class:`JacobianLens` is the map and its bookkeeping; fitting it is
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._files import atomic_torch_save
+from tl_logitlens.core.files import atomic_torch_save
 from tl_logitlens.lenses.files import (
     check_size,
     check_tensor,

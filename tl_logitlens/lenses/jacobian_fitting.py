@@ -45,13 +45,13 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._compat import is_bridge, normalization_type
-from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
-from tl_logitlens._files import Checkpoint
-from tl_logitlens.corpus import corpus_length, iter_texts
+from tl_logitlens.core.compat import is_bridge, normalization_type
+from tl_logitlens.core.corpus import corpus_length, iter_texts
+from tl_logitlens.core.distributed import World, broadcast_error, current_world, sum_over_ranks
+from tl_logitlens.core.files import Checkpoint
+from tl_logitlens.core.readout import check_model as check_causal_model
 from tl_logitlens.lenses.fingerprint import model_record
 from tl_logitlens.lenses.jacobian import NAME, JacobianLens
-from tl_logitlens.readout import check_model as check_causal_model
 
 ESTIMATOR = "jacobian_lens"
 CHECKPOINT_JOB = "Jacobian lens fit"

@@ -1,7 +1,7 @@
 """The lens protocol, the logit lens, and how an analysis turns its ``lens=`` argument into a lens.
 
 A *lens* is what every analysis accepts as ``lens=``. It maps a site's residual states to states the
-model's own final norm and unembedding then read (:class:`tl_logitlens.readout.Readout` does that
+model's own final norm and unembedding then read (:class:`tl_logitlens.core.readout.Readout` does that
 part, the same for every lens):
 
 - :class:`LogitLens` (``lens=None``): the identity. The state is read as it is, as if the model
@@ -27,8 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._results import LOGIT_LENS_NAME
-from tl_logitlens.readout import SITE_KINDS, Site, resolve_sites
+from tl_logitlens.core.readout import SITE_KINDS, Site, resolve_sites
+from tl_logitlens.core.results import LOGIT_LENS_NAME
 
 # the site kind a lens without a ``default_sites`` reads when the user gives no ``sites=``
 DEFAULT_SITES = "resid_pre"

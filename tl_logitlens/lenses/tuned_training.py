@@ -24,14 +24,14 @@ from typing import Any, no_type_check
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._compat import normalization_type
-from tl_logitlens._distributed import World, current_world, sum_over_ranks
-from tl_logitlens._files import Checkpoint
-from tl_logitlens.corpus import pack_windows, read_texts
-from tl_logitlens.inputs import check_count, check_flag, check_real
+from tl_logitlens.core.compat import normalization_type
+from tl_logitlens.core.corpus import pack_windows, read_texts
+from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
+from tl_logitlens.core.files import Checkpoint
+from tl_logitlens.core.inputs import check_count, check_flag, check_real
+from tl_logitlens.core.readout import check_model as check_causal_model
+from tl_logitlens.core.readout import logit_scale, soft_cap
 from tl_logitlens.lenses.tuned import TunedLens
-from tl_logitlens.readout import check_model as check_causal_model
-from tl_logitlens.readout import logit_scale, soft_cap
 
 # Rows and vocabulary entries per block of the streamed softmax: a [rows, chunk] float32 block of
 # 2 MiB stays in cache while it is exponentiated and multiplied back.
@@ -282,7 +282,7 @@ def train_tuned_lens(
         seed: the window order; runs are deterministic for a seed.
         lens: a lens to continue training (default: a new one at the logit lens).
         vocab_chunk: vocabulary entries per block of the streamed loss.
-        checkpoint_dir: a folder to keep a checkpoint in (:class:`~tl_logitlens._files.Checkpoint`): every
+        checkpoint_dir: a folder to keep a checkpoint in (:class:`~tl_logitlens.core.files.Checkpoint`): every
             ``checkpoint_every`` steps, and at the end, the translators, the optimiser's momentum, the
             schedule, the window order's random state and position, and the loss so far are saved
             atomically. Called again with the same folder and settings, training resumes there and

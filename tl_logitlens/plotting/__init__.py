@@ -4,7 +4,6 @@ Every function returns a ``plotly.graph_objects.Figure``; :func:`save_figure` wr
 ``.html`` (self-contained), ``.png``, ``.svg`` or ``.pdf``.
 """
 
-from tl_logitlens.plotting._common import cell_text
 from tl_logitlens.plotting.attribution import (
     component_bars_figure,
     component_lens_figure,
@@ -15,6 +14,7 @@ from tl_logitlens.plotting.comparison import logit_diff_figure
 from tl_logitlens.plotting.export import save_figure, save_figures, show
 from tl_logitlens.plotting.lens import lens_heatmap, target_trajectory, top_token_evolution
 from tl_logitlens.plotting.masked import profile_figure, profile_heatmaps, sliding_text_heatmap, vocab_figure
+from tl_logitlens.plotting.style import cell_text
 from tl_logitlens.plotting.text import text_heatmap
 
 __all__ = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens._results import RowsResult
-from tl_logitlens.plotting._common import (
+from tl_logitlens.core.results import RowsResult
+from tl_logitlens.plotting.style import (
     DIVERGING,
     MONO,
     _plain_length,

@@ -1,11 +1,11 @@
-"""Figures of a :class:`~tl_logitlens.directions.DirectionResult`: a logit difference across layers."""
+"""Figures of a :class:`~tl_logitlens.analyses.directions.DirectionResult`: a logit difference across layers."""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from tl_logitlens._results import ResultBase
-from tl_logitlens.plotting._common import (
+from tl_logitlens.core.results import ResultBase
+from tl_logitlens.plotting.style import (
     LINE_CHART,
     MIN_BAND_N,
     PALETTE,

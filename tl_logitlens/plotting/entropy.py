@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tl_logitlens.plotting._common import PALETTE
+from tl_logitlens.plotting.style import PALETTE
 
 
 def entropy_kl_figure(

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from tl_logitlens._results import BootstrapInterval
-from tl_logitlens.plotting._common import band_trace
+from tl_logitlens.core.results import BootstrapInterval
+from tl_logitlens.plotting.style import band_trace
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 _FILLS = (
@@ -32,13 +32,13 @@ def evaluation_figure(
     """One panel per statistic (x: site, shallow to deep), one line per lens, a band for its interval.
 
     Args:
-        ev: a :class:`~tl_logitlens.evaluate.LensEvaluation`.
+        ev: a :class:`~tl_logitlens.analyses.evaluate.LensEvaluation`.
         statistics: which statistics to draw (default: all four).
         bits_per_byte: draw KL, cross-entropy and entropy in bits per byte instead of nats
             (top-1 agreement is a fraction either way).
         width, height: the figure's size in pixels (height: 320 per row of panels).
     """
-    from tl_logitlens.measures import BPB_STATISTICS, MEASURES, STATISTICS, TITLES, UNITS
+    from tl_logitlens.core.measures import BPB_STATISTICS, MEASURES, STATISTICS, TITLES, UNITS
 
     statistics = list(STATISTICS if statistics is None else statistics)
     unknown = [s for s in statistics if s not in STATISTICS]

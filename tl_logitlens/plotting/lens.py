@@ -1,4 +1,4 @@
-"""Figures of a :class:`~tl_logitlens.predictions.LensResult`: the lens heatmap, target trajectories, and the
+"""Figures of a :class:`~tl_logitlens.analyses.predictions.LensResult`: the lens heatmap, target trajectories, and the
 probability of the final layer's top tokens across layers.
 
 These functions only read the result's fields; every number they show was computed by
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens._results import LensStatistics
-from tl_logitlens.plotting._common import (
+from tl_logitlens.core.results import LensStatistics
+from tl_logitlens.plotting.style import (
     LINE_CHART,
     MIN_BAND_N,
     MONO,
@@ -366,7 +366,7 @@ def top_token_evolution(
     col = column_at(result, prompt, position)
     n = min(n, result.target_ids.shape[-1])
     ids = result.target_ids[prompt, col, :n]
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.core.tokens import display_tokens
 
     names = display_tokens(result.tokenizer, ids)
     probs = result.target_logprobs[:, prompt, col, :n].exp().T  # [target, site]

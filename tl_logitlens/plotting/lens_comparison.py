@@ -8,9 +8,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tl_logitlens._results import ResultBase
-from tl_logitlens.plotting._common import check_prompt, colour_scale, house_style, valid_columns
+from tl_logitlens.core.results import ResultBase
 from tl_logitlens.plotting.lens import _colour_values, lens_heatmap, shown_columns
+from tl_logitlens.plotting.style import check_prompt, colour_scale, house_style, valid_columns
 
 
 def lens_comparison_figure(
@@ -25,7 +25,7 @@ def lens_comparison_figure(
     title: str | None = None,
 ) -> go.Figure:
     """One :func:`~tl_logitlens.plotting.lens_heatmap` per lens of a
-    :class:`~tl_logitlens.lens_comparison.LensComparison`, top to bottom in its lens order, sharing the
+    :class:`~tl_logitlens.analyses.lens_comparison.LensComparison`, top to bottom in its lens order, sharing the
     input positions (columns) and one colour scale (so the same colour is the same value in every panel).
 
     ``color``, ``target``, ``prompt``, ``max_positions``, ``long`` and ``scale`` are as in

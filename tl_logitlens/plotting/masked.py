@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tl_logitlens.plotting._common import (
+from tl_logitlens.core.tokens import display_tokens
+from tl_logitlens.plotting.style import (
     LINE_CHART,
     MONO,
     PALETTE,
@@ -21,7 +22,6 @@ from tl_logitlens.plotting._common import (
     log_ticks,
     quoted,
 )
-from tl_logitlens.tokens import display_tokens
 
 _CHAR_PX = 8.4
 

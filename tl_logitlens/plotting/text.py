@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from tl_logitlens._results import LensStatistics
-from tl_logitlens.plotting._common import (
+from tl_logitlens.core.results import LensStatistics
+from tl_logitlens.plotting.lens import shown_columns
+from tl_logitlens.plotting.style import (
     MONO,
     as_list,
     cell_text,
@@ -17,7 +18,6 @@ from tl_logitlens.plotting._common import (
     quoted,
     valid_columns,
 )
-from tl_logitlens.plotting.lens import shown_columns
 
 _CHAR_PX = 8.4  # width of one 13-px monospace character
 _ROW_PX = 28

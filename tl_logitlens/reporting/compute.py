@@ -6,18 +6,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, no_type_check
 
-from tl_logitlens import _compat
-from tl_logitlens._run import plan_forwards
-from tl_logitlens.attribution import AttributionResult, direct_logit_attribution
-from tl_logitlens.directions import DirectionResult, logit_diff
-from tl_logitlens.inputs import resolve_token
-from tl_logitlens.lens_comparison import LensComparison, compare_lenses
+from tl_logitlens.analyses.attribution import AttributionResult, direct_logit_attribution
+from tl_logitlens.analyses.directions import DirectionResult, logit_diff
+from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses
+from tl_logitlens.analyses.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
+from tl_logitlens.analyses.predictions import LensResult, logit_lens
+from tl_logitlens.analyses.profile import DepthProfile, depth_profile
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.inputs import resolve_token
+from tl_logitlens.core.models import load_model
+from tl_logitlens.core.run import plan_forwards
+from tl_logitlens.core.tokens import display_tokens, visible_token
 from tl_logitlens.lenses import LOGIT_LENS, named_lenses, resolve_lens, sites_or_default
-from tl_logitlens.masked import MaskedLensResult, SlidingMaskResult, masked_lens, sliding_mask_lens
-from tl_logitlens.models import load_model
-from tl_logitlens.predictions import LensResult, logit_lens
-from tl_logitlens.profile import DepthProfile, depth_profile
-from tl_logitlens.tokens import display_tokens, visible_token
 
 EVOLUTION_N = 10
 

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from tl_logitlens.core.tokens import text_before, visible_token
 from tl_logitlens.reporting.compute import EVOLUTION_N, AnyReportData, MaskedReportData, ReportData
 from tl_logitlens.reporting.tables import MASKED_HOLES_SHOWN, escape
-from tl_logitlens.tokens import text_before, visible_token
 
 FIGURE_MAX_WIDTH = 1140  # px: the report's column is 1200 px less padding, inside a 1280-px window
 HEATMAP_POSITIONS = 24  # the most input positions a report heatmap starts from (fewer if it would not fit)
@@ -143,7 +143,7 @@ def _trajectory_figures(data: ReportData) -> list[Figure]:
 def _attribution_figures(data: ReportData) -> list[Figure]:
     """With a comparison token: the logit difference across layers and its direct logit attribution."""
     from tl_logitlens.plotting import component_bars_figure, head_grid_figure, logit_diff_figure
-    from tl_logitlens.plotting._common import sign_note
+    from tl_logitlens.plotting.style import sign_note
 
     colours = ""
     if data.target is not None and data.versus is not None:

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tl_logitlens._files import atomic_write_text
-from tl_logitlens.directions import NORM_VIEWS
+from tl_logitlens.analyses.directions import NORM_VIEWS
+from tl_logitlens.core.files import atomic_write_text
 from tl_logitlens.lenses import LOGIT_LENS
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
 from tl_logitlens.reporting.figures import comparison_figure, figures
@@ -227,7 +227,7 @@ def write_report(
     parts += _comparison_html(data)
     parts += tables_html(data, shown)
     if evaluation is not None:
-        from tl_logitlens.evaluate import LensEvaluation
+        from tl_logitlens.analyses.evaluate import LensEvaluation
 
         if not isinstance(evaluation, LensEvaluation):
             raise TypeError(f"evaluation must be a LensEvaluation (from tl.evaluate_lenses), not {type(evaluation).__name__}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from tl_logitlens.lens_comparison import LensComparison
-from tl_logitlens.masked import MaskedLensResult
-from tl_logitlens.predictions import LensResult
+from tl_logitlens.analyses.lens_comparison import LensComparison
+from tl_logitlens.analyses.masked import MaskedLensResult
+from tl_logitlens.analyses.predictions import LensResult
+from tl_logitlens.core.tokens import display_tokens, text_before, visible_token
 from tl_logitlens.reporting.compute import AnyReportData, MaskedReportData, ReportData
-from tl_logitlens.tokens import display_tokens, text_before, visible_token
 
 MASKED_HOLES_SHOWN = 3  # holes per prompt drawn one by one in a masked-LM report
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Union, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._results import DepthRows, ShortRepr, labels_summary
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.core.results import DepthRows, ShortRepr, labels_summary
+from tl_logitlens.core.tokens import display_tokens
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -26,16 +26,13 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tl_logitlens import _compat
-from tl_logitlens._distributed import World, broadcast_error, current_world, sum_over_ranks
-from tl_logitlens._files import Checkpoint, atomic_write_text
-from tl_logitlens._kernel import DEFAULT_TILE_SIZE, NonFiniteError, Unembedding, unembed_metrics
-from tl_logitlens._results import BootstrapInterval, check_bootstrap, interval_fields, percentile_interval
-from tl_logitlens._run import ForwardPlan, plan_forwards, run_cache
-from tl_logitlens.corpus import corpus_length, document_windows, documents, iter_texts
-from tl_logitlens.inputs import check_count, check_flag
-from tl_logitlens.lenses import lens_name, named_lenses, sites_or_default
-from tl_logitlens.measures import (  # noqa: F401 (TITLES: re-exported, figures used to read it here)
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.corpus import corpus_length, document_windows, documents, iter_texts
+from tl_logitlens.core.distributed import World, broadcast_error, current_world, sum_over_ranks
+from tl_logitlens.core.files import Checkpoint, atomic_write_text
+from tl_logitlens.core.inputs import check_count, check_flag
+from tl_logitlens.core.kernel import DEFAULT_TILE_SIZE, NonFiniteError, Unembedding, unembed_metrics
+from tl_logitlens.core.measures import (  # noqa: F401 (TITLES: re-exported, figures used to read it here)
     BPB_STATISTICS,
     DEFINITION,
     MEASURES,
@@ -43,7 +40,10 @@ from tl_logitlens.measures import (  # noqa: F401 (TITLES: re-exported, figures 
     TITLES,
     UNITS,
 )
-from tl_logitlens.readout import Readout, Site, check_model, resolve_sites
+from tl_logitlens.core.readout import Readout, Site, check_model, resolve_sites
+from tl_logitlens.core.results import BootstrapInterval, check_bootstrap, interval_fields, percentile_interval
+from tl_logitlens.core.run import ForwardPlan, plan_forwards, run_cache
+from tl_logitlens.lenses import lens_name, named_lenses, sites_or_default
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -323,7 +323,7 @@ def _score_batch(
     """Sums of each statistic per window ``[window, lens, site, stat]`` (float64), the positions and
     next-token positions per window, and the forward plan the batch ran with.
 
-    The batch is right-padded and run as :func:`~tl_logitlens._run.plan_forwards` plans it: a causal
+    The batch is right-padded and run as :func:`~tl_logitlens.core.run.plan_forwards` plans it: a causal
     model needs no attention mask for right padding, and the plan's length buckets keep the padding
     computed small.
     """
@@ -517,7 +517,7 @@ def evaluate_lenses(
 
     Definition (also :data:`DEFINITION`): each text is tokenised with the model's BOS and its
     tokens after BOS are cut into consecutive windows of at most ``seq_len`` tokens, each led by
-    BOS (see :func:`tl_logitlens.corpus.document_windows`). Every position is scored:
+    BOS (see :func:`tl_logitlens.core.corpus.document_windows`). Every position is scored:
     ``KL(final ‖ site)`` and the site's entropy (nats), and top-1 agreement (the site's argmax
     equals the final layer's); the next-token cross-entropy ``-log p_site(next token)`` (nats)
     where the window holds a next token, so each token of a document is predicted once. Means are
@@ -543,7 +543,7 @@ def evaluate_lenses(
     corpus; a rank with no document still takes part.
 
     With ``checkpoint_dir``, the float64 sums (with every bootstrap replicate), the counts and the
-    position in the corpus are saved atomically (:class:`tl_logitlens._files.Checkpoint`) after every
+    position in the corpus are saved atomically (:class:`tl_logitlens.core.files.Checkpoint`) after every
     ``checkpoint_every`` documents and at the end; a later call with the same folder and settings
     resumes after the last checkpoint and returns the result an uninterrupted run with the same
     checkpoints gives, bit for bit (and a run without checkpoints to float32 rounding). The settings
@@ -558,7 +558,7 @@ def evaluate_lenses(
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode, with a tokenizer.
         texts: a list or iterable of strings, a ``.txt``/``.json``/``.jsonl`` path, or a Hugging
-            Face ``datasets`` split, streaming or not (see :func:`tl_logitlens.corpus.iter_texts`).
+            Face ``datasets`` split, streaming or not (see :func:`tl_logitlens.core.corpus.iter_texts`).
         lenses: ``None`` (the logit lens), one lens, a list of lenses, or a dict ``{name: lens}``.
             Lenses are labelled by name, so names must differ (two tuned lenses: set ``lens.name`` on
             one, or pass a dict; see :func:`~tl_logitlens.lenses.named_lenses`).
@@ -717,7 +717,7 @@ def _score_corpus(
 
 
 class _HashedTexts:
-    """The corpus's texts as :func:`~tl_logitlens.corpus.iter_texts` reads them, with a running SHA-256
+    """The corpus's texts as :func:`~tl_logitlens.core.corpus.iter_texts` reads them, with a running SHA-256
     of those read so far, so a resumed evaluation can check it reads the corpus it was checkpointed on."""
 
     def __init__(self, texts: Any, text_field: str) -> None:

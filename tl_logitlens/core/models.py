@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_DEMO_DIR = Path(__file__).parent / "demo_models"
+_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_models"
 # "org/name": what the hub calls a repository (legacy un-namespaced names are all in TransformerLens's list)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -170,7 +170,7 @@ def load_model(
         raise ValueError(
             f"no folder at {name!r}; pass an existing local checkpoint folder, or a model name like 'gpt2'"
         )
-    from tl_logitlens.encoders import is_encoder_name, load_encoder
+    from tl_logitlens.core.encoders import is_encoder_name, load_encoder
 
     if is_encoder_name(name):  # BERT/RoBERTa masked LMs: HookedEncoder, not HookedTransformer
         with _hub_errors(name):
@@ -362,7 +362,7 @@ def _load_local_quietly(path: Path, device: Any, dtype: torch.dtype, **kwargs: A
 
     config = AutoConfig.from_pretrained(path)
     if _is_masked_lm_config(config):
-        from tl_logitlens.encoders import load_encoder
+        from tl_logitlens.core.encoders import load_encoder
 
         return load_encoder(path, device=device, dtype=dtype, **kwargs)
     with _staged_folder(path) as tmp:
@@ -485,7 +485,7 @@ def _load_hf_object(hf_model: Any, tokenizer: Any, device: Any, dtype: Any, **kw
         staged.mkdir()
         _stage_config(copied.config.to_dict(), staged)
         if masked:
-            from tl_logitlens.encoders import encoder_from_hf
+            from tl_logitlens.core.encoders import encoder_from_hf
 
             model = encoder_from_hf(copied, tok, device=device, source=str(staged), **kwargs)
         elif _compat.HookedTransformer is None:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tl_logitlens._cli_shared import (
+from tl_logitlens.cli.fit import _add_fit, _fit_command
+from tl_logitlens.cli.shared import (
     PROG,
     TEXTS_HELP,
     UsageError,
@@ -35,7 +36,6 @@ from tl_logitlens._cli_shared import (
     _threads,
     check_device,
 )
-from tl_logitlens.fit_commands import _add_fit, _fit_command
 
 # the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0.
 # " sad" (its rank 2-4 from layer 1 on) is the comparison: the logit difference and the heads writing it
@@ -407,7 +407,7 @@ def _records(frame: Any) -> Any:
 
 
 def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
-    from tl_logitlens._files import atomic_write, atomic_write_text
+    from tl_logitlens.core.files import atomic_write, atomic_write_text
     from tl_logitlens.reporting import ReportData
 
     causal = isinstance(data, ReportData)
@@ -471,7 +471,13 @@ def _lens_command(args: argparse.Namespace) -> int:
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
     check_device(device)  # imports torch (when a device is named): after every check that does not need it
-    from tl_logitlens._terminal import comparison_table, lens_table, masked_table, prompt_lines, versus_tables
+    from tl_logitlens.cli.terminal import (
+        comparison_table,
+        lens_table,
+        masked_table,
+        prompt_lines,
+        versus_tables,
+    )
 
     console, err = _consoles()
     model = _load(model_name, device, err)
@@ -541,7 +547,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             lens = _load_lens(spec, model)
             name = str(getattr(lens, "name", spec))
             lenses[name if name not in lenses else f"{name} ({spec})"] = lens
-        from tl_logitlens.evaluate import evaluate_lenses
+        from tl_logitlens.analyses.evaluate import evaluate_lenses
 
         ev = evaluate_lenses(
             model,
@@ -560,7 +566,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
         if not world.is_main:
             return 0
-        from tl_logitlens._terminal import eval_tables
+        from tl_logitlens.cli.terminal import eval_tables
 
         tables, legend = eval_tables(ev, console.width)
         for i, table in enumerate(tables):
@@ -574,7 +580,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             ev.to_json(args.json)
             console.print(f"wrote JSON: {args.json}")
         if args.csv is not None:
-            from tl_logitlens._files import atomic_write
+            from tl_logitlens.core.files import atomic_write
 
             frame = ev.to_dataframe()
             atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
@@ -631,6 +637,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens.readout import CachedNorm
+from tl_logitlens.core.readout import CachedNorm
 
 
 def gather_rows(t: torch.Tensor, pos_index: Int[torch.Tensor, "batch n"]) -> torch.Tensor:

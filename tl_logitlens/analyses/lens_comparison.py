@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._frames import long_index
-from tl_logitlens._results import LOGIT_LENS_NAME, ResultBase, labels_summary
-from tl_logitlens._run import EMBED_HOOK, run_cache
-from tl_logitlens.inputs import Inputs, PositionSpec, Targets, prepare_inputs
+from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE, LensResult, logit_lens
+from tl_logitlens.core.frames import long_index
+from tl_logitlens.core.inputs import Inputs, PositionSpec, Targets, prepare_inputs
+from tl_logitlens.core.readout import Readout, check_model, final_site, resolve_sites
+from tl_logitlens.core.results import LOGIT_LENS_NAME, ResultBase, labels_summary
+from tl_logitlens.core.run import EMBED_HOOK, run_cache
 from tl_logitlens.lenses import check_reads, named_lenses, sites_or_default
-from tl_logitlens.predictions import DEFAULT_CHUNK_SIZE, LensResult, logit_lens
-from tl_logitlens.readout import Readout, check_model, final_site, resolve_sites
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,10 +25,10 @@ from typing import Any, no_type_check
 import torch
 from jaxtyping import Float
 
-from tl_logitlens._compat import normalization_type
-from tl_logitlens.inputs import is_integer, resolve_token
+from tl_logitlens.core.compat import normalization_type
+from tl_logitlens.core.inputs import is_integer, resolve_token
+from tl_logitlens.core.readout import Site, check_model, resolve_sites
 from tl_logitlens.lenses import JacobianLens, LogitLens, TunedLens, resolve_lens
-from tl_logitlens.readout import Site, check_model, resolve_sites
 
 Hook = tuple[str, Callable[..., torch.Tensor]]
 

@@ -1,7 +1,7 @@
 """Module paths that moved, kept working for one release with a ``DeprecationWarning``.
 
 ``tl_logitlens.tuned``, ``tuned_io``, ``tuned_train`` and ``lens`` moved into the lens family's
-package (:mod:`tl_logitlens.lenses`) and :mod:`tl_logitlens.predictions`. Each old module is a stub whose
+package (:mod:`tl_logitlens.lenses`) and :mod:`tl_logitlens.analyses.predictions`. Each old module is a stub whose
 ``__getattr__`` (PEP 562) comes from :func:`forwarder`: reading a name warns once per call site and
 returns the object from its new home, so ``from tl_logitlens.tuned import TunedLens`` still works.
 """

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tl_logitlens import _cli_shared as shared
+from tl_logitlens.cli import shared
 
 # the files each lens format writes into its folder (tl_logitlens.lenses.{tuned,jacobian}: STEM, WEIGHTS_FILE,
 # CONFIG_FILE, TUNED_LENS_CONFIG, TUNED_LENS_PARAMS; named here so the checks need no torch)

@@ -20,9 +20,9 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from tl_logitlens._results import LensStatistics, ResultBase
+from tl_logitlens.core.results import LensStatistics, ResultBase
+from tl_logitlens.core.tokens import visible_token
 from tl_logitlens.lenses import LOGIT_LENS
-from tl_logitlens.tokens import visible_token
 
 # plotly draws text as a small subset of HTML: '<b>' makes bold, '\n' breaks the line, '&amp;' is an
 # entity. Tokens are data, not markup, so these characters are escaped, and whitespace and control
@@ -31,7 +31,7 @@ _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 def cell_text(token: str) -> str:
-    """A token as plotly should show it: :func:`~tl_logitlens.tokens.visible_token` (whitespace drawn,
+    """A token as plotly should show it: :func:`~tl_logitlens.core.tokens.visible_token` (whitespace drawn,
     control characters, which SVG cannot hold, as ``\\xNN``), then ``& < >`` escaped.
 
     Plotly turns the entities back into the characters on screen, so what is drawn is the token
@@ -56,9 +56,9 @@ def quoted(token: str) -> str:
 
 def after_quote(result: ResultBase, prompt: int, column: int) -> str:
     """The text up to read-position ``column`` of ``prompt`` in quotes, for titles: ``'…The dog was
-    very'`` (:func:`~tl_logitlens.tokens.text_before`: spaces as spaces, special tokens left out),
+    very'`` (:func:`~tl_logitlens.core.tokens.text_before`: spaces as spaces, special tokens left out),
     markup escaped."""
-    from tl_logitlens.tokens import text_before
+    from tl_logitlens.core.tokens import text_before
 
     text = text_before(result, prompt, int(result.positions[prompt, column]))
     return "'" + "".join(_ESCAPES.get(ch, ch) for ch in text) + "'"
@@ -121,7 +121,7 @@ def target_index(result: LensStatistics, target: str | int, prompt: int | None =
 
 def target_names(result: LensStatistics) -> list[str]:
     """A readable name per target: the token when every row shares it, else ``target <t>``."""
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.core.tokens import display_tokens
 
     if result.target_ids is None:
         return []
@@ -266,7 +266,7 @@ def pair_name(result: object, k: int, *, short: bool = False) -> str:
     no ids (directions) use their ``pair_labels``. ``short=True`` (for legends) names per-prompt
     pairs ``pair k`` instead of listing them.
     """
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.core.tokens import display_tokens
 
     c_ids = getattr(result, "correct_ids", None)
     tokenizer = getattr(result, "tokenizer", None)
@@ -321,7 +321,7 @@ def sign_words(result: Any, pair: int, prompt: int | None = None) -> tuple[str, 
     """What a positive and a negative value of ``pair`` mean, in words: ``("towards '␣happy'",
     "towards '␣sad'")`` for a logit difference every prompt shares (or for one ``prompt``'s own
     pair), else in general terms. Takes an attribution (``metric``) or a direction result (``kind``)."""
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.core.tokens import display_tokens
 
     def one(ids: torch.Tensor | None) -> str | None:
         if ids is None or result.tokenizer is None:

@@ -5,7 +5,7 @@ is exactly a sum over everything that writes to the residual stream: the embeddi
 attention head (plus each layer's ``b_O``), each MLP (or each neuron plus ``b_out``), the final
 norm's bias and the unembedding bias. :func:`direct_logit_attribution` returns those rows, which
 add up to the model's own final value; :func:`component_lens` shows which tokens each row
-promotes and suppresses. The arithmetic is in :mod:`tl_logitlens._dla`.
+promotes and suppresses. The arithmetic is in :mod:`tl_logitlens.analyses.dla_algebra`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens import _compat
-from tl_logitlens._dla import (
+from tl_logitlens.analyses.dla_algebra import (
     CachedReadout,
     cached_readout,
     gather_rows,
@@ -29,14 +28,12 @@ from tl_logitlens._dla import (
     unit_contributions,
     unit_vectors,
 )
-from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._kernel import check_finite_cells
-from tl_logitlens._pairs import Pairs, resolve_pairs
-from tl_logitlens._results import RowsResult, common_fields, nested_token_strings, token_strings
-from tl_logitlens._run import Run, execute
-from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
-from tl_logitlens.lenses import LOGIT_LENS
-from tl_logitlens.readout import (
+from tl_logitlens.analyses.token_pairs import Pairs, resolve_pairs
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.frames import long_index, position_columns
+from tl_logitlens.core.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
+from tl_logitlens.core.kernel import check_finite_cells
+from tl_logitlens.core.readout import (
     CachedNorm,
     check_model,
     final_norm_bias,
@@ -45,6 +42,9 @@ from tl_logitlens.readout import (
     soft_cap,
     transform_logits,
 )
+from tl_logitlens.core.results import RowsResult, common_fields, nested_token_strings, token_strings
+from tl_logitlens.core.run import Run, execute
+from tl_logitlens.lenses import LOGIT_LENS
 
 if TYPE_CHECKING:
     import pandas as pd

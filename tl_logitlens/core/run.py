@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from tl_logitlens import _compat
-from tl_logitlens.inputs import Batch
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.inputs import Batch
 
 EMBED_HOOK = "hook_embed"
 

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Bool, Float, Int
 
-from tl_logitlens._dla import unembed_bias, unembed_columns
-from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._kernel import check_finite_cells
-from tl_logitlens._pairs import Pairs, check_direction, resolve_pairs
-from tl_logitlens._results import (
+from tl_logitlens.analyses.dla_algebra import unembed_bias, unembed_columns
+from tl_logitlens.analyses.token_pairs import Pairs, check_direction, resolve_pairs
+from tl_logitlens.core.frames import long_index, position_columns
+from tl_logitlens.core.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
+from tl_logitlens.core.kernel import check_finite_cells
+from tl_logitlens.core.readout import Readout, Site, check_model, check_norm, resolve_sites, transform_logits
+from tl_logitlens.core.results import (
     BootstrapInterval,
     BootstrapSettings,
     ResultBase,
@@ -28,10 +30,8 @@ from tl_logitlens._results import (
     percentile_interval,
     token_strings,
 )
-from tl_logitlens._run import Run, execute
-from tl_logitlens.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
+from tl_logitlens.core.run import Run, execute
 from tl_logitlens.lenses import resolve_lens, sites_or_default
-from tl_logitlens.readout import Readout, Site, check_model, check_norm, resolve_sites, transform_logits
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,7 +63,7 @@ class DirectionResult(BootstrapInterval, ResultBase):
     - ``kind``: ``"logit_diff"`` (``logit(correct) - logit(incorrect)``, in logits) or
       ``"direction"`` (the normalised residual stream dotted with a user vector, in that vector's
       units: logits when it is an unembedding difference).
-    - ``labels``: site labels, as in :class:`~tl_logitlens.predictions.LensResult` (``"0_pre"``, ...,
+    - ``labels``: site labels, as in :class:`~tl_logitlens.analyses.predictions.LensResult` (``"0_pre"``, ...,
       ``"final_post"``).
     - ``values``: ``[site, batch, pos, pair]``; NaN where ``valid`` is False (padding).
     - ``mean``, ``low``, ``high``: ``[site, pos, pair]``, the mean over prompts and a percentile

@@ -131,7 +131,7 @@ def _load(model_name: str, device: str | None, err: Any, **options: Any) -> Any:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # one status line is enough
-        from tl_logitlens.models import load_model
+        from tl_logitlens.core.models import load_model
 
         return load_model(model_name, device=device, **options)
 
@@ -146,7 +146,7 @@ def _texts(spec: str) -> Any:
     """The corpus --texts names: the shipped stories for 'demo' (a list), else the file's path,
     refused here (before torch loads) when it is not a file."""
     if spec == DEMO_TEXTS:
-        from tl_logitlens.corpus import demo_texts
+        from tl_logitlens.core.corpus import demo_texts
 
         return demo_texts()
     if not Path(spec).is_file():
@@ -163,8 +163,7 @@ def _check_checkpoint_dir(path: str | None) -> None:
 def _process_group(device: str | None) -> Iterator[tuple[Any, str | None]]:
     """Under ``torchrun``, the process group for the command (started here unless the caller started
     one, and then ended here): yields this rank's world and the device to load the model on."""
-    from tl_logitlens import _distributed
-
+    from tl_logitlens.core import distributed as _distributed
     started = not (_distributed.launched_by_torchrun() and _is_initialized())
     world, device = _distributed.init_from_env(device)
     try:

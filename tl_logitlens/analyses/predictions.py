@@ -1,7 +1,7 @@
 """The logit lens: what each layer of the residual stream would predict if the model stopped there.
 
 Memory is bounded by ``chunk_size``: states are projected to the vocabulary ``chunk_size`` rows at a
-time and each ``[rows, d_vocab]`` block is reduced to its metrics at once (:mod:`tl_logitlens._kernel`),
+time and each ``[rows, d_vocab]`` block is reduced to its metrics at once (:mod:`tl_logitlens.core.kernel`),
 so the full ``[site, batch, pos, d_vocab]`` tensor never exists unless asked for (``keep_logprobs``).
 """
 
@@ -14,17 +14,8 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._frames import long_index, position_columns
-from tl_logitlens._kernel import NonFiniteError, Unembedding, unembed_metrics
-from tl_logitlens._results import (
-    DepthRows,
-    LensStatistics,
-    common_fields,
-    nested_token_strings,
-    token_strings,
-)
-from tl_logitlens._run import Run, execute
-from tl_logitlens.inputs import (
+from tl_logitlens.core.frames import long_index, position_columns
+from tl_logitlens.core.inputs import (
     Inputs,
     PositionSpec,
     Targets,
@@ -35,8 +26,17 @@ from tl_logitlens.inputs import (
     resolve_positions,
     resolve_token,
 )
+from tl_logitlens.core.kernel import NonFiniteError, Unembedding, unembed_metrics
+from tl_logitlens.core.readout import Readout, Site, check_model, check_norm, final_site, resolve_sites
+from tl_logitlens.core.results import (
+    DepthRows,
+    LensStatistics,
+    common_fields,
+    nested_token_strings,
+    token_strings,
+)
+from tl_logitlens.core.run import Run, execute
 from tl_logitlens.lenses import resolve_lens, sites_or_default
-from tl_logitlens.readout import Readout, Site, check_model, check_norm, final_site, resolve_sites
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -209,7 +209,7 @@ class LensResult(LensStatistics):
         )
 
     def depth_rows(self) -> DepthRows:
-        """One row per read position (see :class:`~tl_logitlens._results.DepthRows`). The layer count is
+        """One row per read position (see :class:`~tl_logitlens.core.results.DepthRows`). The layer count is
         never guessed from the sites: a lens may read any subset of them."""
         b, j = self.valid.cpu().nonzero(as_tuple=True)
         inputs = self.input_tokens()

@@ -221,7 +221,7 @@ class Unembedding:
     """What turns normalised states into float32 logits: ``transform(float(x @ W_U + b_U))``.
 
     The matmul runs in ``W_U``'s dtype (the model's), its result is rounded to that dtype and then
-    converted to float32, exactly as :func:`tl_logitlens.readout.unembed` does; ``transform`` is the
+    converted to float32, exactly as :func:`tl_logitlens.core.readout.unembed` does; ``transform`` is the
     model's own elementwise post-unembedding step (a soft cap or a logit scaling) or None. Because
     it is elementwise it applies to one tile of columns, or to a few gathered columns, alike.
     """
@@ -232,9 +232,9 @@ class Unembedding:
 
     @classmethod
     def from_model(cls, model: Any, include_bias: bool = True) -> Unembedding:
-        """The unembedding of a TransformerLens model, as :func:`~tl_logitlens.readout.unembed` applies it."""
-        from tl_logitlens._compat import output_logits_transform
-        from tl_logitlens.readout import soft_cap, transform_logits
+        """The unembedding of a TransformerLens model, as :func:`~tl_logitlens.core.readout.unembed` applies it."""
+        from tl_logitlens.core.compat import output_logits_transform
+        from tl_logitlens.core.readout import soft_cap, transform_logits
 
         has_transform = output_logits_transform(model) is not None or soft_cap(model) is not None
         b_U = getattr(model, "b_U", None) if include_bias else None

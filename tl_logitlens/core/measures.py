@@ -1,6 +1,6 @@
 """The measures of a lens against the model over a corpus: their names, units, titles and definition.
 
-Both the evaluator (:mod:`tl_logitlens.evaluate`) and its figures and tables name these, so they live
+Both the evaluator (:mod:`tl_logitlens.analyses.evaluate`) and its figures and tables name these, so they live
 below both: a figure reads a measure's title and unit here instead of importing the analysis.
 """
 

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Union, no_type_check
 import torch
 from jaxtyping import Bool, Float, Int
 
-from tl_logitlens import _compat
-from tl_logitlens._kernel import (
+from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.inputs import Batch, Targets, check_count, check_flag, is_integer, prepare_inputs
+from tl_logitlens.core.kernel import (
     BlockMetrics,
     NonFiniteError,
     Workspace,
@@ -34,7 +35,8 @@ from tl_logitlens._kernel import (
     check_finite,
     final_distribution,
 )
-from tl_logitlens._results import (
+from tl_logitlens.core.readout import Site
+from tl_logitlens.core.results import (
     DepthRows,
     LensStatistics,
     ShortRepr,
@@ -42,11 +44,9 @@ from tl_logitlens._results import (
     every_layer_count,
     labels_summary,
 )
-from tl_logitlens._run import Rows, execute, run_cache
-from tl_logitlens.inputs import Batch, Targets, check_count, check_flag, is_integer, prepare_inputs
+from tl_logitlens.core.run import Rows, execute, run_cache
+from tl_logitlens.core.tokens import display_tokens
 from tl_logitlens.lenses import LOGIT_LENS, Lens, resolve_lens
-from tl_logitlens.readout import Site
-from tl_logitlens.tokens import display_tokens
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -347,7 +347,7 @@ class MaskedLensResult(LensStatistics):
         return pd.DataFrame(rows)
 
     def depth_rows(self) -> DepthRows:
-        """One row per hole (see :class:`~tl_logitlens._results.DepthRows`); a hole the text already held
+        """One row per hole (see :class:`~tl_logitlens.core.results.DepthRows`); a hole the text already held
         (``[MASK]``) has no original token and shows the mask token itself."""
         b, j = self.valid.nonzero(as_tuple=True)
         toks = display_tokens(self.tokenizer, self.original_ids[b, j].clamp(min=0))
@@ -357,7 +357,7 @@ class MaskedLensResult(LensStatistics):
 
     def plot(self, **kwargs: Any) -> go.Figure:
         """The laminar profile of one hole; see :func:`tl_logitlens.plotting.masked.profile_figure`."""
-        from tl_logitlens.profile import depth_profile
+        from tl_logitlens.analyses.profile import depth_profile
 
         target = kwargs.pop("target", None)
         return depth_profile(self, target=target).plot(**kwargs)
@@ -533,7 +533,7 @@ class SlidingMaskResult(ShortRepr):
         return self.top_logprobs[..., 0]
 
     def depth_rows(self) -> DepthRows:
-        """One row per masked position (see :class:`~tl_logitlens._results.DepthRows`)."""
+        """One row per masked position (see :class:`~tl_logitlens.core.results.DepthRows`)."""
         n = self.positions.shape[0]
         rows = torch.arange(n)
         return DepthRows(rows, torch.zeros(n, dtype=torch.long), self.positions, self.original_tokens(), "sliding",

@@ -343,13 +343,13 @@ def document_windows(ids: tuple[int, ...] | list[int], seq_len: int) -> list[lis
 
 
 def read_texts(texts: Any) -> list[str]:
-    """The documents of ``texts`` as :func:`tl_logitlens.corpus.iter_texts` reads them: a list or iterable
+    """The documents of ``texts`` as :func:`tl_logitlens.core.corpus.iter_texts` reads them: a list or iterable
     of strings, a ``.txt``/``.json``/``.jsonl`` file, or a Hugging Face ``datasets`` split (its
     ``"text"`` column); blank documents are skipped and a corpus with none left is an error."""
     return list(iter_texts(texts))
 
 
-DEMO_TEXTS = Path(__file__).parent / "demo_models" / "texts" / "tinystories_held_out.json"
+DEMO_TEXTS = Path(__file__).resolve().parent.parent / "demo_models" / "texts" / "tinystories_held_out.json"
 
 
 def demo_texts() -> list[str]:

@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Bool, Float, Int
 
-from tl_logitlens._frames import input_tokens
-from tl_logitlens.inputs import check_count
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.core.frames import input_tokens
+from tl_logitlens.core.inputs import check_count
+from tl_logitlens.core.tokens import display_tokens
 
 # the name results, figures and tables give the logit lens (tl_logitlens.lenses.LogitLens.name)
 LOGIT_LENS_NAME = "logit lens"
@@ -159,7 +159,7 @@ class BootstrapInterval:
 
 
 class DepthRows(NamedTuple):
-    """The rows a depth profile (:func:`tl_logitlens.profile.depth_profile`) reads from a lens result:
+    """The rows a depth profile (:func:`tl_logitlens.analyses.profile.depth_profile`) reads from a lens result:
     one per read position of a causal lens, per hole of a masked lens, per masked position of a
     sliding mask.
 

@@ -1,6 +1,6 @@
 """Answer/distractor token pairs and user-given directions, checked and turned into id tensors.
 
-Shared by :mod:`tl_logitlens.directions` and :mod:`tl_logitlens.attribution`, so both accept and
+Shared by :mod:`tl_logitlens.analyses.directions` and :mod:`tl_logitlens.analyses.attribution`, so both accept and
 reject the same things with the same words.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens.inputs import resolve_token
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.core.inputs import resolve_token
+from tl_logitlens.core.tokens import display_tokens
 
 
 @dataclass(frozen=True)

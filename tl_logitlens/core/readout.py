@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens._compat import normalization_type, output_logits_transform
+from tl_logitlens.core.compat import normalization_type, output_logits_transform
 
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -124,7 +124,7 @@ def check_model(model: Any) -> None:
             f"expected a TransformerLens model (HookedTransformer or TransformerBridge), not "
             f"{type(model).__name__}; load one with tl_logitlens.load_model(...)"
         )
-    from tl_logitlens._compat import is_encoder
+    from tl_logitlens.core.compat import is_encoder
 
     if is_encoder(model):
         raise TypeError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from tl_logitlens.tokens import display_tokens
+from tl_logitlens.core.tokens import display_tokens
 
 Inputs = Union[str, Sequence[str], torch.Tensor]
 TokenLike = Union[str, int]
@@ -32,7 +32,7 @@ class Batch:
     Right padding keeps every real token at its own position (positional embeddings and rotary
     phases are unchanged) and, in a causal model, no real token attends to a pad. ``mask`` marks
     the real tokens. A causal model runs it without an attention mask (no real token can see a pad);
-    a masked LM runs each length in its own forward pass (see :func:`tl_logitlens._run.run_cache`).
+    a masked LM runs each length in its own forward pass (see :func:`tl_logitlens.core.run.run_cache`).
     """
 
     tokens: Int[torch.Tensor, "batch pos"]

@@ -41,7 +41,7 @@ from typing import Any
 import einops
 import torch
 
-from tl_logitlens import _compat
+from tl_logitlens.core import compat as _compat
 
 # Hugging Face activation names -> TransformerLens activation names (same function).
 _ACTIVATIONS = {

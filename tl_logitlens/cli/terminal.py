@@ -29,7 +29,7 @@ def new_table(title: str, width: int) -> Any:
 
 
 def _visible(token: str) -> str:
-    from tl_logitlens.tokens import visible_token
+    from tl_logitlens.core.tokens import visible_token
 
     text = visible_token(token)
     return text if len(text) <= TOKEN_CHARS else text[: TOKEN_CHARS - 1] + "…"
@@ -38,7 +38,7 @@ def _visible(token: str) -> str:
 def prompt_lines(prompts: Sequence[str], shown: int) -> list[str]:
     """The prompts as the terminal prints them above the tables: ``prompt: ...`` (``prompt 0: ...``
     for several, the first ``shown`` of them), whitespace other than spaces drawn."""
-    from tl_logitlens.tokens import visible_token
+    from tl_logitlens.core.tokens import visible_token
 
     def text(p: str) -> str:
         return "".join(ch if ch == " " else visible_token(ch) for ch in p)
@@ -107,8 +107,8 @@ def _top_table(
 
 def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     """The causal lens at prompt ``prompt``'s last token."""
+    from tl_logitlens.core.tokens import display_tokens, text_before
     from tl_logitlens.lenses import LOGIT_LENS
-    from tl_logitlens.tokens import display_tokens, text_before
 
     lens = data.lens
     col = int(lens.valid[prompt].sum()) - 1
@@ -135,7 +135,7 @@ def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
 def comparison_table(cmp: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     """Several lenses at prompt ``prompt``'s last token, compactly: per site (rows) and lens (columns)
     the lens's top-1 token and its probability, and whether it is the model's final top-1 token."""
-    from tl_logitlens.tokens import text_before
+    from tl_logitlens.core.tokens import text_before
 
     first = cmp.results[0]
     col = int(cmp.valid[prompt].sum()) - 1
@@ -159,7 +159,7 @@ def comparison_table(cmp: Any, prompt: int, width: int) -> tuple[Any, list[str]]
 
 def masked_table(data: Any, width: int) -> tuple[Any, list[str]]:
     """The masked lens at prompt 0's first hole."""
-    from tl_logitlens.tokens import display_tokens
+    from tl_logitlens.core.tokens import display_tokens
 
     res = data.masked[0]
     tops = []
@@ -183,7 +183,7 @@ def versus_tables(data: Any, width: int) -> list[Any]:
     """With --versus: the logit difference per layer at prompt 0's last token (and the mean over
     prompts) with a bar either side of zero, then the components and, in a table of their own, the
     heads with the largest direct logit attribution."""
-    from tl_logitlens.tokens import text_before
+    from tl_logitlens.core.tokens import text_before
 
     out = []
     ld = data.logit_diff
@@ -229,7 +229,7 @@ def versus_tables(data: Any, width: int) -> list[Any]:
 
 def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
     """One table per lens: a row per site, the four statistics (and intervals when wide enough)."""
-    from tl_logitlens.measures import MEASURES, STATISTICS
+    from tl_logitlens.core.measures import MEASURES, STATISTICS
 
     wide = width >= WIDE
     heads = {"kl_to_final": "KL", "cross_entropy": "CE", "entropy": "H", "top1_agreement": "top-1"}
