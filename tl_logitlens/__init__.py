@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "Batch": "tl_logitlens.core.inputs",
     "prepare_inputs": "tl_logitlens.core.inputs",
     "display_tokens": "tl_logitlens.core.tokens",
+    "visible_token": "tl_logitlens.core.tokens",
     "load_model": "tl_logitlens.core.models",
     "demo_texts": "tl_logitlens.core.corpus",
     # analyses
@@ -94,7 +95,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.core.corpus import demo_texts  # noqa: F401
     from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.core.models import load_model  # noqa: F401
-    from tl_logitlens.core.tokens import display_tokens  # noqa: F401
+    from tl_logitlens.core.tokens import display_tokens, visible_token  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
         Lens,
