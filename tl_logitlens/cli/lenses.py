@@ -36,7 +36,7 @@ def _add_lenses(sub: Any) -> None:
     p.add_argument("--cached", action="store_true", help="only the lenses already in the Hugging Face cache")
 
 
-def _human(n: float) -> str:
+def _human(n: int | float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
