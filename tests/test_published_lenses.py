@@ -507,6 +507,11 @@ def test_float16_files_are_half_the_size_and_read_back_in_float32(tmp_path, fmt)
             assert all(fh.get_tensor(k).dtype == torch.float16 for k in fh.keys())
     else:
         assert all(t.dtype == torch.float16 for t in torch.load(half, weights_only=True)["J"].values())
+        if _compat.TL_MAJOR >= 4:  # TransformerLens 4.3 reads it as it reads its own (float16) saves
+            from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
+
+            theirs = TLJacobianLens.load(str(half))
+            assert all(torch.equal(theirs.jacobians[k].float(), back.jacobians[k]) for k in lens.source_layers)
     with pytest.raises(ValueError, match=r"dtype must be one of torch\.float32, torch\.float16"):
         lens.save(tmp_path / "x", dtype=torch.int8)
 

@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "JacobianLens": "tl_logitlens.lenses",
     "fit_jacobian_lens": "tl_logitlens.lenses",
     "load_lens": "tl_logitlens.lenses",
+    "PublishedLens": "tl_logitlens.lenses",
+    "published_lenses": "tl_logitlens.lenses",
     "train_tuned_lens": "tl_logitlens.lenses",
     # inputs
     "Batch": "tl_logitlens.core.inputs",
@@ -99,9 +101,11 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
         Lens,
+        PublishedLens,
         TunedLens,
         fit_jacobian_lens,
         load_lens,
+        published_lenses,
         train_tuned_lens,
     )
     from tl_logitlens.reporting import report  # noqa: F401
