@@ -436,6 +436,29 @@ def test_a_raw_stream_j_lens_reads_the_centred_layernorm_demo_model_exactly(hub,
     valid = a.valid
     assert torch.equal(valid, b.valid)
     assert_close(b.full_logprobs[:, valid], a.full_logprobs[:, valid], atol=1e-5, rtol=0)
+    # the same lens stored in float16 (as Neuronpedia stores them): its rounding moves J 1 off 1 by ~5e-4,
+    # within what float16 allows, so it loads, and reads the processed model as the raw one to that rounding
+    put(hub, JLENS_REPO, "model", "demo/half.pt", reference_bytes(demo_j, tmp_path, torch.float16))
+    registry(
+        entry("jlens", "demo", [{"path": "demo/jlens.pt"}]),
+        entry("jlens", "leaky", [{"path": "demo/leaky.pt"}], model="demo"),
+        entry("jlens", "half", [{"path": "demo/half.pt"}], model="demo"),
+    )
+    half = load_lens("jlens:half", processed)
+    assert half.meta["stored_dtype"] == "float16" and half.mean_leak() is None
+    c = tl.logit_lens(
+        raw,
+        texts,
+        lens=load_lens("jlens:half", raw),
+        sites="resid_post",
+        keep_logprobs=True,
+        positions=None,
+        top_k=1,
+    )
+    d = tl.logit_lens(
+        processed, texts, lens=half, sites="resid_post", keep_logprobs=True, positions=None, top_k=1
+    )
+    assert_close(d.full_logprobs[:, valid], c.full_logprobs[:, valid], atol=1e-3, rtol=0)
     # a lens that reads the stream's mean cannot: refused, with how to load the model uncentred
     with pytest.raises(
         ValueError, match=r"moves the all-ones direction off itself.*center_writing_weights=False"
@@ -511,7 +534,9 @@ def test_float16_files_are_half_the_size_and_read_back_in_float32(tmp_path, fmt)
             from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
             theirs = TLJacobianLens.load(str(half))
-            assert all(torch.equal(theirs.jacobians[k].float(), back.jacobians[k]) for k in lens.source_layers)
+            assert all(
+                torch.equal(theirs.jacobians[k].float(), back.jacobians[k]) for k in lens.source_layers
+            )
     with pytest.raises(ValueError, match=r"dtype must be one of torch\.float32, torch\.float16"):
         lens.save(tmp_path / "x", dtype=torch.int8)
 

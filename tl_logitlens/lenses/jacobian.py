@@ -192,28 +192,33 @@ class JacobianLens:
 
     def mean_leak(self) -> str | None:
         """None when every matrix carries the all-ones direction to a multiple of itself (``C J_l 1 = 0``,
-        ``C = I - 11ᵀ/d``), so the lens reads a LayerNorm model's stream the same whether TransformerLens
-        centred it or not; otherwise how far off the worst matrix is (a phrase for an error message).
+        ``C = I - 11ᵀ/d``) up to the rounding of the precision it was stored in, so the lens reads a
+        LayerNorm model's stream the same whether TransformerLens centred it or not; otherwise how far off
+        the worst matrix is (a phrase for an error message).
 
         Every true Jacobian of a LayerNorm model has ``J 1 = 1``: adding ``c·1`` to a block's output changes
-        nothing any later norm reads, so the last block's output moves by ``c·1`` too. A fitted mean of such
-        Jacobians keeps it to rounding; the tolerance is ``8·eps·sqrt(d_model)`` of the dtype the matrices
-        were stored in (``meta["stored_dtype"]``; float16 files round each entry).
+        nothing any later norm reads, so the last block's output moves by ``c·1`` too, and a fitted mean of
+        such Jacobians keeps it. Storing ``J`` rounds each entry by at most ``eps/2`` of itself, which moves
+        ``(C J 1)_i`` by at most ``eps · max_i Σ_j |J_ij|``: that, for the stored dtype
+        (``meta["stored_dtype"]``), plus ``16 eps`` of float32 for the fit's own arithmetic, is the tolerance.
         """
-        stored = getattr(torch, str(self.meta.get("stored_dtype", "float32")), torch.float32)
-        eps = torch.finfo(stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32).eps
-        tol = 8 * eps * self.d_model**0.5
-        worst, at = 0.0, None
+        name = str(self.meta.get("stored_dtype", "float32"))
+        stored = getattr(torch, name, None) if name in ("float32", "float16", "bfloat16", "float64") else None
+        eps = torch.finfo(stored if isinstance(stored, torch.dtype) else torch.float32).eps
+        slack = eps + 16 * torch.finfo(torch.float32).eps
+        worst, at, tol_at = 0.0, None, 0.0
         for layer, matrix in self.jacobians.items():
-            carried = matrix.double().sum(-1)  # J 1
+            m = matrix.double()
+            carried = m.sum(-1)  # J 1
             leak = float((carried - carried.mean()).abs().max())
-            if leak > worst:
-                worst, at = leak, layer
-        if worst <= tol:
+            tol = slack * float(m.abs().sum(-1).max())
+            if leak > tol and leak - tol > worst - tol_at:
+                worst, at, tol_at = leak, layer, tol
+        if at is None:
             return None
         return (
             f"its matrix for layer {at} moves the all-ones direction off itself by up to {worst:.2g} "
-            f"(tolerance {tol:.2g}), so it reads the stream's mean"
+            f"(rounding allows {tol_at:.2g}), so it reads the stream's mean"
         )
 
     def save(self, path: str | os.PathLike, format: str = "tl_logitlens", dtype: torch.dtype = torch.float32) -> Path:
