@@ -555,15 +555,12 @@ def test_lenses_command_lists_the_registry_with_sizes_and_what_is_cached(stories
     assert max(len(line) for line in lines) <= 80
     assert "Jacobian lenses (Neuronpedia): 39 of 39" in out and "tuned lenses (tuned-lens): 36 of 36" in out
     row = next(line for line in lines if line.startswith("jlens:stories260K "))
-    assert (
-        row.split()[-1] == "yes"
-        and next(line for line in lines if line.startswith("jlens:missing ")).split()[-1] == "no"
-    )
-    assert next(line for line in lines if line.startswith("jlens:gpt2-small ")).split()[1:] == [
-        "openai-community/gpt2",
-        "?",
-        "no",
-    ]
+    size = sum(p.stat().st_size for p in (stories_hub / "models--tests--jacobian-lens" / "blobs").iterdir())
+    assert row.split()[1:] == [f"{size / 1000:.3g}", "KB", "yes"]
+    missing = next(line for line in lines if line.startswith("jlens:missing "))
+    assert missing.split()[1:] == ["?", "no", "stories260K"]
+    gpt2 = next(line for line in lines if line.startswith("jlens:gpt2-small "))
+    assert gpt2.split()[1:] == ["?", "no", "openai-community/gpt2"]
     assert main(["lenses", "--kind", "tuned", "--cached"]) == 0
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith(("jlens:", "tuned:"))]

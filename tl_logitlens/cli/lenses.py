@@ -45,12 +45,14 @@ def _human(n: int | float) -> str:
 
 
 def _size(entry: Any, cached: dict[str, Any] | None) -> str:
+    """The cached files' size, else the registry's: exact where it records the lens's weights file (the
+    last file; a tuned lens's config.json is a few hundred bytes), ``~`` rounded, or ``?``."""
     if cached is not None:
         return _human(sum(path.resolve().stat().st_size for path in cached.values()))
-    if all(f.size is not None for f in entry.files):
-        return _human(sum(f.size for f in entry.files))
-    approx = [f.approx_size for f in entry.files if f.approx_size]
-    return f"~{approx[0]}" if approx else "?"
+    weights = entry.files[-1]
+    if weights.size is not None:
+        return _human(sum(f.size or 0 for f in entry.files))
+    return f"~{weights.approx_size}" if weights.approx_size else "?"
 
 
 def _lenses_command(args: argparse.Namespace) -> int:
@@ -67,21 +69,21 @@ def _lenses_command(args: argparse.Namespace) -> int:
             cached = cached_files(entry)
             if args.cached and cached is None:
                 continue
-            model = "" if entry.model == entry.name else entry.model
+            model = "" if entry.name.startswith(entry.model) else entry.model  # shown where the name hides it
             rows.append((f"{kind}:{entry.name}", model, _size(entry, cached), "yes" if cached else "no"))
         revisions = sorted({e.revision[:7] for e in entries})
         repos = sorted({f"{'space ' if e.repo_type == 'space' else ''}{e.repo_id}" for e in entries})
-        title = (
-            f"{KIND_TITLES[kind]}: {len(rows)} of {len(entries)}, {', '.join(repos)} @ {', '.join(revisions)}"
-        )
-        table = new_table(title, width)
-        table.add_column("--lens", no_wrap=True, overflow="ellipsis")
-        table.add_column("model", no_wrap=True, overflow="ellipsis")
-        table.add_column("size", justify="right", no_wrap=True)
-        table.add_column("cached", no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
+        table = new_table(f"{KIND_TITLES[kind]}: {len(rows)} of {len(entries)}", width)
+        table.add_column("--lens", no_wrap=True, overflow="ellipsis", ratio=3)
+        table.add_column("size", justify="right", no_wrap=True, min_width=8)
+        table.add_column("cached", no_wrap=True, min_width=6)
+        with_model = any(row[1] for row in rows)
+        if with_model:
+            table.add_column("model", no_wrap=True, overflow="ellipsis", ratio=2)
+        for name, model, size, cached in rows:
+            table.add_row(name, size, cached, *([model] if with_model else []))
         console.print(table)
+        console.print(f"from {', '.join(repos)} at {', '.join(revisions)}")
         console.print()
     console.print(
         "size: ? not recorded until fetched, ~ rounded. A lens not cached is fetched on first use "
