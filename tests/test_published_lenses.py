@@ -458,7 +458,7 @@ def test_a_raw_stream_j_lens_reads_the_centred_layernorm_demo_model_exactly(hub,
     d = tl.logit_lens(
         processed, texts, lens=half, sites="resid_post", keep_logprobs=True, positions=None, top_k=1
     )
-    assert_close(d.full_logprobs[:, valid], c.full_logprobs[:, valid], atol=1e-3, rtol=0)
+    assert_close(d.full_logprobs[:, valid], c.full_logprobs[:, valid], atol=1e-4, rtol=0)  # measured 2.6e-5
     # a lens that reads the stream's mean cannot: refused, with how to load the model uncentred
     with pytest.raises(
         ValueError, match=r"moves the all-ones direction off itself.*center_writing_weights=False"
