@@ -90,6 +90,12 @@ def _read_published(entry: published.PublishedLens, model: Any) -> TunedLens | J
         file_meta = lens.meta.get("reference_metadata") or {}
     else:
         config = next(f.path for f in entry.files if f.path.endswith(tuned.TUNED_LENS_CONFIG))
+        folders = {paths[f.path].parent for f in entry.files}
+        if len(folders) != 1:  # a branch that moved between the two downloads: two commits' files
+            raise ValueError(
+                f"{entry.key}'s config.json and params.pt came from different commits of {entry.repo_id} "
+                f"(revision {entry.revision!r} moved while they downloaded); pass revision= a commit hash"
+            )
         lens = tuned.read_tuned_lens_format(paths[config].parent, model)
         file_meta = {"model_name": lens.meta.get("model_name"), "model_revision": lens.meta.pop("model_revision", None)}
     record = entry.record()
