@@ -603,3 +603,14 @@ def test_run_and_eval_take_a_published_lens(hub, registry, tmp_path, capsys):
         == 0
     )
     assert "Jacobian lens" in report.read_text()
+
+
+def test_a_tuned_lens_from_two_commits_is_refused(stories_hub, stories, monkeypatch, tmp_path):
+    """A branch that moved between the two downloads leaves config.json and params.pt in two snapshots."""
+    e = published.resolve("tuned:stories260K", revision="main")
+    paths = {e.files[0].path: tmp_path / "a" / "config.json", e.files[1].path: tmp_path / "b" / "params.pt"}
+    monkeypatch.setattr(published, "fetch", lambda entry: (paths, {}))
+    with pytest.raises(
+        ValueError, match=r"came from different commits of tests/tuned-lens .*pass revision= a commit hash"
+    ):
+        load_lens("tuned:stories260K", stories, revision="main")
