@@ -225,7 +225,8 @@ def _add_run(sub: Any) -> None:
         action="append",
         default=[],
         help="read the layers through a lens: a tuned or Jacobian lens folder or .pt file, 'demo' or "
-        "'demo-jacobian' (the demo model's), or 'logit' (default: the logit lens). Repeat it to compare "
+        "'demo-jacobian' (the demo model's), a published lens 'jlens:NAME' or 'tuned:NAME' (see "
+        f"'{PROG} lenses'), or 'logit' (default: the logit lens). Repeat it to compare "
         "several side by side: the first is read in every table, all of them in a comparison",
     )
     _outputs(run)
@@ -263,8 +264,9 @@ def _add_eval(sub: Any) -> None:
         metavar="PATH|NAME",
         action="append",
         default=[],
-        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, or the "
-        "demo model's 'demo' (tuned) or 'demo-jacobian' (repeat for several)",
+        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, the "
+        "demo model's 'demo' (tuned) or 'demo-jacobian', or a published lens 'jlens:NAME' or 'tuned:NAME' "
+        f"(see '{PROG} lenses'; repeat for several)",
     )
     _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
