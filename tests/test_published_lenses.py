@@ -285,7 +285,7 @@ def test_a_cached_lens_loads_offline_printing_nothing_and_equals_the_local_file(
     assert (record["key"], record["repo_id"], record["revision"], record["model"]) == (
         "jlens:stories260K", JLENS_REPO, REV, "stories260K"
     )  # fmt: skip
-    assert record["checks"]["stories260K/jlens.pt"]["checked"] == ["size", "sha256"]
+    assert record["checks"]["stories260K/jlens.pt"]["checked"] == ["sha256", "registry size"]
     checks = tuned.meta["published"]["checks"]
     assert checks["lens/stories260K/config.json"]["checked"] == ["git_sha1"]
     assert checks["lens/stories260K/params.pt"]["checked"] == ["sha256"]
@@ -328,21 +328,61 @@ def test_hub_options_in_the_wrong_place_are_refused(stories_hub, stories, spec, 
         load_lens(spec, stories, **kwargs)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "registry size"])
-def test_a_damaged_file_in_the_cache_is_refused(stories_hub, stories, tmp_path, damage, registry):
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_a_damaged_file_in_the_cache_is_refused(stories_hub, stories, damage):
     blob = (
-        stories_hub / f"models--{JLENS_REPO.replace('/', '--')}" / "snapshots" / REV / "stories260K/jlens.pt"
+        stories_hub / "models--tests--jacobian-lens" / "snapshots" / REV / "stories260K/jlens.pt"
     ).resolve()
     data = blob.read_bytes()
     if damage == "truncated":
         blob.write_bytes(data[: len(data) // 2])
-    elif damage == "flipped byte":
+    else:
         blob.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
-    else:  # the file is whole, but not the one the registry records
-        registry(entry("jlens", "stories260K", [{"path": "stories260K/jlens.pt", "size": len(data) + 1}]))
     with pytest.raises(
-        ValueError, match=r"jlens\.pt of tests/jacobian-lens\) is damaged or incomplete: .*--force-download"
+        ValueError,
+        match=r"jlens\.pt of tests/jacobian-lens\) is damaged or incomplete: sha256 .*--force-download",
     ):
+        load_lens("jlens:stories260K", stories)
+
+
+def test_a_whole_file_the_registry_records_otherwise_says_the_record_is_wrong(stories_hub, stories, registry):
+    size = (
+        (stories_hub / "models--tests--jacobian-lens" / "snapshots" / REV / "stories260K/jlens.pt")
+        .stat()
+        .st_size
+    )
+    registry(
+        entry(
+            "jlens", "stories260K", [{"path": "stories260K/jlens.pt", "size": size + 1, "sha256": "0" * 64}]
+        )
+    )
+    with pytest.raises(ValueError, match=r"matches the hub's checksum but not this package's registry .*load it by location: "
+                       r"tl\.load_lens\('jlens', model, repo_id='tests/jacobian-lens'"):  # fmt: skip
+        load_lens("jlens:stories260K", stories)
+
+
+def test_a_cache_without_symlinks_is_checked_against_the_registry(stories_hub, stories, registry):
+    """Some caches copy files into snapshots/ (no symlinks): the blob's name, the hub's checksum, is lost."""
+    pointer = stories_hub / "models--tests--jacobian-lens" / "snapshots" / REV / "stories260K/jlens.pt"
+    data = pointer.read_bytes()
+    pointer.unlink()
+    pointer.write_bytes(data)
+    registry(entry("jlens", "stories260K", [{"path": "stories260K/jlens.pt"}]))
+    lens = load_lens("jlens:stories260K", stories)
+    assert (
+        lens.meta["published"]["checks"]["stories260K/jlens.pt"]["checked"] == []
+    )  # nothing to check against
+    digest = hashlib.sha256(data).hexdigest()
+    registry(
+        entry("jlens", "stories260K", [{"path": "stories260K/jlens.pt", "size": len(data), "sha256": digest}])
+    )
+    lens = load_lens("jlens:stories260K", stories)
+    assert lens.meta["published"]["checks"]["stories260K/jlens.pt"]["checked"] == [
+        "registry size",
+        "registry sha256",
+    ]
+    pointer.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"damaged or incomplete: .*bytes, but the registry records"):
         load_lens("jlens:stories260K", stories)
 
 

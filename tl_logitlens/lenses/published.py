@@ -480,11 +480,14 @@ def verify(entry: PublishedLens, paths: Mapping[str, Path]) -> dict[str, dict[st
     content address: ``hf_hub_download`` stores a file as ``blobs/<etag>``, the etag being the file's
     LFS sha256 (64 hex digits) or, for a small file kept in git, its git blob sha1 (40). A file whose
     blob is not so named (a cache without symlinks copies files) is checked by the registry's values
-    only, and where it records none, by nothing: ``"checked": []`` says so.
+    only, and where it records none, by nothing: ``"checked": []`` says so. ``"checked"`` lists
+    ``"sha256"``/``"git_sha1"`` (the hub's checksum) and ``"registry size"``/``"registry sha256"``.
 
     Raises:
-        ValueError: a size or checksum differs (a truncated or corrupt download); the message names the
-            file and the command that fetches it again.
+        ValueError: a size or checksum differs (a truncated or corrupt download; the message names the
+            file and the command that fetches it again), or a file whole by the hub's checksum differs
+            from the registry's record (the message says the record is wrong and how to load the file by
+            location instead).
     """
     out = {}
     for f in entry.files:
@@ -494,29 +497,45 @@ def verify(entry: PublishedLens, paths: Mapping[str, Path]) -> dict[str, dict[st
         checked: list[str] = []
         info: dict[str, Any] = {"size": size}
 
-        if f.size is not None:
-            if size != f.size:
-                raise _damaged(entry, f, path, f"{size} bytes, but the registry records {f.size}")
-            checked.append("size")
         etag = blob.name if blob.parent.name == "blobs" else ""
-        sha256 = f.sha256 or (etag if _SHA256.match(etag) else None)
-        if sha256 is not None:
+        actual = None
+        if _SHA256.match(etag):  # the hub's own checksum: the LFS sha256 the blob is named by
             actual = _sha256(blob)
-            if actual != sha256:
-                source = "the registry's" if f.sha256 else "the hub's"
+            if actual != etag:
                 raise _damaged(
-                    entry, f, path, f"sha256 {actual[:16]}…, not {source} {sha256[:16]}… ({size} bytes)"
+                    entry, f, path, f"sha256 {actual[:16]}…, not the hub's {etag[:16]}… ({size} bytes)"
                 )
             info["sha256"] = actual
             checked.append("sha256")
-        elif _COMMIT.match(etag):
-            actual = _git_blob_sha1(blob, size)
-            if actual != etag:
+        elif _COMMIT.match(etag):  # a small file kept in git: its git blob sha1
+            sha1 = _git_blob_sha1(blob, size)
+            if sha1 != etag:
                 raise _damaged(
-                    entry, f, path, f"git blob sha1 {actual[:12]}…, not the hub's {etag[:12]}… ({size} bytes)"
+                    entry, f, path, f"git blob sha1 {sha1[:12]}…, not the hub's {etag[:12]}… ({size} bytes)"
                 )
-            info["git_sha1"] = actual
+            info["git_sha1"] = sha1
             checked.append("git_sha1")
+        wrong = []
+        if f.size is not None:
+            if size != f.size:
+                wrong.append(f"{size} bytes, but the registry records {f.size}")
+            checked.append("registry size")
+        if f.sha256 is not None:
+            actual = actual or _sha256(blob)
+            if actual != f.sha256:
+                wrong.append(f"sha256 {actual[:16]}…, but the registry records {f.sha256[:16]}…")
+            checked.append("registry sha256")
+        if wrong and checked[0] in ("sha256", "git_sha1"):
+            # whole by the hub's own checksum, yet not what the registry records: the record is wrong
+            raise ValueError(
+                f"{path} ({f.path} of {entry.repo_id}) matches the hub's checksum but not this package's registry "
+                f"({'; '.join(wrong)}): the registry's record for {entry.key} is wrong, please report it. To use "
+                f"the hub's file, load it by location: tl.load_lens({entry.kind!r}, model, repo_id="
+                f"{entry.repo_id!r}, filename={f.path!r}, revision={entry.revision!r}"
+                + (", repo_type='space')" if entry.repo_type == "space" else ")")
+            )
+        if wrong:
+            raise _damaged(entry, f, path, "; ".join(wrong))
         info["checked"] = checked
         out[f.path] = info
     return out
