@@ -101,6 +101,12 @@ class LensEvaluation(BootstrapInterval):
         )
 
     @property
+    def n_document_tokens(self) -> int:
+        """The documents' tokens read, each document's BOS counted once: what ``max_tokens`` counts.
+        ``n_tokens`` (positions scored) is larger by one BOS for each further window of a long document."""
+        return self.n_tokens - self.n_windows + self.n_documents
+
+    @property
     def padding_fraction(self) -> float:
         """The share of the token slots computed that were padding (0 when every batch was full)."""
         return 0.0 if self.n_computed == 0 else self.n_padded / self.n_computed
