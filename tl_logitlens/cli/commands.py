@@ -474,10 +474,16 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
 
 
 
+def _print_legend(console: Any, legend: Sequence[str]) -> None:
+    from tl_logitlens.cli.terminal import legend_lines
+
+    for line in legend_lines(legend, console.width):
+        console.print(line, style="dim", markup=False)
+
+
 def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
     console.print(table)
-    for line in legend:
-        console.print(line, style="dim", markup=False)
+    _print_legend(console, legend)
 
 
 def _report_note(plotly_js: str) -> str:
@@ -609,8 +615,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             if i:
                 console.print()
             console.print(table)
-        for line in legend:
-            console.print(line, style="dim", markup=False)
+        _print_legend(console, legend)
         console.print(f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim")
         if args.json is not None:
             ev.to_json(args.json)

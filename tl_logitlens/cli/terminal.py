@@ -28,6 +28,23 @@ def new_table(title: str, width: int) -> Any:
     )
 
 
+def legend_lines(legend: Sequence[str], width: int) -> list[str]:
+    """The legend as lines of at most ``width`` columns, broken between its phrases (the parts of an
+    entry separated by ``"; "``), never inside one; a phrase wider than ``width`` gets a line of its own."""
+    lines: list[str] = []
+    for entry in legend:
+        line = ""
+        for phrase in entry.split("; "):
+            joined = f"{line}; {phrase}" if line else phrase
+            if line and len(joined) > width:
+                lines.append(line + ";")
+                line = phrase
+            else:
+                line = joined
+        lines.append(line)
+    return lines
+
+
 def _visible(token: str) -> str:
     from tl_logitlens.core.tokens import visible_token
 
