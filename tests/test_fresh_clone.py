@@ -136,3 +136,70 @@ def test_the_report_heads_the_lens_figure_with_the_lens_it_draws():
     data = compute_report(model, ["The dog was very"], lens=tl.load_lens("demo", model))
     headings = [f.heading for f in figures(data, [0])]
     assert "Tuned lens, prompt 0" in headings and "Logit lens, prompt 0" not in headings
+
+
+# ------------------------------------------------------------------------------------------------
+# unit="head_source": a source-position table
+
+
+def _head_source(model):
+    prompts = ["The cat sat on the mat and looked at the big red ball", "Tom went to the shop"]
+    return tl.direct_logit_attribution(model, prompts, " the", " and", unit="head_source")
+
+
+def test_head_source_frame_splits_each_head_over_its_sources(ln_model):
+    res = _head_source(ln_model)
+    frame = res.to_dataframe()
+    assert {"source", "source_token"} <= set(frame.columns)
+    heads = frame[frame["source"].notna()]
+    rest = frame[frame["source"].isna()]
+    n_grid = res.grid_size[0] * res.grid_size[1]
+    assert set(heads["row"]) == set(range(n_grid)) and (rest["row"] >= n_grid).all()
+    assert (heads["source"] <= heads["position"]).all()  # a head reads no later source
+    # slow reference: every cell read back from the tensor, one at a time
+    for row in heads.sample(50, random_state=0).itertuples():
+        layer, head = divmod(int(row.row), res.grid_size[1])
+        j = int((res.positions[row.prompt] == row.position).nonzero()[0, 0])
+        want = float(res.source_attribution[layer, head, int(row.source), row.prompt, j, row.pair])
+        assert row.attribution == pytest.approx(want, abs=1e-7)
+        assert row.source_token == res.str_tokens[row.prompt][int(row.source)]
+    # one prompt, position and pair: the split rows still add up to the model's own total
+    sums = frame.groupby(["prompt", "position", "pair"]).agg(attribution=("attribution", "sum"), total=("total", "first"))
+    assert (sums["attribution"] - sums["total"]).abs().max() < 1e-4
+
+
+def test_head_source_top_ranks_head_by_source_cells(ln_model):
+    res = _head_source(ln_model)
+    top = res.top(5)
+    assert list(top.columns) == ["rank", "label", "layer", "index", "source", "source_token", "attribution", "share"]
+    # slow reference: each cell's mean over every real read position, a source after the read counting 0
+    n_layers, n_heads = res.grid_size
+    cells = {}
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            for s in range(res.source_attribution.shape[2]):
+                values = [float(res.source_attribution[layer, head, s, b, j, 0])
+                          for b in range(res.valid.shape[0]) for j in range(res.valid.shape[1]) if res.valid[b, j]]
+                cells[(layer, head, s)] = sum(values) / len(values)
+    ranked = sorted(cells.items(), key=lambda kv: -abs(kv[1]))[:5]
+    assert [(r.layer, r.index, r.source) for r in top.itertuples()] == [key for key, _ in ranked]
+    assert top["attribution"].tolist() == pytest.approx([v for _, v in ranked], abs=1e-6)
+    assert top["label"][0] == f"L{ranked[0][0][0]}H{ranked[0][0][1]}@{ranked[0][0][2]}"
+    # a head's cells add up to the head's own mean: the two rankings agree on what they share
+    heads = res.top(3, rows="grid")
+    for row in heads.itertuples():
+        cell_sum = sum(v for (layer, head, _), v in cells.items() if (layer, head) == (row.layer, row.index))
+        assert cell_sum == pytest.approx(row.attribution, abs=1e-5)
+    with pytest.raises(ValueError, match="rows='source' needs unit='head_source'"):
+        tl.direct_logit_attribution(ln_model, "The cat sat", " the", " and", unit="head").top(rows="source")
+
+
+def test_head_source_figure_width_follows_the_prompt(ln_model):
+    res = _head_source(ln_model)
+    wide = res.plot(prompt=0)
+    assert 600 <= wide.layout.width <= 1400
+    short = res.plot(prompt=1)
+    assert short.layout.width < wide.layout.width or short.layout.width == 600
+    assert res.plot(prompt=0, width=900).layout.width == 900
+    long = tl.direct_logit_attribution(ln_model, " ".join(["the cat sat on the mat"] * 8), " the", " and", unit="head_source")
+    assert long.plot().layout.width <= 1400  # not 260 + 64 px per source
