@@ -10,6 +10,7 @@ No torch import here: the parent only starts processes and reads their one-line 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -44,6 +45,19 @@ def busy_load(n: int | None = None, max_seconds: float = 1800.0) -> Iterator[int
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
+
+
+def add_under_load(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--under-load ROUNDS`` (the comparison of :data:`CONFIGS`, ``what`` in each configuration) and the
+    hidden ``--load-child`` that each configuration's process runs with."""
+    parser.add_argument(
+        "--under-load",
+        type=int,
+        metavar="ROUNDS",
+        help=f"{what} under a busy-loop process per core: 2 threads with OpenMP's default wait policy, 2 threads "
+        "with OMP_WAIT_POLICY=PASSIVE, 1 thread, each in a fresh process, ROUNDS interleaved",
+    )
+    parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
 
 
 def child_env(policy: str | None) -> dict[str, str]:

@@ -45,7 +45,7 @@ import torch
 from tl_logitlens.cli.commands import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _threads import compare_under_load, print_comparison  # noqa: E402
+from _threads import add_under_load, compare_under_load, print_comparison  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -308,15 +308,8 @@ def main() -> None:
         help="leave glibc's allocator as it is (default: tune it as tl-logitlens does, see --fresh-processes)",
     )
     parser.add_argument("--fresh-processes", action="store_true", help="the allocator's effect on a fresh process")
-    parser.add_argument(
-        "--under-load",
-        type=int,
-        metavar="ROUNDS",
-        help="evaluate_lenses under a busy-loop process per core: 2 threads with OpenMP's default wait policy, "
-        "2 threads with OMP_WAIT_POLICY=PASSIVE, 1 thread, each in a fresh process, ROUNDS interleaved",
-    )
+    add_under_load(parser, "evaluate_lenses")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import cpu_line, load_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
-from _threads import compare_under_load, print_comparison  # noqa: E402
+from _threads import add_under_load, compare_under_load, print_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -234,14 +234,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds on stories260K (after a warm-up)")
     parser.add_argument("--gpt2-repeats", type=int, default=1, help="timed rounds on the GPT-2 shape (no warm-up)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--under-load",
-        type=int,
-        metavar="ROUNDS",
-        help="ours on stories260K under a busy-loop process per core: 2 threads with OpenMP's default wait "
-        "policy, 2 threads with OMP_WAIT_POLICY=PASSIVE, 1 thread, each in a fresh process, ROUNDS interleaved",
-    )
-    parser.add_argument("--load-child", action="store_true", help=argparse.SUPPRESS)
+    add_under_load(parser, "ours on stories260K")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
