@@ -71,7 +71,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names (and the subpackages already imported), not what this module imports for
+    itself (``importlib``, ``Any``, ``TYPE_CHECKING``, ``annotations``)."""
+    module = type(importlib)
+    loaded = [n for n, v in globals().items() if isinstance(v, module) and v.__name__.startswith(f"{__name__}.")]
+    return sorted({*__all__, "__version__", *loaded})
 
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads these
