@@ -104,8 +104,13 @@ class LensDictionary:
 
     def atoms(self, ids: Int[torch.Tensor, " n"]) -> Float[torch.Tensor, "n d_model"]:
         """The rows ``V[ids]``, float32 on ``W_U``'s device."""
-        cols = self.unembed.detach()[:, ids.to(self.unembed.device)].float()
-        return (cols if self.readout is None else self.readout @ cols).T
+        return self._rows(self.unembed.detach()[:, ids.to(self.unembed.device)])
+
+    def _rows(self, columns: Float[torch.Tensor, "d_model n"]) -> Float[torch.Tensor, "n d_model"]:
+        """``(K columns)ᵀ``, formed as ``columnsᵀ Kᵀ`` so the rows come out contiguous (their norms are
+        then a contiguous reduction)."""
+        rows = columns.T.float()
+        return rows if self.readout is None else rows @ self.readout.T
 
     def correlations(
         self, residuals: Float[torch.Tensor, "row d_model"]
@@ -126,7 +131,7 @@ class LensDictionary:
         """``(first token id, V[first : first + tile_size])`` over the vocabulary, float32."""
         for start in range(0, self.d_vocab, self.tile_size):
             stop = min(start + self.tile_size, self.d_vocab)
-            yield start, self.atoms(torch.arange(start, stop, device=self.unembed.device))
+            yield start, self._rows(self.unembed.detach()[:, start:stop])
 
     @cached_property
     def _key(self) -> tuple:
