@@ -159,27 +159,6 @@ def gradient_pursuit_step(
     return c.clamp_min(0.0)
 
 
-def project(
-    atoms: Float[torch.Tensor, "d_model n"], target: Float[torch.Tensor, " d_model"]
-) -> Float[torch.Tensor, " d_model"]:
-    """The orthogonal projection of ``target`` onto the span of ``atoms``'s columns, float64; the rank
-    is decided on unit columns (singular values above ``sqrt(eps64)`` of the largest)."""
-    if atoms.shape[1] == 0:
-        return torch.zeros_like(target, dtype=torch.float64)
-    a = atoms.double()
-    unit = a / torch.linalg.vector_norm(a, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-    u, s, _ = torch.linalg.svd(unit, full_matrices=False)
-    basis = u[:, s > REL_TOL_64 * s.max()]
-    return basis @ (basis.T @ target.double())
-
-
-def active_mask(
-    coef: Float[torch.Tensor, " n"], atoms: Float[torch.Tensor, "d_model n"], target_norm: float
-) -> torch.Tensor:
-    """Selected atoms whose contribution ``c_t ‖v_t‖`` is more than ``sqrt(eps64) ‖x‖``."""
-    return coef.double() * torch.linalg.vector_norm(atoms.double(), dim=0) > REL_TOL_64 * target_norm
-
-
 # --------------------------------------------------------------------------------------------------
 # greedy pursuit, many targets at once (the selection is one matmul over the dictionary for all rows)
 
@@ -201,54 +180,114 @@ def pursue(
 ) -> list[Pursuit]:
     """The greedy nonnegative decomposition (see the module docstring) of every row of ``targets``.
 
-    Rows are independent: each stops on its own; the dictionary is read once per step for all of them.
+    Rows are independent: each stops on its own. All rows still running at a step are read against the
+    dictionary in one product, and their coefficients re-solved together: under ``"omp"`` one batched
+    float64 least-squares solve, which *is* the NNLS solution for every row whose coefficients all come
+    out positive (the unconstrained optimum is then feasible); only the other rows run Lawson–Hanson.
     """
     x = targets.float()
-    n_rows = x.shape[0]
-    norms = dictionary.norms.to(x.device)
+    n_rows, d_model = x.shape
+    device = x.device
+    norms = dictionary.norms.to(device)
     x_norm = torch.linalg.vector_norm(x, dim=1)
-    selected: list[list[int]] = [[] for _ in range(n_rows)]
-    coefs = [torch.zeros(0, dtype=torch.float64, device=x.device) for _ in range(n_rows)]
+    chosen = torch.full((n_rows, k), -1, dtype=torch.long, device=device)
+    coefs = torch.zeros(n_rows, k, dtype=torch.float64, device=device)
+    count = torch.zeros(n_rows, dtype=torch.long, device=device)
     residual = x.clone()
-    running = torch.ones(n_rows, dtype=torch.bool, device=x.device)
-    for _ in range(k):
+    running = torch.ones(n_rows, dtype=torch.bool, device=device)
+    for step in range(k):
         rows = running.nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
             break
         corr = dictionary.correlations(residual[rows]) / norms
-        for i, row in enumerate(rows.tolist()):
-            if selected[row]:
-                corr[i, selected[row]] = -math.inf
+        if step:
+            corr.scatter_(1, chosen[rows, :step], -math.inf)
         best, index = corr.max(dim=1)
-        for i, row in enumerate(rows.tolist()):
-            if float(best[i]) <= SELECT_TOL * float(x_norm[row]):
-                running[row] = False
-                continue
-            selected[row].append(int(index[i]))
-            atoms = dictionary.atoms(torch.tensor(selected[row], device=x.device)).T.float()
-            if algorithm == "omp":
-                coefs[row] = nnls(atoms, x[row])
-            else:
-                grown = torch.cat([coefs[row], coefs[row].new_zeros(1)])
-                coefs[row] = gradient_pursuit_step(atoms, x[row], grown)
-            residual[row] = x[row] - atoms @ coefs[row].float()
-    out = []
-    for row in range(n_rows):
-        ids = torch.tensor(selected[row], dtype=torch.long)
-        atoms = dictionary.atoms(ids.to(x.device)).T.float() if selected[row] else x.new_zeros(x.shape[1], 0)
-        active = active_mask(coefs[row], atoms, float(x_norm[row])).cpu()
-        coordinates = coefs[row][active.to(x.device)].float()
-        out.append(
-            Pursuit(
-                target=x[row],
-                selected=ids,
-                support=ids[active],
-                coordinates=coordinates,
-                reconstruction=atoms[:, active.to(x.device)] @ coordinates,
-                j_space_component=project(atoms, x[row]).float(),
-            )
+        go = best > SELECT_TOL * x_norm[rows]
+        running[rows[~go]] = False
+        rows, index = rows[go], index[go]
+        if rows.numel() == 0:
+            break
+        chosen[rows, step] = index
+        count[rows] = step + 1
+        n = step + 1
+        atoms = (
+            dictionary.atoms(chosen[rows, :n].reshape(-1))
+            .reshape(len(rows), n, d_model)
+            .transpose(1, 2)
+            .float()
         )
-    return out
+        if algorithm == "omp":
+            coefs[rows, :n] = _batched_nnls(atoms, x[rows])
+        else:
+            for i, row in enumerate(rows.tolist()):
+                coefs[row, :n] = gradient_pursuit_step(atoms[i], x[row], coefs[row, :n])
+        residual[rows] = x[rows] - (atoms @ coefs[rows, :n].float()[:, :, None])[:, :, 0]
+    out: list[Pursuit | None] = [None] * n_rows
+    for n in count.unique().tolist():
+        rows = (count == n).nonzero(as_tuple=True)[0]
+        ids = chosen[rows, :n].cpu()
+        if n == 0:
+            for row in rows.tolist():
+                zero = x.new_zeros(d_model)
+                out[row] = Pursuit(x[row], ids[0], ids[0], x.new_zeros(0), zero, zero)
+            continue
+        atoms = (
+            dictionary.atoms(chosen[rows, :n].reshape(-1))
+            .reshape(len(rows), n, d_model)
+            .transpose(1, 2)
+            .float()
+        )
+        coef = coefs[rows, :n]
+        active = (
+            coef * torch.linalg.vector_norm(atoms.double(), dim=1) > REL_TOL_64 * x_norm[rows, None].double()
+        )
+        projection = _batched_projection(atoms, x[rows])
+        for i, row in enumerate(rows.tolist()):
+            keep = active[i]
+            coordinates = coef[i][keep].float()
+            out[row] = Pursuit(
+                target=x[row],
+                selected=ids[i],
+                support=ids[i][keep.cpu()],
+                coordinates=coordinates,
+                reconstruction=atoms[i][:, keep] @ coordinates,
+                j_space_component=projection[i],
+            )
+    return out  # type: ignore[return-value]
+
+
+def _batched_nnls(
+    atoms: Float[torch.Tensor, "row d_model n"], targets: Float[torch.Tensor, "row d_model"]
+) -> Float[torch.Tensor, "row n"]:
+    """NNLS of each row: one batched float64 least-squares solve, accepted where every coefficient is
+    materially positive (then it is the NNLS optimum); :func:`nnls` for the rest."""
+    a, b = atoms.double(), targets.double()
+    solution = torch.linalg.lstsq(a, b[:, :, None]).solution[:, :, 0]
+    scale = torch.linalg.vector_norm(b, dim=1) + torch.linalg.vector_norm(
+        a.abs() @ solution.abs()[:, :, None], dim=(1, 2)
+    )
+    tol = (
+        REL_TOL_64
+        * scale[:, None]
+        / torch.linalg.vector_norm(a, dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    )
+    ok = (solution > tol).all(dim=1) & torch.isfinite(solution).all(dim=1)
+    for i in (~ok).nonzero(as_tuple=True)[0].tolist():
+        solution[i] = nnls(atoms[i], targets[i])
+    return solution
+
+
+def _batched_projection(
+    atoms: Float[torch.Tensor, "row d_model n"], targets: Float[torch.Tensor, "row d_model"]
+) -> Float[torch.Tensor, "row d_model"]:
+    """:func:`project` of each row onto its atoms' span, batched (float64 SVD of unit columns)."""
+    a = atoms.double()
+    unit = a / torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    u, s, _ = torch.linalg.svd(unit, full_matrices=False)
+    keep = (s > REL_TOL_64 * s.max(dim=1, keepdim=True).values).double()
+    basis = u * keep[:, None, :]
+    return (basis @ (basis.transpose(1, 2) @ targets.double()[:, :, None]))[:, :, 0].float()
 
 
 # --------------------------------------------------------------------------------------------------
