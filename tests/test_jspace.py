@@ -187,6 +187,31 @@ def test_nnls_equals_brute_force_over_supports(seed):
     assert_close(pursuit.nnls(a, b), expected, atol=1e-9, rtol=1e-9)
 
 
+def test_batched_pursuit_equals_brute_force_nnls_row_by_row_including_zeroed_atoms():
+    """Many targets at once: every row's coordinates are the brute-force NNLS optimum on its selected
+    atoms. Half the rows are built so the optimum zeroes an atom picked first (``a3`` leans towards
+    ``e1 + e2`` and ``+e3``, the target towards ``-e3``), where the batched least-squares solve is
+    infeasible and Lawson-Hanson takes over."""
+    gen = torch.Generator().manual_seed(3)
+    eye = torch.eye(10)
+    a3 = (eye[0] + eye[1]) / 2**0.5 + 0.2 * eye[2]
+    filler = torch.cat([torch.zeros(30, 3), torch.randn(30, 7, generator=gen)], dim=1)  # off x's span
+    dense = torch.cat([eye[:3], a3[None], filler])
+    trap = torch.stack([2 * eye[0] + (1 + 0.1 * i) * eye[1] - 0.05 * eye[2] for i in range(10)])
+    targets = torch.cat([trap, torch.randn(10, 10, generator=gen)])
+    results = pursuit.pursue(pursuit.DenseAtoms(dense), targets, 5, "omp")
+    zeroed = 0
+    for x, r in zip(targets, results):
+        full = brute_force_nnls(dense[r.selected].double().T, x.double())
+        got = torch.zeros(len(r.selected), dtype=torch.float64)
+        where = {t: i for i, t in enumerate(r.selected.tolist())}
+        for t, c in zip(r.support.tolist(), r.coordinates.tolist()):
+            got[where[t]] = c
+        assert_close(got, full, atol=1e-5, rtol=1e-5)
+        zeroed += len(r.support) < len(r.selected)
+    assert zeroed >= 10  # the trap rows: a3 selected first, then zeroed
+
+
 def slow_greedy_first(dense: torch.Tensor, x: torch.Tensor) -> int:
     """The first atom: the largest ``v_t · x / ‖v_t‖``, by a loop."""
     best, arg = -math.inf, -1
@@ -241,6 +266,21 @@ def test_a_raw_activation_decomposes_as_the_prompt_state_does(ln_model):
     assert torch.equal(from_prompt.support, raw.support)
     assert_close(raw.coordinates, from_prompt.coordinates, atol=1e-6, rtol=1e-6)
     assert from_prompt.position == 3 and raw.position is None
+
+
+def test_a_compatibility_bridge_decomposes_as_the_hooked_transformer_with_its_weights():
+    from tests.helpers import HAS_HOOKED_TRANSFORMER, tiny_bridge
+
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip("TransformerLens 4.x has no HookedTransformer: tiny_model is already the bridge there")
+    hooked, bridge = tiny_model("RMS", folded=False), tiny_bridge("RMS", folded=False)
+    for model in (hooked, bridge):
+        lens = _lens(model, "jacobian")
+        result = tl.decompose(model, lens, "1_post", PROMPT, position=-1, k=5)
+        if model is hooked:
+            expected = result
+    assert result.support.tolist() == expected.support.tolist()
+    assert_close(result.coordinates, expected.coordinates, atol=1e-4, rtol=1e-4)
 
 
 def test_selection_stops_when_nothing_correlates(ln_model):
