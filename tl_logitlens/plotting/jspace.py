@@ -12,10 +12,18 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from tl_logitlens.plotting.style import LINE_CHART, PALETTE, cell_text, house_style, quoted
+from tl_logitlens.plotting.style import LINE_CHART, PALETTE, cell_text, house_style, line_trace, quoted
 
 SERIES = PALETTE[3]  # purple: the lens's own values
 REFERENCE = "#8c8c8c"  # grey: what they are compared with (random controls, before an edit)
+
+
+def _line(x: list, y: list, colour: str, name: str, *, dash: bool = False) -> go.Scatter:
+    """A bold line with markers (:func:`~tl_logitlens.plotting.style.line_trace`), dashed for a reference."""
+    trace = line_trace(x, y, colour, name, name)
+    if dash:
+        trace.line.dash = "dash"
+    return trace
 
 
 def _where(result: Any) -> str:
@@ -102,22 +110,8 @@ def occupancy_figure(occupancy: Any, *, title: str | None = None) -> go.Figure:
     steps = list(range(1, occupancy.max_atoms + 1))
     fig = go.Figure(
         [
-            go.Scatter(
-                x=steps,
-                y=real,
-                mode="lines+markers",
-                line={"color": SERIES, "width": 3},
-                name=f"{occupancy.lens_name} vectors",
-                hovertemplate="step %{x}: %{y:.4f}<extra></extra>",
-            ),
-            go.Scatter(
-                x=steps,
-                y=control,
-                mode="lines+markers",
-                line={"color": REFERENCE, "width": 3, "dash": "dash"},
-                name=f"random controls (mean of {occupancy.n_controls})",
-                hovertemplate="step %{x}: %{y:.4f}<extra></extra>",
-            ),
+            _line(steps, real, SERIES, f"{occupancy.lens_name} vectors"),
+            _line(steps, control, REFERENCE, f"random controls (mean of {occupancy.n_controls})", dash=True),
         ]
     )
     fig.add_vline(x=occupancy.pooled, line={"dash": "dot", "color": "#444"})
@@ -152,26 +146,8 @@ def variance_figure(variance: Any, *, title: str | None = None) -> go.Figure:
             hovertemplate="%{y:.3f}<extra></extra>",
         )
     )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=variance.median.tolist(),
-            mode="lines+markers",
-            line={"color": SERIES, "width": 3},
-            name="median",
-            hovertemplate="median %{y:.3f}<extra></extra>",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=labels,
-            y=variance.pooled.tolist(),
-            mode="lines+markers",
-            line={"color": REFERENCE, "width": 3, "dash": "dash"},
-            name="pooled",
-            hovertemplate="pooled %{y:.3f}<extra></extra>",
-        )
-    )
+    fig.add_trace(_line(labels, variance.median.tolist(), SERIES, "median"))
+    fig.add_trace(_line(labels, variance.pooled.tolist(), REFERENCE, "pooled", dash=True))
     fig.update_xaxes(title_text="site", type="category")
     fig.update_yaxes(title_text="‖J-space component‖² / ‖x‖²", range=[0, 1.02])
     n = int(variance.sampled[0].sum())
