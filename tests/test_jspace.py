@@ -499,6 +499,10 @@ def test_fraction_of_variance_is_the_decompositions_fraction_at_every_position(l
         assert_close(fov.median[i], torch.tensor(values).quantile(0.5), atol=1e-6, rtol=0)
     assert len(fov.to_dataframe()) == int(fov.sampled.sum())
     assert list(fov.summary_dataframe()["site"]) == sites
+    # raw states in place of prompts: one site, every row sampled
+    states = torch.stack([state_at(ln_model, sites[0], texts[0], p) for p in (2, 3, 4)])
+    raw = tl.fraction_of_variance(ln_model, lens, states, sites=sites[0], k=4)
+    assert_close(raw.fractions[0, 0], fov.fractions[0, 0, 2:5], atol=1e-5, rtol=0)
 
 
 def test_results_plot_with_unsigned_colours(ln_model):

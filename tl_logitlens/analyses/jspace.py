@@ -51,7 +51,10 @@ def check_activation(activation: object, d_model: int, name: str = "activation")
             f"{name} must be a float tensor of shape [{d_model}], not {type(activation).__name__}"
         )
     if not activation.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor (float16/32/64), not {activation.dtype}")
+        raise TypeError(
+            f"{name} must be a float tensor (float16/32/64), not {activation.dtype}; to read a prompt's state, "
+            "pass its text or [1, seq] token ids"
+        )
     if tuple(activation.shape) != (d_model,):
         raise ValueError(
             f"{name} has shape {list(activation.shape)}; it must be one residual state of shape [{d_model}]"
