@@ -581,6 +581,7 @@ def _bad_cases():
             "not in the",
         ),
         (lambda m: tl.swap_hooks(m, None, "1_pre", 4, 4), ValueError, "the same token"),
+        (lambda m: tl.swap_hooks(m, None, "1_pre", [4, 5], 9), ValueError, "source must be one token"),
         (
             lambda m: tl.swap_hooks(m, None, "1_pre", 4, 9, alpha=float("inf")),
             ValueError,

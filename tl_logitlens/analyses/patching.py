@@ -54,7 +54,15 @@ def _alpha(alpha: object) -> float:
 
 def _pair(model: Any, source: object, target: object) -> tuple[int, int]:
     """Two distinct token ids."""
-    source_id, target_id = (_token_ids(model, t)[0] for t in (source, target))
+    ids = []
+    for name, token in (("source", source), ("target", target)):
+        resolved = _token_ids(model, token)
+        if len(resolved) != 1:
+            raise ValueError(
+                f"{name} must be one token (text of one token, or an id), not {len(resolved)} of them"
+            )
+        ids.append(resolved[0])
+    source_id, target_id = ids
     if source_id == target_id:
         raise ValueError(
             f"source and target are the same token (id {source_id}); a coordinate swap or substitution of a "
