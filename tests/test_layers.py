@@ -58,6 +58,10 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
     ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
+    # Decomposition.plot, Occupancy.plot, JSpaceVariance.plot
+    ("tl_logitlens.analyses.jspace", "tl_logitlens.plotting.jspace"),
+    # CoordinatePatch.plot
+    ("tl_logitlens.analyses.patching", "tl_logitlens.plotting.jspace"),
 }
 
 

@@ -52,6 +52,18 @@ _EXPORTS: dict[str, str] = {
     "lens_vectors": "tl_logitlens.analyses.steering",
     "steer": "tl_logitlens.analyses.steering",
     "ablate": "tl_logitlens.analyses.steering",
+    "LensDictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_vector_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "Decomposition": "tl_logitlens.analyses.jspace",
+    "decompose": "tl_logitlens.analyses.jspace",
+    "Occupancy": "tl_logitlens.analyses.jspace",
+    "occupancy": "tl_logitlens.analyses.jspace",
+    "JSpaceVariance": "tl_logitlens.analyses.jspace",
+    "fraction_of_variance": "tl_logitlens.analyses.jspace",
+    "CoordinatePatch": "tl_logitlens.analyses.patching",
+    "coordinate_patch": "tl_logitlens.analyses.patching",
+    "swap_hooks": "tl_logitlens.analyses.patching",
     "LensEvaluation": "tl_logitlens.analyses.evaluate",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
     # the report
@@ -88,13 +100,23 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     )
     from tl_logitlens.analyses.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.analyses.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.analyses.jspace import (  # noqa: F401
+        Decomposition,
+        JSpaceVariance,
+        Occupancy,
+        decompose,
+        fraction_of_variance,
+        occupancy,
+    )
     from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
+    from tl_logitlens.analyses.lens_dictionary import LensDictionary, lens_dictionary, lens_vector_dictionary  # noqa: F401
     from tl_logitlens.analyses.masked import (  # noqa: F401
         MaskedLensResult,
         SlidingMaskResult,
         masked_lens,
         sliding_mask_lens,
     )
+    from tl_logitlens.analyses.patching import CoordinatePatch, coordinate_patch, swap_hooks  # noqa: F401
     from tl_logitlens.analyses.predictions import LensResult, logit_lens  # noqa: F401
     from tl_logitlens.analyses.profile import DepthProfile, depth_profile  # noqa: F401
     from tl_logitlens.analyses.steering import ablate, lens_vectors, steer  # noqa: F401
