@@ -58,6 +58,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
     ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
+    # PatchscopeGeneration.plot
+    ("tl_logitlens.analyses.patchscope", "tl_logitlens.plotting.patchscope"),
 }
 
 
