@@ -125,6 +125,7 @@ def _version() -> str:
         return __version__
 
 
+
 def _sites(p: argparse.ArgumentParser) -> None:
     """--sites, as run and eval take it."""
     p.add_argument(
@@ -191,13 +192,11 @@ def _add_run(sub: Any) -> None:
         "run",
         help="run the lens on a model and prompt(s)",
         description="What each layer of MODEL predicts after the last token of each prompt.",
-        epilog=f'example:\n  {PROG} run gpt2 "The Eiffel Tower is in the city of" \\\n      --target " Paris" --versus " Rome"',
+        epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" \\\n      --target \" Paris\" --versus \" Rome\"",
         formatter_class=_Formatter,
     )
     _model_and_device(run, "TransformerLens's choice")
-    run.add_argument(
-        "prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)"
-    )
+    run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)")
     run.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
     run.add_argument(
         "--target",
@@ -252,21 +251,14 @@ def _add_eval(sub: Any) -> None:
         ),
         formatter_class=_Formatter,
     )
-    _model_and_device(
-        ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there"
-    )
+    _model_and_device(ev, "TransformerLens's choice; under torchrun each rank gets cuda:LOCAL_RANK when CUDA is there")
     ev.add_argument(
         "--texts",
         metavar="FILE|demo",
         required=True,
         help=f"the corpus: {TEXTS_HELP}",
     )
-    ev.add_argument(
-        "--text-field",
-        default="text",
-        metavar="NAME",
-        help="the field holding text in JSON objects (default: text)",
-    )
+    ev.add_argument("--text-field", default="text", metavar="NAME", help="the field holding text in JSON objects (default: text)")
     ev.add_argument(
         "--lens",
         metavar="PATH|NAME",
@@ -276,31 +268,12 @@ def _add_eval(sub: Any) -> None:
         "demo model's 'demo' (tuned) or 'demo-jacobian' (repeat for several)",
     )
     _sites(ev)
-    ev.add_argument(
-        "--seq-len",
-        type=_positive,
-        metavar="N",
-        help="longest window in tokens, BOS included (default: the model's context)",
-    )
-    ev.add_argument(
-        "--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order"
-    )
-    ev.add_argument(
-        "--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)"
-    )
-    ev.add_argument(
-        "--bootstrap",
-        type=_natural,
-        default=1000,
-        metavar="N",
-        help="bootstrap replicates (default 1000; 0: no intervals)",
-    )
+    ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
+    ev.add_argument("--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order")
+    ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
+    ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
     ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")
-    ev.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bar (none is drawn when stderr is not a terminal)",
-    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
     _threads(ev)
     ev.add_argument(
         "--checkpoint-dir",
@@ -354,9 +327,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
-            raise UsageError(
-                f"{str(path)!r} is not UTF-8 text; save it as UTF-8, one prompt per line"
-            ) from None
+            raise UsageError(f"{str(path)!r} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise UsageError(f"{str(path)!r} holds no prompts; write one prompt per line")
@@ -374,6 +345,8 @@ def _token_arg(text: str | None) -> str | int | None:
     if text is not None and text.strip().isdigit() and text == text.strip():
         return int(text)
     return text
+
+
 
 
 def _load_lens(spec: str, model: Any) -> Any:
@@ -419,9 +392,7 @@ def _lens_csv_frame(data: Any) -> Any:
     targets = data.lens.target_dataframe()
     keys = ["site", "prompt", "position"]
     for t, name in enumerate(("target", "versus")[: int(targets["target_index"].max()) + 1]):
-        part = targets[targets["target_index"] == t][
-            [*keys, "target_id", "target", "logprob", "prob", "rank"]
-        ]
+        part = targets[targets["target_index"] == t][[*keys, "target_id", "target", "logprob", "prob", "rank"]]
         part = part.rename(
             columns={
                 "target_id": f"{name}_id",
@@ -470,9 +441,7 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
                 "lens": _records(data.lens.to_dataframe()),
                 "targets": None if data.lens.target_ids is None else _records(data.lens.target_dataframe()),
                 "logit_diff": None if data.logit_diff is None else _records(data.logit_diff.to_dataframe()),
-                "attribution": None
-                if data.attribution is None
-                else _records(data.attribution.to_dataframe()),
+                "attribution": None if data.attribution is None else _records(data.attribution.to_dataframe()),
                 "head_attribution": None
                 if data.head_attribution is None
                 else _records(data.head_attribution.to_dataframe()),
@@ -481,6 +450,8 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
     else:
         payload["masked"] = [_records(m.to_dataframe()) for m in data.masked]
     atomic_write_text(json_path, json.dumps(payload, indent=1))
+
+
 
 
 def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
@@ -520,22 +491,13 @@ def _lens_command(args: argparse.Namespace) -> int:
     from tl_logitlens.lenses import lens_name
     from tl_logitlens.reporting import ReportData, compute_report, write_report
 
-    settings = {
-        "target": target,
-        "versus": versus,
-        "top_k": args.top_k,
-        "sites": sites,
-        "norm": norm,
-        "lens": lens,
-    }
+    settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm, "lens": lens}
     if len(prompts) > 1:
         from rich.progress import Progress
 
         # a bar on a terminal only: piped or captured, rich would leave a blank line behind
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task(
-                lens_name(lens) if not isinstance(lens, dict) else next(iter(lens)), total=len(prompts)
-            )
+            task = progress.add_task(lens_name(lens) if not isinstance(lens, dict) else next(iter(lens)), total=len(prompts))
             data = compute_report(
                 model, prompts, **settings, progress=lambda done, total: progress.update(task, completed=done)
             )
@@ -619,9 +581,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             console.print(table)
         for line in legend:
             console.print(line, style="dim", markup=False)
-        console.print(
-            f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim"
-        )
+        console.print(f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim")
         if args.json is not None:
             ev.to_json(args.json)
             console.print(f"wrote JSON: {args.json}")
@@ -682,3 +642,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+
