@@ -46,7 +46,7 @@ from tl_logitlens.core.readout import (
     Site,
     check_model,
     final_site,
-    normalise,
+    has_final_norm,
     resolve_sites,
     unembed,
 )
@@ -193,6 +193,7 @@ class PatchscopeLens:
 
     default_sites = DEFAULT_SOURCE_SITES
 
+    @no_type_check  # checks its own arguments, with messages that say what to pass
     def __init__(
         self,
         model: Any,
@@ -645,7 +646,7 @@ def _next_tokens(
 ) -> Int[torch.Tensor, " row"]:
     """The next token of each row from its last block's output: the model's own final norm and unembedding,
     then the argmax or a draw at ``temperature``."""
-    normed = normalise(model, None, final_states[None], "recompute", None, None)[0]
+    normed = model.ln_final(final_states[None])[0] if has_final_norm(model) else final_states
     logits = unembed(model, normed, include_bias=True)
     if temperature is None:
         return logits.argmax(-1)
