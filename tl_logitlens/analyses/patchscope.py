@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE, LensResult, _lens, _resolve_targets
+from tl_logitlens.core import compat
 from tl_logitlens.core.frames import position_columns
 from tl_logitlens.core.inputs import (
     Batch,
@@ -258,7 +259,13 @@ def patched_states(
     suffix: Int[torch.Tensor, "row new"] | None = None,
 ) -> list[torch.Tensor]:
     """See :meth:`PatchscopeLens.patch`; ``model`` runs the target prompt. ``suffix``: tokens appended to
-    each row's copy of the target prompt (a generation so far), read at the last of them instead."""
+    each row's copy of the target prompt (a generation so far), read at the last of them instead.
+
+    The target's tokens before the patch position are the same in every row and no patch reaches them (the
+    model is causal): a ``HookedTransformer`` runs them once into a frozen key-value cache, and each row
+    runs only its tokens from the patch position on (for the identity prompt: one token instead of 24).
+    A bridge runs every row whole.
+    """
     d_model = model.cfg.d_model
     for hook, states in jobs:
         if states.ndim != 2 or states.shape[-1] != d_model:
@@ -268,7 +275,9 @@ def patched_states(
     n_rows = sum(sizes)
     final_hook = final_site(model).hook
     out = torch.empty(n_rows, d_model, dtype=model.W_U.dtype, device=target.tokens.device)
-    pos = target.patch_position
+    prefix = _prefix_cache(model, target.tokens[: target.patch_position])
+    first = 0 if prefix is None else target.patch_position  # the first token each row runs
+    pos = target.patch_position - first
     for lo in range(0, n_rows, batch_size):
         hi = min(lo + batch_size, n_rows)
         # each hook writes its jobs' rows of this slice of the stacked batch
@@ -277,7 +286,7 @@ def patched_states(
             a, b = max(lo, start), min(hi, start + size)
             if a < b:
                 writes.setdefault(name, []).append((a - lo, b - lo, states[a - start : b - start]))
-        tokens = target.tokens[None].expand(hi - lo, -1)
+        tokens = target.tokens[first:][None].expand(hi - lo, -1)
         if suffix is not None:
             tokens = torch.cat([tokens, suffix[lo:hi].to(tokens.device)], dim=1)
 
@@ -291,10 +300,40 @@ def patched_states(
 
             return write
 
-        model.run_with_hooks(
-            tokens, return_type=None, fwd_hooks=[(n, make(n, parts)) for n, parts in writes.items()]
-        )
+        kwargs: dict[str, Any] = {}
+        if prefix is not None:  # an explicit mask: TransformerLens would otherwise mask pad-id tokens
+            kwargs = {"past_kv_cache": _expanded(prefix, hi - lo), "attention_mask": torch.ones_like(tokens)}
+        hooks = [(n, make(n, parts)) for n, parts in writes.items()]
+        model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks, **kwargs)
     return list(out.split(sizes))
+
+
+def _prefix_cache(model: Any, prefix: Int[torch.Tensor, " pos"]) -> Any:
+    """A frozen key-value cache of ``prefix`` (one row), or None where it cannot be used: an empty prefix,
+    or a model that is not a ``HookedTransformer``."""
+    if prefix.shape[0] == 0 or not compat.is_hooked_transformer(model):
+        return None
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    model(prefix[None], return_type=None, past_kv_cache=cache, attention_mask=torch.ones_like(prefix[None]))
+    cache.freeze()
+    return cache
+
+
+def _expanded(cache: Any, n: int) -> Any:
+    """``cache`` (frozen, one row) seen by ``n`` rows, without copying it."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            past_keys=e.past_keys.expand(n, -1, -1, -1), past_values=e.past_values.expand(n, -1, -1, -1), frozen=True
+        )
+        for e in cache.entries
+    ]
+    mask = cache.previous_attention_mask.expand(n, -1)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
 
 
 def _check_finite_states(states: torch.Tensor, what: str) -> None:
