@@ -169,7 +169,8 @@ class PatchscopeLens:
     unembedding read. Analyses that take ``lens=`` then read it like any lens, so the patchscope stands
     beside the logit, tuned and Jacobian lenses in :func:`~tl_logitlens.compare_lenses`, the report and
     ``tl-logitlens run ... --lens patchscope``. Each ``translate`` is one forward pass per ``batch_size``
-    rows; :func:`patchscope` runs all sites together.
+    rows (and, on a ``HookedTransformer``, one of the target's tokens before the patch position);
+    :func:`patchscope` runs all sites together, in two forward passes.
 
     As for every lens, the ``final_post`` row of those analyses *is* the model's own output. With
     ``target_site="same"`` that is also what the patch gives there (the final state written in place and
@@ -487,8 +488,10 @@ def patchscope(
     tokens and log-probs, entropy (nats), ``KL(final ‖ site)`` (nats) against the patchscope of the last
     layer's state (with ``target_site="same"`` on one model: the model's own output at the source position,
     exactly), the log-prob and rank of the source's next token and of ``targets``. One forward pass of the
-    source prompts, then one of the target prompt stacked ``site × read cell`` times (``batch_size`` rows
-    per pass), every target site's hook writing its own rows.
+    source prompts (on a ``HookedTransformer`` with the target's tokens before the patch position as one
+    more row, kept as a key-value cache), then one of the target prompt stacked ``site × read cell`` times
+    (``batch_size`` rows per pass; from the patch position on where there is that cache), every target
+    site's hook writing its own rows.
 
     Args:
         model: the source model (``HookedTransformer`` or ``TransformerBridge``), also the target model
