@@ -274,7 +274,8 @@ def test_identity_prompt_is_the_papers():
 
 def test_equals_nnterp_patchscope_lens_on_stories260K(stories):
     """nnterp 1.3.0's ``patchscope_lens`` (identity prompt, every layer's output, the last token) on the
-    same checkpoint gives the same probabilities within 1e-5. The reference is computed here, by nnterp."""
+    same checkpoint gives the same probabilities within 1e-5, and its ``patchscope_generate`` the same greedy
+    tokens. The references are computed here, by nnterp."""
     nnterp = pytest.importorskip("nnterp", reason="nnterp is not installed (pip install nnterp==1.3.0 'nnsight>=0.6,<0.7')")
     from nnterp.interventions import patchscope_lens
 
@@ -286,6 +287,13 @@ def test_equals_nnterp_patchscope_lens_on_stories260K(stories):
     ours = tl.patchscope(stories, prompts, keep_logprobs=True)  # identity prompt, resid_post: layer outputs
     assert ours.labels == (*(f"{i}_post" for i in range(stories.cfg.n_layers - 1)), "final_post")
     assert_close(ours.full_logprobs[:, :, 0].exp().transpose(0, 1).cpu(), expected, atol=1e-5, rtol=0)
+    # greedy continuations: nnterp's patchscope_generate (every layer; it returns the prompt and new tokens)
+    from nnterp.interventions import patchscope_generate, repeat_prompt
+
+    theirs = patchscope_generate(reference_model, prompts[:1], repeat_prompt(), max_length=4)
+    gen = tl.patchscope_generate(stories, prompts[:1], max_new_tokens=4)
+    for layer, ids in theirs.items():
+        assert gen.generated_ids[layer, 0, 0].tolist() == ids[0, -4:].tolist(), f"layer {layer}"
 
 
 def test_a_given_cache_decodes_as_the_run_does(ln_model):
