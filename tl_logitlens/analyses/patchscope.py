@@ -432,6 +432,30 @@ def _latent_batch(n: int, device: Any) -> Batch:
     )
 
 
+def _setup(
+    model: Any,
+    target_model: Any,
+    allow_cross_model: object,
+    target: object,
+    target_site: object,
+    target_position: object,
+    batch_size: object,
+    prepend_bos: bool | None,
+) -> tuple[Any, PatchscopeLens]:
+    """The model that runs the target prompt and the patchscope on it, every argument checked."""
+    check_model(model)
+    runner = _target_model(model, target_model, allow_cross_model)
+    lens = PatchscopeLens(
+        runner,
+        target,
+        target_site=target_site,
+        target_position=target_position,
+        batch_size=batch_size,
+        prepend_bos=prepend_bos,
+    )
+    return runner, lens
+
+
 def _target_model(model: Any, target_model: Any, allow_cross_model: object) -> Any:
     """The model that runs the target prompt: ``model``, or another of the same width with the flag."""
     check_flag(allow_cross_model, "allow_cross_model")
@@ -529,22 +553,15 @@ def patchscope(
         >>> res = tl.patchscope(model, "Once upon a time, there was a little", targets=[" girl"])
         >>> res.top_tokens()[0][0][0]     # what the first block's output says, in the model's words
     """
-    check_model(model)
-    runner = _target_model(model, target_model, allow_cross_model)
+    runner, lens = _setup(
+        model, target_model, allow_cross_model, target, target_site, target_position, batch_size, prepend_bos
+    )
     check_flag(include_bias, "include_bias")
     check_flag(keep_logprobs, "keep_logprobs")
     d_vocab = runner.cfg.d_vocab
     check_count(top_k, "top_k", 1, d_vocab)
     check_count(final_top_k, "final_top_k", 0, d_vocab)
     check_count(chunk_size, "chunk_size", 1)
-    lens = PatchscopeLens(
-        runner,
-        target,
-        target_site=target_site,
-        target_position=target_position,
-        batch_size=batch_size,
-        prepend_bos=prepend_bos,
-    )
     source = _sources(
         model, runner, lens, source_inputs, latents, source_sites, source_position, cache, prepend_bos
     )
@@ -801,21 +818,14 @@ def patchscope_generate(
         >>> gen = tl.patchscope_generate(model, "Once upon a time, there was a little", max_new_tokens=3)
         >>> gen.texts()[-1][0][0]
     """
-    check_model(model)
-    runner = _target_model(model, target_model, allow_cross_model)
+    runner, lens = _setup(
+        model, target_model, allow_cross_model, target, target_site, target_position, batch_size, prepend_bos
+    )
     check_count(max_new_tokens, "max_new_tokens", 1)
     check_count(seed, "seed", 0)
     if temperature is not None:
         check_real(temperature, "temperature", 0.0, low_open=True)
         temperature = float(temperature)
-    lens = PatchscopeLens(
-        runner,
-        target,
-        target_site=target_site,
-        target_position=target_position,
-        batch_size=batch_size,
-        prepend_bos=prepend_bos,
-    )
     n_target = lens.target.tokens.shape[0]
     if n_target + max_new_tokens - 1 > runner.cfg.n_ctx:
         raise ValueError(
