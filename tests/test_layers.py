@@ -62,6 +62,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.jspace", "tl_logitlens.plotting.jspace"),
     # CoordinatePatch.plot
     ("tl_logitlens.analyses.patching", "tl_logitlens.plotting.jspace"),
+    # PatchscopeGeneration.plot
+    ("tl_logitlens.analyses.patchscope", "tl_logitlens.plotting.patchscope"),
 }
 
 
