@@ -100,7 +100,10 @@ def _title(nb: Path) -> str:
 
 # the guides that come first in the navigation, in reading order; every other docs/*.md page follows,
 # by file name, so a new page is on the site without being listed anywhere
-GUIDE_ORDER = ("lenses", "lens-files", "evaluation", "models", "exactness", "how-it-works", "performance", "benchmarks")
+GUIDE_ORDER = (
+    "lenses", "published-lenses", "jspace", "faithfulness", "patchscopes", "token-sets", "lens-files", "evaluation",
+    "models", "half-precision", "exactness", "how-it-works", "performance", "benchmarks",
+)
 
 
 def _guide_pages() -> dict[str, str]:
