@@ -265,3 +265,23 @@ def test_the_command_writes_the_table(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode == 2 and "no corpus" in bad.stderr
+
+
+def test_the_report_closes_with_the_faithfulness_section(tmp_path):
+    model, lenses = demo()
+    res = tl.faithfulness(model, texts()[:1], lenses=lenses, seq_len=SEQ_LEN, n_bootstrap=0)
+    path = tl.report(model, "The dog was very", out=tmp_path / "r.html", plotly_js="cdn", faithfulness=res)
+    page = path.read_text(encoding="utf-8")
+    assert page.index("Which lens is causal?") > page.index("<h2>Figures</h2>")
+    with pytest.raises(TypeError, match="Faithfulness"):
+        tl.report(model, "The dog was", out=tmp_path / "r2.html", faithfulness="no")
+
+
+@pytest.mark.parametrize("page", ["faithfulness.md", "intervening.md"])
+def test_the_docs_pages_python_blocks_run(page):
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, page, "exec"), scope)  # one page, one scope: later blocks use earlier names
