@@ -285,3 +285,61 @@ def test_the_docs_pages_python_blocks_run(page):
     scope: dict = {}
     for block in blocks:
         exec(compile(block, page, "exec"), scope)  # one page, one scope: later blocks use earlier names
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_one_processs_table(tmp_path):
+    """Documents dealt to two ranks (gloo on the CPU), sums added: the table one process writes, with the
+    same placebo draws and bootstrap replicates (both fixed by each document's index)."""
+    import os
+
+    from tests.helpers import SENTENCES, torchrun_command
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(SENTENCES * 2), encoding="utf-8")
+    common = [
+        "faithfulness",
+        "demo",
+        "--texts",
+        "corpus.txt",
+        "--lens",
+        "demo",
+        "--bootstrap",
+        "50",
+        "--no-progress",
+        "--positions",
+        "-1",
+        "3",
+    ]
+    env = dict(os.environ, COLUMNS="100", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    two = subprocess.run(
+        [*torchrun_command(2), "-m", "tl_logitlens", *common, "--json", "two.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    one = subprocess.run(
+        [sys.executable, "-m", "tl_logitlens", *common, "--json", "one.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("Which lens is causal?") == 1  # rank 0 alone prints
+    a = json.loads((tmp_path / "one.json").read_text(encoding="utf-8"))
+    b = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    assert b.pop("world_size") == 2 and a.pop("world_size") == 1
+    rows_a, rows_b = a.pop("results"), b.pop("results")
+    assert a == b and a["n_documents"] == 10
+    for ra, rb in zip(rows_a, rows_b):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                # a ratio's placebo mean can be near 0, which magnifies float32 rounding (1e-5 became 1e-5 relative)
+                rel = 1e-3 if key.startswith("ratio") else 1e-5
+                assert rb[key] == pytest.approx(value, rel=rel, abs=1e-5), key
+            else:
+                assert rb[key] == value
