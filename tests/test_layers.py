@@ -62,6 +62,10 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.decode", "tl_logitlens.plotting.interventions"),
     ("tl_logitlens.analyses.interventions", "tl_logitlens.plotting.interventions"),
     ("tl_logitlens.analyses.faithfulness", "tl_logitlens.plotting.interventions"),
+    # Decomposition.plot, Occupancy.plot, JSpaceVariance.plot
+    ("tl_logitlens.analyses.jspace", "tl_logitlens.plotting.jspace"),
+    # CoordinatePatch.plot
+    ("tl_logitlens.analyses.patching", "tl_logitlens.plotting.jspace"),
 }
 
 

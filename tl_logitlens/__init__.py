@@ -58,6 +58,18 @@ _EXPORTS: dict[str, str] = {
     "generate": "tl_logitlens.analyses.interventions",
     "Faithfulness": "tl_logitlens.analyses.faithfulness",
     "faithfulness": "tl_logitlens.analyses.faithfulness",
+    "LensDictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_vector_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "Decomposition": "tl_logitlens.analyses.jspace",
+    "decompose": "tl_logitlens.analyses.jspace",
+    "Occupancy": "tl_logitlens.analyses.jspace",
+    "occupancy": "tl_logitlens.analyses.jspace",
+    "JSpaceVariance": "tl_logitlens.analyses.jspace",
+    "fraction_of_variance": "tl_logitlens.analyses.jspace",
+    "CoordinatePatch": "tl_logitlens.analyses.patching",
+    "coordinate_patch": "tl_logitlens.analyses.patching",
+    "swap_hooks": "tl_logitlens.analyses.patching",
     "LensEvaluation": "tl_logitlens.analyses.evaluate",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
     # the report
@@ -99,13 +111,23 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         placebo,
         steering_sweep,
     )
+    from tl_logitlens.analyses.jspace import (  # noqa: F401
+        Decomposition,
+        JSpaceVariance,
+        Occupancy,
+        decompose,
+        fraction_of_variance,
+        occupancy,
+    )
     from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
+    from tl_logitlens.analyses.lens_dictionary import LensDictionary, lens_dictionary, lens_vector_dictionary  # noqa: F401
     from tl_logitlens.analyses.masked import (  # noqa: F401
         MaskedLensResult,
         SlidingMaskResult,
         masked_lens,
         sliding_mask_lens,
     )
+    from tl_logitlens.analyses.patching import CoordinatePatch, coordinate_patch, swap_hooks  # noqa: F401
     from tl_logitlens.analyses.predictions import LensResult, logit_lens  # noqa: F401
     from tl_logitlens.analyses.profile import DepthProfile, depth_profile  # noqa: F401
     from tl_logitlens.analyses.steering import ablate, lens_vectors, steer  # noqa: F401
