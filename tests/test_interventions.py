@@ -92,6 +92,10 @@ def test_decode_vector_equals_the_slow_reference(normalization, folded, kind):
     assert_close(out.scores[:, [3, 9]], x @ v.T, atol=1e-4, rtol=1e-4)
     frame = out.to_dataframe()
     assert len(frame) == 2 * 2 * 4 and set(frame["end"]) == {"positive", "negative"}
+    # TransformerLens 4.3's lens vectors (M^T W_U[:, t], no gain, no centring) read the same way
+    tl_out = tl.decode_vector(model, x, site=site, lens=lens, convention="transformer_lens")
+    v_tl = tl.lens_vectors(model, lens, site, [3, 9], convention="transformer_lens")
+    assert_close(tl_out.scores[:, [3, 9]], x @ v_tl.T, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_vector_normalize_divides_by_the_norm():
@@ -117,6 +121,7 @@ def encoder():
         (lambda m: tl.decode_vector(m, torch.full((32,), float("nan"))), ValueError, "NaN"),
         (lambda m: tl.decode_vector(m, torch.zeros(32)), ValueError, "zero"),
         (lambda m: tl.decode_vector(m, torch.ones(32), top_k=0), ValueError, "top_k"),
+        (lambda m: tl.decode_vector(m, torch.ones(32), convention="tl"), ValueError, "convention"),
         (lambda m: tl.decode_vector(m, torch.ones(32), site="resid_post"), ValueError, "one site label"),
         (
             lambda m: tl.decode_vector(m, torch.ones(32), site="1_mid", lens=jacobian_lens(m)),
@@ -153,6 +158,7 @@ def encoder():
         "decode-nan",
         "decode-zero",
         "decode-top-k-0",
+        "decode-convention",
         "decode-kind-not-label",
         "decode-site-lens-does-not-read",
         "decode-encoder",

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens.analyses.steering import linear_map
+from tl_logitlens.analyses.steering import check_convention, lens_site, readout_matrix
 from tl_logitlens.analyses.token_pairs import check_direction
-from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.inputs import check_count, check_flag
-from tl_logitlens.core.readout import check_model, resolve_sites
+from tl_logitlens.core.readout import check_model
 from tl_logitlens.core.results import ShortRepr, token_strings
 from tl_logitlens.lenses import lens_name, resolve_lens
 
@@ -140,37 +139,17 @@ def _labels(labels: object, n: int) -> tuple[str, ...]:
     return tuple(str(s) for s in labels)
 
 
-def _one_site(model: Any, site: object) -> str:
-    if not isinstance(site, str):
-        raise TypeError(
-            f"site must be one site label such as '2_post' or 'final_post', not {type(site).__name__}"
-        )
-    sites = resolve_sites(model, [site])
-    if len(sites) != 1 or sites[0].label != site:
-        raise ValueError(
-            f"site must be one site label such as '2_post' or 'final_post', not the kind {site!r}"
-        )
-    return site
-
-
 @torch.no_grad()
 def vector_scores(
-    model: Any, lens: Any, site: str, vectors: Float[torch.Tensor, "n d_model"]
+    model: Any, lens: Any, site: str, vectors: Float[torch.Tensor, "n d_model"], convention: str = "ours"
 ) -> Float[torch.Tensor, "n d_vocab"]:
-    """``v_t · x`` for every token ``t`` and each row ``x`` of ``vectors`` (float32), computed as
-    ``(g ⊙ P M x) @ W_U``: the lens's linear part, the centring (LayerNorm), the final norm's gain, the
-    unembedding, with no bias anywhere. ``lens`` is a resolved lens; ``site`` a label it reads."""
-    matrix = linear_map(lens, site)
-    x = vectors.float()
-    if matrix is not None:
-        x = x @ matrix.to(x.device).T
-    kind = normalization_type(model)
-    if kind in ("LN", "LNPre"):
-        x = x - x.mean(-1, keepdim=True)
-    gain = getattr(model.ln_final, "w", None) if kind in ("LN", "RMS") else None
-    if gain is not None:
-        x = x * gain.detach().float().to(x.device)
-    return x @ model.W_U.detach().float()
+    """``v_t · x`` for every token ``t`` and each row ``x`` of ``vectors`` (float32): ``(x K) W_U`` with
+    ``v_t = K W_U[:, t]`` (:func:`~tl_logitlens.analyses.steering.readout_matrix`: the lens's linear part,
+    and under ``convention="ours"`` the centring and the final norm's gain), no bias anywhere. ``lens`` is a
+    resolved lens; ``site`` a label it reads."""
+    k = readout_matrix(model, lens, site, convention)
+    x = vectors.float().to(model.W_U.device)
+    return (x if k is None else x @ k) @ model.W_U.detach().float()
 
 
 @no_type_check  # checks its own arguments
@@ -183,6 +162,7 @@ def decode_vector(
     top_k: int = 10,
     labels: Sequence[str] | None = None,
     normalize: bool = False,
+    convention: str = "ours",
 ) -> DecodedVector:
     """The tokens ``lens`` reads off a residual-stream vector at ``site``: its ``top_k`` highest and
     lowest scores ``v_t · x`` over the whole vocabulary (see the module docstring for what a score is,
@@ -199,6 +179,8 @@ def decode_vector(
         top_k: tokens kept at each end.
         labels: one label per vector (default ``"vector 0"``, ...).
         normalize: divide each vector's scores by its norm (scores then compare across vectors).
+        convention: ``"ours"`` (the default: the final norm's gain and centring in, the exact readout) or
+            ``"transformer_lens"`` (``v_t = Mᵀ W_U[:, t]``, TransformerLens 4.3's lens vectors).
 
     Returns:
         A :class:`DecodedVector`.
@@ -216,10 +198,8 @@ def decode_vector(
     """
     check_model(model)
     resolved = resolve_lens(model, lens)
-    label = _one_site(model, site)
-    resolved.translate(
-        label, torch.zeros(1, model.cfg.d_model, dtype=model.W_U.dtype, device=model.W_U.device)
-    )
+    convention = check_convention(convention)
+    label = lens_site(model, resolved, site).label
     x = check_direction(model, vector)
     d_vocab = int(model.W_U.shape[-1])
     top_k = check_count(top_k, "top_k", 1, d_vocab)
@@ -228,7 +208,7 @@ def decode_vector(
     norms = x.norm(dim=-1)
     if not bool((norms > 0).all()):
         raise ValueError("a vector is zero; there is no direction to decode")
-    scores = vector_scores(model, resolved, label, x)
+    scores = vector_scores(model, resolved, label, x, convention)
     if normalize:
         scores = scores / norms[:, None]
     top = scores.topk(top_k, dim=-1)
