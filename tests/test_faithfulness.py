@@ -343,3 +343,21 @@ def test_torchrun_two_processes_give_one_processs_table(tmp_path):
                 assert rb[key] == pytest.approx(value, rel=rel, abs=1e-5), key
             else:
                 assert rb[key] == value
+
+
+@pytest.mark.slow
+def test_the_docs_table_is_what_faithfulness_gives():
+    """``scripts/faithfulness_table.py --check`` in a process of its own (the 100 demo stories, three lenses;
+    under pytest's run-time shape checks it would be several times slower): every number of the table in
+    docs/faithfulness.md is recomputed and must agree to its last printed digit."""
+    import os
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "faithfulness_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["numbers"] == 4 * 3 * 6 * 3
