@@ -22,9 +22,11 @@ PAGE = ROOT / "docs" / "faithfulness.md"
 START, END = "<!-- faithfulness-table:start -->", "<!-- faithfulness-table:end -->"
 SETTINGS = {"intervention": "ablate", "positions": "last", "seed": 0, "n_bootstrap": 1000}
 DIGITS = 3
-# the page rounds to 3 decimals; recomputing agrees to float32 rounding (1e-5 and below), so one unit
-# of the last digit either way is all a rounding boundary can move
+# the page rounds to 3 decimals; recomputing agrees to float32 rounding (about 1e-5 relative: two runs, one
+# and two threads, differed in one printed digit, a ratio's bound of 126.445 vs 126.446), so one unit of the
+# last digit either way, plus 1e-4 of the value for the large ratios, is all a rounding boundary can move
 TOLERANCE = 1.5 * 10**-DIGITS
+RELATIVE = 1e-4
 
 
 def compute():
@@ -62,7 +64,11 @@ def main() -> int:
         return 0
     if "--check" in sys.argv:
         page, fresh = numbers(PAGE.read_text(encoding="utf-8")), numbers(table)
-        bad = [(i, a, b) for i, (a, b) in enumerate(zip(page, fresh)) if abs(a - b) > TOLERANCE]
+        bad = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(page, fresh))
+            if abs(a - b) > TOLERANCE + RELATIVE * abs(a)
+        ]
         if len(page) != len(fresh) or bad:
             print(
                 f"docs/faithfulness.md is out of date ({len(page)} vs {len(fresh)} numbers; differ: {bad[:5]}); "
