@@ -256,6 +256,7 @@ def test_the_command_writes_the_table(tmp_path):
     )
     assert "Which lens is causal" in done.stdout
     assert max(len(line) for line in done.stdout.splitlines()) <= 80
+    assert "placebo: a change of the same norm, random direction; KL ratio: KL / placebo" in done.stdout  # unwrapped
     assert "Which lens is causal?" in (tmp_path / "faith.html").read_text()
     bad = subprocess.run(
         [sys.executable, "-m", "tl_logitlens", "faithfulness", "demo", "--texts", "nowhere.txt"],

@@ -195,9 +195,10 @@ def faithfulness_table(res: Any, width: int) -> tuple[Any, list[str]]:
                     for stat in ("effect_logprob", "placebo_logprob", "effect_kl", "placebo_kl", "ratio_kl")
                 ),
             )
-    legend = [
-        "Δlog p: change of the model's log-prob of the lens's top-1 token; KL: KL(clean ‖ intervened)",
-        "(nats); placebo: the same change's norm along a random direction; ratio: KL / placebo KL",
+    legend = [  # each line under 80 columns
+        "Δlog p: change of the model's log-prob of the lens's top-1 token (nats)",
+        "KL: KL(clean ‖ intervened) of the model's output (nats)",
+        "placebo: a change of the same norm, random direction; KL ratio: KL / placebo",
     ]
     if res.n_bootstrap > 0 and not wide:
         legend.append(
