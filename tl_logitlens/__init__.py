@@ -52,6 +52,15 @@ _EXPORTS: dict[str, str] = {
     "lens_vectors": "tl_logitlens.analyses.steering",
     "steer": "tl_logitlens.analyses.steering",
     "ablate": "tl_logitlens.analyses.steering",
+    "DecodedVector": "tl_logitlens.analyses.decode",
+    "decode_vector": "tl_logitlens.analyses.decode",
+    "placebo": "tl_logitlens.analyses.interventions",
+    "SteeringSweep": "tl_logitlens.analyses.interventions",
+    "steering_sweep": "tl_logitlens.analyses.interventions",
+    "Generation": "tl_logitlens.analyses.interventions",
+    "generate": "tl_logitlens.analyses.interventions",
+    "Faithfulness": "tl_logitlens.analyses.faithfulness",
+    "faithfulness": "tl_logitlens.analyses.faithfulness",
     "LensDictionary": "tl_logitlens.analyses.lens_dictionary",
     "lens_dictionary": "tl_logitlens.analyses.lens_dictionary",
     "lens_vector_dictionary": "tl_logitlens.analyses.lens_dictionary",
@@ -104,8 +113,17 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         component_lens,
         direct_logit_attribution,
     )
+    from tl_logitlens.analyses.decode import DecodedVector, decode_vector  # noqa: F401
     from tl_logitlens.analyses.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.analyses.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.analyses.faithfulness import Faithfulness, faithfulness  # noqa: F401
+    from tl_logitlens.analyses.interventions import (  # noqa: F401
+        Generation,
+        SteeringSweep,
+        generate,
+        placebo,
+        steering_sweep,
+    )
     from tl_logitlens.analyses.jspace import (  # noqa: F401
         Decomposition,
         JSpaceVariance,

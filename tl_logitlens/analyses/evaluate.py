@@ -684,7 +684,7 @@ def _score_corpus(
     world: World,
     max_tokens: int | None,
     text_field: str,
-    scorer: _Scorer,
+    scorer: Any,  # a _Scorer, or any scorer with its add/flush/acc/real/padded/reporter (faithfulness's)
     checkpoint: Checkpoint | None,
     every: int,
 ) -> None:

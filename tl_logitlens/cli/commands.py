@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tl_logitlens.cli.faithfulness import _add_faithfulness, _faithfulness_command
 from tl_logitlens.cli.fit import _add_fit, _fit_command
 from tl_logitlens.cli.lenses import _add_lenses, _lenses_command
 from tl_logitlens.cli.shared import (
@@ -47,7 +48,7 @@ LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
 PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
-COMMANDS = ("demo", "run", "eval", "fit", "lenses")
+COMMANDS = ("demo", "run", "eval", "fit", "faithfulness", "lenses")
 # the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_run, _add_eval, _add_fit, _add_lenses):
+    for add in (_add_demo, _add_run, _add_eval, _add_fit, _add_faithfulness, _add_lenses):
         add(sub)
     return parser
 
@@ -674,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owns_process:
         tune_allocator()
     try:
-        command = {"eval": _eval_command, "fit": _fit_command, "lenses": _lenses_command}.get(args.command, _lens_command)
+        commands = {"eval": _eval_command, "fit": _fit_command, "faithfulness": _faithfulness_command, "lenses": _lenses_command}
+        command = commands.get(args.command, _lens_command)
         return command(args)
     except (UsageError, ValueError, TypeError) as err:
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
