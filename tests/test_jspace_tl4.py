@@ -213,3 +213,34 @@ def test_swap_hook_logits_equal_transformer_lens(raw, ours, theirs, alpha, clamp
         plain = raw(tokens)
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-2  # the swap did something
+
+
+@pytest.mark.skipif(
+    not (HAS_TOOLS and hasattr(TLJacobianLens, "steering_hooks")),
+    reason=f"TransformerLens {_compat.TL_VERSION} has no JacobianLens.steering_hooks; CI compares on the 4.x venv",
+)
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+@pytest.mark.parametrize("positions", [None, [-1, 3]], ids=["all", "some"])
+def test_steering_equals_transformer_lens(raw, ours, theirs, alpha, positions):
+    """convention="transformer_lens": alpha in units of the steered positions' median residual norm, along
+    TransformerLens's (gain-free) lens vector, as its steering_hooks; ours differs on the raw bridge."""
+    tokens = raw.to_tokens(PROMPT)
+    token = int(tokens[0, 5])  # a token id of the prompt: stories260K's word pieces make few words one token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = theirs.steering_hooks(raw, token, [2], alpha=alpha, positions=positions)
+    o = tl.steer(raw, ours, "2_post", token, alpha, positions=positions, convention="transformer_lens")
+    mine = tl.steer(raw, ours, "2_post", token, alpha, positions=positions)
+    with torch.no_grad():
+        expected = raw.run_with_hooks(tokens, fwd_hooks=t)
+        got = raw.run_with_hooks(tokens, fwd_hooks=[o])
+        ours_convention = raw.run_with_hooks(tokens, fwd_hooks=[mine])
+        plain = raw(tokens)
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-2
+    assert (ours_convention - got).abs().max() > 1e-3  # the conventions are different pushes
+
+
+def test_steering_convention_is_checked(raw, ours):
+    with pytest.raises(ValueError, match="convention must be"):
+        tl.steer(raw, ours, "2_post", 42, 1.0, convention="tl")

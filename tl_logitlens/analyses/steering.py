@@ -186,25 +186,54 @@ def _check_positions(positions: object) -> list[int] | None:
 
 
 @no_type_check
-def steer(model: Any, lens: Any, site: str, token: object, alpha: float, *, positions: object = None) -> Hook:
+def steer(
+    model: Any,
+    lens: Any,
+    site: str,
+    token: object,
+    alpha: float,
+    *,
+    positions: object = None,
+    convention: str = "ours",
+) -> Hook:
     """A forward hook ``(hook_name, fn)`` that adds ``alpha`` times the unit lens vector of ``token`` to
-    the residual stream at ``site``: ``h ← h + α·v̂_t`` (``α`` in the residual stream's own units; its
-    norm at that site sets the scale that matters).
+    the residual stream at ``site``.
+
+    - ``convention="ours"`` (the default): ``h ← h + α·v̂_t`` with our lens vector (the final norm's gain
+      folded in, :func:`lens_vectors`); ``α`` is in the residual stream's own units, the same at every
+      position and in every prompt, so a sweep over ``α`` means the same push everywhere.
+    - ``convention="transformer_lens"``: TransformerLens 4.3's ``JacobianLens.steering_hooks``:
+      ``h ← h + α·median‖h‖·v̂_t`` with its lens vector ``Mᵀ W_U[:, t]`` (no gain), the median taken over the
+      steered positions of the batch at each call, so ``α`` is in units of the stream's typical norm
+      (``α ≈ 1`` moves the state by about its own size). The scale then depends on the batch it runs on.
 
     Use it as ``with model.hooks(fwd_hooks=[tl.steer(...)]): model(tokens)``.
 
     Raises:
-        ValueError, TypeError: as :func:`lens_vectors`; a non-finite ``alpha``; a zero lens vector.
+        ValueError, TypeError: as :func:`lens_vectors`; a non-finite ``alpha``; a zero lens vector; an
+            unknown ``convention``.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not torch.isfinite(torch.tensor(float(alpha))):
         raise ValueError(f"alpha must be a finite number, not {alpha!r}")
+    convention = check_convention(convention)
     where = _site(model, site)
-    v = lens_vectors(model, lens, site, token)[0]
+    v = lens_vectors(model, lens, site, token, convention=convention)[0]
     norm = float(v.norm())
     if not norm > 0:
         raise ValueError(f"the lens vector of {token!r} at {site!r} is zero; there is no direction to steer along")
-    step = float(alpha) * v / norm
-    return where.hook, _positions_hook(lambda h: h + step.to(h.device), _check_positions(positions), model.cfg.d_model)
+    unit = v / norm
+    if convention == "transformer_lens":
+
+        def transform(h: torch.Tensor) -> torch.Tensor:
+            return h + (float(alpha) * h.norm(dim=-1).median()) * unit.to(h.device)
+
+    else:
+        step = float(alpha) * unit
+
+        def transform(h: torch.Tensor) -> torch.Tensor:
+            return h + step.to(h.device)
+
+    return where.hook, _positions_hook(transform, _check_positions(positions), model.cfg.d_model)
 
 
 @no_type_check
