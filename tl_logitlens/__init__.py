@@ -25,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "Batch": "tl_logitlens.core.inputs",
     "prepare_inputs": "tl_logitlens.core.inputs",
     "display_tokens": "tl_logitlens.core.tokens",
+    "TokenSet": "tl_logitlens.core.token_sets",
+    "token_set": "tl_logitlens.core.token_sets",
+    "single_token": "tl_logitlens.core.token_sets",
+    "MultiTokenTargetWarning": "tl_logitlens.core.token_sets",
     "load_model": "tl_logitlens.core.models",
     "demo_texts": "tl_logitlens.core.corpus",
     # analyses
@@ -50,6 +54,8 @@ _EXPORTS: dict[str, str] = {
     "steer": "tl_logitlens.analyses.steering",
     "ablate": "tl_logitlens.analyses.steering",
     "LensEvaluation": "tl_logitlens.analyses.evaluate",
+    "LatentLanguageResult": "tl_logitlens.analyses.latent_language",
+    "latent_language": "tl_logitlens.analyses.latent_language",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
     # the report
     "report": "tl_logitlens.reporting",
@@ -81,6 +87,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     )
     from tl_logitlens.analyses.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.analyses.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.analyses.latent_language import LatentLanguageResult, latent_language  # noqa: F401
     from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
     from tl_logitlens.analyses.masked import (  # noqa: F401
         MaskedLensResult,
@@ -94,6 +101,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.core.corpus import demo_texts  # noqa: F401
     from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.core.models import load_model  # noqa: F401
+    from tl_logitlens.core.token_sets import MultiTokenTargetWarning, TokenSet, single_token, token_set  # noqa: F401
     from tl_logitlens.core.tokens import display_tokens  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
