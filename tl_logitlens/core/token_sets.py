@@ -29,7 +29,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float, Int
@@ -156,6 +156,7 @@ def _check_words(words: object) -> tuple[str, ...]:
     return tuple(words)
 
 
+@no_type_check  # checks its own arguments (see logit_lens)
 def token_set(
     model: Any, words: str | Sequence[str], *, variants: Sequence[str] = DEFAULT_VARIANTS
 ) -> TokenSet:
@@ -194,8 +195,7 @@ def token_set(
     ids: list[int] = []
     for word in words:
         found, tried = [], []
-        for v in variants:
-            spelled = VARIANTS[v](word)
+        for spelled in dict.fromkeys(VARIANTS[v](word) for v in variants):
             pieces = tokens_in_text(tok, spelled)
             shown = display_tokens(tok, pieces)
             tried.append(f"{spelled!r} → {shown}")
@@ -219,6 +219,7 @@ def token_set(
     )
 
 
+@no_type_check
 def single_token(model: Any, token: object, what: str = "target") -> int:
     """The id of ``token`` when it is exactly one token (a token string or an id), else the error.
 
@@ -283,12 +284,18 @@ class Targets:
         return lp, ranks.reshape(shape).masked_fill(pad, worst).amin(-1)
 
 
-def _caller_level() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside this package (the user's call)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("tl_logitlens"):
-        frame, level = frame.f_back, level + 1
-    return level
+_OWN_FRAMES = ("tl_logitlens", "jaxtyping", "beartype", "typeguard")
+
+
+def _warn_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointed at the first frame outside this package (the user's call), past the
+    run-time type checkers' wrappers (jaxtyping's under pytest), however deep the call came from."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_OWN_FRAMES):
+        frame = frame.f_back
+    registry = frame.f_globals.setdefault("__warningregistry__", {})
+    module = frame.f_globals.get("__name__", "<string>")
+    warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno, module, registry)
 
 
 def _multi_token_set(model: Any, text: str, ids: list[int]) -> TokenSet:
@@ -302,16 +309,15 @@ def _multi_token_set(model: Any, text: str, ids: list[int]) -> TokenSet:
             "whitespace or a special token, so it says nothing about the word; pass "
             "tl.token_set(model, [...]) with the word itself, or a token id"
         )
-    warnings.warn(
+    _warn_caller(
         f"target {text!r} is {len(ids)} tokens {shown}; scoring its first token {first!r} as a token set "
         f"(tl.token_set(model, [{text.strip()!r}]) adds its other spellings; tl.single_token raises instead)",
         MultiTokenTargetWarning,
-        stacklevel=_caller_level(),
     )
     return TokenSet(ids=(int(ids[0]),), tokens=(first,), words=(text,), variants=("first token",))
 
 
-def _one_target(model: Any, item: object) -> int | TokenSet:
+def resolve_target(model: Any, item: object) -> int | TokenSet:
     """A shared target: an id, a one-token string, a :class:`TokenSet`, or a longer string (its first token's set)."""
     if isinstance(item, TokenSet):
         d_vocab = model.cfg.d_vocab
@@ -388,6 +394,6 @@ def resolve_targets(model: Any, targets: object, n_batch: int, n_pos: int) -> Ta
         targets = [targets]
     if not isinstance(targets, Sequence) or len(targets) == 0:
         raise ValueError("targets must be a token, a token set, a non-empty list of them, or a tensor of ids")
-    shared = stack_targets([[_one_target(model, t) for t in targets]], n_pos, device)
+    shared = stack_targets([[resolve_target(model, t) for t in targets]], n_pos, device)
     members = shared.members.expand(n_batch, -1, -1, -1)
     return Targets(ids=members[..., 0], members=members, sets=shared.sets)
