@@ -348,7 +348,11 @@ def stack_targets(
             ids = list(target.ids) if isinstance(target, TokenSet) else [int(target)]
             members[b, t, : len(ids)] = torch.tensor(ids)
     members = members.to(device)[:, None].expand(-1, n_pos, -1, -1)
-    sets = tuple(t if isinstance(t, TokenSet) else None for t in per_row[0])
+    # a target is named by its set where every prompt has the same one
+    sets = tuple(
+        t if isinstance(t, TokenSet) and all(row[i] == t for row in per_row) else None
+        for i, t in enumerate(per_row[0])
+    )
     return Targets(ids=members[..., 0], members=members, sets=sets)
 
 
@@ -367,6 +371,12 @@ def resolve_targets(model: Any, targets: object, n_batch: int, n_pos: int) -> Ta
     if targets is None:
         return None
     device = model.cfg.device
+    if isinstance(targets, Targets):  # already read (e.g. each prompt's own sets, by stack_targets)
+        if tuple(targets.ids.shape[:2]) != (n_batch, n_pos):
+            raise ValueError(
+                f"Targets for {list(targets.ids.shape[:2])} read cells given to [batch, pos] = [{n_batch}, {n_pos}]"
+            )
+        return targets
     if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
             raise TypeError(f"target ids must be integers, not {targets.dtype}")
