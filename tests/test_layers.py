@@ -58,6 +58,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
     ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
+    # LatentLanguageResult.plot
+    ("tl_logitlens.analyses.latent_language", "tl_logitlens.plotting.latent_language"),
 }
 
 

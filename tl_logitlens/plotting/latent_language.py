@@ -51,9 +51,8 @@ def latent_language_figure(result: Any, *, show_prompts: bool = False, title: st
             )
         fig.add_trace(line_trace(x, as_list(result.mean[:, g]), colour, f"P({name})", name))
     fig.update_xaxes(title_text="layer (residual stream site)", tickvals=x, ticktext=labels)
-    fig.update_yaxes(
-        title_text="probability (summed over the word's token set)", range=[0, 1.02], rangemode="tozero"
-    )
+    # from 0 up to the data: a small model's masses are small (fig.update_yaxes(range=[0, 1]): the paper's axis)
+    fig.update_yaxes(title_text="probability (summed over the word's token set)", rangemode="tozero")
     band = (
         f"mean over {n} prompts; bands: {result.confidence:.0%} bootstrap intervals over prompts"
         if n >= MIN_BAND_N
