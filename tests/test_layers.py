@@ -60,6 +60,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
     # LatentLanguageResult.plot
     ("tl_logitlens.analyses.latent_language", "tl_logitlens.plotting.latent_language"),
+    # PatchscopeGeneration.plot
+    ("tl_logitlens.analyses.patchscope", "tl_logitlens.plotting.patchscope"),
 }
 
 

@@ -57,6 +57,12 @@ _EXPORTS: dict[str, str] = {
     "LatentLanguageResult": "tl_logitlens.analyses.latent_language",
     "latent_language": "tl_logitlens.analyses.latent_language",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
+    "PatchscopeLens": "tl_logitlens.analyses.patchscope",
+    "PatchscopeGeneration": "tl_logitlens.analyses.patchscope",
+    "TargetPrompt": "tl_logitlens.analyses.patchscope",
+    "identity_prompt": "tl_logitlens.analyses.patchscope",
+    "patchscope": "tl_logitlens.analyses.patchscope",
+    "patchscope_generate": "tl_logitlens.analyses.patchscope",
     # the report
     "report": "tl_logitlens.reporting",
 }
@@ -94,6 +100,14 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         SlidingMaskResult,
         masked_lens,
         sliding_mask_lens,
+    )
+    from tl_logitlens.analyses.patchscope import (  # noqa: F401
+        PatchscopeGeneration,
+        PatchscopeLens,
+        TargetPrompt,
+        identity_prompt,
+        patchscope,
+        patchscope_generate,
     )
     from tl_logitlens.analyses.predictions import LensResult, logit_lens  # noqa: F401
     from tl_logitlens.analyses.profile import DepthProfile, depth_profile  # noqa: F401

@@ -45,6 +45,7 @@ DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was 
 DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
 DEMO_LENSES = ("demo", "demo-jacobian")  # the lenses shipped for the demo model, shown beside the logit lens
 LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
+PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
 COMMANDS = ("demo", "run", "eval", "fit")
@@ -226,7 +227,8 @@ def _add_run(sub: Any) -> None:
         action="append",
         default=[],
         help="read the layers through a lens: a tuned or Jacobian lens folder or .pt file, 'demo' or "
-        "'demo-jacobian' (the demo model's), or 'logit' (default: the logit lens). Repeat it to compare "
+        "'demo-jacobian' (the demo model's), 'patchscope' (the model decodes each state from the identity "
+        "prompt), or 'logit' (default: the logit lens). Repeat it to compare "
         "several side by side: the first is read in every table, all of them in a comparison",
     )
     _outputs(run)
@@ -350,6 +352,10 @@ def _token_arg(text: str | None) -> str | int | None:
 
 
 def _load_lens(spec: str, model: Any) -> Any:
+    if spec == PATCHSCOPE_SPEC:
+        from tl_logitlens.analyses.patchscope import PatchscopeLens
+
+        return PatchscopeLens(model)
     from tl_logitlens.lenses import load_lens
 
     return load_lens(spec, model)
