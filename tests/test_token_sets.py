@@ -251,3 +251,15 @@ def test_compare_lenses_takes_a_set(ln_model):
     comparison = tl.compare_lenses(ln_model, PROMPTS, lenses={"logit": None}, targets=[park])
     direct = tl.logit_lens(ln_model, PROMPTS, targets=[park])
     assert_close(comparison.target_logprobs[0][:, direct.valid], direct.target_logprobs[:, direct.valid])
+
+
+def test_patchscope_takes_a_set(ln_model):
+    if not hasattr(tl, "patchscope"):
+        pytest.skip("this tree has no tl.patchscope")
+    park = tl.token_set(ln_model, ["park", "ball"])
+    with_set = tl.patchscope(ln_model, PROMPTS, targets=[park, " the"])
+    each = tl.patchscope(ln_model, PROMPTS, targets=list(park.ids))
+    valid = with_set.valid
+    assert_close(with_set.target_logprobs[..., 0].exp()[:, valid], each.target_logprobs.exp().sum(-1)[:, valid], atol=1e-7, rtol=1e-5)
+    assert torch.equal(with_set.target_ranks[..., 0][:, valid], each.target_ranks.amin(-1)[:, valid])
+    assert with_set.target_dataframe()["target"].iloc[0] == "{park, ball}"
