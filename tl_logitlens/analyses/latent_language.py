@@ -12,7 +12,7 @@ language's takes over near the output.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
@@ -198,15 +198,9 @@ def latent_language(
     )
     probs = res.target_logprobs[:, :, 0, :].exp()  # [site, batch, language]
     mean, low, high = bootstrap_mean(probs[:, :, None, :], res.valid, settings)
+    base = {f.name: getattr(res, f.name) for f in fields(ResultBase)}  # the inputs, positions, model, lens
     return LatentLanguageResult(
-        tokens=res.tokens,
-        str_tokens=res.str_tokens,
-        positions=res.positions,
-        valid=res.valid,
-        model_name=res.model_name,
-        n_layers=res.n_layers,
-        lens_name=res.lens_name,
-        tokenizer=res.tokenizer,
+        **base,
         labels=res.labels,
         probs=probs,
         names=names,
