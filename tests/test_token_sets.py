@@ -13,6 +13,7 @@ from tests.helpers import (
     STORIES,
     assert_close,
     require_shared,
+    requires_hooked_encoder,
     tiny_bridge,
     tiny_model,
     tiny_tokenizer,
@@ -263,3 +264,18 @@ def test_patchscope_takes_a_set(ln_model):
     assert_close(with_set.target_logprobs[..., 0].exp()[:, valid], each.target_logprobs.exp().sum(-1)[:, valid], atol=1e-7, rtol=1e-5)
     assert torch.equal(with_set.target_ranks[..., 0][:, valid], each.target_ranks.amin(-1)[:, valid])
     assert with_set.target_dataframe()["target"].iloc[0] == "{park, ball}"
+
+
+@requires_hooked_encoder
+def test_masked_lens_takes_a_set():
+    bert = tl.load_model("demo-bert")
+    text = "The dog ran to the [MASK] with the ball."
+    pets = tl.token_set(bert, ["park", "house", "garden"])
+    assert len(pets) == 3  # WordPiece: one word-initial piece per word
+    with_set = tl.masked_lens(bert, text, targets=[pets, "park"])
+    each = tl.masked_lens(bert, text, targets=list(pets.ids))
+    valid = with_set.valid
+    assert_close(with_set.target_logprobs[..., 0].exp()[:, valid], each.target_logprobs.exp().sum(-1)[:, valid], atol=1e-7, rtol=1e-5)
+    assert torch.equal(with_set.target_ranks[..., 0][:, valid], each.target_ranks.amin(-1)[:, valid])
+    assert_close(with_set.target_logprobs[..., 1][:, valid], each.target_logprobs[..., 0][:, valid])
+    assert with_set.target_sets[0] is pets and with_set.target_labels(with_set.target_ids) == ["{park, house, garden}", "park"]
