@@ -166,6 +166,7 @@ def test_set_probability_is_the_sum_and_rank_the_best(make):
     assert torch.equal(lens.target_ranks[..., 1:][:, valid], alone.target_ranks[:, valid])
     # and a slow reference: the full log-softmax of every site
     full = tl.logit_lens(model, PROMPTS, keep_logprobs=True).full_logprobs
+    assert not full.requires_grad  # values, not an autograd graph over every site's logits
     ids = torch.tensor(park.ids)
     assert_close(
         lens.target_logprobs[..., 0][:, valid], full[..., ids].logsumexp(-1)[:, valid], atol=1e-5, rtol=1e-5

@@ -499,7 +499,7 @@ def _masked(
     )
 
 
-def _mlm_targets(model: Any, targets: Targets) -> TargetIds | None:
+def _mlm_targets(model: Any, targets: object) -> TargetIds | None:
     """The masked lens's targets: one-token words or ids (read by the tokenizer, as the MLM sees them)
     and token sets, the same at every hole."""
     if targets is None:

@@ -392,10 +392,11 @@ def _lens(
         target_lp, target_rank = target_ids.reduce(m.query_logprobs[..., targeted], m.query_ranks[..., targeted], rows.b, rows.j)
     full = None
     if keep_logprobs:
-        full = torch.stack(
-            [torch.cat([torch.log_softmax(logits(site, slice(i, i + chunk_size)), -1)
-                        for i in range(0, len(rows), chunk_size)]) for site in site_list]
-        )
+        with torch.no_grad():  # a result holds values, not the autograd graph of [site, row, d_vocab] blocks
+            full = torch.stack(
+                [torch.cat([torch.log_softmax(logits(site, slice(i, i + chunk_size)), -1)
+                            for i in range(0, len(rows), chunk_size)]) for site in site_list]
+            )
         full = scatter(full, nan)
     return LensResult(
         **common_fields(model, batch, run.positions, run.valid, readout.name),

@@ -310,8 +310,8 @@ def _multi_token_set(model: Any, text: str, ids: list[int]) -> TokenSet:
             "tl.token_set(model, [...]) with the word itself, or a token id"
         )
     _warn_caller(
-        f"target {text!r} is {len(ids)} tokens {shown}; scoring its first token {first!r} as a token set "
-        f"(tl.token_set(model, [{text.strip()!r}]) adds its other spellings; tl.single_token raises instead)",
+        f"target {text!r} is {len(ids)} tokens {shown}; scoring its first token {first!r} "
+        "(tl.token_set: every spelling; tl.single_token: an error)",
         MultiTokenTargetWarning,
     )
     return TokenSet(ids=(int(ids[0]),), tokens=(first,), words=(text,), variants=("first token",))
