@@ -117,22 +117,26 @@ def test_a_patch_of_the_same_prompt_and_position_is_the_models_own_distribution(
 
 
 def test_all_sites_run_in_one_forward_per_batch(ln_model, monkeypatch):
+    import tl_logitlens.analyses.patchscope as ps
+
     calls = []
-    original = ln_model.run_with_hooks
+    forward = ps._forward
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return original(*args, **kwargs)
+    def counting(model, tokens, hooks, **kwargs):
+        calls.append(tuple(tokens.shape))
+        return forward(model, tokens, hooks, **kwargs)
 
-    monkeypatch.setattr(ln_model, "run_with_hooks", counting, raising=False)
+    monkeypatch.setattr(ps, "_forward", counting)
     sites = "resid_pre"  # 3 layers + final_post: 4 sites, 3 of them patched (final_post is itself)
     whole = tl.patchscope(ln_model, PROMPTS, source_sites=sites)
-    assert calls == [3 * len(PROMPTS)]
+    # one patched forward of every (site, prompt) row; a HookedTransformer runs only the patched token
+    # (the target's tokens before it come from a key-value cache made beside the sources' forward)
+    n_tokens = 1 if HAS_HOOKED_TRANSFORMER else ln_model.to_tokens(tl.identity_prompt().prompt).shape[1]
+    assert calls == [(3 * len(PROMPTS), n_tokens)]
     calls.clear()
     chunked = tl.patchscope(ln_model, PROMPTS, source_sites=sites, batch_size=4)
-    assert calls == [4, 2]
+    assert [c[0] for c in calls] == [4, 2]
     assert_close(chunked.top_logprobs, whole.top_logprobs, atol=LOGPROB_ATOL)
-    monkeypatch.undo()
 
 
 def test_latents_decode_as_the_source_prompts_do(ln_model):
@@ -270,7 +274,8 @@ def test_identity_prompt_is_the_papers():
 
 def test_equals_nnterp_patchscope_lens_on_stories260K(stories):
     """nnterp 1.3.0's ``patchscope_lens`` (identity prompt, every layer's output, the last token) on the
-    same checkpoint gives the same probabilities within 1e-5. The reference is computed here, by nnterp."""
+    same checkpoint gives the same probabilities within 1e-5, and its ``patchscope_generate`` the same greedy
+    tokens. The references are computed here, by nnterp."""
     nnterp = pytest.importorskip("nnterp", reason="nnterp is not installed (pip install nnterp==1.3.0 'nnsight>=0.6,<0.7')")
     from nnterp.interventions import patchscope_lens
 
@@ -282,3 +287,20 @@ def test_equals_nnterp_patchscope_lens_on_stories260K(stories):
     ours = tl.patchscope(stories, prompts, keep_logprobs=True)  # identity prompt, resid_post: layer outputs
     assert ours.labels == (*(f"{i}_post" for i in range(stories.cfg.n_layers - 1)), "final_post")
     assert_close(ours.full_logprobs[:, :, 0].exp().transpose(0, 1).cpu(), expected, atol=1e-5, rtol=0)
+    # greedy continuations: nnterp's patchscope_generate (every layer; it returns the prompt and new tokens)
+    from nnterp.interventions import patchscope_generate, repeat_prompt
+
+    theirs = patchscope_generate(reference_model, prompts[:1], repeat_prompt(), max_length=4)
+    gen = tl.patchscope_generate(stories, prompts[:1], max_new_tokens=4)
+    for layer, ids in theirs.items():
+        assert gen.generated_ids[layer, 0, 0].tolist() == ids[0, -4:].tolist(), f"layer {layer}"
+
+
+def test_a_given_cache_decodes_as_the_run_does(ln_model):
+    """With ``cache=`` the sources are not run again and the target's prefix is run on its own."""
+    tokens = tl.prepare_inputs(ln_model, PROMPTS).tokens
+    _, cache = ln_model.run_with_cache(tokens)
+    fresh = tl.patchscope(ln_model, PROMPTS, keep_logprobs=True, targets=[" the"])
+    cached = tl.patchscope(ln_model, PROMPTS, cache=cache, keep_logprobs=True, targets=[" the"])
+    assert_close(cached.full_logprobs, fresh.full_logprobs, atol=LOGPROB_ATOL)
+    assert torch.equal(cached.target_ranks, fresh.target_ranks)

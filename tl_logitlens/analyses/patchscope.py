@@ -170,7 +170,8 @@ class PatchscopeLens:
     unembedding read. Analyses that take ``lens=`` then read it like any lens, so the patchscope stands
     beside the logit, tuned and Jacobian lenses in :func:`~tl_logitlens.compare_lenses`, the report and
     ``tl-logitlens run ... --lens patchscope``. Each ``translate`` is one forward pass per ``batch_size``
-    rows; :func:`patchscope` runs all sites together.
+    rows (and, on a ``HookedTransformer``, one of the target's tokens before the patch position);
+    :func:`patchscope` runs all sites together, in two forward passes.
 
     As for every lens, the ``final_post`` row of those analyses *is* the model's own output. With
     ``target_site="same"`` that is also what the patch gives there (the final state written in place and
@@ -243,12 +244,13 @@ class PatchscopeLens:
         return self.patch([(self.hook_for(site), states)])[0]
 
     def patch(
-        self, jobs: Sequence[tuple[str, Float[torch.Tensor, "row d_model"]]]
+        self, jobs: Sequence[tuple[str, Float[torch.Tensor, "row d_model"]]], prefix: Any = None
     ) -> list[Float[torch.Tensor, "row d_model"]]:
         """For each ``(hook, states)``: the last block's output at the target's last token of the target
         prompt with each row of ``states`` written at ``hook`` and the patch position. All jobs' rows run
-        stacked, ``batch_size`` rows per forward pass."""
-        return patched_states(self.model, self.target, jobs, self.batch_size)
+        stacked, ``batch_size`` rows per forward pass. ``prefix``: the target's key-value cache before the
+        patch position, when it was computed in this call already (see :func:`patched_states`)."""
+        return patched_states(self.model, self.target, jobs, self.batch_size, prefix=prefix)
 
 
 @torch.inference_mode()
@@ -258,9 +260,11 @@ def patched_states(
     jobs: Sequence[tuple[str, torch.Tensor]],
     batch_size: int,
     suffix: Int[torch.Tensor, "row new"] | None = None,
+    prefix: Any = None,
 ) -> list[torch.Tensor]:
     """See :meth:`PatchscopeLens.patch`; ``model`` runs the target prompt. ``suffix``: tokens appended to
     each row's copy of the target prompt (a generation so far), read at the last of them instead.
+    ``prefix``: :func:`_prefix_cache` of the target, already computed in this call (else it is, here).
 
     The target's tokens before the patch position are the same in every row and no patch reaches them (the
     model is causal): a ``HookedTransformer`` runs them once into a frozen key-value cache, and each row
@@ -276,7 +280,8 @@ def patched_states(
     n_rows = sum(sizes)
     final_hook = final_site(model).hook
     out = torch.empty(n_rows, d_model, dtype=model.W_U.dtype, device=target.tokens.device)
-    prefix = _prefix_cache(model, target.tokens[: target.patch_position])
+    if prefix is None:
+        prefix = _prefix_cache(model, target.tokens[: target.patch_position])
     first = 0 if prefix is None else target.patch_position  # the first token each row runs
     pos = target.patch_position - first
     for lo in range(0, n_rows, batch_size):
@@ -304,9 +309,26 @@ def patched_states(
         kwargs: dict[str, Any] = {}
         if prefix is not None:  # an explicit mask: TransformerLens would otherwise mask pad-id tokens
             kwargs = {"past_kv_cache": _expanded(prefix, hi - lo), "attention_mask": torch.ones_like(tokens)}
-        hooks = [(n, make(n, parts)) for n, parts in writes.items()]
-        model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks, **kwargs)
+        _forward(model, tokens, [(n, make(n, parts)) for n, parts in writes.items()], **kwargs)
     return list(out.split(sizes))
+
+
+def _forward(model: Any, tokens: torch.Tensor, hooks: list[tuple[str, Any]], **kwargs: Any) -> None:
+    """One forward pass with ``hooks`` (no logits). A ``HookedTransformer`` gets them on the few hook points
+    they name, removed from those alone afterwards (``run_with_hooks`` resets every hook point of the model,
+    which costs a tiny model as much as a block); a bridge runs ``run_with_hooks`` (its legacy names are
+    aliases)."""
+    if not compat.is_hooked_transformer(model):
+        model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks, **kwargs)
+        return
+    points = [model.hook_dict[name] for name, _ in hooks]
+    try:
+        for point, (_, fn) in zip(points, hooks):
+            point.add_hook(fn)
+        model(tokens, return_type=None, **kwargs)
+    finally:
+        for point in points:
+            point.remove_hooks("fwd")
 
 
 def _prefix_cache(model: Any, prefix: Int[torch.Tensor, " pos"]) -> Any:
@@ -322,19 +344,19 @@ def _prefix_cache(model: Any, prefix: Int[torch.Tensor, " pos"]) -> Any:
     return cache
 
 
-def _expanded(cache: Any, n: int) -> Any:
-    """``cache`` (frozen, one row) seen by ``n`` rows, without copying it."""
+def _frozen(keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> Any:
+    """A frozen TransformerLens key-value cache of these per-layer ``(keys, values)`` and attention mask."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    entries = [
-        TransformerLensKeyValueCacheEntry(
-            past_keys=e.past_keys.expand(n, -1, -1, -1), past_values=e.past_values.expand(n, -1, -1, -1), frozen=True
-        )
-        for e in cache.entries
-    ]
-    mask = cache.previous_attention_mask.expand(n, -1)
+    entries = [TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True) for k, v in keys_values]
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+
+
+def _expanded(cache: Any, n: int) -> Any:
+    """``cache`` (frozen, one row) seen by ``n`` rows, without copying it."""
+    pairs = [(e.past_keys.expand(n, -1, -1, -1), e.past_values.expand(n, -1, -1, -1)) for e in cache.entries]
+    return _frozen(pairs, cache.previous_attention_mask.expand(n, -1))
 
 
 def _check_finite_states(states: torch.Tensor, what: str) -> None:
@@ -396,7 +418,7 @@ def _latent_sites(
             f"every latent must be [batch, d_model] with d_model={d_model} and one batch size, got {sorted(shapes)}"
         )
     for site, value in zip(sites, values):
-        if value.dtype.is_floating_point is False:
+        if not value.dtype.is_floating_point:
             raise TypeError(f"latents of {site.label} must be floating point, not {value.dtype}")
         _check_finite_states(value, f"latents[{site.label!r}]")
     return sites, [v.to(model.W_U.device) for v in values]
@@ -409,6 +431,30 @@ def _latent_batch(n: int, device: Any) -> Batch:
         mask=torch.ones(n, 1, dtype=torch.bool, device=device),
         str_tokens=(("<latent>",),) * n,
     )
+
+
+def _setup(
+    model: Any,
+    target_model: Any,
+    allow_cross_model: object,
+    target: object,
+    target_site: object,
+    target_position: object,
+    batch_size: object,
+    prepend_bos: bool | None,
+) -> tuple[Any, PatchscopeLens]:
+    """The model that runs the target prompt and the patchscope on it, every argument checked."""
+    check_model(model)
+    runner = _target_model(model, target_model, allow_cross_model)
+    lens = PatchscopeLens(
+        runner,
+        target,
+        target_site=target_site,
+        target_position=target_position,
+        batch_size=batch_size,
+        prepend_bos=prepend_bos,
+    )
+    return runner, lens
 
 
 def _target_model(model: Any, target_model: Any, allow_cross_model: object) -> Any:
@@ -467,8 +513,10 @@ def patchscope(
     tokens and log-probs, entropy (nats), ``KL(final ‖ site)`` (nats) against the patchscope of the last
     layer's state (with ``target_site="same"`` on one model: the model's own output at the source position,
     exactly), the log-prob and rank of the source's next token and of ``targets``. One forward pass of the
-    source prompts, then one of the target prompt stacked ``site × read cell`` times (``batch_size`` rows
-    per pass), every target site's hook writing its own rows.
+    source prompts (on a ``HookedTransformer`` with the target's tokens before the patch position as one
+    more row, kept as a key-value cache), then one of the target prompt stacked ``site × read cell`` times
+    (``batch_size`` rows per pass; from the patch position on where there is that cache), every target
+    site's hook writing its own rows.
 
     Args:
         model: the source model (``HookedTransformer`` or ``TransformerBridge``), also the target model
@@ -507,22 +555,15 @@ def patchscope(
         >>> res = tl.patchscope(model, "Once upon a time, there was a little", targets=[" girl"])
         >>> res.top_tokens()[0][0][0]     # what the first block's output says, in the model's words
     """
-    check_model(model)
-    runner = _target_model(model, target_model, allow_cross_model)
+    runner, lens = _setup(
+        model, target_model, allow_cross_model, target, target_site, target_position, batch_size, prepend_bos
+    )
     check_flag(include_bias, "include_bias")
     check_flag(keep_logprobs, "keep_logprobs")
     d_vocab = runner.cfg.d_vocab
     check_count(top_k, "top_k", 1, d_vocab)
     check_count(final_top_k, "final_top_k", 0, d_vocab)
     check_count(chunk_size, "chunk_size", 1)
-    lens = PatchscopeLens(
-        runner,
-        target,
-        target_site=target_site,
-        target_position=target_position,
-        batch_size=batch_size,
-        prepend_bos=prepend_bos,
-    )
     source = _sources(
         model, runner, lens, source_inputs, latents, source_sites, source_position, cache, prepend_bos
     )
@@ -534,7 +575,8 @@ def patchscope(
     reference = source.states.get("final_post")
     if reference is not None and not exact_final and "final_post" not in jobs:
         jobs.append("final_post")
-    decoded = dict(zip(jobs, lens.patch([(lens.hook_for(label), source.states[label]) for label in jobs])))
+    patches = [(lens.hook_for(label), source.states[label]) for label in jobs]
+    decoded = dict(zip(jobs, lens.patch(patches, prefix=source.prefix)))
     if exact_final and reference is not None:
         decoded["final_post"] = reference
     batch, run = source.batch, source.run
@@ -577,6 +619,7 @@ class _Sources:
     run: Run
     sites: tuple[Site, ...]
     states: dict[str, torch.Tensor]
+    prefix: Any = None  # the target's key-value cache before the patch position, made in the same forward
 
 
 def _sources(
@@ -592,6 +635,7 @@ def _sources(
 ) -> _Sources:
     """The states of ``source_sites`` at ``source_position`` of ``source_inputs`` (one forward pass, or
     ``cache``), and the last layer's; or the ``latents`` given."""
+    prefix = None
     if latents is not None:
         if source_inputs is not None or cache is not None:
             raise ValueError("pass either source_inputs (and cache) or latents, not both")
@@ -607,7 +651,11 @@ def _sources(
         batch = prepare_inputs(model, source_inputs, prepend_bos=prepend_bos)
         positions, valid = resolve_positions(source_position, batch)
         final = final_site(model)
-        run = execute(model, batch, positions, valid, sorted({s.hook for s in (*sites, final)}), cache)
+        hooks = sorted({s.hook for s in (*sites, final)})
+        if cache is None and runner is model:  # the target's prefix rides along with the sources
+            run, prefix = _with_prefix(model, batch, positions, valid, hooks, lens.target)
+        else:
+            run = execute(model, batch, positions, valid, hooks, cache)
         rows = run.valid_rows()
         states = {s.label: run.cache[s.hook][rows.b, rows.p] for s in (*sites, final)}
         for label, value in states.items():
@@ -616,7 +664,38 @@ def _sources(
         resolve_sites(
             runner, [s.label for s in sites]
         )  # "same": every source site must exist in the target model
-    return _Sources(batch=batch, run=run, sites=sites, states=states)
+    return _Sources(batch=batch, run=run, sites=sites, states=states, prefix=prefix)
+
+
+@torch.inference_mode()
+def _with_prefix(
+    model: Any, batch: Batch, positions: torch.Tensor, valid: torch.Tensor, hooks: Sequence[str], target: _Target
+) -> tuple[Run, Any]:
+    """The sources' run and the target's prefix cache (:func:`_prefix_cache`) from one forward pass: the
+    target's tokens before the patch position are one more row of the source batch, right-padded and masked
+    (no real token sees a pad, so every real state is the unpadded prompt's). ``(execute(...), None)`` where
+    there is no prefix or the model is not a ``HookedTransformer``."""
+    p = target.patch_position
+    if p == 0 or not compat.is_hooked_transformer(model):
+        return execute(model, batch, positions, valid, hooks), None
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    n, width = batch.tokens.shape
+    tokens = torch.zeros(n + 1, max(width, p), dtype=batch.tokens.dtype, device=batch.tokens.device)
+    mask = torch.zeros_like(tokens)
+    tokens[:n, :width], mask[:n, :width] = batch.tokens, batch.mask
+    tokens[n, :p], mask[n, :p] = target.tokens[:p].to(tokens.device), 1
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=n + 1)
+    wanted = set(hooks)
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda name: name in wanted, return_type=None, past_kv_cache=kv, attention_mask=mask
+    )
+    kept = {name: cache[name][:n, :width] for name in cache.keys()}
+    prefix = _frozen(
+        [(e.past_keys[n : n + 1, :p], e.past_values[n : n + 1, :p]) for e in kv.entries], mask[n : n + 1, :p]
+    )
+    run = Run(batch=batch, positions=positions, valid=valid, cache=compat.ActivationCache(kept, model))
+    return run, prefix
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -741,21 +820,14 @@ def patchscope_generate(
         >>> gen = tl.patchscope_generate(model, "Once upon a time, there was a little", max_new_tokens=3)
         >>> gen.texts()[-1][0][0]
     """
-    check_model(model)
-    runner = _target_model(model, target_model, allow_cross_model)
+    runner, lens = _setup(
+        model, target_model, allow_cross_model, target, target_site, target_position, batch_size, prepend_bos
+    )
     check_count(max_new_tokens, "max_new_tokens", 1)
     check_count(seed, "seed", 0)
     if temperature is not None:
         check_real(temperature, "temperature", 0.0, low_open=True)
         temperature = float(temperature)
-    lens = PatchscopeLens(
-        runner,
-        target,
-        target_site=target_site,
-        target_position=target_position,
-        batch_size=batch_size,
-        prepend_bos=prepend_bos,
-    )
     n_target = lens.target.tokens.shape[0]
     if n_target + max_new_tokens - 1 > runner.cfg.n_ctx:
         raise ValueError(
@@ -774,7 +846,7 @@ def patchscope_generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     new = torch.empty(n_rows, 0, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        finals = torch.cat(patched_states(runner, lens.target, jobs, lens.batch_size, suffix=new))
+        finals = torch.cat(patched_states(runner, lens.target, jobs, lens.batch_size, suffix=new, prefix=source.prefix))
         new = torch.cat([new, _next_tokens(runner, finals, temperature, generator)[:, None]], dim=1)
     run = source.run
     rows = run.valid_rows()
