@@ -44,6 +44,7 @@ TITLES = {
     "lenses.jacobian": "Jacobian lens",
     "lenses.jacobian_fitting": "Jacobian lens: fitting",
     "lenses.loading": "Lenses: loading from files",
+    "lenses.published": "Lenses: published on the hub",
     "lens_comparison": "Comparing lenses",
     "evaluate": "Evaluating lenses on a corpus",
     "steering": "Lens directions and steering",

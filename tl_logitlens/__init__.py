@@ -20,11 +20,14 @@ _EXPORTS: dict[str, str] = {
     "JacobianLens": "tl_logitlens.lenses",
     "fit_jacobian_lens": "tl_logitlens.lenses",
     "load_lens": "tl_logitlens.lenses",
+    "PublishedLens": "tl_logitlens.lenses",
+    "published_lenses": "tl_logitlens.lenses",
     "train_tuned_lens": "tl_logitlens.lenses",
     # inputs
     "Batch": "tl_logitlens.core.inputs",
     "prepare_inputs": "tl_logitlens.core.inputs",
     "display_tokens": "tl_logitlens.core.tokens",
+    "visible_token": "tl_logitlens.core.tokens",
     "TokenSet": "tl_logitlens.core.token_sets",
     "token_set": "tl_logitlens.core.token_sets",
     "single_token": "tl_logitlens.core.token_sets",
@@ -116,13 +119,15 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.core.models import load_model  # noqa: F401
     from tl_logitlens.core.token_sets import MultiTokenTargetWarning, TokenSet, single_token, token_set  # noqa: F401
-    from tl_logitlens.core.tokens import display_tokens  # noqa: F401
+    from tl_logitlens.core.tokens import display_tokens, visible_token  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
         Lens,
+        PublishedLens,
         TunedLens,
         fit_jacobian_lens,
         load_lens,
+        published_lenses,
         train_tuned_lens,
     )
     from tl_logitlens.reporting import report  # noqa: F401

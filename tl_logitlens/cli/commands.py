@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tl_logitlens.cli.fit import _add_fit, _fit_command
+from tl_logitlens.cli.lenses import _add_lenses, _lenses_command
 from tl_logitlens.cli.shared import (
     PROG,
     TEXTS_HELP,
@@ -48,7 +49,7 @@ LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
 PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
-COMMANDS = ("demo", "run", "eval", "fit")
+COMMANDS = ("demo", "run", "eval", "fit", "lenses")
 # the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
@@ -228,7 +229,8 @@ def _add_run(sub: Any) -> None:
         default=[],
         help="read the layers through a lens: a tuned or Jacobian lens folder or .pt file, 'demo' or "
         "'demo-jacobian' (the demo model's), 'patchscope' (the model decodes each state from the identity "
-        "prompt), or 'logit' (default: the logit lens). Repeat it to compare "
+        "prompt), a published lens 'jlens:NAME' or 'tuned:NAME' (see "
+        f"'{PROG} lenses'), or 'logit' (default: the logit lens). Repeat it to compare "
         "several side by side: the first is read in every table, all of them in a comparison",
     )
     _outputs(run)
@@ -266,8 +268,9 @@ def _add_eval(sub: Any) -> None:
         metavar="PATH|NAME",
         action="append",
         default=[],
-        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, or the "
-        "demo model's 'demo' (tuned) or 'demo-jacobian' (repeat for several)",
+        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, the "
+        "demo model's 'demo' (tuned) or 'demo-jacobian', or a published lens 'jlens:NAME' or 'tuned:NAME' "
+        f"(see '{PROG} lenses'; repeat for several)",
     )
     _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_run, _add_eval, _add_fit):
+    for add in (_add_demo, _add_run, _add_eval, _add_fit, _add_lenses):
         add(sub)
     return parser
 
@@ -638,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owns_process:
         tune_allocator()
     try:
-        command = {"eval": _eval_command, "fit": _fit_command}.get(args.command, _lens_command)
+        command = {"eval": _eval_command, "fit": _fit_command, "lenses": _lenses_command}.get(args.command, _lens_command)
         with warnings.catch_warnings():  # restores showwarning afterwards
             warnings.showwarning = functools.partial(_show_note, warnings.showwarning)
             return command(args)

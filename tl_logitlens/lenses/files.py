@@ -120,13 +120,20 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     return folder
 
 
-def write_lens_folder(folder: str | os.PathLike, stem: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write ``{stem}.safetensors`` (the tensors, float32, with ``meta`` in the header) and ``{stem}.json``
-    into ``folder`` (created if needed), swapping the folder in whole (:func:`write_folder`)."""
+def write_lens_folder(
+    folder: str | os.PathLike,
+    stem: str,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``{stem}.safetensors`` (the tensors in ``dtype``, float32 by default, with ``meta`` in the
+    header) and ``{stem}.json`` into ``folder`` (created if needed), swapping the folder in whole
+    (:func:`write_folder`)."""
     from safetensors.torch import save_file
 
     text = json.dumps(dict(meta), indent=1)
-    plain = {k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}
+    plain = {k: t.detach().to(dtype).cpu().contiguous() for k, t in tensors.items()}
     header = {METADATA_KEY: json.dumps(dict(meta)), "format": str(meta.get("format", ""))}
 
     def write(tmp: Path) -> None:
