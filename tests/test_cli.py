@@ -175,10 +175,21 @@ def test_empty_prompts_file_is_a_usage_mistake(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_multi_token_target_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+def test_multi_token_target_is_read_as_its_first_token_with_a_note(tmp_path, monkeypatch, capsys):
     stories = str(require_shared(STORIES))
     monkeypatch.chdir(tmp_path)
     res = _in_process(["run", stories, PROMPT, "--target", " park", "--no-report"], capsys)
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "' park' is 3 tokens [' p', 'ar', 'k']" in notes[0], res.stderr
+    assert "{␣park" in res.stdout, res.stdout
+
+
+@pytest.mark.slow
+def test_multi_token_versus_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    stories = str(require_shared(STORIES))
+    monkeypatch.chdir(tmp_path)
+    res = _in_process(["run", stories, PROMPT, "--target", " the", "--versus", " park", "--no-report"], capsys)
     _one_line_error(res, "' park' is not a single token", "[' p', 'ar', 'k']")
 
 

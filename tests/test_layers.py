@@ -66,6 +66,8 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.jspace", "tl_logitlens.plotting.jspace"),
     # CoordinatePatch.plot
     ("tl_logitlens.analyses.patching", "tl_logitlens.plotting.jspace"),
+    # LatentLanguageResult.plot
+    ("tl_logitlens.analyses.latent_language", "tl_logitlens.plotting.latent_language"),
     # PatchscopeGeneration.plot
     ("tl_logitlens.analyses.patchscope", "tl_logitlens.plotting.patchscope"),
 }

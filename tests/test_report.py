@@ -230,7 +230,7 @@ def test_report_errors(ln_model, tmp_path):
     with pytest.raises(ValueError, match="needs a target token too"):
         report(ln_model, SENTENCES[0], versus=" and", out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="not a single token"):
-        report(ln_model, SENTENCES[0], target=" elephantine", out=tmp_path / "r.html")
+        report(ln_model, SENTENCES[0], target=" elephantine", versus=" and", out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="no prompts were given"):
         report(ln_model, [], out=tmp_path / "r.html")
     with pytest.raises(ValueError, match="is empty"):

@@ -28,6 +28,10 @@ _EXPORTS: dict[str, str] = {
     "prepare_inputs": "tl_logitlens.core.inputs",
     "display_tokens": "tl_logitlens.core.tokens",
     "visible_token": "tl_logitlens.core.tokens",
+    "TokenSet": "tl_logitlens.core.token_sets",
+    "token_set": "tl_logitlens.core.token_sets",
+    "single_token": "tl_logitlens.core.token_sets",
+    "MultiTokenTargetWarning": "tl_logitlens.core.token_sets",
     "load_model": "tl_logitlens.core.models",
     "demo_texts": "tl_logitlens.core.corpus",
     # analyses
@@ -74,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     "coordinate_patch": "tl_logitlens.analyses.patching",
     "swap_hooks": "tl_logitlens.analyses.patching",
     "LensEvaluation": "tl_logitlens.analyses.evaluate",
+    "LatentLanguageResult": "tl_logitlens.analyses.latent_language",
+    "latent_language": "tl_logitlens.analyses.latent_language",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
     "PatchscopeLens": "tl_logitlens.analyses.patchscope",
     "PatchscopeGeneration": "tl_logitlens.analyses.patchscope",
@@ -132,6 +138,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         fraction_of_variance,
         occupancy,
     )
+    from tl_logitlens.analyses.latent_language import LatentLanguageResult, latent_language  # noqa: F401
     from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
     from tl_logitlens.analyses.lens_dictionary import LensDictionary, lens_dictionary, lens_vector_dictionary  # noqa: F401
     from tl_logitlens.analyses.masked import (  # noqa: F401
@@ -155,6 +162,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.core.corpus import demo_texts  # noqa: F401
     from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.core.models import load_model  # noqa: F401
+    from tl_logitlens.core.token_sets import MultiTokenTargetWarning, TokenSet, single_token, token_set  # noqa: F401
     from tl_logitlens.core.tokens import display_tokens, visible_token  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,

@@ -45,6 +45,8 @@ from tl_logitlens.core.results import (
     labels_summary,
 )
 from tl_logitlens.core.run import Rows, execute, run_cache
+from tl_logitlens.core.token_sets import Targets as TargetIds
+from tl_logitlens.core.token_sets import TokenSet, resolve_target, stack_targets
 from tl_logitlens.core.tokens import display_tokens
 from tl_logitlens.lenses import LOGIT_LENS, Lens, resolve_lens
 
@@ -407,7 +409,8 @@ def masked_lens(
         mask: ``True`` (default) replaces the token at each of ``mask_positions`` with the mask token;
             ``False`` reads those positions with their real tokens in place (the unmasked read: how
             each layer sees a word it is given).
-        targets: words (each one token) or ids whose log-prob and rank are reported at each hole.
+        targets: words (each one token), ids or word-level token sets (:func:`~tl_logitlens.token_set`:
+            the summed probability of their tokens, their best rank) reported at each hole.
         n_track: how many tokens to track by their maximum probability over the sites.
         cache: an ``ActivationCache`` of the *masked* tokens (``result.tokens``) on this model.
         lens: ``None`` (the logit lens: each state through the MLM head as it is) or a lens object
@@ -433,7 +436,7 @@ def _masked(
     positions: torch.Tensor,
     valid: torch.Tensor,
     mask: bool,
-    target_ids: torch.Tensor | None,
+    target_ids: TargetIds | None,
     cache: Any,
     lens: Lens,
     settings: tuple[int, int, int, bool],
@@ -458,8 +461,8 @@ def _masked(
         model, batch, torch.where(valid, positions, -1).to(device), valid.to(device), [s.hook for s in sites], cache
     )
     query = original.clamp(min=0)[:, None]
-    if target_ids is not None:
-        query = torch.cat([query, target_ids[None].expand(len(original), -1)], dim=-1)
+    if target_ids is not None:  # every target's tokens (a token set's all), the same at every hole
+        query = torch.cat([query, target_ids.query(*[torch.zeros(len(original), dtype=torch.long)] * 2).to(query.device)], dim=-1)
     rows = Rows(rows_b.to(device), rows_j.to(device), rows_p.to(device))
     r = _hole_metrics(model, lens, run.cache, sites, rows, query.to(device), top_k, n_track, chunk_size, keep_logprobs)
     shape = tuple(positions.shape)
@@ -469,6 +472,11 @@ def _masked(
 
     nan = float("nan")
     known = known.to(device)
+    target_lp = target_rank = None
+    if target_ids is not None:  # a token set's tokens reduced to one log-prob and rank
+        zeros = torch.zeros(len(original), dtype=torch.long, device=device)
+        target_ids = replace(target_ids, members=target_ids.members.to(device))
+        target_lp, target_rank = target_ids.reduce(r.query_logprobs[..., 1:], r.query_ranks[..., 1:], zeros, zeros)
     return MaskedLensResult(
         **common_fields(model, batch, run.positions, run.valid, lens.name),
         labels=tuple(s.label for s in sites),
@@ -481,22 +489,27 @@ def _masked(
         kl_to_final=scatter(r.kl_to_final, nan),
         original_logprobs=scatter(torch.where(known, r.query_logprobs[..., 0], nan), nan),
         original_ranks=scatter(torch.where(known, r.query_ranks[..., 0], -1), -1),
-        target_ids=None if target_ids is None else target_ids.to(device),
-        target_logprobs=None if target_ids is None else scatter(r.query_logprobs[..., 1:], nan),
-        target_ranks=None if target_ids is None else scatter(r.query_ranks[..., 1:], -1),
+        target_ids=None if target_ids is None else target_ids.ids[0, 0].to(device),
+        target_logprobs=None if target_lp is None else scatter(target_lp, nan),
+        target_ranks=None if target_rank is None else scatter(target_rank, -1),
+        target_sets=None if target_ids is None else target_ids.sets,
         tracked_ids=scatter(r.tracked_ids[None], -1)[0],
         tracked_logprobs=scatter(r.tracked_logprobs, nan),
         full_logprobs=None if r.full_logprobs is None else scatter(r.full_logprobs, nan),
     )
 
 
-def _mlm_targets(model: Any, targets: Targets) -> torch.Tensor | None:
+def _mlm_targets(model: Any, targets: object) -> TargetIds | None:
+    """The masked lens's targets: one-token words or ids (read by the tokenizer, as the MLM sees them)
+    and token sets, the same at every hole."""
     if targets is None:
         return None
-    items = [targets] if isinstance(targets, str) or is_integer(targets) else list(targets)
+    single = isinstance(targets, (str, TokenSet)) or is_integer(targets)
+    items = [targets] if single else list(targets)
     if not items:
-        raise ValueError("targets is empty; pass a word, an id, or a list of them")
-    return torch.tensor([resolve_mlm_target(model, t) for t in items])
+        raise ValueError("targets is empty; pass a word, an id, a token set, or a list of them")
+    read = [resolve_target(model, t) if isinstance(t, TokenSet) else resolve_mlm_target(model, t) for t in items]
+    return stack_targets([read], 1, "cpu")
 
 
 @dataclass(frozen=True, repr=False)

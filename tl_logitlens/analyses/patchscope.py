@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from jaxtyping import Float, Int
 
-from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE, LensResult, _lens, _resolve_targets
+from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE, LensResult, _lens
 from tl_logitlens.core import compat
 from tl_logitlens.core.frames import position_columns
 from tl_logitlens.core.inputs import (
@@ -53,6 +53,7 @@ from tl_logitlens.core.readout import (
 )
 from tl_logitlens.core.results import ResultBase, common_fields, labels_summary, nested_token_strings
 from tl_logitlens.core.run import Run, execute
+from tl_logitlens.core.token_sets import resolve_targets
 from tl_logitlens.core.tokens import display_tokens
 
 if TYPE_CHECKING:
@@ -529,7 +530,8 @@ def patchscope(
         source_position: the read positions of the sources (``-1``: each prompt's last token; ``None``:
             all; an int or a list).
         target_position: the patched position of a string or tensor target (default -1).
-        targets: token strings or ids whose log-prob and rank are reported at every site.
+        targets: token strings, ids or word-level token sets (:func:`~tl_logitlens.token_set`) whose
+            log-prob and rank are reported at every site, read as :func:`~tl_logitlens.logit_lens` reads them.
         latents: precomputed states instead of ``source_inputs``: ``{label: [batch, d_model]}`` or a
             ``[site, batch, d_model]`` tensor labelled by ``source_sites``. ``KL`` is then against the
             ``final_post`` latent's patchscope, NaN when there is none; there is no next token.
@@ -592,7 +594,7 @@ def patchscope(
     read_sites = [
         Site(label, reference_key if label == "final_post" else f"patchscope.{label}") for label in labels
     ]
-    target_ids = _resolve_targets(runner, targets, *run.positions.shape)
+    target_ids = resolve_targets(runner, targets, *run.positions.shape)
     result = _lens(
         Run(batch=batch, positions=run.positions, valid=run.valid, cache=read_cache),
         Readout(runner, _Patched(), "recompute", include_bias),

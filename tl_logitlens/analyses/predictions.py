@@ -21,10 +21,8 @@ from tl_logitlens.core.inputs import (
     Targets,
     check_count,
     check_flag,
-    is_integer,
     prepare_inputs,
     resolve_positions,
-    resolve_token,
 )
 from tl_logitlens.core.kernel import NonFiniteError, Unembedding, unembed_metrics
 from tl_logitlens.core.readout import Readout, Site, check_model, check_norm, final_site, resolve_sites
@@ -36,6 +34,8 @@ from tl_logitlens.core.results import (
     token_strings,
 )
 from tl_logitlens.core.run import Run, execute
+from tl_logitlens.core.token_sets import Targets as TargetIds
+from tl_logitlens.core.token_sets import resolve_targets
 from tl_logitlens.lenses import resolve_lens, sites_or_default
 
 if TYPE_CHECKING:
@@ -185,7 +185,10 @@ class LensResult(LensStatistics):
         )
 
     def target_dataframe(self) -> pd.DataFrame:
-        """Long format: one row per site × prompt × position × target, with log-prob, prob and rank."""
+        """Long format: one row per site × prompt × position × target, with log-prob, prob and rank.
+
+        A token-set target is named by its label (``{park}``) in ``target``; ``target_id`` is its
+        first token and ``n_tokens`` how many tokens its probability sums (1 for a single token)."""
         import pandas as pd
 
         if self.target_ids is None:
@@ -193,6 +196,9 @@ class LensResult(LensStatistics):
         s, b, j, t = long_index(self.target_logprobs.shape, self.valid)
         ids = self.target_ids.cpu()[b, j, t]
         lp = self.target_logprobs.cpu()[s, b, j, t]
+        sets = self.target_sets or (None,) * self.target_ids.shape[-1]
+        names = token_strings(self.tokenizer, ids)
+        names = [n if sets[i] is None else sets[i].label for n, i in zip(names, t.tolist())]
         return pd.DataFrame(
             {
                 "site": [self.labels[i] for i in s.tolist()],
@@ -200,7 +206,8 @@ class LensResult(LensStatistics):
                 **position_columns(self.positions, self.str_tokens, b, j),
                 "target_index": t.numpy(),
                 "target_id": ids.numpy(),
-                "target": token_strings(self.tokenizer, ids),
+                "target": names,
+                "n_tokens": [1 if sets[i] is None else len(sets[i]) for i in t.tolist()],
                 "logprob": lp.numpy(),
                 "prob": lp.exp().numpy(),
                 "rank": self.target_ranks.cpu()[s, b, j, t].numpy(),
@@ -223,44 +230,6 @@ class LensResult(LensStatistics):
         from tl_logitlens.plotting import lens_heatmap
 
         return lens_heatmap(self, **kwargs)
-
-
-def _resolve_targets(
-    model: Any, targets: object, n_batch: int, n_pos: int
-) -> Int[torch.Tensor, "batch pos target"] | None:
-    """Shared targets (a token or a list of tokens) or one id per prompt or per cell (a
-    ``[batch, 1]`` or ``[batch, pos]`` tensor)."""
-    if targets is None:
-        return None
-    device = model.cfg.device
-    if isinstance(targets, torch.Tensor) and targets.ndim >= 1:
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise TypeError(f"target ids must be integers, not {targets.dtype}")
-        if targets.ndim == 1:
-            raise ValueError(
-                f"a 1-D target tensor ({targets.shape[0]} ids) is ambiguous: pass a list of ids for "
-                f"targets shared by every prompt, or a [batch, 1] tensor (here [{n_batch}, 1]) for one "
-                f"id per prompt, or [batch, pos] = [{n_batch}, {n_pos}] for one per read position"
-            )
-        if targets.ndim == 2 and targets.shape[1] == 1 and targets.shape[0] == n_batch:
-            targets = targets.expand(n_batch, n_pos)
-        if targets.ndim != 2 or tuple(targets.shape) != (n_batch, n_pos):
-            raise ValueError(
-                f"per-row targets must be [batch, 1] = [{n_batch}, 1] or [batch, pos] = [{n_batch}, {n_pos}], "
-                f"got {list(targets.shape)}"
-            )
-        bad = (targets < 0) | (targets >= model.cfg.d_vocab)
-        if bool(bad.any()):
-            raise ValueError(
-                f"target id {int(targets[bad][0])} is outside the vocabulary [0, {model.cfg.d_vocab})"
-            )
-        return targets.to(device).long()[..., None]
-    if isinstance(targets, str) or is_integer(targets) or isinstance(targets, torch.Tensor):
-        targets = [targets]
-    if not isinstance(targets, Sequence) or len(targets) == 0:
-        raise ValueError("targets must be a token, a non-empty list of tokens, or a tensor of ids")
-    ids = torch.tensor([resolve_token(model, t) for t in targets], device=device)
-    return ids.expand(n_batch, n_pos, -1)
 
 
 # Entry points check their own arguments with messages that say what to do; the run-time type
@@ -305,8 +274,12 @@ def logit_lens(
             attention from MLP), or explicit labels. Default (``None``): the lens's own
             ``default_sites``: ``"resid_pre"`` for the logit and tuned lenses, ``"resid_post"`` for the
             Jacobian lens (the sites it reads). Sites given are read as given.
-        targets: token strings or ids shared by every row, or a ``[batch, 1]``/``[batch, pos]``
-            tensor with one id per prompt or per read position.
+        targets: token strings, ids or word-level token sets (:func:`~tl_logitlens.token_set`; a set's
+            log-prob is the log of its tokens' summed probability, its rank their best) shared by
+            every row, or a ``[batch, 1]``/``[batch, pos]`` tensor with one id per prompt or per read
+            position. A string of several tokens counts as the set of its first token, with a
+            :class:`~tl_logitlens.core.token_sets.MultiTokenTargetWarning`
+            (:func:`~tl_logitlens.single_token` raises instead).
         final_top_k: also follow the final site's top-``n`` tokens at every site
             (``final_top_ids``, ``final_top_logprobs``, ``final_top_ranks``).
         positions: ``None`` (all), ``"last"`` (last real token of each prompt), an int or a list.
@@ -336,7 +309,7 @@ def logit_lens(
     site_list = resolve_sites(model, sites_or_default(model, sites, [readout.lens]))
     batch = prepare_inputs(model, inputs, prepend_bos=prepend_bos, attention_mask=attention_mask)
     pos_index, valid = resolve_positions(positions, batch)
-    target_ids = _resolve_targets(model, targets, *pos_index.shape)
+    target_ids = resolve_targets(model, targets, *pos_index.shape)
     if keep_logprobs:
         check_count(max_logprobs_bytes, "max_logprobs_bytes", 1)
         size = len(site_list) * int(valid.sum()) * d_vocab * 4
@@ -356,7 +329,7 @@ def _lens(
     readout: Readout,
     site_list: Sequence[Site],
     final: Site,
-    target_ids: torch.Tensor | None,
+    target_ids: TargetIds | None,
     top_k: int,
     final_top_k: int,
     keep_logprobs: bool,
@@ -375,7 +348,7 @@ def _lens(
     # per row: the next token (0 where none), the targets, the final site's top tokens
     query = [next_ids[rows.b, rows.j].clamp(min=0)[:, None]]
     if target_ids is not None:
-        query.append(target_ids[rows.b, rows.j])
+        query.append(target_ids.query(rows.b, rows.j))
     final_top = None
     if final_top_k:
         final_top = torch.cat(
@@ -403,7 +376,7 @@ def _lens(
         b, p = int(rows.b[err.row]), int(rows.p[err.row])
         label = final.label if err.site is None else site_list[err.site].label
         raise err.explain(f"site {label!r}, prompt {b}, position {p}") from None
-    n_t = 0 if target_ids is None else target_ids.shape[-1]
+    n_t = 0 if target_ids is None else target_ids.n_queries
     shape = tuple(run.positions.shape)
 
     def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
@@ -415,12 +388,16 @@ def _lens(
     next_rank[:, ~has_next] = -1
     targeted = slice(1, 1 + n_t)
     tracked = slice(1 + n_t, None)
+    target_lp = target_rank = None
+    if target_ids is not None:  # a token set's tokens reduced to one log-prob and rank
+        target_lp, target_rank = target_ids.reduce(m.query_logprobs[..., targeted], m.query_ranks[..., targeted], rows.b, rows.j)
     full = None
     if keep_logprobs:
-        full = torch.stack(
-            [torch.cat([torch.log_softmax(logits(site, slice(i, i + chunk_size)), -1)
-                        for i in range(0, len(rows), chunk_size)]) for site in site_list]
-        )
+        with torch.no_grad():  # a result holds values, not the autograd graph of [site, row, d_vocab] blocks
+            full = torch.stack(
+                [torch.cat([torch.log_softmax(logits(site, slice(i, i + chunk_size)), -1)
+                            for i in range(0, len(rows), chunk_size)]) for site in site_list]
+            )
         full = scatter(full, nan)
     return LensResult(
         **common_fields(model, batch, run.positions, run.valid, readout.name),
@@ -432,9 +409,10 @@ def _lens(
         next_ids=next_ids,
         next_logprobs=next_lp,
         next_ranks=next_rank,
-        target_ids=None if target_ids is None else torch.where(run.valid[..., None], target_ids, -1),
-        target_logprobs=None if target_ids is None else scatter(m.query_logprobs[..., targeted], nan),
-        target_ranks=None if target_ids is None else scatter(m.query_ranks[..., targeted], -1),
+        target_ids=None if target_ids is None else torch.where(run.valid[..., None], target_ids.ids, -1),
+        target_logprobs=None if target_lp is None else scatter(target_lp, nan),
+        target_ranks=None if target_rank is None else scatter(target_rank, -1),
+        target_sets=None if target_ids is None else target_ids.sets,
         final_top_ids=None if final_top is None else scatter(final_top[None], -1)[0],
         final_top_logprobs=None if final_top is None else scatter(m.query_logprobs[..., tracked], nan),
         final_top_ranks=None if final_top is None else scatter(m.query_ranks[..., tracked], -1),

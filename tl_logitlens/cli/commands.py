@@ -11,8 +11,10 @@ and up): columns that do not fit are left out and a legend says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -222,8 +224,8 @@ def _add_run(sub: Any) -> None:
     run.add_argument(
         "--target",
         metavar="TOKEN",
-        help="a token to follow across layers: exactly one token, as text (mind the leading space, "
-        "e.g. ' Paris') or as its integer id",
+        help="a token to follow across layers, as text (mind the leading space, e.g. ' Paris') or as "
+        "its integer id; text of several tokens is read as the set of its first token, with a note",
     )
     run.add_argument(
         "--versus",
@@ -657,6 +659,15 @@ def _misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
             parser.error(f"unrecognized option {arg!r}; put a command first: {', '.join(COMMANDS)}")
 
 
+def _show_note(show: Any, message: Any, category: type, *rest: Any, **kwargs: Any) -> None:
+    """A multi-token ``--target`` read as its first token's set is a one-line note, not a Python
+    warning; other warnings go to ``show`` (the one in place before)."""
+    if category.__name__ == "MultiTokenTargetWarning":  # by name: the CLI imports no torch before it must
+        sys.stderr.write(f"{PROG}: note: {message}\n")
+    else:
+        show(message, category, *rest, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tl-logitlens``; returns the exit status (0 ok, 2 a usage mistake).
 
@@ -677,7 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"eval": _eval_command, "fit": _fit_command, "faithfulness": _faithfulness_command, "lenses": _lenses_command}
         command = commands.get(args.command, _lens_command)
-        return command(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = functools.partial(_show_note, warnings.showwarning)
+            return command(args)
     except (UsageError, ValueError, TypeError) as err:
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
         return EXIT_USAGE

@@ -124,7 +124,7 @@ def _top_table(
 
 def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     """The causal lens at prompt ``prompt``'s last token."""
-    from tl_logitlens.core.tokens import display_tokens, text_before
+    from tl_logitlens.core.tokens import text_before
     from tl_logitlens.lenses import LOGIT_LENS
 
     lens = data.lens
@@ -135,7 +135,7 @@ def lens_table(data: Any, prompt: int, width: int) -> tuple[Any, list[str]]:
     tops = [[(top[s][prompt][col][r], probs[s][r]) for r in range(k)] for s in range(len(lens.labels))]
     targets = []
     if lens.target_ids is not None:
-        names = display_tokens(lens.tokenizer, lens.target_ids[prompt, col])
+        names = lens.target_labels(lens.target_ids[prompt, col])
         for t, name in enumerate(names):
             targets.append(
                 (

@@ -117,7 +117,11 @@ class ResultBase(ShortRepr):
 class LensStatistics(ResultBase):
     """What every lens result holds per site and read cell (``[site, batch, pos, ...]``): the top-k
     tokens and their log-probs, the entropy and ``KL(final ‖ site)`` (nats), and the log-prob and
-    rank of each target; ``full_logprobs`` is the whole log-softmax when it was kept."""
+    rank of each target; ``full_logprobs`` is the whole log-softmax when it was kept.
+
+    ``target_sets[t]`` is target ``t``'s :class:`~tl_logitlens.core.token_sets.TokenSet` when it is a
+    word-level token set (its log-prob is the log of its tokens' summed probability, its rank the best
+    of theirs), None when it is one token."""
 
     labels: tuple[str, ...]
     top_ids: Int[torch.Tensor, "site batch pos k"]
@@ -126,6 +130,14 @@ class LensStatistics(ResultBase):
     kl_to_final: Float[torch.Tensor, "site batch pos"]
     target_logprobs: Float[torch.Tensor, "site batch pos target"] | None = None
     target_ranks: Int[torch.Tensor, "site batch pos target"] | None = None
+    target_sets: tuple[Any, ...] | None = None
+
+    def target_labels(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
+        """Readable names of targets ``0, 1, ...`` whose ids at one read cell are ``ids``: a token
+        set's label (``{park}``), else the token (see :func:`display_tokens`)."""
+        shown = token_strings(self.tokenizer, ids)
+        sets = self.target_sets or ()
+        return [sets[t].label if t < len(sets) and sets[t] is not None else s for t, s in enumerate(shown)]
     full_logprobs: Float[torch.Tensor, "site batch pos d_vocab"] | None = None
 
 

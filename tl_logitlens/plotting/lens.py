@@ -366,9 +366,7 @@ def top_token_evolution(
     col = column_at(result, prompt, position)
     n = min(n, result.target_ids.shape[-1])
     ids = result.target_ids[prompt, col, :n]
-    from tl_logitlens.core.tokens import display_tokens
-
-    names = display_tokens(result.tokenizer, ids)
+    names = result.target_labels(ids)
     probs = result.target_logprobs[:, prompt, col, :n].exp().T  # [target, site]
     ranks = result.target_ranks[:, prompt, col, :n].T
     labels = list(result.labels)

@@ -120,13 +120,18 @@ def target_index(result: LensStatistics, target: str | int, prompt: int | None =
 
 
 def target_names(result: LensStatistics) -> list[str]:
-    """A readable name per target: the token when every row shares it, else ``target <t>``."""
+    """A readable name per target: a token set's label (``{park}``), the token when every row shares
+    it, else ``target <t>``."""
     from tl_logitlens.core.tokens import display_tokens
 
     if result.target_ids is None:
         return []
     names = []
+    sets = getattr(result, "target_sets", None) or ()
     for t in range(result.target_ids.shape[-1]):
+        if t < len(sets) and sets[t] is not None:
+            names.append(sets[t].label)
+            continue
         ids = result.target_ids[..., t][result.valid]
         unique = torch.unique(ids).tolist()
         if len(unique) == 1:

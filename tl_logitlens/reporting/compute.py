@@ -16,6 +16,7 @@ from tl_logitlens.core import compat as _compat
 from tl_logitlens.core.inputs import resolve_token
 from tl_logitlens.core.models import load_model
 from tl_logitlens.core.run import plan_forwards
+from tl_logitlens.core.token_sets import TokenSet, resolve_target
 from tl_logitlens.core.tokens import display_tokens, visible_token
 from tl_logitlens.lenses import LOGIT_LENS, named_lenses, resolve_lens, sites_or_default
 
@@ -178,7 +179,12 @@ def _compute_causal(
     lens: Any,
 ) -> ReportData:
     """:func:`compute_report` for a causal LM, its arguments checked."""
-    target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
+    if target is not None and versus is None:  # a multi-token target is read as its first token's set
+        target = resolve_target(model, target)
+    if isinstance(target, TokenSet):
+        target_text, versus_text = target.label, None
+    else:  # the logit difference needs two single tokens
+        target_text, versus_text = _token_text(model, target, "target"), _token_text(model, versus, "versus")
     comparison, main_name = None, None
     if isinstance(lens, (list, tuple, Mapping)):  # several lenses: the first reads every section
         named = named_lenses(model, lens)

@@ -55,7 +55,7 @@ def top_table_html(lens: LensResult, prompt: int) -> str:
     top = lens.top_tokens()
     tracked = []
     if lens.target_ids is not None:
-        names = display_tokens(lens.tokenizer, lens.target_ids[prompt, col])
+        names = lens.target_labels(lens.target_ids[prompt, col])
         probs = lens.target_logprobs[:, prompt, col].exp().T.tolist()
         ranks = lens.target_ranks[:, prompt, col].T.tolist()
         tracked = list(zip(names, probs, ranks))
