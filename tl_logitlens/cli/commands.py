@@ -39,6 +39,8 @@ from tl_logitlens.cli.shared import (
     _texts,
     _threads,
     check_device,
+    load_lens_spec,
+    scored_lenses,
 )
 
 # the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0.
@@ -47,7 +49,6 @@ DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was 
 DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
 DEMO_LENSES = ("demo", "demo-jacobian")  # the lenses shipped for the demo model, shown beside the logit lens
 LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
-PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
 COMMANDS = ("demo", "run", "eval", "fit", "faithfulness", "lenses")
@@ -381,16 +382,6 @@ def _token_arg(text: str | None) -> str | int | None:
 
 
 
-def _load_lens(spec: str, model: Any) -> Any:
-    if spec == PATCHSCOPE_SPEC:
-        from tl_logitlens.analyses.patchscope import PatchscopeLens
-
-        return PatchscopeLens(model)
-    from tl_logitlens.lenses import load_lens
-
-    return load_lens(spec, model)
-
-
 def _lenses(specs: Sequence[str], model: Any, demo: bool = False) -> Any:
     """What ``--lens`` asks for: None (the logit lens), one lens, or several as ``{name: lens}`` (the
     first read in every table); ``logit`` is the logit lens. Two lenses of one name are told apart by
@@ -402,7 +393,7 @@ def _lenses(specs: Sequence[str], model: Any, demo: bool = False) -> Any:
             lens = None
         else:
             try:
-                lens = _load_lens(spec, model)
+                lens = load_lens_spec(spec, model)
             except (ValueError, OSError):
                 if demo:
                     continue
@@ -589,18 +580,12 @@ def _eval_command(args: argparse.Namespace) -> int:
     _check_out(args.json, (".json",), "--json")
     _check_checkpoint_dir(args.checkpoint_dir)
     # torch loads from here on: every mistake in what was typed is reported before it
-    from tl_logitlens.lenses import lens_name
-
     check_device(args.device)
     _apply_threads(args)
     with _process_group(args.device) as (world, device):
         console, err = _consoles()
         model = _load(args.model, device, err)
-        lenses: dict[str, Any] = {lens_name(None): None}
-        for spec in args.lens:
-            lens = _load_lens(spec, model)
-            name = str(getattr(lens, "name", spec))
-            lenses[name if name not in lenses else f"{name} ({spec})"] = lens
+        lenses = scored_lenses(args.lens, model)
         from tl_logitlens.analyses.evaluate import evaluate_lenses
 
         ev = evaluate_lenses(

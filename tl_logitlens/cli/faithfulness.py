@@ -219,16 +219,10 @@ def _faithfulness_command(args: argparse.Namespace) -> int:
     positions = _positions_arg(args.positions)
     shared.check_device(args.device)
     shared._apply_threads(args)
-    from tl_logitlens.lenses import lens_name, load_lens
-
     with shared._process_group(args.device) as (world, device):
         console, err = shared._consoles()
         model = shared._load(args.model, device, err)
-        lenses: dict[str, Any] = {lens_name(None): None}
-        for spec in args.lens:
-            lens = load_lens(spec, model)
-            name = str(getattr(lens, "name", spec))
-            lenses[name if name not in lenses else f"{name} ({spec})"] = lens
+        lenses = shared.scored_lenses(args.lens, model)
         from tl_logitlens.analyses.faithfulness import faithfulness
 
         res = faithfulness(

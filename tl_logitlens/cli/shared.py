@@ -173,3 +173,31 @@ def _process_group(device: str | None) -> Iterator[tuple[Any, str | None]]:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
+
+
+def load_lens_spec(spec: str, model: Any) -> Any:
+    """The lens one ``--lens`` names: ``patchscope``, or anything :func:`tl_logitlens.load_lens` resolves
+    (a folder or file, ``demo``/``demo-jacobian``, a published ``jlens:``/``tuned:`` name)."""
+    if spec == PATCHSCOPE_SPEC:
+        from tl_logitlens.analyses.patchscope import PatchscopeLens
+
+        return PatchscopeLens(model)
+    from tl_logitlens.lenses import load_lens
+
+    return load_lens(spec, model)
+
+
+def scored_lenses(specs: Sequence[str], model: Any) -> dict[str, Any]:
+    """What ``eval`` and ``faithfulness`` score: the logit lens first, then each ``--lens`` under its
+    name, two of one name told apart by what was typed (``"tuned lens (b/)"``)."""
+    from tl_logitlens.lenses import lens_name
+
+    lenses: dict[str, Any] = {lens_name(None): None}
+    for spec in specs:
+        lens = load_lens_spec(spec, model)
+        name = str(getattr(lens, "name", spec))
+        lenses[name if name not in lenses else f"{name} ({spec})"] = lens
+    return lenses
