@@ -26,6 +26,7 @@ from jaxtyping import Float
 
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import pack_windows, read_texts
+from tl_logitlens.core.devices import readout_device, to_device
 from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
 from tl_logitlens.core.files import Checkpoint
 from tl_logitlens.core.inputs import check_count, check_flag, check_real
@@ -128,22 +129,24 @@ def final_norm_f32(model: Any, y: Float[torch.Tensor, "*rows d_model"]) -> Float
     y = y / (y.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
     ln = model.ln_final
     w, b = getattr(ln, "w", None), getattr(ln, "b", None)
-    if w is not None:
-        y = y * w.detach().float()
+    if w is not None:  # a device map may put the final norm apart from W_U, where y is
+        y = y * to_device(w.detach().float(), y.device)
     if b is not None and kind == "LN":
-        y = y + b.detach().float()
+        y = y + to_device(b.detach().float(), y.device)
     return y
 
 
 def _residual_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ``resid_pre`` (stacked ``[layer, batch, pos, d_model]``) and the final ``resid_post``, in the
-    model's dtype, from a forward pass stopped before the unembedding."""
+    model's dtype, on ``W_U``'s device, from a forward pass stopped before the unembedding (a block on
+    another device hands its states over once, as they are made)."""
     n = model.cfg.n_layers
     states: dict[int, torch.Tensor] = {}
+    device = readout_device(model)
 
     def keep(i: int):
         def hook(act: torch.Tensor, hook: Any = None) -> None:
-            states[i] = act.detach()
+            states[i] = to_device(act.detach(), device)
             if i == n:
                 raise _Stop
 
