@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, tiny_model
+from tests.helpers import SENTENCES, assert_close, tiny_model
+from tl_logitlens.core.kernel import Unembedding, default_tile_size, unembed_metrics
 from tl_logitlens.lenses.jacobian_fitting import _check_finite_sums
 
 TEXTS = [*SENTENCES, " ".join(SENTENCES)]
@@ -96,3 +97,36 @@ def test_an_overflowing_float16_fit_is_refused():
         low.blocks[0].mlp.W_out.mul_(4e4)  # the MLP's output overflows float16's 65504
     with pytest.raises(ValueError, match=r"float16 holds values up to 65504"):
         tl.fit_jacobian_lens(low, TEXTS, **FIT)
+
+
+def test_a_bf16_unembedding_reads_wider_tiles_with_the_same_numbers():
+    """bf16's default tile (8192 columns, default_tile_size) against 2048-column tiles on a 20000-token
+    vocabulary: the same statistics to float32 rounding, the same ranks exactly."""
+    gen = torch.Generator().manual_seed(0)
+    d_model, d_vocab, rows, n_sites = 16, 20_000, 40, 3
+    W_U = (3 * torch.randn(d_model, d_vocab, generator=gen) / d_model**0.5).bfloat16()
+    b_U = (0.5 * torch.randn(d_vocab, generator=gen)).bfloat16()
+    states = torch.randn(n_sites, rows, d_model, generator=gen).bfloat16()
+    query = torch.randint(0, d_vocab, (rows, 2), generator=gen)
+    assert default_tile_size(torch.bfloat16) == 8192 and default_tile_size(torch.float32) == 2048
+
+    def run(tile_size):
+        return unembed_metrics(
+            lambda s, sl: states[s, sl],
+            n_sites,
+            lambda sl: states[-1, sl],
+            frozenset({n_sites - 1}),
+            query,
+            5,
+            16,
+            Unembedding(W_U, b_U),
+            "cpu",
+            tile_size=tile_size,
+        )
+
+    wide, narrow = run(None), run(2048)
+    # bf16 logits tie often (8 bits of mantissa): tied top tokens may come in another order, their values not
+    assert torch.equal(wide.query_ranks, narrow.query_ranks)
+    assert (wide.top_ids == narrow.top_ids).float().mean() > 0.9
+    for name in ("top_logprobs", "entropy", "kl_to_final", "query_logprobs"):
+        assert_close(getattr(wide, name), getattr(narrow, name), atol=2e-5, msg=name)
