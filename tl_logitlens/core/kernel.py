@@ -213,9 +213,10 @@ class SiteMetrics(BlockMetrics):
 DEFAULT_TILE_SIZE = 2048
 # A 16-bit unembedding's matmul runs 2-3x faster (AVX-512 BF16, tensor cores), so each tile's fixed cost
 # (its top-k candidates, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x
-# more against it: bf16 lens over GPT-2 small on one AVX-512 BF16 core, best of 3, over the bf16 matmul
-# floor: 1.64x with 2048-column tiles, 1.49x with 4096, 1.39x with 8192 (benchmarks/bench_lens.py).
-# Wider tiles cost memory, six [256, 8192] float32 blocks (48 MiB), and nothing in accuracy.
+# more against it. unembed_metrics over 13 GPT-2-small sites of 256 rows on one AVX-512 BF16 core (CPU
+# time, best of 3, interleaved, on a loaded machine), over the bf16 matmul floor: 1.64x with 2048-column
+# tiles, 1.49x with 4096, 1.39x with 8192 (exp as exp2 in all three). Wider tiles cost memory, six
+# [256, 8192] float32 blocks (48 MiB), and nothing in accuracy.
 DEFAULT_TILE_SIZE_16BIT = 8192
 
 
