@@ -24,6 +24,9 @@ For each model, dtype and task it records, in one JSON file and a Markdown table
   streamed KL) divided by this device's own measured dense matmul rate in that dtype
   (``matmul_tflops``, a ``[4096, 4096] @ [4096, 4096]`` product).
 
+Sized for a GPU session of under 8 minutes (the float32 CPU references take most of it); written and
+tested on CPUs only so far (no GPU was lent to the session that wrote it): a first GPU run may need fixes.
+
 The split check (CUDA only): the GPT-2-shaped float32 model with its embedding and first half of blocks
 on CUDA and the rest, the final norm and the unembedding on the CPU (each block's inputs moved to its
 device by a forward pre-hook, as accelerate's device maps do), against the same model all on the CPU:
