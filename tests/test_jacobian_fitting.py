@@ -343,14 +343,6 @@ def test_a_model_in_training_mode_is_refused():
         tl.fit_jacobian_lens(model, TEXTS, **TINY)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_16_bit_model_is_refused_with_what_to_do(dtype):
-    model = tiny_model("LN", dtype=dtype)
-    name = str(dtype).removeprefix("torch.")
-    with pytest.raises(ValueError, match=rf"holds {name} weights.*dtype='float32'.*model\.float\(\)"):
-        tl.fit_jacobian_lens(model, TEXTS, **TINY)
-
-
 def test_non_causal_attention_and_non_models_are_refused():
     model = tiny_model("LN")
     model.cfg.attention_dir = "bidirectional"

@@ -30,6 +30,7 @@ from tl_logitlens.analyses.dla_algebra import (
 )
 from tl_logitlens.analyses.token_pairs import Pairs, resolve_pairs
 from tl_logitlens.core import compat as _compat
+from tl_logitlens.core.devices import ReadoutCache, readout_device, weight_on
 from tl_logitlens.core.frames import long_index, position_columns
 from tl_logitlens.core.inputs import Inputs, PositionSpec, check_flag, prepare_inputs, resolve_positions
 from tl_logitlens.core.kernel import check_finite_cells
@@ -557,7 +558,7 @@ def _writers(model: Any, unit: str) -> list[_Writer]:
     if _has_pos_embed(model):
         rest.append(_Writer("pos_embed", -1, "state", "hook_pos_embed"))
     for layer, block in enumerate(model.blocks):
-        b_O = _compat.output_bias(block.attn, "b_O", d_model, model.W_U).detach().float()
+        b_O = weight_on(model, _compat.output_bias(block.attn, "b_O", d_model, model.W_U).detach().float())
         attn_out = f"blocks.{layer}.hook_attn_out"
         if unit in _HEAD_UNITS:
             grid.append(_Writer(f"L{layer}H", layer, "heads", attn_out, b_O))
@@ -568,7 +569,7 @@ def _writers(model: Any, unit: str) -> list[_Writer]:
             continue
         mlp_out = f"blocks.{layer}.hook_mlp_out"
         if unit == "neuron":
-            b_out = _compat.output_bias(block.mlp, "b_out", d_model, model.W_U).detach().float()
+            b_out = weight_on(model, _compat.output_bias(block.mlp, "b_out", d_model, model.W_U).detach().float())
             grid.append(_Writer(f"L{layer}N", layer, "neurons", mlp_out, b_out))
             rest.append(_Writer(f"{layer}_mlp_b_out", layer, "vector", value=b_out))
         else:
@@ -628,7 +629,7 @@ def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_
             rows.add(w.label, w.layer, projector.constant(projector.unembed_bias))
         elif w.kind == "heads":
             block = model.blocks[w.layer]
-            vecs = unit_vectors(block.attn.W_O, projector.g)
+            vecs = unit_vectors(weight_on(model, block.attn.W_O), projector.g)
             heads = unit_contributions(at(f"blocks.{w.layer}.attn.hook_z"), vecs, projector.inv_scale)
             _check_sum(heads.sum(0), whole(w), f"layer {w.layer}'s heads do not add up to its attention output", dtype=dtype)
             rows.add_grid(w, heads)
@@ -641,7 +642,7 @@ def _attribute(model: Any, cache: Any, unit: str, projector: CachedReadout, pos_
                 rows.sources.append(src)
         else:  # neurons
             post = at(f"blocks.{w.layer}.mlp.hook_post")[..., None]  # a neuron: a unit of output dimension 1
-            vecs = unit_vectors(model.blocks[w.layer].mlp.W_out[:, None], projector.g)
+            vecs = unit_vectors(weight_on(model, model.blocks[w.layer].mlp.W_out)[:, None], projector.g)
             neurons = unit_contributions(post, vecs, projector.inv_scale)
             _check_sum(neurons.sum(0), whole(w), f"layer {w.layer}'s neurons do not add up to its MLP output", dtype=dtype)
             rows.add_grid(w, neurons)
@@ -769,6 +770,8 @@ def _check_finite(
 def _attribution(model: Any, run: Run, pairs: Pairs, unit: str, scale: float) -> AttributionResult:
     """The attribution rows of ``pairs`` over the run, and the model's own total beside them."""
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
+    # every layer's output meets W_U: read each hook on W_U's device (one move per hook on a spread model)
+    cache = ReadoutCache(cache, readout_device(model))
     n_batch = batch.tokens.shape[0]
     direction = unembed_columns(model, pairs.correct)
     bias = unembed_bias(model, pairs.correct)
@@ -819,7 +822,7 @@ def _lens_terms(model: Any, cache: Any, unit: str, pos_index: torch.Tensor) -> I
     for w in _writers(model, unit):
         if w.kind == "heads":
             z = gather_rows(cache[f"blocks.{w.layer}.attn.hook_z"], pos_index)
-            result = torch.einsum("bnhe,hem->hbnm", z, model.blocks[w.layer].attn.W_O.detach().float())
+            result = torch.einsum("bnhe,hem->hbnm", z, weight_on(model, model.blocks[w.layer].attn.W_O.detach().float()))
             for h in range(result.shape[0]):
                 yield replace(w, label=f"{w.label}{h}", kind="state"), h, result[h]
         elif w.kind == "state":
@@ -880,6 +883,7 @@ def component_lens(
 def _component_lens(model: Any, run: Run, unit: str, top_k: int, chunk_size: int) -> ComponentLensResult:
     """Each writer's direct effect on every logit, reduced to its top and bottom ``top_k`` tokens."""
     batch, cache, pos_index, valid = run.batch, run.cache, run.positions, run.valid
+    cache = ReadoutCache(cache, readout_device(model))  # as in _attribution
     n_batch, n = pos_index.shape
     rows = run.all_rows()
     norm = CachedNorm.of(model, cache, rows.b, rows.p)

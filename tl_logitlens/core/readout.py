@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens.core.compat import normalization_type, output_logits_transform
+from tl_logitlens.core.devices import readout_device, site_rows, to_device
 
 NORMS: tuple[str, ...] = ("recompute", "cached", "none")
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -183,7 +184,7 @@ class CachedNorm:
         if not has_final_norm(model):
             return cls(torch.ones(batch_index.shape[0], device=batch_index.device), None, None, False)
         ln = model.ln_final
-        scale = cache["ln_final.hook_scale"][batch_index, pos_index][..., 0]
+        scale = site_rows(cache["ln_final.hook_scale"], batch_index, pos_index, readout_device(model))[..., 0]
         gain, bias = getattr(ln, "w", None), getattr(ln, "b", None)
         return cls(
             inv_scale=1.0 / scale.float(),
@@ -307,10 +308,15 @@ class Readout:
         *,
         norm_bias: bool = True,
     ) -> Float[torch.Tensor, "row d_model"]:
-        """The site's states at rows ``(rows_b, rows_p)``, translated by the lens and normalised."""
-        states = cache[site.hook][rows_b, rows_p]
-        states = self.lens.translate(site.label, states).to(states.dtype)
-        return normalise(self.model, cache, states[None], self.norm, rows_b, rows_p, norm_bias=norm_bias)[0]
+        """The site's states at rows ``(rows_b, rows_p)``, translated by the lens and normalised, on the
+        readout device (``W_U``'s): the rows are gathered where the site's block left them and moved
+        once (:func:`~tl_logitlens.core.devices.site_rows`), so a model spread over devices reads alike."""
+        device = readout_device(self.model)
+        states = site_rows(cache[site.hook], rows_b, rows_p, device)
+        states = to_device(self.lens.translate(site.label, states).to(states.dtype), device)
+        rows_b, rows_p = to_device(rows_b, device), to_device(rows_p, device)
+        normed = normalise(self.model, cache, states[None], self.norm, rows_b, rows_p, norm_bias=norm_bias)[0]
+        return to_device(normed, device)  # a device map may put the final norm apart from W_U
 
     def logits(
         self, cache: Any, site: Site, rows_b: Int[torch.Tensor, " row"], rows_p: Int[torch.Tensor, " row"]

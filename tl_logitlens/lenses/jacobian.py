@@ -164,8 +164,22 @@ class JacobianLens:
         layer = self.layer_of(site)
         if layer is None:
             return states
-        matrix = self.jacobians[layer].to(states.device)
-        return (states.float() @ matrix.T).to(states.dtype)
+        return (states.float() @ self._matrix_on(layer, states.device).T).to(states.dtype)
+
+    def _matrix_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        """``J_layer`` on ``device``: a lens fitted on the CPU reading a model on a GPU (or a model spread over
+        devices) copies each matrix to the device of the states it reads once, not once per call; the copy
+        is kept while ``jacobians[layer]`` is the same, unmodified tensor."""
+        matrix = self.jacobians[layer]
+        if matrix.device == device:
+            return matrix
+        placed = self.__dict__.setdefault("_placed", {})
+        key = (layer, str(device))
+        source, version, copy = placed.get(key, (None, -1, None))
+        if source is not matrix or version != matrix._version:
+            copy = matrix.to(device)
+            placed[key] = (matrix, matrix._version, copy)
+        return copy
 
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` when ``model`` is not the model this lens was made for: ``d_model``, the

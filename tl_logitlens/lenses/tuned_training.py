@@ -26,6 +26,7 @@ from jaxtyping import Float
 
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import pack_windows, read_texts
+from tl_logitlens.core.devices import readout_device, to_device
 from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
 from tl_logitlens.core.files import Checkpoint
 from tl_logitlens.core.inputs import check_count, check_flag, check_real
@@ -128,22 +129,24 @@ def final_norm_f32(model: Any, y: Float[torch.Tensor, "*rows d_model"]) -> Float
     y = y / (y.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
     ln = model.ln_final
     w, b = getattr(ln, "w", None), getattr(ln, "b", None)
-    if w is not None:
-        y = y * w.detach().float()
+    if w is not None:  # a device map may put the final norm apart from W_U, where y is
+        y = y * to_device(w.detach().float(), y.device)
     if b is not None and kind == "LN":
-        y = y + b.detach().float()
+        y = y + to_device(b.detach().float(), y.device)
     return y
 
 
 def _residual_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ``resid_pre`` (stacked ``[layer, batch, pos, d_model]``) and the final ``resid_post``, in the
-    model's dtype, from a forward pass stopped before the unembedding."""
+    model's dtype, on ``W_U``'s device, from a forward pass stopped before the unembedding (a block on
+    another device hands its states over once, as they are made)."""
     n = model.cfg.n_layers
     states: dict[int, torch.Tensor] = {}
+    device = readout_device(model)
 
     def keep(i: int):
         def hook(act: torch.Tensor, hook: Any = None) -> None:
-            states[i] = act.detach()
+            states[i] = to_device(act.detach(), device)
             if i == n:
                 raise _Stop
 
@@ -266,9 +269,20 @@ def train_tuned_lens(
     step's windows and the gradients are summed across ranks before the step, so the same total batch
     gives the same lens as one process (to float rounding of the sums' order).
 
+    Precision (bf16 and fp16 models): the model's forward pass runs in its own dtype, with no
+    gradient (the model is frozen, so no backward pass goes through it). Everything the optimiser sees
+    is float32: the residual states are cast to float32 as they leave the model, and the translators,
+    their gradients, the optimiser's momentum, the final norm, ``W_U``/``b_U`` and the streamed
+    KL are float32; each step's loss is summed in float64. So a 16-bit model differs from its float32
+    twin only through its rounded states and weights: measured on the demo model after 20 steps
+    (``docs/half-precision.md``), the translators are within 4e-3 to 7e-3 (bfloat16) and 5e-4 to
+    8e-4 (float16) of the float32 model's, relative Frobenius error per layer.
+
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode; its device is used, its
-            weights are never changed. bf16/fp16 models work (translators and loss are float32).
+        model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode, in any floating dtype (see
+            *Precision* below); its weights are never changed. The lens trains on ``W_U``'s device; the
+            model's blocks may sit on other devices (TransformerLens 3.9's ``n_devices``, a bridge booted
+            with ``device_map``): each site's states are moved to ``W_U``'s device once per batch.
         texts: a list or iterable of strings, a ``.txt``/``.json``/``.jsonl`` file, or a Hugging Face
             ``datasets`` split with a ``"text"`` column. Each text is written as BOS + its tokens (the
             model's BOS; EOS where the model prepends none), concatenated and cut into windows of
