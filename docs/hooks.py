@@ -104,8 +104,9 @@ def _title(nb: Path) -> str:
 # the guides that come first in the navigation, in reading order; every other docs/*.md page follows,
 # by file name, so a new page is on the site without being listed anywhere
 GUIDE_ORDER = (
-    "lenses", "published-lenses", "jspace", "faithfulness", "patchscopes", "token-sets", "lens-files", "evaluation",
-    "models", "half-precision", "devices", "intervening", "exactness", "how-it-works", "performance", "benchmarks",
+    "lenses", "published-lenses", "jspace", "intervening", "faithfulness", "patchscopes", "token-sets",
+    "lens-files", "evaluation", "models", "half-precision", "devices", "exactness", "how-it-works",
+    "performance", "benchmarks",
 )
 
 
