@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_logitlens.core.files import atomic_torch_save
+from tl_logitlens.core.files import atomic_torch_save, check_path_argument
 from tl_logitlens.lenses.files import (
+    check_finite_tensors,
     check_size,
     check_tensor,
     model_sizes,
@@ -51,6 +52,8 @@ WEIGHTS_FILE = f"{STEM}.safetensors"
 REFERENCE_FORMAT = "jlens"
 # where this package's metadata rides in a reference file's "metadata" (plain types, so it survives there)
 _META_KEY = "tl_logitlens"
+# the largest prompt count a file may state (more than any corpus; a float64 sum stays exact below 2**53)
+MAX_COUNT = 2**53
 
 
 class JacobianLens:
@@ -92,8 +95,8 @@ class JacobianLens:
             raise ValueError("a Jacobian lens needs at least one matrix: jacobians={layer: Tensor[d_model, d_model]}")
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, not {d_model!r}")
-        if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 0:
-            raise ValueError(f"n_prompts must be an int of 0 or more, not {n_prompts!r}")
+        if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or not 0 <= n_prompts <= MAX_COUNT:
+            raise ValueError(f"n_prompts must be an int from 0 to {MAX_COUNT}, not {_short_int(n_prompts)}")
         if n_layers is not None and (isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 2):
             raise ValueError(f"n_layers must be an int of 2 or more (or None), not {n_layers!r}")
         matrices: dict[int, torch.Tensor] = {}
@@ -200,8 +203,12 @@ class JacobianLens:
         ``JacobianLens.load`` and the reference implementation read it.
 
         Raises:
-            ValueError: an unknown ``format``; metadata that is not plain (JSON-like) values.
+            TypeError: ``path`` is not a path.
+            ValueError: an unknown ``format``; metadata that is not plain (JSON-like) values; a matrix
+                holding NaN or inf (nothing is written); a path that cannot be written (a missing or
+                read-only folder, a folder where a ``.pt`` file goes).
         """
+        path = check_path_argument(path, "path")
         meta = {
             **self.meta,
             "name": self.name,
@@ -214,6 +221,7 @@ class JacobianLens:
         }
         _check_plain(meta, "the lens's meta")
         matrices = {layer: m.detach().float().cpu().contiguous() for layer, m in self.jacobians.items()}
+        check_finite_tensors({f"J[{layer}]": m for layer, m in matrices.items()}, repr(str(path)))
         if format == "tl_logitlens":
             return write_lens_folder(path, STEM, {f"J.{layer}": m for layer, m in matrices.items()}, meta)
         if format == REFERENCE_FORMAT:
@@ -224,7 +232,7 @@ class JacobianLens:
                 "d_model": self.d_model,
                 "metadata": {"model_name": str(self.meta.get("model_name", "")), _META_KEY: meta},
             }
-            return atomic_torch_save(Path(path).expanduser(), payload)
+            return atomic_torch_save(path, payload)
         raise ValueError(f"format must be 'tl_logitlens' (this package's folder) or 'jlens' (the reference .pt), not {format!r}")
 
     @classmethod
@@ -254,6 +262,10 @@ class JacobianLens:
         }
         meta = {**first.meta, "n_prompts": total}
         return cls(merged, n_prompts=total, d_model=first.d_model, n_layers=first.n_layers, meta=meta, name=first.name)
+
+
+def _short_int(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12 else repr(value)
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -313,8 +325,8 @@ def _matrices(raw: Any, d_model: int, n_layers: int, where: str, scale: int = 1)
 
 
 def _count(value: Any, key: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: {key} is {value!r}, not a count (an int of 0 or more)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{where}: {key} is {_short_int(value)}, not a count (an int from 0 to {MAX_COUNT})")
     return value
 
 

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from tl_logitlens.core.files import check_path_argument
 from tl_logitlens.lenses.files import (
+    check_finite_tensors,
     check_size,
     check_tensor,
     model_sizes,
@@ -156,12 +158,16 @@ class TunedLens(torch.nn.Module):
         a save killed at any moment leaves the old lens or the new one, never a mix.
 
         Raises:
-            ValueError: an unknown ``format``; ``folder`` is a file.
+            TypeError: ``folder`` is not a path.
+            ValueError: an unknown ``format``; ``folder`` is a file or cannot be written; the lens holds
+                NaN or inf (nothing is written: a lens already there is kept).
         """
+        folder = check_path_argument(folder, "folder")
         tensors = {}
         for i in range(self.n_layers):
             tensors[f"{i}.weight"] = self.weight[i].detach().float().cpu().contiguous()
             tensors[f"{i}.bias"] = self.bias[i].detach().float().cpu().contiguous()
+        check_finite_tensors(tensors, f"the lens folder {str(folder)!r}")
         if format == "tl_logitlens":
             meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
             return write_lens_folder(folder, STEM, tensors, meta)
