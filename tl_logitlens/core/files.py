@@ -44,10 +44,10 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-def check_path_argument(path: Any, what: str) -> Path:
+def check_path_argument(path: Any, what: str, kind: str = "a path") -> Path:
     """``path`` as a ``Path`` (``~`` expanded), or a TypeError naming ``what`` when it is not a path."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-        raise TypeError(f"{what} must be a path (a str or os.PathLike), not {type(path).__name__}")
+        raise TypeError(f"{what} must be {kind} (a str or os.PathLike), not {type(path).__name__}")
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{what} is an empty path; give a file or folder name")
@@ -89,7 +89,9 @@ def ensure_writable_folder(folder: Path, what: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ValueError(f"{what} {str(folder)!r} cannot be written to ({err.strerror or first_line(err)}); choose another folder") from None
+        raise ValueError(
+            f"{what} {str(folder)!r} cannot be written to ({err.strerror or first_line(err)}); choose another folder"
+        ) from None
     return folder
 
 
@@ -155,9 +157,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     target = check_output_file(path, "the output path")
     remove_stale_temporaries(target.parent, target.name)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=TMP_SUFFIX, dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=temporary_prefix(target.name), suffix=TMP_SUFFIX, dir=target.parent
+        )
     except OSError as err:
-        raise ValueError(f"cannot write {str(target)!r} ({err.strerror or first_line(err)}); choose another place") from None
+        raise ValueError(
+            f"cannot write {str(target)!r} ({err.strerror or first_line(err)}); choose another place"
+        ) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -294,12 +300,19 @@ def field_float(state: Mapping[str, Any], key: str) -> float:
 def field_str(state: Mapping[str, Any], key: str, pattern: str | None = None) -> str:
     value = state[key]
     if not isinstance(value, str) or (pattern is not None and re.fullmatch(pattern, value) is None):
-        raise ValueError(f"field {key!r} is {_show(value)}, not {'a string' if pattern is None else 'a hex digest'}")
+        raise ValueError(
+            f"field {key!r} is {_show(value)}, not {'a string' if pattern is None else 'a hex digest'}"
+        )
     return value
 
 
 def field_tensor(
-    state: Mapping[str, Any], key: str, shape: tuple[int, ...] | None, dtype: Any, *, finite: bool = True,
+    state: Mapping[str, Any],
+    key: str,
+    shape: tuple[int, ...] | None,
+    dtype: Any,
+    *,
+    finite: bool = True,
     low: float | None = None,
 ) -> Any:
     """``state[key]``, a dense tensor of ``dtype`` and ``shape`` (None: any), finite, at least ``low``."""
@@ -358,10 +371,14 @@ class Checkpoint:
         validate: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         if not isinstance(folder, (str, os.PathLike)) or isinstance(folder, bytes):
-            raise TypeError(f"checkpoint_dir must be a folder path (a str or os.PathLike), not {type(folder).__name__}")
+            raise TypeError(
+                f"checkpoint_dir must be a folder path (a str or os.PathLike), not {type(folder).__name__}"
+            )
         self.folder = Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"checkpoint_dir {str(self.folder)!r} is a file, not a folder; give a folder path")
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r} is a file, not a folder; give a folder path"
+            )
         ensure_writable_folder(self.folder, "checkpoint_dir")
         self.settings = _plain(settings)
         self.job = job

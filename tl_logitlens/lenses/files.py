@@ -34,9 +34,9 @@ import torch
 
 from tl_logitlens.core.files import (
     TMP_SUFFIX,
-    first_line,
     check_path_argument,
     current_umask,
+    first_line,
     remove_stale_temporaries,
     temporary_prefix,
     tensors_sha256,

@@ -27,7 +27,7 @@ from jaxtyping import Float
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import pack_windows, read_texts
 from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
-from tl_logitlens.core.files import Checkpoint
+from tl_logitlens.core.files import Checkpoint, check_path_argument, field_int, field_tensor, weights_sha256
 from tl_logitlens.core.inputs import check_count, check_flag, check_real
 from tl_logitlens.core.readout import check_model as check_causal_model
 from tl_logitlens.core.readout import logit_scale, soft_cap
@@ -218,6 +218,48 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _state_checker(lens: TunedLens, n_steps: int, n_windows: int, rng_shape: Any) -> Any:
+    """The checker of a training checkpoint's fields (:class:`~tl_logitlens.core.files.Checkpoint`):
+    every tensor's dtype, shape and finiteness, the step within the run, one finite loss per step done,
+    the window order's ids within the corpus, the optimiser's momentum buffers."""
+    weight_shape, bias_shape = tuple(lens.weight.shape), tuple(lens.bias.shape)
+
+    def check(state: dict[str, Any]) -> None:
+        step = field_int(state, "step", 0, n_steps)
+        field_tensor(state, "weight", weight_shape, torch.float32)
+        field_tensor(state, "bias", bias_shape, torch.float32)
+        field_tensor(state, "rng", tuple(rng_shape), torch.uint8)
+        order = field_tensor(state, "order", None, torch.int64)
+        if (
+            order.ndim != 1
+            or order.numel() > n_windows
+            or (order.numel() and not 0 <= int(order.min()) <= int(order.max()) < n_windows)
+        ):
+            raise ValueError(
+                f"field 'order' must be window ids from 0 to {n_windows - 1}, at most {n_windows} of them"
+            )
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != step:
+            raise ValueError(f"field 'history' must be a list of {step} losses (one per step done)")
+        for i, loss in enumerate(history):
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+                raise ValueError(f"field 'history' holds {loss!r} at step {i + 1}, not a finite loss")
+        if not isinstance(state["schedule"], dict):
+            raise ValueError("field 'schedule' is not a dict")
+        optimizer = state["optimizer"]
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+            raise ValueError("field 'optimizer' is not an optimiser's state dict")
+        shapes = (weight_shape, bias_shape)
+        for key, slot in optimizer["state"].items():
+            buffer = slot.get("momentum_buffer") if isinstance(slot, dict) else None
+            if key not in (0, 1) or (buffer is not None and not isinstance(buffer, torch.Tensor)):
+                raise ValueError("field 'optimizer' holds a state that is not the two translators' momentum")
+            if buffer is not None:
+                field_tensor({"optimizer momentum": buffer}, "optimizer momentum", shapes[key], torch.float32)
+
+    return check
+
+
 def _all_reduce_gradients(lens: TunedLens, world: World) -> None:
     """Sum every rank's gradient (each already divided by the step's total token count, so the sum is
     the mean over the whole step's tokens, as one process computes it), added in rank order."""
@@ -346,16 +388,30 @@ def train_tuned_lens(
             **{k: v for k, v in opts.items() if k not in ("progress", "checkpoint_every")},
             "steps": n_steps, "batch_size": batch, "windows": _digest(windows), "world_size": world.size,
             "fingerprint": lens.meta.get("fingerprint"), "start": _digest(lens.weight, lens.bias),
+            "model_sha256": weights_sha256(model),
         }
-        ckpt = Checkpoint(checkpoint_dir, settings, job="tuned lens training")
+        validate = _state_checker(lens, n_steps, n_windows, gen.get_state().shape)
+        ckpt = Checkpoint(
+            check_path_argument(checkpoint_dir, "checkpoint_dir", "a folder path"),
+            settings,
+            job="tuned lens training",
+            validate=validate,
+        )
         state = ckpt.load()
         if state is not None:
+            try:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["schedule"])
+                gen.set_state(state["rng"])
+            except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as err:
+                raise ValueError(
+                    f"{ckpt.path} has an optimiser, schedule or random state this run cannot take "
+                    f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}); delete it "
+                    "to start again"
+                ) from None
             with torch.no_grad():
                 lens.weight.copy_(state["weight"])
                 lens.bias.copy_(state["bias"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["schedule"])
-            gen.set_state(state["rng"])
             order, history, done = state["order"], list(state["history"]), int(state["step"])
 
     def save_checkpoint(step: int) -> None:
@@ -396,6 +452,13 @@ def train_tuned_lens(
                     "its weights and dtype)"
                 )
         opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in lens.parameters()):
+            raise ValueError(
+                f"the tuned lens's parameters hold NaN or inf after step {step + 1} of {n_steps} (loss "
+                f"{float(step_loss):.4g}): training stopped and no lens is returned, so none is saved. The "
+                f"learning rate (lr={lr:g}) or weight decay ({opts['weight_decay']:g}) is too large for these "
+                "texts; try a smaller one"
+            )
         sched.step()
         history.append(float(step_loss))
         bar.set_postfix(loss=f"{float(step_loss):.4f}")
