@@ -427,6 +427,7 @@ class Checkpoint:
             old, new = saved["settings"], self.settings
             if not isinstance(old, dict):
                 raise self._refuse("holds settings that are not a dict")
+            old, new = _flat(old), _flat(new)
             differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             shown = ", ".join(f"{k}: {_short(old.get(k))} then, {_short(new.get(k))} now" for k in differ[:4])
             raise ValueError(
@@ -448,6 +449,17 @@ class Checkpoint:
         state = dict(state)
         payload = {"job": self.job, "settings": self.settings, "state": state, "sha256": state_sha256(state)}
         return atomic_torch_save(self.path, payload)
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"model.weights_sha256": ...}``, so a refusal names the leaf that differs."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _short(value: Any) -> str:

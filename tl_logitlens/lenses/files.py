@@ -24,8 +24,10 @@ import errno
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,33 @@ def write_lens_folder(folder: str | os.PathLike, stem: str, tensors: Mapping[str
     return write_folder(folder, write)
 
 
+# reads of a lens file that a concurrent save replaced are repeated this many times
+_READ_TRIES = 20
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None: no such file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_safetensors(weights: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as err:  # safetensors raises its own error types on a crafted or truncated file
+        raise ValueError(f"{weights} is not a readable safetensors file ({first_line(err)}); save the lens again") from err
+    return header, tensors
+
+
 def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata that :func:`write_lens_folder` wrote (or a version-1 folder: metadata
     in ``{stem}.json`` only).
@@ -188,17 +217,27 @@ def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], 
     Raises:
         ValueError: a missing or unreadable file, metadata that is not a JSON object.
     """
-    from safetensors import safe_open
-
     weights, card = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    if not weights.is_file():
-        raise ValueError(f"{str(folder)!r} has no {weights.name}; it is not a complete saved lens")
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as fh:
-            header = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as err:  # safetensors raises its own error types on a crafted or truncated file
-        raise ValueError(f"{weights} is not a readable safetensors file ({first_line(err)}); save the lens again") from err
+    for attempt in range(_READ_TRIES):
+        if attempt:
+            time.sleep(0.01 * attempt)
+        before = _identity(weights)
+        if before is None:
+            continue  # a save elsewhere than Linux renames the folder aside for an instant
+        try:
+            header, tensors = _read_safetensors(weights)
+        except ValueError:
+            if _identity(weights) != before:
+                continue
+            raise
+        # safetensors opens the file again by name for the tensors: if a save replaced it meanwhile, the
+        # header and the tensors may come from two saves; read again until the file stayed the same
+        if _identity(weights) == before:
+            break
+    else:
+        if _identity(weights) is None:
+            raise ValueError(f"{str(folder)!r} has no {weights.name}; it is not a complete saved lens")
+        raise ValueError(f"{weights} kept being replaced while it was read (another process saving it?); try again")
     checksum = header.get(CHECKSUM_KEY)
     if checksum is not None and checksum != tensors_sha256(sorted(tensors.items())):
         raise ValueError(

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -191,6 +191,7 @@ class JacobianLens:
             )
         check_made_for(model, self.meta, self.name, remedy)
 
+    @no_type_check  # checks its own arguments, with messages that say what to pass
     def save(self, path: str | os.PathLike, format: str = "tl_logitlens") -> Path:
         """Save the lens and return the path written. An existing lens there is replaced.
 

@@ -41,7 +41,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float, Int
@@ -286,6 +286,7 @@ def _describe_texts(texts: Any) -> str:
     return f"{kind} of {n} texts" if n is not None else kind
 
 
+@no_type_check  # checks its own arguments, with messages that say what to pass
 def fit_jacobian_lens(
     model: Any,
     texts: Any,

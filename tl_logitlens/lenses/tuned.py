@@ -28,7 +28,7 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -145,6 +145,7 @@ class TunedLens(torch.nn.Module):
             )
         check_made_for(model, self.meta, "tuned lens", "train one with tl.train_tuned_lens(model, texts)")
 
+    @no_type_check  # checks its own arguments, with messages that say what to pass
     def save(self, folder: str | os.PathLike, format: str = "tl_logitlens") -> Path:
         """Save the lens into ``folder`` and return it. An existing lens there is replaced.
 
