@@ -351,6 +351,9 @@ def resolve_positions(
     if not all(is_integer(p) for p in positions):
         raise TypeError(f"positions must be integers, got {list(positions)!r}")
     positions = [int(p) for p in positions]
+    for p in positions:
+        if not -width <= p < width:  # beyond every prompt (and maybe beyond int64): refused before torch sees it
+            check_position(p, int(lengths[0]), 0)
     req = torch.tensor(list(positions), device=device)[None].expand(n_batch, -1)
     index = torch.where(req < 0, req + lengths[:, None], req)
     bad = (index < 0) | (index >= lengths[:, None])
