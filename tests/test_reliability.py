@@ -260,6 +260,15 @@ def test_a_checkpoint_file_that_is_not_one_is_a_one_line_error(tmp_path, make, m
     assert "\n" not in str(err.value)
 
 
+def test_a_value_changed_in_a_jlens_file_is_refused(model, tmp_path):
+    JacobianLens({0: torch.eye(128)}, n_prompts=1, d_model=128, n_layers=4).save(tmp_path / "j.pt", format="jlens")
+    payload = torch.load(tmp_path / "j.pt", weights_only=True)
+    payload["J"][0][3, 3] = 1.001
+    torch.save(payload, tmp_path / "j.pt")
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum in its metadata"):
+        load_lens(tmp_path / "j.pt", model, check_fingerprint=False)
+
+
 def test_a_byte_flipped_in_a_lens_files_tensor_data_is_refused(model, good_tuned, tmp_path):
     folder = good_tuned.save(tmp_path / "lens")
     data = bytearray((folder / "tuned_lens.safetensors").read_bytes())

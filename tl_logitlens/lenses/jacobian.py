@@ -31,7 +31,7 @@ from typing import Any, no_type_check
 import torch
 from jaxtyping import Float
 
-from tl_logitlens.core.files import atomic_torch_save, check_path_argument
+from tl_logitlens.core.files import atomic_torch_save, check_path_argument, tensors_sha256
 from tl_logitlens.lenses.files import (
     check_finite_tensors,
     check_size,
@@ -52,6 +52,8 @@ WEIGHTS_FILE = f"{STEM}.safetensors"
 REFERENCE_FORMAT = "jlens"
 # where this package's metadata rides in a reference file's "metadata" (plain types, so it survives there)
 _META_KEY = "tl_logitlens"
+# beside it, a SHA-256 of the matrices (float32, by layer) that this package checks when it reads the file
+_CHECKSUM_KEY = "tl_logitlens_sha256"
 # the largest prompt count a file may state (more than any corpus; a float64 sum stays exact below 2**53)
 MAX_COUNT = 2**53
 
@@ -231,7 +233,11 @@ class JacobianLens:
                 "n_prompts": self.n_prompts,
                 "source_layers": list(self.source_layers),
                 "d_model": self.d_model,
-                "metadata": {"model_name": str(self.meta.get("model_name", "")), _META_KEY: meta},
+                "metadata": {
+                    "model_name": str(self.meta.get("model_name", "")),
+                    _META_KEY: meta,
+                    _CHECKSUM_KEY: _matrices_sha256(matrices),
+                },
             }
             return atomic_torch_save(path, payload)
         raise ValueError(f"format must be 'tl_logitlens' (this package's folder) or 'jlens' (the reference .pt), not {format!r}")
@@ -263,6 +269,10 @@ class JacobianLens:
         }
         meta = {**first.meta, "n_prompts": total}
         return cls(merged, n_prompts=total, d_model=first.d_model, n_layers=first.n_layers, meta=meta, name=first.name)
+
+
+def _matrices_sha256(matrices: Mapping[int, torch.Tensor]) -> str:
+    return tensors_sha256((f"J.{layer}", m.float()) for layer, m in sorted(matrices.items()))
 
 
 def _short_int(value: Any) -> str:
@@ -399,9 +409,13 @@ def read_reference(path: Path, model: Any, payload: Any = None) -> JacobianLens:
         d_model = check_size(first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else None, "d_model", sizes["d_model"], where, NAME)
         jacobians = _matrices(raw, d_model, sizes["n_layers"], where, scale=n_prompts)
         fmt = "J-lens fit checkpoint"
+    checksum = metadata.get(_CHECKSUM_KEY)
+    if checksum is not None and "J" in payload and checksum != _matrices_sha256(jacobians):
+        raise ValueError(f"{where}: the matrices do not match the SHA-256 checksum in its metadata; the file is damaged")
     own = metadata.get(_META_KEY)
     if isinstance(own, dict):
         meta = dict(own)
+        meta.pop(_CHECKSUM_KEY, None)
         if "fingerprint" in meta:
             check_fingerprint(meta["fingerprint"], where)
         name = str(meta.pop("name", NAME))
