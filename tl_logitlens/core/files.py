@@ -151,8 +151,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     Raises:
         TypeError: ``path`` is not a path.
-        ValueError: its folder is missing or not writable, or ``path`` is a folder; the file system
-            refused the write (the reason is named).
+        ValueError: its folder is missing or not writable (no temporary file can be made there), or
+            ``path`` is a folder.
+        OSError: the write itself failed (a full disk).
     """
     target = check_output_file(path, "the output path")
     remove_stale_temporaries(target.parent, target.name)
@@ -173,10 +174,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp, "rb+") as fh:  # the bytes reach the disk before the name points at them
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException as err:
+    except BaseException:  # an I/O error after the start (a full disk) stays an OSError
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ValueError(f"cannot write {str(target)!r} ({err.strerror or first_line(err)})") from err
         raise
     return target
 

@@ -100,8 +100,9 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
 
     Raises:
         TypeError: ``folder`` is not a path.
-        ValueError: ``folder`` is a file, or holds sub-folders (a lens folder holds files only); the
-            file system refused the write (the reason is named).
+        ValueError: ``folder`` is a file, or holds sub-folders (a lens folder holds files only), or no
+            temporary folder can be made beside it (a missing or read-only place).
+        OSError: the write itself failed (a full disk).
     """
     folder = check_path_argument(folder, "the lens folder")
     if folder.exists() and not folder.is_dir():
@@ -139,11 +140,9 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
             os.rename(folder, aside)
             os.rename(tmp, folder)
             shutil.rmtree(aside, ignore_errors=True)
-    except BaseException as err:
+    except BaseException:  # an I/O error after the start (a full disk) stays an OSError
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise ValueError(f"cannot save a lens into {str(folder)!r} ({err.strerror or first_line(err)})") from err
         raise
     return folder
 
