@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eval.py [--model stories|gpt2|both] [--docs 40] [--seq-len 512] [--threads 1]
     python benchmarks/bench_eval.py --fresh-processes [--model stories]   # the allocator's effect
+    python benchmarks/bench_eval.py --under-load 3 --model stories --docs 10  # OpenMP's wait policy, busy machine
 
 The *floor* is what no evaluator can beat on these windows: every window run through the model with
 no padding and no attention mask (windows grouped by exact length, as many per forward as
@@ -44,6 +45,7 @@ import torch
 from tl_logitlens.cli.commands import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _threads import add_under_load, compare_under_load, print_comparison  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -276,6 +278,21 @@ def fresh_processes(args) -> None:
                   f"CPU {cpu:6.2f} s  {best_cpu['default glibc'] / cpu:5.2f}x")
 
 
+def load_child(name: str, docs_n: int, seq_len: int, batch: int) -> None:
+    """One fresh process of ``--under-load``: ``tl.evaluate_lenses`` over the documents, allocator tuned as
+    the CLI tunes it, once after a warm-up on the first document; one JSON line (wall and CPU seconds)."""
+    import tl_logitlens as tl
+    from tl_logitlens.cli.commands import tune_allocator
+
+    tune_allocator()
+    model = load(name)
+    texts = json.loads(CORPUS.read_text(encoding="utf-8"))[FIRST_DOC : FIRST_DOC + docs_n]
+    tl.evaluate_lenses(model, texts[:1], seq_len=seq_len, batch_size=batch, progress=False)
+    c0, t0 = time.process_time(), time.perf_counter()
+    tl.evaluate_lenses(model, texts, seq_len=seq_len, batch_size=batch, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("stories", "gpt2", "both"), default="both")
@@ -291,11 +308,22 @@ def main() -> None:
         help="leave glibc's allocator as it is (default: tune it as tl-logitlens does, see --fresh-processes)",
     )
     parser.add_argument("--fresh-processes", action="store_true", help="the allocator's effect on a fresh process")
+    add_under_load(parser, "evaluate_lenses")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.load_child:
+        load_child(args.model, args.docs, args.seq_len, args.batch)
+        return
+    if args.under_load:
+        name = "stories" if args.model == "both" else args.model
+        argv = [__file__, "--load-child", "--model", name, "--docs", str(args.docs), "--seq-len", str(args.seq_len),
+                "--batch", str(args.batch)]
+        results = compare_under_load(argv, args.under_load)
+        print_comparison(f"evaluate_lenses, {name}, {args.docs} documents, windows of {args.seq_len}", results)
+        return
     if args.child:
         child(args.model, args.docs, args.seq_len, args.batch, args.tune)
         return

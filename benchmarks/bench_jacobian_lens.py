@@ -2,6 +2,7 @@
 
     python benchmarks/bench_jacobian_lens.py [--shape stories|gpt2|both] [--repeats 3] [--gpt2-repeats 1]
                                              [--threads N]
+    python benchmarks/bench_jacobian_lens.py --under-load 3 [--repeats 2]   # OpenMP's wait policy on a busy machine
 
 Shapes:
 
@@ -44,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import cpu_line, load_line, measure_interleaved, mmap_large_blocks, print_table, threads  # noqa: E402
+from _threads import add_under_load, compare_under_load, print_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -208,15 +210,42 @@ def run_shape(shape: str, repeats: int) -> None:
     print(flush=True)
 
 
+def load_child(repeats: int) -> None:
+    """One fresh process of ``--under-load``: ``tl.fit_jacobian_lens`` on stories260K's raw bridge, a warm-up
+    then the best of ``repeats``; one JSON line (wall and CPU seconds)."""
+    import time
+
+    from tl_logitlens.core import compat as _compat
+
+    _, texts, models = stories_models(_compat.HookedTransformer is None)
+    fit = ours(models["raw bridge"], texts)
+    fit()
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fit()
+        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    print(json.dumps({"seconds": best[0], "cpu_seconds": best[1]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["stories", "gpt2", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds on stories260K (after a warm-up)")
     parser.add_argument("--gpt2-repeats", type=int, default=1, help="timed rounds on the GPT-2 shape (no warm-up)")
     parser.add_argument("--threads", type=int, default=None)
+    add_under_load(parser, "ours on stories260K")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.load_child:
+        load_child(args.repeats)
+        return
+    if args.under_load:
+        print(cpu_line())
+        results = compare_under_load([__file__, "--load-child", "--repeats", str(args.repeats)], args.under_load)
+        print_comparison(f"tl.fit_jacobian_lens, stories260K 8 x 64 (best of {args.repeats} per process)", results)
+        return
     print(cpu_line())
     for shape in ("stories", "gpt2") if args.shape == "both" else (args.shape,):
         if shape == "stories" and not STORIES.exists():

@@ -1,5 +1,5 @@
-"""MkDocs hooks: the API pages come from ``__all__``, the tutorial pages from ``tutorials/*.ipynb``,
-and the home page from README.md, so no page list is kept by hand.
+"""MkDocs hooks: the API pages come from ``__all__``, the tutorial pages from ``tutorials/*.ipynb``, the
+guides from ``docs/*.md`` and the home page from README.md, so no page list is kept by hand.
 
 - API: every public name in ``tl_logitlens.__all__`` (and ``tl_logitlens.plotting.__all__``) goes on
   the page of the module that defines it, as a ``::: tl_logitlens.<name>`` mkdocstrings entry.
@@ -44,9 +44,13 @@ TITLES = {
     "lenses.jacobian": "Jacobian lens",
     "lenses.jacobian_fitting": "Jacobian lens: fitting",
     "lenses.loading": "Lenses: loading from files",
+    "lenses.published": "Lenses: published on the hub",
     "lens_comparison": "Comparing lenses",
     "evaluate": "Evaluating lenses on a corpus",
     "steering": "Lens directions and steering",
+    "decode": "Decoding vectors",
+    "interventions": "Steering: placebos and sweeps",
+    "faithfulness": "Faithfulness",
     "corpus": "Demo texts",
     "reporting": "HTML report",
     "plotting": "Figures",
@@ -97,10 +101,33 @@ def _title(nb: Path) -> str:
     return nb.stem
 
 
+# the guides that come first in the navigation, in reading order; every other docs/*.md page follows,
+# by file name, so a new page is on the site without being listed anywhere
+GUIDE_ORDER = (
+    "lenses", "published-lenses", "jspace", "faithfulness", "patchscopes", "token-sets", "lens-files", "evaluation",
+    "models", "half-precision", "exactness", "how-it-works", "performance", "benchmarks",
+)
+
+
+def _guide_pages() -> dict[str, str]:
+    """``{page: title}`` for every ``docs/*.md`` but the home page, the title its first ``# `` heading."""
+    pages = [p for p in (ROOT / "docs").glob("*.md") if p.name != "index.md"]
+
+    def rank(p: Path) -> tuple[int, str]:
+        return (GUIDE_ORDER.index(p.stem), p.name) if p.stem in GUIDE_ORDER else (len(GUIDE_ORDER), p.name)
+
+    out = {}
+    for page in sorted(pages, key=rank):
+        heading = next((line[2:].strip() for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("# ")), "")
+        out[page.name] = heading or page.stem.replace("-", " ").capitalize()
+    return out
+
+
 def on_config(config):
     api = _api_pages()
     config["nav"] = [
         {"Home": "index.md"},
+        {"Guides": [{title: page} for page, title in _guide_pages().items()]},
         {"Tutorials": [{_title(nb): f"tutorials/{nb.name}"} for nb in TUTORIALS]},
         {"API reference": [{title: path} for path, (title, _) in api.items()]},
     ]

@@ -76,6 +76,35 @@ def assert_not_close(actual, expected, atol: float = 1e-5, rtol: float = 1e-5, m
     raise AssertionError(f"expected a difference above atol={atol}, rtol={rtol}, found none" + (f" ({msg})" if msg else ""))
 
 
+def assert_same_top_ids(got_ids, got_values, want_ids, want_values, atol: float = 1e-5, msg: str = "") -> None:
+    """Top-k ids from two computations agree, rank by rank, except at near ties.
+
+    Two kernels (a tiled one and a reference, or one CPU's instruction set and another's) round
+    differently, so two tokens whose scores are within that rounding may come out in either order. Where
+    the ids differ, the two computations' values at that rank must agree to ``atol`` (each picked a token
+    scoring the same: a tie); the caller checks the values themselves with ``assert_close``. Shapes:
+    ``[..., k]``.
+    """
+    got_ids, want_ids = torch.as_tensor(got_ids).cpu(), torch.as_tensor(want_ids).cpu()
+    assert got_ids.shape == want_ids.shape, f"shapes differ: {tuple(got_ids.shape)} vs {tuple(want_ids.shape)} {msg}"
+    differ = got_ids != want_ids
+    if not bool(differ.any()):
+        return
+    gap = (torch.as_tensor(got_values).cpu().double() - torch.as_tensor(want_values).cpu().double()).abs()
+    bad = differ & ~(gap <= atol)
+    assert not bool(bad.any()), f"top ids differ at {bad.nonzero().tolist()[:5]}, not tied within {atol} {msg}"
+
+
+def assert_rank_close(got_rank, scores, token_id: int, atol: float = 1e-5, msg: str = "") -> None:
+    """A 1-based rank of ``token_id`` among ``scores`` (``[vocab]``) computed by another kernel: between the
+    rank counting only the tokens above it by more than ``atol`` and the one counting every near tie."""
+    scores = torch.as_tensor(scores).cpu().double()
+    s = scores[token_id]
+    lo = 1 + int((scores > s + atol).sum())
+    hi = max(lo, int((scores > s - atol).sum()))  # the token itself is among those counted
+    assert lo <= int(got_rank) <= hi, f"rank {int(got_rank)} outside [{lo}, {hi}] (ties within {atol}) {msg}"
+
+
 def require_shared(path: Path) -> Path:
     """The path in ``../shared``; fails under CI when it is missing, skips with a reason otherwise."""
     if path.exists():

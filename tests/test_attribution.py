@@ -342,7 +342,8 @@ def test_top_of_a_head_result_ranks_heads_by_default(ln_model, unit):
     result = tl.direct_logit_attribution(ln_model, SENTENCES[:2], C, WRONG, unit=unit)
     n_heads = ln_model.cfg.n_layers * ln_model.cfg.n_heads
     k = n_heads  # every head: a non-head row anywhere in the ranking would show
-    top = result.top(k)
+    # head_source's default top() ranks head x source cells (tests/test_fresh_clone.py); its heads: rows="grid"
+    top = result.top(k, rows="grid") if unit == "head_source" else result.top(k)
     assert all(label.startswith("L") and "H" in label for label in top.label), top.label.tolist()
     assert (top.index >= 0).all() and (top.layer >= 0).all()
     heads = result.grid()[..., 0].mean((2, 3)).reshape(-1)

@@ -301,7 +301,7 @@ def test_version_help_texts_and_examples(capsys):
     assert res.returncode == 0 and "examples (offline" in res.stdout and "torchrun" in res.stdout
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"demo", "run", "eval", "fit"}
+    assert set(subparsers) == {"demo", "run", "eval", "fit", "lenses"}
     kinds = next(a for a in subparsers["fit"]._actions if a.dest == "kind").choices
     assert set(kinds) == {"jacobian", "tuned"}
     named = {**subparsers, **{f"fit {kind}": sub for kind, sub in kinds.items()}}

@@ -15,7 +15,7 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import assert_close
-from tl_logitlens.lenses.fingerprint import readout_fingerprint
+from tl_logitlens.lenses.fingerprint import fingerprint_distance
 from tl_logitlens.lenses.loading import BUILTIN_LENSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,10 @@ def test_it_loads_by_name_for_the_demo_model_only():
     assert BUILTIN_LENSES["demo-jacobian"] == FOLDER
     assert jlens.source_layers == tuple(range(model.cfg.n_layers - 1))
     assert jlens.d_model == model.cfg.d_model and jlens.n_prompts > 0
-    assert jlens.meta["fingerprint"] == readout_fingerprint(model)
+    # the stored fingerprint was computed on another CPU: its log-probs agree to float32 rounding of
+    # another kernel (9.5e-7 apart on an AVX-512 machine), far inside the load check's 1e-3; not to the bit
+    stored = jlens.meta["fingerprint"]
+    assert fingerprint_distance(model, stored) < 1e-5
     assert jlens.default_sites == "resid_post"
     res = tl.logit_lens(model, "The dog was very", lens=jlens)  # default sites: the ones it reads
     assert res.labels[0] == "0_post"

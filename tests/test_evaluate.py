@@ -155,15 +155,17 @@ def test_two_lenses_side_by_side_and_outputs(ln_model, tmp_path):
     for stat in STATISTICS:
         assert {stat, f"{stat}_low", f"{stat}_high"} <= set(frame.columns)
     assert {"site", "lens", "n_tokens", "cross_entropy_bpb"} <= set(frame.columns)
-    payload = json.loads(ev.to_json(str(tmp_path / "ev.json")))
-    assert payload == json.loads((tmp_path / "ev.json").read_text())
+    assert ev.to_json(str(tmp_path / "ev.json")) == tmp_path / "ev.json"  # the path, not 10 kB of text in a REPL
+    payload = json.loads((tmp_path / "ev.json").read_text())
+    assert payload == json.loads(ev.to_json())
     assert payload["n_tokens"] == ev.n_tokens and len(payload["results"]) == len(frame)
     assert "token-weighted" in payload["definition"]
     fig = ev.plot()
     names = {t.name for t in fig.data if t.showlegend is not False}
     assert {"logit", "half"} <= names
     assert len(repr(ev)) < 300
-    page = ev.to_html(str(tmp_path / "ev.html"))
+    assert ev.to_html(str(tmp_path / "ev.html")) == tmp_path / "ev.html"
+    page = (tmp_path / "ev.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script src" not in page and "Plotly.newPlot" in page
     assert page.count("<tr>") == 1 + len(frame)
     section = ev.to_html(include_plotlyjs=False)

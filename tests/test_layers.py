@@ -58,6 +58,16 @@ UPWARD: set[tuple[str, str]] = {
     ("tl_logitlens.analyses.lens_comparison", "tl_logitlens.plotting.lens_comparison"),
     # LensEvaluation.plot (and to_html, which draws through plot)
     ("tl_logitlens.analyses.evaluate", "tl_logitlens.plotting.evaluation"),
+    # DecodedVector.plot, SteeringSweep.plot, Generation.plot, Faithfulness.plot (and to_html)
+    ("tl_logitlens.analyses.decode", "tl_logitlens.plotting.interventions"),
+    ("tl_logitlens.analyses.interventions", "tl_logitlens.plotting.interventions"),
+    ("tl_logitlens.analyses.faithfulness", "tl_logitlens.plotting.interventions"),
+    # Decomposition.plot, Occupancy.plot, JSpaceVariance.plot
+    ("tl_logitlens.analyses.jspace", "tl_logitlens.plotting.jspace"),
+    # CoordinatePatch.plot
+    ("tl_logitlens.analyses.patching", "tl_logitlens.plotting.jspace"),
+    # PatchscopeGeneration.plot
+    ("tl_logitlens.analyses.patchscope", "tl_logitlens.plotting.patchscope"),
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tl_logitlens as tl
-from tests.helpers import SENTENCES, assert_close, tiny_model
+from tests.helpers import SENTENCES, assert_close, assert_same_top_ids, tiny_model
 from tl_logitlens.core.readout import resolve_sites
 
 
@@ -85,7 +85,7 @@ def test_final_site_reproduces_model_logprobs(any_model, norm):
     vals, ids = model_lp.topk(10)
     assert result.labels[-1] == "final_post"
     assert_close(result.top_logprobs[-1, 0], vals, atol=1e-4)
-    assert torch.equal(result.top_ids[-1, 0], ids)
+    assert_same_top_ids(result.top_ids[-1, 0], result.top_logprobs[-1, 0], ids, vals, atol=1e-4)
     assert_close(result.kl_to_final[-1], torch.zeros_like(result.kl_to_final[-1]), atol=1e-4)
     nxt = tokens[0, 1:]
     assert_close(result.next_logprobs[-1, 0, :-1], model_lp[:-1].gather(-1, nxt[:, None])[:, 0], atol=1e-4)

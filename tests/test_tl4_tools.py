@@ -17,6 +17,7 @@ from tests.helpers import (
     SENTENCES,
     STORIES,
     assert_close,
+    assert_same_top_ids,
     require_shared,
     tiny_bridge,
 )
@@ -39,7 +40,8 @@ def compare(model, tokens, atol=1e-4) -> None:
     top = tl_logit_lens(model, tokens, positions=None, top_k=5, return_type="log_probs")
     assert top.labels == list(ours.labels)
     assert_close(ours.top_logprobs[:, 0], top.readout.values[:, 0], atol=atol)
-    assert torch.equal(ours.top_ids[:, 0], top.readout.top_ids[:, 0])
+    theirs = top.readout
+    assert_same_top_ids(ours.top_ids[:, 0], ours.top_logprobs[:, 0], theirs.top_ids[:, 0], theirs.values[:, 0], atol=atol)
     assert_close(ours.entropy[:, 0], top.readout.entropy[:, 0], atol=atol)
     # next-token log-probs and ranks: per-row targets
     nxt = tokens[:, 1:]

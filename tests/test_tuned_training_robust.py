@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, tiny_model
+from tl_logitlens.core import compat as _compat
 from tl_logitlens.lenses import tuned_training
 
 TEXTS = SENTENCES * 4
@@ -226,7 +227,7 @@ def test_random_bad_numbers_to_evaluate_lenses(option):
     _refused(lambda: tl.evaluate_lenses(_tiny(), TEXTS[:3], progress=False, **{name: value}))
 
 
-@pytest.mark.skipif(tl._compat.HookedEncoder is None, reason="the masked-LM lens needs HookedEncoder (TransformerLens 3.9)")
+@pytest.mark.skipif(_compat.HookedEncoder is None, reason="the masked-LM lens needs HookedEncoder (TransformerLens 3.9)")
 @FUZZ
 @given(option=_options({"top_k": "count", "chunk_size": "count", "n_track": "count"}))
 def test_random_bad_numbers_to_masked_lens(option):

@@ -20,11 +20,14 @@ _EXPORTS: dict[str, str] = {
     "JacobianLens": "tl_logitlens.lenses",
     "fit_jacobian_lens": "tl_logitlens.lenses",
     "load_lens": "tl_logitlens.lenses",
+    "PublishedLens": "tl_logitlens.lenses",
+    "published_lenses": "tl_logitlens.lenses",
     "train_tuned_lens": "tl_logitlens.lenses",
     # inputs
     "Batch": "tl_logitlens.core.inputs",
     "prepare_inputs": "tl_logitlens.core.inputs",
     "display_tokens": "tl_logitlens.core.tokens",
+    "visible_token": "tl_logitlens.core.tokens",
     "load_model": "tl_logitlens.core.models",
     "demo_texts": "tl_logitlens.core.corpus",
     # analyses
@@ -49,8 +52,35 @@ _EXPORTS: dict[str, str] = {
     "lens_vectors": "tl_logitlens.analyses.steering",
     "steer": "tl_logitlens.analyses.steering",
     "ablate": "tl_logitlens.analyses.steering",
+    "DecodedVector": "tl_logitlens.analyses.decode",
+    "decode_vector": "tl_logitlens.analyses.decode",
+    "placebo": "tl_logitlens.analyses.interventions",
+    "SteeringSweep": "tl_logitlens.analyses.interventions",
+    "steering_sweep": "tl_logitlens.analyses.interventions",
+    "Generation": "tl_logitlens.analyses.interventions",
+    "generate": "tl_logitlens.analyses.interventions",
+    "Faithfulness": "tl_logitlens.analyses.faithfulness",
+    "faithfulness": "tl_logitlens.analyses.faithfulness",
+    "LensDictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "lens_vector_dictionary": "tl_logitlens.analyses.lens_dictionary",
+    "Decomposition": "tl_logitlens.analyses.jspace",
+    "decompose": "tl_logitlens.analyses.jspace",
+    "Occupancy": "tl_logitlens.analyses.jspace",
+    "occupancy": "tl_logitlens.analyses.jspace",
+    "JSpaceVariance": "tl_logitlens.analyses.jspace",
+    "fraction_of_variance": "tl_logitlens.analyses.jspace",
+    "CoordinatePatch": "tl_logitlens.analyses.patching",
+    "coordinate_patch": "tl_logitlens.analyses.patching",
+    "swap_hooks": "tl_logitlens.analyses.patching",
     "LensEvaluation": "tl_logitlens.analyses.evaluate",
     "evaluate_lenses": "tl_logitlens.analyses.evaluate",
+    "PatchscopeLens": "tl_logitlens.analyses.patchscope",
+    "PatchscopeGeneration": "tl_logitlens.analyses.patchscope",
+    "TargetPrompt": "tl_logitlens.analyses.patchscope",
+    "identity_prompt": "tl_logitlens.analyses.patchscope",
+    "patchscope": "tl_logitlens.analyses.patchscope",
+    "patchscope_generate": "tl_logitlens.analyses.patchscope",
     # the report
     "report": "tl_logitlens.reporting",
 }
@@ -68,7 +98,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names (and the subpackages already imported), not what this module imports for
+    itself (``importlib``, ``Any``, ``TYPE_CHECKING``, ``annotations``)."""
+    module = type(importlib)
+    loaded = [n for n, v in globals().items() if isinstance(v, module) and v.__name__.startswith(f"{__name__}.")]
+    return sorted({*__all__, "__version__", *loaded})
 
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads these
@@ -79,14 +113,41 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         component_lens,
         direct_logit_attribution,
     )
+    from tl_logitlens.analyses.decode import DecodedVector, decode_vector  # noqa: F401
     from tl_logitlens.analyses.directions import NORM_VIEWS, DirectionResult, direction_lens, logit_diff  # noqa: F401
     from tl_logitlens.analyses.evaluate import LensEvaluation, evaluate_lenses  # noqa: F401
+    from tl_logitlens.analyses.faithfulness import Faithfulness, faithfulness  # noqa: F401
+    from tl_logitlens.analyses.interventions import (  # noqa: F401
+        Generation,
+        SteeringSweep,
+        generate,
+        placebo,
+        steering_sweep,
+    )
+    from tl_logitlens.analyses.jspace import (  # noqa: F401
+        Decomposition,
+        JSpaceVariance,
+        Occupancy,
+        decompose,
+        fraction_of_variance,
+        occupancy,
+    )
     from tl_logitlens.analyses.lens_comparison import LensComparison, compare_lenses  # noqa: F401
+    from tl_logitlens.analyses.lens_dictionary import LensDictionary, lens_dictionary, lens_vector_dictionary  # noqa: F401
     from tl_logitlens.analyses.masked import (  # noqa: F401
         MaskedLensResult,
         SlidingMaskResult,
         masked_lens,
         sliding_mask_lens,
+    )
+    from tl_logitlens.analyses.patching import CoordinatePatch, coordinate_patch, swap_hooks  # noqa: F401
+    from tl_logitlens.analyses.patchscope import (  # noqa: F401
+        PatchscopeGeneration,
+        PatchscopeLens,
+        TargetPrompt,
+        identity_prompt,
+        patchscope,
+        patchscope_generate,
     )
     from tl_logitlens.analyses.predictions import LensResult, logit_lens  # noqa: F401
     from tl_logitlens.analyses.profile import DepthProfile, depth_profile  # noqa: F401
@@ -94,13 +155,15 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from tl_logitlens.core.corpus import demo_texts  # noqa: F401
     from tl_logitlens.core.inputs import Batch, prepare_inputs  # noqa: F401
     from tl_logitlens.core.models import load_model  # noqa: F401
-    from tl_logitlens.core.tokens import display_tokens  # noqa: F401
+    from tl_logitlens.core.tokens import display_tokens, visible_token  # noqa: F401
     from tl_logitlens.lenses import (  # noqa: F401
         JacobianLens,
         Lens,
+        PublishedLens,
         TunedLens,
         fit_jacobian_lens,
         load_lens,
+        published_lenses,
         train_tuned_lens,
     )
     from tl_logitlens.reporting import report  # noqa: F401

@@ -126,34 +126,47 @@ class AttributionResult(RowsResult):
             raise ValueError(f"pair must be an int in [0, {n}), got {pair!r}")
 
     def top(self, k: int = 10, *, pair: int = 0, rows: str | None = None, by: str = "abs") -> pd.DataFrame:
-        """The ``k`` rows with the largest mean attribution (over prompts and read positions).
+        """The ``k`` rows (or head × source cells) with the largest mean attribution (over prompts and
+        read positions).
 
         ``rows``: ``"grid"`` (the unit's own rows: heads for ``unit="head"``/``"head_source"``, neurons
-        for ``unit="neuron"``, over all layers) or ``"all"`` (every row: also the embeddings, whole
-        MLPs or attention layers and the biases). Default: ``"grid"`` when the result has a grid, so
-        ``unit="head"`` ranks heads and ``unit="neuron"`` neurons; ``"all"`` for ``unit="component"``.
-        ``by``: ``"abs"`` (largest magnitude), ``"positive"`` or ``"negative"``. Columns: ``rank``,
-        ``label``, ``layer``, ``index``, ``attribution`` (mean, logits), ``share`` (of the mean total).
+        for ``unit="neuron"``, over all layers), ``"all"`` (every row: also the embeddings, whole
+        MLPs or attention layers and the biases) or, for ``unit="head_source"``, ``"source"`` (head ×
+        source position cells: which head, reading which position). Default: ``"source"`` for
+        ``unit="head_source"``, ``"grid"`` for the other units with a grid (``unit="head"`` ranks heads,
+        ``unit="neuron"`` neurons), ``"all"`` for ``unit="component"``. ``by``: ``"abs"`` (largest
+        magnitude), ``"positive"`` or ``"negative"``. Columns: ``rank``, ``label``, ``layer``,
+        ``index``, ``attribution`` (mean, logits), ``share`` (of the mean total); with
+        ``rows="source"`` also ``source`` (the source position) and ``source_token`` (its token, when
+        every prompt has the same one there; else empty). A cell's mean counts a read position before
+        the source as 0 (it cannot attend there), so a head's cells add up to the head's mean.
 
         Raises:
-            ValueError: ``rows="grid"`` on a component result; a bad ``k``, ``pair``, ``rows`` or ``by``.
+            ValueError: ``rows="grid"`` on a component result, ``rows="source"`` on a result that is
+                not ``unit="head_source"``; a bad ``k``, ``pair``, ``rows`` or ``by``.
 
         Example:
             >>> dla = tl.direct_logit_attribution(model, "The dog was very", " happy", " sad", unit="head")
             >>> dla.top(3)  # the three heads with the largest mean |attribution|, e.g. L2H0, L3H1, L1H2
+            >>> src = tl.direct_logit_attribution(model, "The dog was very", " happy", " sad", unit="head_source")
+            >>> src.top(3)  # head x source cells, e.g. L2H0 reading position 2 ' dog'
         """
         import pandas as pd
 
         if rows is None:
-            rows = "all" if self.grid_size is None else "grid"
-        if rows not in ("grid", "all"):
-            raise ValueError(f"rows must be 'grid' or 'all', got {rows!r}")
+            rows = "source" if self.unit == "head_source" else "all" if self.grid_size is None else "grid"
+        if rows not in ("grid", "all", "source"):
+            raise ValueError(f"rows must be 'grid', 'all' or 'source', got {rows!r}")
         if rows == "grid" and self.grid_size is None:
             raise ValueError("rows='grid' needs unit 'head', 'head_source' or 'neuron'")
+        if rows == "source" and self.source_attribution is None:
+            raise ValueError(f"rows='source' needs unit='head_source'; this result is {self.unit!r}")
         if by not in ("abs", "positive", "negative"):
             raise ValueError(f"by must be 'abs', 'positive' or 'negative', got {by!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if rows == "source":
+            return self._top_sources(k, pair, by)
         mean = self.mean_attribution(pair)
         if rows == "grid":
             mean = mean[: self.grid_size[0] * self.grid_size[1]]
@@ -171,13 +184,100 @@ class AttributionResult(RowsResult):
             }
         )
 
+    def mean_source_attribution(self, pair: int = 0) -> Float[torch.Tensor, "layer head seq"]:
+        """Each head × source position cell averaged over prompts and read positions (padding left out;
+        a read position before the source counts as 0, so a head's cells add up to its mean). Only for
+        ``unit="head_source"``."""
+        if self.source_attribution is None:
+            raise ValueError(f"mean_source_attribution needs unit='head_source'; this result is {self.unit!r}")
+        self._check_pair(pair)
+        cells = self.source_attribution[..., pair]  # [layer, head, seq, batch, pos]
+        return torch.nanmean(cells[..., self.valid.to(cells.device)], dim=-1)
+
+    def _source_token(self, s: int) -> str:
+        """The token at source position ``s`` when every prompt that has one there agrees, else ``""``."""
+        tokens = {toks[s] for toks in self.str_tokens if s < len(toks)}
+        return tokens.pop() if len(tokens) == 1 else ""
+
+    def _top_sources(self, k: int, pair: int, by: str) -> pd.DataFrame:
+        import pandas as pd
+
+        mean = self.mean_source_attribution(pair)
+        n_layers, n_heads, n_seq = mean.shape
+        flat = mean.reshape(-1)
+        key = {"abs": flat.abs(), "positive": flat, "negative": -flat}[by]
+        key = torch.nan_to_num(key, nan=-float("inf"))
+        idx = key.topk(min(k, key.shape[0])).indices.tolist()
+        total = float(torch.nanmean(self.total[..., pair]))
+        cells = [(i // (n_heads * n_seq), i // n_seq % n_heads, i % n_seq) for i in idx]
+        return pd.DataFrame(
+            {
+                "rank": list(range(1, len(idx) + 1)),
+                "label": [f"L{layer}H{head}@{s}" for layer, head, s in cells],
+                "layer": [layer for layer, _, _ in cells],
+                "index": [head for _, head, _ in cells],
+                "source": [s for _, _, s in cells],
+                "source_token": [self._source_token(s) for _, _, s in cells],
+                "attribution": [float(flat[i]) for i in idx],
+                "share": [float(flat[i]) / total if total != 0 else float("nan") for i in idx],
+            }
+        )
+
     def to_dataframe(self) -> pd.DataFrame:
         """Long format, one row per attribution row × prompt × read position × pair; padding left out.
 
         Columns: ``component``, ``row``, ``layer``, ``index``, ``prompt``, ``position``,
         ``input_token``, ``pair``, ``pair_label``, ``correct``, ``incorrect``, ``attribution``,
-        ``total``.
+        ``total``. For ``unit="head_source"`` each head's row is split over the source positions it can
+        read (one row per source, up to the read position) and two columns are added: ``source`` (the
+        source position; missing, ``<NA>``, on rows that are not heads) and ``source_token``; the
+        ``attribution`` of one prompt, position and pair still adds up to ``total``.
         """
+        import pandas as pd
+
+        frame = self._rows_frame()
+        if self.source_attribution is None:
+            return frame
+        n_grid = self.grid_size[0] * self.grid_size[1]
+        rest = frame[frame["row"] >= n_grid].assign(source=pd.NA, source_token="")
+        return pd.concat([self._source_rows(frame.columns), rest], ignore_index=True).astype({"source": "Int64"})
+
+    def _source_rows(self, columns: Any) -> pd.DataFrame:
+        """The head rows of :meth:`to_dataframe` split over source positions (``unit="head_source"``)."""
+        import pandas as pd
+
+        src = self.source_attribution.cpu()
+        n_layers, n_heads, n_seq, n_batch, n_pos, n_pair = src.shape
+        positions, valid = self.positions.cpu(), self.valid.cpu()
+        seq = torch.arange(n_seq)[None, :, None, None, None]
+        readable = valid[None, None, :, :, None] & (seq <= positions[None, None, :, :, None])
+        readable = readable.expand(n_layers * n_heads, n_seq, n_batch, n_pos, n_pair)
+        r, s, b, j, k = readable.nonzero(as_tuple=True)
+        flat = src.reshape(n_layers * n_heads, n_seq, n_batch, n_pos, n_pair)
+
+        def names(ids: torch.Tensor | None) -> list[str]:
+            return [""] * len(b) if ids is None else token_strings(self.tokenizer, ids.cpu()[b, k])
+
+        frame = pd.DataFrame(
+            {
+                "component": [self.labels[i] for i in r.tolist()],
+                "row": r.numpy(),
+                "layer": (r // n_heads).numpy(),
+                "index": (r % n_heads).numpy(),
+                **position_columns(self.positions, self.str_tokens, b, j),
+                "pair": k.numpy(),
+                "pair_label": [self.pair_labels[i] for i in k.tolist()],
+                "correct": names(self.correct_ids),
+                "incorrect": names(self.incorrect_ids),
+                "attribution": flat[r, s, b, j, k].numpy(),
+                "total": self.total.cpu()[b, j, k].numpy(),
+                "source": s.numpy(),
+                "source_token": [self.str_tokens[bb][ss] for bb, ss in zip(b.tolist(), s.tolist())],
+            }
+        )
+        return frame[[*columns, "source", "source_token"]]
+
+    def _rows_frame(self) -> pd.DataFrame:
         import pandas as pd
 
         r, b, j, k = long_index(self.attribution.shape, self.valid)

@@ -109,6 +109,12 @@ class LensEvaluation(BootstrapInterval):
         )
 
     @property
+    def n_document_tokens(self) -> int:
+        """The documents' tokens read, each document's BOS counted once: what ``max_tokens`` counts.
+        ``n_tokens`` (positions scored) is larger by one BOS for each further window of a long document."""
+        return self.n_tokens - self.n_windows + self.n_documents
+
+    @property
     def padding_fraction(self) -> float:
         """The share of the token slots computed that were padding (0 when every batch was full)."""
         return 0.0 if self.n_computed == 0 else self.n_padded / self.n_computed
@@ -173,18 +179,21 @@ class LensEvaluation(BootstrapInterval):
             "results": json.loads(self.to_dataframe().to_json(orient="records")),
         }
 
-    def to_json(self, path: str | None = None) -> str:
-        """:meth:`to_dict` as JSON text; written to ``path`` too when given (atomically: a file already
-        there is replaced whole, never left half-written)."""
+    def to_json(self, path: str | os.PathLike | None = None) -> str | Path:
+        """:meth:`to_dict` as JSON text, or, given ``path``, written there (atomically: a file already
+        there is replaced whole, never left half-written) and the path returned, so a REPL shows a
+        path, not the whole file."""
         text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            atomic_write_text(path, text + "\n")
-        return text
+        if path is None:
+            return text
+        atomic_write_text(path, text + "\n")
+        return Path(path)
 
-    def to_html(self, path: str | None = None, *, include_plotlyjs: bool | str = True) -> str:
+    def to_html(self, path: str | os.PathLike | None = None, *, include_plotlyjs: bool | str = True) -> str | Path:
         """A self-contained HTML page (the figure, the table with intervals, the definition), or,
-        with ``include_plotlyjs=False``, a section to put in a page that loads plotly itself.
-        Written to ``path`` too when given (atomically, replacing a file already there)."""
+        with ``include_plotlyjs=False``, a section to put in a page that loads plotly itself. Given
+        ``path``, written there instead (atomically, replacing a file already there) and the path
+        returned."""
         import html
 
         fig = self.plot(width=1100)
@@ -216,9 +225,10 @@ class LensEvaluation(BootstrapInterval):
                 "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}</style></head>"
                 f"<body>{section}</body></html>"
             )
-        if path is not None:
-            atomic_write_text(path, out)
-        return out
+        if path is None:
+            return out
+        atomic_write_text(path, out)
+        return Path(path)
 
     def plot(self, statistics: Sequence[str] = STATISTICS, **kwargs: Any) -> go.Figure:
         """Per-site curves with their intervals, one panel per statistic, lenses side by side;
@@ -683,7 +693,7 @@ def _score_corpus(
     world: World,
     max_tokens: int | None,
     text_field: str,
-    scorer: _Scorer,
+    scorer: Any,  # a _Scorer, or any scorer with its add/flush/acc/real/padded/reporter (faithfulness's)
     checkpoint: Checkpoint | None,
     every: int,
 ) -> None:

@@ -295,7 +295,8 @@ def logit_lens(
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        inputs: a string, a list of strings (right-padded and masked), or a token tensor.
+        inputs: a string, a list of strings (right-padded and run without an attention mask: no real
+            token attends to a later pad; padding cells are marked in ``valid``), or a token tensor.
         cache: an ``ActivationCache`` of these inputs on this model; computed when omitted.
         lens: ``None`` (the logit lens) or a lens object (e.g. a :class:`~tl_logitlens.TunedLens`)
             whose ``translate`` maps each site's states before the final norm reads them.

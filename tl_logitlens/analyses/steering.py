@@ -42,6 +42,49 @@ def _site(model: Any, site: object) -> Site:
     return sites[0]
 
 
+def lens_site(model: Any, lens: Any, site: object) -> Site:
+    """One site label that ``lens`` (a resolved lens object) reads; the lens's own error otherwise."""
+    where = _site(model, site)
+    lens.translate(where.label, torch.zeros(1, model.cfg.d_model, dtype=model.W_U.dtype, device=model.W_U.device))
+    return where
+
+
+CONVENTIONS = ("ours", "transformer_lens")
+
+
+def check_convention(convention: object) -> str:
+    """``"ours"`` (lens vectors with the final norm's gain folded in) or ``"transformer_lens"``
+    (``Mᵀ W_U[:, t]``, TransformerLens 4.3's); see :func:`readout_matrix`."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be 'ours' or 'transformer_lens', not {convention!r}")
+    return str(convention)
+
+
+@torch.no_grad()
+def readout_matrix(model: Any, lens: Any, site: str, convention: str = "ours") -> Float[torch.Tensor, "d_model d_model"] | None:
+    """``K`` with lens vector ``v_t = K W_U[:, t]`` at ``site`` (float32, on ``W_U``'s device; None for
+    the identity): ``Mᵀ P diag(g)`` under ``convention="ours"`` (``g`` the final norm's gain, ``P`` the
+    centring of LayerNorm models), ``Mᵀ`` under ``"transformer_lens"``. ``lens`` is a resolved lens
+    object. Formed in O(d_model²): ``Mᵀ P diag(g) = Mᵀ diag(g) − (Mᵀ 1) gᵀ / d_model``."""
+    matrix = linear_map(lens, site)
+    device = model.W_U.device
+    mt = None if matrix is None else matrix.to(device).float().T
+    if convention == "transformer_lens":
+        return mt
+    kind = normalization_type(model)
+    gain = getattr(model.ln_final, "w", None) if kind in ("LN", "RMS") else None
+    centre = kind in ("LN", "LNPre")
+    if gain is None and not centre:
+        return mt
+    d = int(model.cfg.d_model)
+    g = torch.ones(d, device=device) if gain is None else gain.detach().float().to(device)
+    if mt is None:
+        k = torch.diag(g)
+        return k - g[None, :] / d if centre else k
+    k = mt * g[None, :]
+    return k - torch.outer(mt.sum(1), g) / d if centre else k
+
+
 def linear_map(lens: Any, site: str) -> Float[torch.Tensor, "d_model d_model"] | None:
     """The matrix ``M`` of the lens's map at ``site`` (``h ↦ M h + c``), or None where the map is the
     identity. Known lenses: the logit lens, :class:`~tl_logitlens.TunedLens`,
@@ -81,9 +124,13 @@ def _token_ids(model: Any, tokens: object) -> list[int]:
 # Entry points check their own arguments (see predictions.logit_lens).
 @no_type_check
 @torch.no_grad()
-def lens_vectors(model: Any, lens: Any, site: str, tokens: object) -> Float[torch.Tensor, "token d_model"]:
+def lens_vectors(
+    model: Any, lens: Any, site: str, tokens: object, *, convention: str = "ours"
+) -> Float[torch.Tensor, "token d_model"]:
     """The residual-stream direction along which ``lens`` reads each of ``tokens`` at ``site``:
     ``v_t = Mᵀ P (g ⊙ W_U[:, t])`` (see the module docstring), float32, on the model's device.
+    ``convention="transformer_lens"`` gives TransformerLens 4.3's ``Mᵀ W_U[:, t]`` instead (no gain, no
+    centring; :func:`readout_matrix`).
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
@@ -92,27 +139,23 @@ def lens_vectors(model: Any, lens: Any, site: str, tokens: object) -> Float[torc
             :class:`~tl_logitlens.JacobianLens` (through the map of the site's layer).
         site: one site label the lens reads (``"2_post"``, ``"final_post"``).
         tokens: a token (text or id) or a list of them; text must be exactly one token.
+        convention: ``"ours"`` (the default) or ``"transformer_lens"``.
 
     Raises:
         ValueError, TypeError: a site the lens does not read, a token that is not one token, a lens
-            with no linear map.
+            with no linear map, an unknown convention.
 
     Example:
         >>> v = tl.lens_vectors(model, None, "final_post", [" happy", " sad"])   # [2, d_model]
     """
     check_model(model)
+    convention = check_convention(convention)
     lens = resolve_lens(model, lens)
-    where = _site(model, site)
-    lens.translate(where.label, torch.zeros(1, model.cfg.d_model, dtype=model.W_U.dtype, device=model.W_U.device))
+    where = lens_site(model, lens, site)
     ids = torch.tensor(_token_ids(model, tokens), device=model.W_U.device)
-    u = model.W_U.detach()[:, ids].float().T  # [token, d_model]
-    gain = getattr(model.ln_final, "w", None) if normalization_type(model) in ("LN", "RMS") else None
-    if gain is not None:
-        u = u * gain.detach().float()
-    if normalization_type(model) in ("LN", "LNPre"):
-        u = u - u.mean(-1, keepdim=True)
-    matrix = linear_map(lens, where.label)
-    return u if matrix is None else u @ matrix.to(u.device)
+    columns = model.W_U.detach()[:, ids].float()  # [d_model, token]
+    k = readout_matrix(model, lens, where.label, convention)
+    return (columns if k is None else k @ columns).T
 
 
 def _positions_hook(

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tl_logitlens.cli.faithfulness import _add_faithfulness, _faithfulness_command
 from tl_logitlens.cli.fit import _add_fit, _fit_command
+from tl_logitlens.cli.lenses import _add_lenses, _lenses_command
 from tl_logitlens.cli.shared import (
     PROG,
     TEXTS_HELP,
@@ -43,9 +45,10 @@ DEMO_PROMPT = "Tom and his mom went to the park. Tom saw a big dog. The dog was 
 DEMO_TARGET, DEMO_VERSUS = " happy", " sad"
 DEMO_LENSES = ("demo", "demo-jacobian")  # the lenses shipped for the demo model, shown beside the logit lens
 LOGIT_SPEC = "logit"  # --lens logit: the logit lens, e.g. beside others
+PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)
 EXIT_USAGE = 2
 SHOWN_PROMPTS = 3
-COMMANDS = ("demo", "run", "eval", "fit")
+COMMANDS = ("demo", "run", "eval", "fit", "faithfulness", "lenses")
 # the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
@@ -54,7 +57,7 @@ EPILOG = f"""\
 examples (offline, on the built-in demo model and texts):
   {PROG} demo
   {PROG} run demo "The dog was very" --target " happy" --versus " sad"
-  {PROG} run demo "The dog was very" --lens demo --plotly-js cdn
+  {PROG} run demo "The dog was very" --lens demo --plotly-js directory
   {PROG} eval demo --texts demo --lens demo --max-tokens 2000 \\
       --json eval.json
   {PROG} fit jacobian demo --texts demo --seq-len 64 --out demo-j.pt
@@ -111,6 +114,24 @@ def tune_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLD) == 1
     return mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD) == 1 and done
+
+
+def passive_wait_policy() -> bool:
+    """Have OpenMP's idle worker threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless
+    the user chose a policy; a no-op once torch is loaded. Returns whether it set the policy.
+
+    By default the OpenMP runtime under torch's CPU kernels lets a thread that has finished its share
+    spin for a while before it sleeps, hoping for the next parallel region. On a machine whose cores are
+    busy with other work, the spinning threads take the cores from the threads that still have work, and
+    a fit or an evaluation of many small operations becomes several times slower, from run to run
+    unpredictably (docs/performance.md has the figures). The runtime reads the variable once, when
+    torch loads it, so this runs first thing in :func:`main`. Called only by the CLI, which owns its
+    process; importing tl_logitlens never changes it.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def _version() -> str:
@@ -184,6 +205,7 @@ def _add_demo(sub: Any) -> None:
         formatter_class=_Formatter,
     )
     _outputs(demo)
+    _threads(demo)
 
 
 def _add_run(sub: Any) -> None:
@@ -224,10 +246,13 @@ def _add_run(sub: Any) -> None:
         action="append",
         default=[],
         help="read the layers through a lens: a tuned or Jacobian lens folder or .pt file, 'demo' or "
-        "'demo-jacobian' (the demo model's), or 'logit' (default: the logit lens). Repeat it to compare "
+        "'demo-jacobian' (the demo model's), a published lens 'jlens:NAME' or 'tuned:NAME' (see "
+        f"'{PROG} lenses'), 'patchscope' (the model decodes each state from the identity prompt), or "
+        "'logit' (default: the logit lens). Repeat it to compare "
         "several side by side: the first is read in every table, all of them in a comparison",
     )
     _outputs(run)
+    _threads(run)
 
 
 def _add_eval(sub: Any) -> None:
@@ -262,12 +287,19 @@ def _add_eval(sub: Any) -> None:
         metavar="PATH|NAME",
         action="append",
         default=[],
-        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, or the "
-        "demo model's 'demo' (tuned) or 'demo-jacobian' (repeat for several)",
+        help="a lens to evaluate beside the logit lens: a tuned or Jacobian lens folder or .pt file, the "
+        "demo model's 'demo' (tuned) or 'demo-jacobian', or a published lens 'jlens:NAME' or 'tuned:NAME' "
+        f"(see '{PROG} lenses'; repeat for several)",
     )
     _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
-    ev.add_argument("--max-tokens", type=_positive, metavar="N", help="stop after N document tokens, in corpus order")
+    ev.add_argument(
+        "--max-tokens",
+        type=_positive,
+        metavar="N",
+        help="stop after N document tokens, in corpus order (each document's BOS counted once, as the tables "
+        "count them; the positions scored add a BOS for each further window of a long document)",
+    )
     ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
     ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
     ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")
@@ -310,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_run, _add_eval, _add_fit):
+    for add in (_add_demo, _add_run, _add_eval, _add_fit, _add_faithfulness, _add_lenses):
         add(sub)
     return parser
 
@@ -361,6 +393,10 @@ def _token_arg(text: str | None) -> str | int | None:
 
 
 def _load_lens(spec: str, model: Any) -> Any:
+    if spec == PATCHSCOPE_SPEC:
+        from tl_logitlens.analyses.patchscope import PatchscopeLens
+
+        return PatchscopeLens(model)
     from tl_logitlens.lenses import load_lens
 
     return load_lens(spec, model)
@@ -461,10 +497,25 @@ def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
 
 
 
+def _print_legend(console: Any, legend: Sequence[str]) -> None:
+    from tl_logitlens.cli.terminal import legend_lines
+
+    for line in legend_lines(legend, console.width):
+        console.print(line, style="dim", markup=False)
+
+
 def _print_table(console: Any, table: Any, legend: Sequence[str]) -> None:
     console.print(table)
-    for line in legend:
-        console.print(line, style="dim", markup=False)
+    _print_legend(console, legend)
+
+
+def _report_note(plotly_js: str) -> str:
+    """What opening the report needs, for the line that says where it was written."""
+    if plotly_js == "cdn":
+        return "open it in a browser online: it loads plotly.js from cdn.plot.ly, and offline its figures are blank"
+    if plotly_js == "directory":
+        return f"open it in a browser; keep {PLOTLY_JS_FILE} beside it, the figures need it"
+    return "open it in a browser; it works offline"
 
 
 def _lens_command(args: argparse.Namespace) -> int:
@@ -484,6 +535,7 @@ def _lens_command(args: argparse.Namespace) -> int:
     _check_out(args.csv, (".csv",), "--csv")
     _check_out(args.json, (".json",), "--json")
     check_device(device)  # imports torch (when a device is named): after every check that does not need it
+    _apply_threads(args)
     from tl_logitlens.cli.terminal import (
         comparison_table,
         lens_table,
@@ -533,7 +585,7 @@ def _lens_command(args: argparse.Namespace) -> int:
             console.print(f"wrote {what}: {path}")
     if out is not None:
         path = write_report(data, out, max_prompts=SHOWN_PROMPTS, plotly_js=args.plotly_js)
-        console.print(f"wrote report: {path}  (open it in a browser; it works offline)")
+        console.print(f"wrote report: {path}  ({_report_note(args.plotly_js)})")
     return 0
 
 
@@ -586,8 +638,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             if i:
                 console.print()
             console.print(table)
-        for line in legend:
-            console.print(line, style="dim", markup=False)
+        _print_legend(console, legend)
         console.print(f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim")
         if args.json is not None:
             ev.to_json(args.json)
@@ -623,18 +674,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tl-logitlens``; returns the exit status (0 ok, 2 a usage mistake).
 
     Started as a command (``argv`` None: the console script, ``python -m tl_logitlens``, torchrun),
-    it owns its process and tunes the allocator (:func:`tune_allocator`); called from Python with
-    ``argv``, it leaves the caller's process as it is.
+    it owns its process: it sets OpenMP's passive wait policy before torch loads
+    (:func:`passive_wait_policy`) and tunes the allocator (:func:`tune_allocator`); called from Python
+    with ``argv``, it leaves the caller's process as it is.
     """
-    parser = build_parser()
     owns_process = argv is None
+    if owns_process:
+        passive_wait_policy()
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     _misplaced_option(parser, argv)
     args = parser.parse_args(argv)
     if owns_process:
         tune_allocator()
     try:
-        command = {"eval": _eval_command, "fit": _fit_command}.get(args.command, _lens_command)
+        commands = {"eval": _eval_command, "fit": _fit_command, "faithfulness": _faithfulness_command, "lenses": _lenses_command}
+        command = commands.get(args.command, _lens_command)
         return command(args)
     except (UsageError, ValueError, TypeError) as err:
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")

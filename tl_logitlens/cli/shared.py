@@ -68,7 +68,7 @@ def _thread_count(text: str) -> int:
 
 
 def _threads(p: argparse.ArgumentParser) -> None:
-    """--threads, for commands that run tensor work on the CPU (eval; the fit commands)."""
+    """--threads, for every command (each runs tensor work on the CPU)."""
     p.add_argument(
         "--threads",
         type=_thread_count,

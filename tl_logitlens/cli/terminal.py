@@ -28,6 +28,23 @@ def new_table(title: str, width: int) -> Any:
     )
 
 
+def legend_lines(legend: Sequence[str], width: int) -> list[str]:
+    """The legend as lines of at most ``width`` columns, broken between its phrases (the parts of an
+    entry separated by ``"; "``), never inside one; a phrase wider than ``width`` gets a line of its own."""
+    lines: list[str] = []
+    for entry in legend:
+        line = ""
+        for phrase in entry.split("; "):
+            joined = f"{line}; {phrase}" if line else phrase
+            if line and len(joined) > width:
+                lines.append(line + ";")
+                line = phrase
+            else:
+                line = joined
+        lines.append(line)
+    return lines
+
+
 def _visible(token: str) -> str:
     from tl_logitlens.core.tokens import visible_token
 
@@ -236,7 +253,7 @@ def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
     ce_bpb = MEASURES.index("cross_entropy_bpb")
     tables = []
     for k, lens in enumerate(ev.lenses):
-        title = f"{lens}: {ev.n_documents:,} documents, {ev.n_tokens:,} tokens, windows of {ev.seq_len}"
+        title = f"{lens}: {ev.n_documents:,} documents, {ev.n_document_tokens:,} tokens, windows of {ev.seq_len}"
         table = new_table(title, width)
         table.add_column("site", style="bold", no_wrap=True)
         for stat in STATISTICS:
@@ -259,6 +276,8 @@ def eval_tables(ev: Any, width: int) -> tuple[list[Any], list[str]]:
         "KL: KL(final ‖ site); CE: next-token cross-entropy; H: entropy (all in nats)",
         "CE b/B: cross-entropy in bits per byte; top-1: agreement with the final layer",
     ]
+    if ev.n_tokens != ev.n_document_tokens:
+        legend.append(f"{ev.n_tokens:,} positions scored: each further window of a long document starts with BOS")
     if ev.n_bootstrap > 0:
         ci = f"[low, high]: {ev.confidence:.0%} bootstrap intervals over documents"
         legend.append(ci if wide else f"{ev.confidence:.0%} bootstrap intervals: in --json/--csv, here from {WIDE} columns")

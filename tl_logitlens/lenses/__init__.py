@@ -10,7 +10,9 @@ and unembedding read.
 - :mod:`~tl_logitlens.lenses.jacobian`: the Jacobian lens (J-lens) and its files; its fitting in
   :mod:`~tl_logitlens.lenses.jacobian_fitting`;
 - :mod:`~tl_logitlens.lenses.files`: this package's lens folders, and reading other tools' files safely;
-- :mod:`~tl_logitlens.lenses.loading`: :func:`load_lens`, for every format and the built-in lenses.
+- :mod:`~tl_logitlens.lenses.loading`: :func:`load_lens`, for every format and the built-in lenses;
+- :mod:`~tl_logitlens.lenses.published`: the field's published lenses (Neuronpedia's J-lenses, tuned-lens's
+  tuned lenses) by name, from a pinned registry through the Hugging Face cache.
 
 Layers read one way: this package uses the core modules (readout, corpus, inputs, ...) and is used by
 the analyses; it never imports an analysis, a figure or the report.
@@ -31,6 +33,7 @@ from tl_logitlens.lenses.protocol import (
     resolve_lens,
     sites_or_default,
 )
+from tl_logitlens.lenses.published import PublishedLens, published_lenses
 from tl_logitlens.lenses.tuned import TunedLens
 from tl_logitlens.lenses.tuned_training import train_tuned_lens
 
@@ -39,6 +42,7 @@ __all__ = [
     "JacobianLens",
     "Lens",
     "LogitLens",
+    "PublishedLens",
     "TunedLens",
     "check_reads",
     "default_sites",
@@ -47,6 +51,7 @@ __all__ = [
     "lens_name",
     "load_lens",
     "named_lenses",
+    "published_lenses",
     "resolve_lens",
     "sites_or_default",
     "train_tuned_lens",

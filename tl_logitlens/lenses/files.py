@@ -161,13 +161,24 @@ def check_finite_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> Non
             )
 
 
-def write_lens_folder(folder: str | os.PathLike, stem: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write ``{stem}.safetensors`` (the tensors, float32, with ``meta`` in the header) and ``{stem}.json``
-    into ``folder`` (created if needed), swapping the folder in whole (:func:`write_folder`)."""
+def write_lens_folder(
+    folder: str | os.PathLike,
+    stem: str,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``{stem}.safetensors`` (the tensors in ``dtype``, float32 by default, with ``meta`` and a
+    SHA-256 of the stored tensors in the header) and ``{stem}.json`` into ``folder`` (created if
+    needed), swapping the folder in whole (:func:`write_folder`).
+
+    Raises:
+        ValueError: a tensor holds NaN or inf once stored in ``dtype`` (nothing is written).
+    """
     from safetensors.torch import save_file
 
     text = json.dumps(dict(meta), indent=1)
-    plain = {k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}
+    plain = {k: t.detach().to(dtype).cpu().contiguous() for k, t in tensors.items()}
     check_finite_tensors(plain, f"the lens folder {os.fspath(folder)!r}")
     header = {
         METADATA_KEY: json.dumps(dict(meta)),

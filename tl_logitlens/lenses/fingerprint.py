@@ -14,6 +14,7 @@ lens that carries a map of its own (tuned, Jacobian):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,7 +151,9 @@ def model_record(model: Any) -> dict[str, Any]:
     }
 
 
-def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> None:
+def check_made_for(
+    model: Any, meta: dict[str, Any], kind: str, remedy: str, mean_leak: Callable[[], str | None] | None = None
+) -> None:
     """Raise ``ValueError`` when a lens whose metadata is ``meta`` was not made for ``model``.
 
     Checks the vocabulary size and the readout fingerprint (when ``meta`` has one: lenses saved by this
@@ -158,6 +161,10 @@ def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> 
     where the lens was made (``meta["stream_centred"]``; other tools' lenses read the uncentred stream
     of the model as Hugging Face computes it). ``kind`` names the lens in messages ("tuned lens") and
     ``remedy`` says how to get one for this model.
+
+    ``mean_leak``, where a lens can tell, says whether its map reads the stream's mean: None when it does
+    not (then a lens made on one centring reads the other exactly, see ``docs/published-lenses.md``), or
+    a phrase saying by how much it does (added to the refusal).
     """
     fingerprint = meta.get("fingerprint")
     if fingerprint is not None:
@@ -179,16 +186,20 @@ def check_made_for(model: Any, meta: dict[str, Any], kind: str, remedy: str) -> 
     if expected is None or normalization_type(model) not in ("LN", "LNPre"):
         return
     actual = writing_weights_centred(model)
+    if bool(actual) == bool(expected):
+        return
+    leak = mean_leak() if mean_leak is not None else "it would be off by ~1e-2"
+    if leak is None:
+        return  # the lens's map ignores the stream's mean: it reads either centring exactly
     if actual and not expected:
         raise ValueError(
             f"this {kind} reads the uncentred residual stream (another tool's checkpoint, or a lens made on a "
             "model loaded without centring), but this LayerNorm model was loaded with TransformerLens's "
-            "centred writing weights, which remove the stream's mean the lens reads (it would be off by "
-            "~1e-2); load the model with tl.load_model(..., center_writing_weights=False)"
+            f"centred writing weights, which remove the stream's mean the lens reads ({leak}); load the model "
+            "with tl.load_model(..., center_writing_weights=False)"
         )
-    if expected and not actual:
-        raise ValueError(
-            f"this {kind} was made on the model loaded with TransformerLens's centred writing weights "
-            "(tl.load_model's default), but this LayerNorm model's writing weights are not centred; load it "
-            "with the default center_writing_weights=True"
-        )
+    raise ValueError(
+        f"this {kind} was made on the model loaded with TransformerLens's centred writing weights "
+        "(tl.load_model's default), but this LayerNorm model's writing weights are not centred "
+        f"({leak}); load it with the default center_writing_weights=True"
+    )

@@ -11,8 +11,8 @@ so every analysis that takes ``lens=`` reads through it. The logit lens is the s
 :mod:`tl_logitlens.lenses.jacobian_fitting`; its files are read and written here:
 
 - this package's: a folder with ``jacobian_lens.safetensors`` (``"J.{layer}"`` ``[d_model, d_model]``
-  float32, the metadata, readout fingerprint included, in its header) and ``jacobian_lens.json`` (the
-  same metadata, for people), written whole (:func:`~tl_logitlens.lenses.files.write_folder`);
+  float32, or float16 with ``save(dtype=torch.float16)``; the metadata, readout fingerprint included, in
+  its header) and ``jacobian_lens.json`` (the same metadata, for people), written whole (:func:`~tl_logitlens.lenses.files.write_folder`);
 - the reference format (``anthropics/jacobian-lens``, TransformerLens 4.3's ``JacobianLens.save``/``load``):
   one ``torch.save`` dict with ``"J"`` (``{layer: Tensor[d_model, d_model]}``), ``"n_prompts"``,
   ``"source_layers"``, ``"d_model"`` and optional ``"metadata"`` (plain types), written atomically and
@@ -50,6 +50,8 @@ FORMAT_VERSION = 1
 STEM = "jacobian_lens"
 WEIGHTS_FILE = f"{STEM}.safetensors"
 REFERENCE_FORMAT = "jlens"
+# the precisions a lens is stored in (save's dtype=); read back in float32 whatever they are
+_STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # where this package's metadata rides in a reference file's "metadata" (plain types, so it survives there)
 _META_KEY = "tl_logitlens"
 # beside it, a SHA-256 of the matrices (float32, by layer) that this package checks when it reads the file
@@ -191,27 +193,66 @@ class JacobianLens:
                 f"this {self.name} has matrices for layers {beyond}, but this {n_layers}-layer model's source "
                 f"layers are 0 to {n_layers - 2}; {remedy}"
             )
-        check_made_for(model, self.meta, self.name, remedy)
+        check_made_for(model, self.meta, self.name, remedy, mean_leak=self.mean_leak)
+
+    def mean_leak(self) -> str | None:
+        """None when every matrix carries the all-ones direction to a multiple of itself (``C J_l 1 = 0``,
+        ``C = I - 11ᵀ/d``) up to the rounding of the precision it was stored in, so the lens reads a
+        LayerNorm model's stream the same whether TransformerLens centred it or not; otherwise how far off
+        the worst matrix is (a phrase for an error message).
+
+        Every true Jacobian of a LayerNorm model has ``J 1 = 1``: adding ``c·1`` to a block's output changes
+        nothing any later norm reads, so the last block's output moves by ``c·1`` too, and a fitted mean of
+        such Jacobians keeps it. Storing ``J`` rounds each entry by at most ``eps/2`` of itself, which moves
+        ``(C J 1)_i`` by at most ``eps · max_i Σ_j |J_ij|``: that, for the stored dtype
+        (``meta["stored_dtype"]``), plus ``16 eps`` of float32 for the fit's own arithmetic, is the tolerance.
+        """
+        name = str(self.meta.get("stored_dtype", "float32"))
+        stored = getattr(torch, name, None) if name in ("float32", "float16", "bfloat16", "float64") else None
+        eps = torch.finfo(stored if isinstance(stored, torch.dtype) else torch.float32).eps
+        slack = eps + 16 * torch.finfo(torch.float32).eps
+        worst, at, tol_at = 0.0, None, 0.0
+        for layer, matrix in self.jacobians.items():
+            m = matrix.double()
+            carried = m.sum(-1)  # J 1
+            leak = float((carried - carried.mean()).abs().max())
+            tol = slack * float(m.abs().sum(-1).max())
+            if leak > tol and leak - tol > worst - tol_at:
+                worst, at, tol_at = leak, layer, tol
+        if at is None:
+            return None
+        return (
+            f"its matrix for layer {at} moves the all-ones direction off itself by up to {worst:.2g} "
+            f"(rounding allows {tol_at:.2g}), so it reads the stream's mean"
+        )
 
     @no_type_check  # checks its own arguments, with messages that say what to pass
-    def save(self, path: str | os.PathLike, format: str = "tl_logitlens") -> Path:
+    def save(self, path: str | os.PathLike, format: str = "tl_logitlens", dtype: torch.dtype = torch.float32) -> Path:
         """Save the lens and return the path written. An existing lens there is replaced.
 
         ``format="tl_logitlens"`` (the default): a folder with ``jacobian_lens.safetensors`` (``"J.{layer}"``,
-        float32, with the metadata in its header: what the lens was made for, the readout fingerprint,
+        in ``dtype``, with the metadata in its header: what the lens was made for, the readout fingerprint,
         how it was fitted) and ``jacobian_lens.json`` (the same, for people), swapped in whole.
-        ``format="jlens"``: the reference format, one ``torch.save`` file with ``"J"`` (float32),
+        ``format="jlens"``: the reference format, one ``torch.save`` file with ``"J"`` (in ``dtype``),
         ``"n_prompts"``, ``"source_layers"``, ``"d_model"`` and ``"metadata"`` (plain types; this
         package's metadata under ``"tl_logitlens"``), written atomically. TransformerLens 4.3's
         ``JacobianLens.load`` and the reference implementation read it.
 
+        ``dtype`` is the precision the matrices are stored in: float32 (the default, exact), or float16
+        (or bfloat16), half the size, as TransformerLens and Neuronpedia store J-lenses (their default:
+        the entries are order one, so float16 keeps about three significant digits). The card
+        (``jacobian_lens.json``, and the metadata) says which (``"stored_dtype"``); loading reads the
+        matrices back in float32.
+
         Raises:
             TypeError: ``path`` is not a path.
-            ValueError: an unknown ``format``; metadata that is not plain (JSON-like) values; a matrix
-                holding NaN or inf (nothing is written); a path that cannot be written (a missing or
-                read-only folder, a folder where a ``.pt`` file goes).
+            ValueError: an unknown ``format`` or ``dtype``; metadata that is not plain (JSON-like) values; a
+                matrix holding NaN or inf once stored in ``dtype`` (nothing is written); a path that cannot
+                be written (a missing or read-only folder, a folder where a ``.pt`` file goes).
         """
         path = check_path_argument(path, "path")
+        if dtype not in _STORED_DTYPES:
+            raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype!r}")
         meta = {
             **self.meta,
             "name": self.name,
@@ -221,12 +262,13 @@ class JacobianLens:
             "n_layers": self.n_layers,
             "n_prompts": self.n_prompts,
             "source_layers": list(self.source_layers),
+            "stored_dtype": str(dtype).removeprefix("torch."),
         }
         _check_plain(meta, "the lens's meta")
-        matrices = {layer: m.detach().float().cpu().contiguous() for layer, m in self.jacobians.items()}
+        matrices = {layer: m.detach().to(dtype).cpu().contiguous() for layer, m in self.jacobians.items()}
         check_finite_tensors({f"J[{layer}]": m for layer, m in matrices.items()}, repr(str(path)))
         if format == "tl_logitlens":
-            return write_lens_folder(path, STEM, {f"J.{layer}": m for layer, m in matrices.items()}, meta)
+            return write_lens_folder(path, STEM, {f"J.{layer}": m for layer, m in matrices.items()}, meta, dtype=dtype)
         if format == REFERENCE_FORMAT:
             payload = {
                 "J": matrices,
@@ -366,10 +408,18 @@ def read_own(folder: Path, model: Any) -> JacobianLens:
     if sorted(jacobians) != list(meta.get("source_layers", sorted(jacobians))):
         raise ValueError(f"{where}: the metadata's source_layers {meta.get('source_layers')} are not the matrices' {sorted(jacobians)}")
     n_prompts = _count(meta.pop("n_prompts", 0), "n_prompts", where)
+    meta["stored_dtype"] = _stored_dtype(tensors.values())
     name = str(meta.pop("name", NAME))
     for key in ("d_model", "n_layers", "source_layers"):
         meta.pop(key, None)
     return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d_model, n_layers=sizes["n_layers"], meta=meta, name=name)
+
+
+def _stored_dtype(tensors: Any) -> str:
+    """The precision a file stored its matrices in ("float16", ...; the widest if they differ)."""
+    dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor)}
+    widest = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0, default=torch.float32)
+    return str(widest).removeprefix("torch.")
 
 
 def is_reference_payload(payload: Any) -> bool:
@@ -412,6 +462,7 @@ def read_reference(path: Path, model: Any, payload: Any = None) -> JacobianLens:
     checksum = metadata.get(_CHECKSUM_KEY)
     if checksum is not None and "J" in payload and checksum != _matrices_sha256(jacobians):
         raise ValueError(f"{where}: the matrices do not match the SHA-256 checksum in its metadata; the file is damaged")
+    stored = _stored_dtype((payload["J"] if "J" in payload else payload["jacobian_sum"]).values())
     own = metadata.get(_META_KEY)
     if isinstance(own, dict):
         meta = dict(own)
@@ -431,4 +482,5 @@ def read_reference(path: Path, model: Any, payload: Any = None) -> JacobianLens:
             "reference_metadata": metadata if _is_plain(metadata) else {"note": "held values that are not plain; left out"},
             "source": where,
         }
+    meta["stored_dtype"] = stored
     return JacobianLens(jacobians, n_prompts=n_prompts, d_model=d_model, n_layers=sizes["n_layers"], meta=meta, name=name)

@@ -274,5 +274,9 @@ def read_tuned_lens_format(folder: Path, model: Any) -> TunedLens:
         "stream_centred": False,
         "unembed_hash": config.get("unembed_hash") if isinstance(config.get("unembed_hash"), str) else None,
         "source": str(folder),
+        "stored_dtype": str(state["0.weight"].dtype).removeprefix("torch."),
     }
+    revision = config.get("base_model_revision")
+    if isinstance(revision, str) and revision:  # the model's hub commit it was trained on, where it says
+        meta["model_revision"] = revision
     return _with_weights(TunedLens(d_model, n_layers, meta=meta), weight, b)

@@ -302,6 +302,7 @@ def head_source_figure(
     column: int = -1,
     pair: int = 0,
     title: str | None = None,
+    width: int | None = None,
 ) -> go.Figure:
     """Each head's direct contribution split over the source positions it attends to.
 
@@ -311,7 +312,9 @@ def head_source_figure(
     (attention weight × value vector through ``W_O``, the final scale and the unembedding, in
     logits); a row sums to that head's entry in :func:`head_grid_figure`. The colour scale is
     diverging, symmetric about zero: blue is positive (raises the pair's value, towards the
-    target), red negative.
+    target), red negative. ``width`` (pixels): by default 64 px per source up to 16 sources, then
+    narrower columns (values in the hover only), at most 1400 px wide. The same cells as a table:
+    ``result.to_dataframe()`` (a ``source`` column) and ``result.top()`` (head × source cells).
 
     Raises:
         ValueError: the result is not ``unit="head_source"``, or the column is padding.
@@ -339,7 +342,8 @@ def head_source_figure(
         ]
         for r in range(len(rows))
     ]
-    text = _signed_text(z, len(rows) * len(tokens) <= 600)
+    cell_px = 64 if len(tokens) <= 16 else max(24, 1140 // len(tokens))  # pixels per source position
+    text = _signed_text(z, len(rows) * len(tokens) <= 600 and cell_px >= 48)
     bar = f"{_unit_name(result)} (logits)"
     fig = go.Figure(
         _diverging_heatmap(
@@ -352,7 +356,7 @@ def head_source_figure(
         tickvals=list(range(len(tokens))),
         ticktext=xs,
         tickfont={"family": MONO},
-        tickangle=0 if max(len(x) for x in xs) <= 8 else -45,
+        tickangle=0 if max(len(x) for x in xs) * 7 <= cell_px else -45 if cell_px >= 40 else -90,
         showgrid=False,
     )
     fig.update_yaxes(title_text="head", type="category", autorange="reversed", showgrid=False)
@@ -362,6 +366,6 @@ def head_source_figure(
         title=title
         or f"Head × source position: {pair_name(result, pair)}<br><sup>prompt {prompt}, read after {where}; "
         f"each row sums to the head's direct attribution</sup><br><sup>{sign_note(up, down)}</sup>",
-        width=max(600, 260 + 64 * len(tokens)),
+        width=width or min(1400, max(600, 260 + cell_px * len(tokens))),
         height=max(360, 170 + 22 * len(rows)),
     )

@@ -192,7 +192,9 @@ def line_trace(
 
 FONT = "Inter, 'Helvetica Neue', Helvetica, Arial, sans-serif"
 MONO = "'DejaVu Sans Mono', Menlo, Consolas, monospace"
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+# unsigned series (groups, lenses, sites): no blue and no red, which the house keeps for sign
+# (POSITIVE_COLOUR, NEGATIVE_COLOUR below), so two series never read as "positive" and "negative"
+PALETTE = ("#2ca02c", "#ff7f0e", "#9467bd", "#e377c2", "#7f7f7f", "#bcbd22", "#8c6d31", "#444444")
 LINE_CHART = {"width": 780, "height": 460, "legend_below": True}  # the size of every line chart across layers
 MIN_BAND_N = 3  # fewer prompts than this: no confidence band is drawn (it would say nothing)
 _TITLE_PX = 9.0  # average width of a title character at 16 px

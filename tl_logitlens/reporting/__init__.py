@@ -74,6 +74,7 @@ def report(
     title: str | None = None,
     plotly_js: str = "inline",
     evaluation: Any = None,
+    faithfulness: Any = None,
     **analysis: Any,
 ) -> Path:
     """Run the lens on ``prompts`` and write one HTML report; return its path.
@@ -96,7 +97,9 @@ def report(
 
     ``plotly_js``: ``"inline"`` (default: one self-contained file that opens offline), ``"cdn"`` or
     ``"directory"`` (see :func:`write_report`). ``evaluation``: a :class:`~tl_logitlens.LensEvaluation`
-    from :func:`~tl_logitlens.evaluate_lenses`, added as the report's last section. ``model``: a model object or anything
+    from :func:`~tl_logitlens.evaluate_lenses`, added as the report's last section; ``faithfulness``: a
+    :class:`~tl_logitlens.Faithfulness` from :func:`~tl_logitlens.faithfulness`, its "Which lens is causal?"
+    section after it. ``model``: a model object or anything
     :func:`~tl_logitlens.load_model` takes (``"demo"``, ``"demo-bert"``, a checkpoint folder, a
     TransformerLens name).
 
@@ -110,4 +113,7 @@ def report(
     """
     check_page(out, max_prompts, plotly_js)
     data = compute_report(model, prompts, **analysis)
-    return write_report(data, out, max_prompts=max_prompts, title=title, plotly_js=plotly_js, evaluation=evaluation)
+    return write_report(
+        data, out, max_prompts=max_prompts, title=title, plotly_js=plotly_js, evaluation=evaluation,
+        faithfulness=faithfulness,
+    )

@@ -81,6 +81,7 @@ def _lens_figures(data: ReportData, shown: list[int]) -> list[Figure]:
     from tl_logitlens.plotting import lens_heatmap, text_heatmap
 
     lens = data.lens
+    name = lens.lens_name[:1].upper() + lens.lens_name[1:]  # the heading names the lens its figure draws
     out = []
     for b in shown:
         n_cols = int(lens.valid[b].sum())
@@ -89,7 +90,7 @@ def _lens_figures(data: ReportData, shown: list[int]) -> list[Figure]:
             builds.append(lambda m: text_heatmap(lens, prompt=0, max_positions=m))
         figs, m = _positions_fitting(builds, n_cols)
         out.append(Figure(
-            f"Logit lens, prompt {b}",
+            f"{name}, prompt {b}",
             "Rows are sites (first layer at the bottom), columns the input tokens. Each cell is the token "
             "the lens predicts <i>after</i> its column's token at that site; its colour is that token's "
             "probability. Hover a cell for its top-k." + _clip_note(m, n_cols),

@@ -202,12 +202,15 @@ def write_report(
     title: str | None = None,
     plotly_js: str = "inline",
     evaluation: Any = None,
+    faithfulness: Any = None,
 ) -> Path:
     """Write the figures and tables of ``data`` to one HTML file; return its path.
 
     ``evaluation``: a :class:`~tl_logitlens.LensEvaluation` (from :func:`~tl_logitlens.evaluate_lenses`)
     whose corpus-scale section (per-site curves with bands, the table with intervals, the definition)
-    closes the report.
+    closes the report. ``faithfulness``: a :class:`~tl_logitlens.Faithfulness` (from
+    :func:`~tl_logitlens.faithfulness`), whose "Which lens is causal?" section (effect and placebo per site
+    and lens, the table with intervals, the definition) comes last.
 
     ``plotly_js``: ``"inline"`` (the default) puts plotly.js in the file, which then opens offline
     on its own (about 5 MB); ``"cdn"`` loads it from cdn.plot.ly (a few hundred kB, needs the
@@ -232,6 +235,12 @@ def write_report(
         if not isinstance(evaluation, LensEvaluation):
             raise TypeError(f"evaluation must be a LensEvaluation (from tl.evaluate_lenses), not {type(evaluation).__name__}")
         parts.append(evaluation.to_html(include_plotlyjs=False))
+    if faithfulness is not None:
+        from tl_logitlens.analyses.faithfulness import Faithfulness
+
+        if not isinstance(faithfulness, Faithfulness):
+            raise TypeError(f"faithfulness must be a Faithfulness (from tl.faithfulness), not {type(faithfulness).__name__}")
+        parts.append(faithfulness.to_html(include_plotlyjs=False))
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
