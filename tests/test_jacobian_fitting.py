@@ -218,8 +218,10 @@ def test_a_resumed_fit_equals_an_uninterrupted_one_bit_for_bit(ln_model, tmp_pat
         fit(ln_model, interrupted(), **settings)
     saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["state"]
     assert saved["position"] == 8
-    # the resumed fit must not read the first 8 texts again: give it others there
-    resumed = fit(ln_model, ["Other words entirely, a different prompt."] * 8 + texts[8:], **settings)
+    # the first 8 texts are hashed, not fitted again: others there are refused (issue 34), the same resume
+    with pytest.raises(ValueError, match="the corpus differs from the one .* was saved on"):
+        fit(ln_model, ["Other words entirely, a different prompt."] * 8 + texts[8:], **settings)
+    resumed = fit(ln_model, texts, **settings)
     whole = fit(ln_model, texts, batch_size=2)
     assert (resumed.n_prompts, resumed.meta["skipped_prompts"]) == (whole.n_prompts, whole.meta["skipped_prompts"])
     for layer in whole.source_layers:
@@ -227,7 +229,7 @@ def test_a_resumed_fit_equals_an_uninterrupted_one_bit_for_bit(ln_model, tmp_pat
     # a finished fit's checkpoint gives the same lens again without fitting
     again = fit(ln_model, texts, **settings)
     assert torch.equal(again.jacobians[0], whole.jacobians[0])
-    with pytest.raises(ValueError, match=r"other settings \(fit:"):
+    with pytest.raises(ValueError, match=r"other settings \(fit\.skip_first: 3 then, 2 now"):
         fit(ln_model, texts, **{**settings, "skip_first": 2})
 
 

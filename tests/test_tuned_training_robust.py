@@ -77,7 +77,7 @@ def test_a_finished_run_returns_its_lens_at_once_and_other_settings_are_refused(
         tl.train_tuned_lens(model, TEXTS, **RUN, lr=0.5, checkpoint_dir=folder)
     with pytest.raises(ValueError, match=r"other settings \(windows: "):
         tl.train_tuned_lens(model, TEXTS[:-1], **RUN, checkpoint_dir=folder)
-    with pytest.raises(ValueError, match=r"other settings \(fingerprint: "):
+    with pytest.raises(ValueError, match=r"other settings \(fingerprint\."):
         tl.train_tuned_lens(tiny_model("LN", folded=False, seed=3), TEXTS, **RUN, checkpoint_dir=folder)
 
 
@@ -87,16 +87,16 @@ def test_a_non_finite_loss_stops_training_at_its_step(model):
         broken.blocks[1].mlp.W_in[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"loss is nan at step 1 of 6: training stopped"):
         tl.train_tuned_lens(broken, TEXTS, **RUN)
-    with pytest.raises(ValueError, match=r"(loss|gradient norm) is (nan|inf) at step [2-6] of 6: .*lr=1e\+30; try a smaller one"):
+    with pytest.raises(ValueError, match=r"((loss|gradient norm) is (nan|inf) at step|parameters hold NaN or inf after step) [2-6] of 6\b.*lr=1e\+30.*try a smaller one"):
         tl.train_tuned_lens(model, TEXTS, **{**RUN, "lr": 1e30, "grad_clip": 1e30})
 
 
 BAD_TRAINING = [
     ("lr", math.inf, ValueError, "lr=inf must be a finite number"),
-    ("lr", 0.0, ValueError, r"lr=0 must be in \(0, inf\)"),
+    ("lr", 0.0, ValueError, r"lr=0 must be in \(0, 1e\+38\]"),
     ("lr", "1", TypeError, "lr must be a number, not str"),
     ("weight_decay", math.nan, ValueError, "weight_decay=nan must be a finite number"),
-    ("weight_decay", -1e-3, ValueError, r"weight_decay=-0.001 must be in \[0, inf\)"),
+    ("weight_decay", -1e-3, ValueError, r"weight_decay=-0.001 must be in \[0, 1e\+38\]"),
     ("vocab_chunk", -5, ValueError, "vocab_chunk=-5 must be at least 1"),
     ("vocab_chunk", 0, ValueError, "vocab_chunk=0 must be at least 1"),
     ("batch_size", 0, ValueError, "batch_size=0 must be at least 1"),

@@ -11,13 +11,12 @@ reported); with ``checkpoint_dir`` the sums are checkpointed and a stopped evalu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, no_type_check
@@ -27,9 +26,18 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens.core import compat as _compat
-from tl_logitlens.core.corpus import corpus_length, document_windows, documents, iter_texts
+from tl_logitlens.core.corpus import HashedTexts, corpus_length, document_windows, documents
 from tl_logitlens.core.distributed import World, broadcast_error, current_world, sum_over_ranks
-from tl_logitlens.core.files import Checkpoint, atomic_write_text
+from tl_logitlens.core.files import (
+    Checkpoint,
+    atomic_write_text,
+    check_path_argument,
+    field_int,
+    field_str,
+    field_tensor,
+    lens_sha256,
+    weights_sha256,
+)
 from tl_logitlens.core.inputs import check_count, check_flag
 from tl_logitlens.core.kernel import DEFAULT_TILE_SIZE, NonFiniteError, Unembedding, unembed_metrics
 from tl_logitlens.core.measures import (  # noqa: F401 (TITLES: re-exported, figures used to read it here)
@@ -624,8 +632,7 @@ def evaluate_lenses(
     world = current_world()
     checkpoint = None
     if checkpoint_dir is not None:
-        if not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be a folder path, not {type(checkpoint_dir).__name__}")
+        checkpoint_dir = check_path_argument(checkpoint_dir, "checkpoint_dir", "a folder path")
         settings = _checkpoint_settings(
             model, named, site_list, seq_len, max_tokens, bootstrap.seed, bootstrap.n_bootstrap, text_field, world
         )
@@ -638,6 +645,8 @@ def evaluate_lenses(
         counts=torch.zeros(1 + bootstrap.n_bootstrap, len(_COUNTS), dtype=torch.float64),
         seed=bootstrap.seed,
     )
+    if checkpoint is not None:
+        checkpoint.validate = _state_checker(acc)
     total_docs = corpus_length(texts) if max_tokens is None else None
     reporter = _Reporter(progress and world.is_main and sys.stderr.isatty(), max_tokens, total_docs)
     scorer = _Scorer(
@@ -691,7 +700,7 @@ def _score_corpus(
     """Score this rank's documents, resuming from and saving ``checkpoint`` when there is one."""
     state = None if checkpoint is None else checkpoint.load()
     start = 0
-    corpus = _HashedTexts(texts, text_field)
+    corpus = HashedTexts(texts, text_field)
     if state is not None:
         start = int(state["next_document"])
         scorer.acc.stats.copy_(state["stats"])
@@ -726,51 +735,22 @@ def _score_corpus(
         save(corpus.count)
 
 
-class _HashedTexts:
-    """The corpus's texts as :func:`~tl_logitlens.core.corpus.iter_texts` reads them, with a running SHA-256
-    of those read so far, so a resumed evaluation can check it reads the corpus it was checkpointed on."""
+def _state_checker(acc: _Accumulator) -> Any:
+    """The checker of an evaluation checkpoint's fields: the sums' and counts' dtype, shape and finiteness,
+    counts that are not negative and do not exceed the documents read, whole-number positions."""
+    stats_shape, counts_shape = tuple(acc.stats.shape), tuple(acc.counts.shape)
 
-    def __init__(self, texts: Any, text_field: str) -> None:
-        self.texts, self.text_field = texts, text_field
-        self.hash = hashlib.sha256()
-        self.count = 0
-        self.expected: tuple[int, str, Path] | None = None
+    def check(state: dict[str, Any]) -> None:
+        position = field_int(state, "next_document", 0, 2**53)
+        field_str(state, "texts_sha256", "[0-9a-f]{64}")
+        field_tensor(state, "stats", stats_shape, torch.float64)
+        counts = field_tensor(state, "counts", counts_shape, torch.float64, low=0.0)
+        field_int(state, "real", 0, 2**53)
+        field_int(state, "padded", 0, 2**53)
+        if float(counts[0, _COUNTS.index("n_documents")]) > position:
+            raise ValueError(f"field 'counts' counts more documents than the {position} read (field 'next_document')")
 
-    def expect(self, count: int, digest: str, where: Path) -> None:
-        self.expected = (count, digest, where)
-
-    def digest(self) -> str:
-        return self.hash.hexdigest()
-
-    def __iter__(self) -> Iterator[str]:
-        for text in iter_texts(self.texts, text_field=self.text_field):
-            data = text.encode("utf-8")
-            self.hash.update(len(data).to_bytes(8, "little"))
-            self.hash.update(data)
-            self.count += 1
-            if self.expected is not None and self.count == self.expected[0] and self.digest() != self.expected[1]:
-                raise ValueError(
-                    f"the corpus differs from the one {self.expected[2]} was saved on (its first {self.count} "
-                    "documents are not the same); resume with the same texts, or use another checkpoint folder"
-                )
-            yield text
-
-    def check_complete(self) -> None:
-        if self.expected is not None and self.count < self.expected[0]:
-            raise ValueError(
-                f"the corpus has {self.count} documents, but {self.expected[2]} was saved after reading "
-                f"{self.expected[0]}; resume with the same texts, or use another checkpoint folder"
-            )
-
-
-def _weights_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        t = tensor.detach()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return check
 
 
 def _checkpoint_settings(
@@ -788,9 +768,10 @@ def _checkpoint_settings(
     cfg = model.cfg
 
     def lens_id(lens: Any) -> str:
-        if isinstance(lens, torch.nn.Module):
-            return _weights_sha256(lens)
-        return f"{type(lens).__module__}.{type(lens).__qualname__}:{lens_name(lens)}"
+        # a lens is its class, its name and its tensors (a module's weights, a Jacobian lens's matrices)
+        kind = f"{type(lens).__module__}.{type(lens).__qualname__}:{lens_name(lens)}"
+        digest = lens_sha256(lens)
+        return kind if digest is None else f"{kind}:{digest}"
 
     return {
         "format": 1,
@@ -800,7 +781,7 @@ def _checkpoint_settings(
             "d_model": int(cfg.d_model),
             "d_vocab": int(cfg.d_vocab),
             "dtype": str(getattr(cfg, "dtype", "")),
-            "weights_sha256": _weights_sha256(model),
+            "weights_sha256": weights_sha256(model),
         },
         "lenses": {name: lens_id(lens) for name, lens in lenses.items()},
         "sites": [s.label for s in sites],

@@ -26,7 +26,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_logitlens.core import compat as _compat
-from tl_logitlens.core.inputs import Batch, Targets, check_count, check_flag, is_integer, prepare_inputs
+from tl_logitlens.core.inputs import (
+    Batch,
+    Targets,
+    check_count,
+    check_flag,
+    check_position,
+    is_integer,
+    prepare_inputs,
+)
 from tl_logitlens.core.kernel import (
     BlockMetrics,
     NonFiniteError,
@@ -164,12 +172,7 @@ def _mask_positions(
                 if isinstance(item, str):
                     p = _word_position(enc, tok, b, item)
                 else:
-                    p = item + lengths[b] if item < 0 else item
-                    if not 0 <= p < lengths[b]:
-                        raise ValueError(
-                            f"mask position {item} is out of range for prompt {b}, which has {lengths[b]} tokens "
-                            f"(special tokens included); use positions in [1, {lengths[b] - 2}]"
-                        )
+                    p = check_position(item, lengths[b], b, "mask position")
                 tid = int(enc.tokens[b, p])
                 if tid in forbidden:
                     raise ValueError(

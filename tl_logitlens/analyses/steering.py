@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens.core.compat import normalization_type
-from tl_logitlens.core.inputs import is_integer, resolve_token
+from tl_logitlens.core.inputs import check_position, is_integer, resolve_token
 from tl_logitlens.core.readout import Site, check_model, resolve_sites
 from tl_logitlens.lenses import JacobianLens, LogitLens, TunedLens, resolve_lens
 
@@ -168,7 +168,7 @@ def _positions_hook(
         if activation.ndim != 3 or activation.shape[-1] != d_model:
             raise ValueError(f"expected a [batch, pos, {d_model}] residual stream, got {list(activation.shape)}")
         out = activation.clone()
-        idx = slice(None) if positions is None else [p % activation.shape[1] for p in positions]
+        idx = slice(None) if positions is None else [check_position(p, activation.shape[1]) for p in positions]
         out[:, idx] = transform(activation[:, idx].float()).to(activation.dtype)
         return out
 

@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# run --prompts-file reads at most this many prompts (each is kept in the report); eval streams a corpus
+MAX_RUN_PROMPTS = 10_000
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is not None and args.prompt is not None:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
@@ -357,11 +361,20 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UsageError(f"no prompts file at {str(path)!r}; give a text file with one prompt per line")
+        prompts = []
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            with path.open(encoding="utf-8") as fh:  # line by line: a huge file is refused, not read whole
+                for line in fh:
+                    if line.strip():
+                        prompts.append(line.rstrip("\r\n"))
+                    if len(prompts) > MAX_RUN_PROMPTS:
+                        raise UsageError(
+                            f"{str(path)!r} holds more than {MAX_RUN_PROMPTS:,} prompts; run reads every prompt "
+                            "through the lens for one report: give at most that many, or score a corpus with "
+                            f"'{PROG} eval MODEL --texts FILE' (bounded memory, checkpoints)"
+                        )
         except UnicodeDecodeError:
             raise UsageError(f"{str(path)!r} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
-        prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise UsageError(f"{str(path)!r} holds no prompts; write one prompt per line")
         return prompts
@@ -686,6 +699,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # e.g. a hub download that failed: say so, no traceback
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
         return EXIT_USAGE
+    except RuntimeError as err:
+        from tl_logitlens.core.distributed import DistributedError  # torch is loaded once a collective ran
+
+        if not isinstance(err, DistributedError):
+            raise
+        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")  # a peer under torchrun stopped: one line
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

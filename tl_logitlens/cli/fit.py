@@ -176,7 +176,7 @@ def _add_tuned(sub: Any) -> None:
         metavar="N",
         help=f"tokens per step, in whole windows, at least one (default {d['tokens_per_step']})",
     )
-    p.add_argument("--lr", type=_real(0.0, above=True), default=d["lr"], metavar="X", help=f"learning rate (default {d['lr']:g})")
+    p.add_argument("--lr", type=_real(0.0, 1e38, above=True), default=d["lr"], metavar="X", help=f"learning rate (default {d['lr']:g})")
     p.add_argument(
         "--momentum",
         type=_real(0.0, 1.0, below=True),
@@ -186,7 +186,7 @@ def _add_tuned(sub: Any) -> None:
     )
     p.add_argument(
         "--weight-decay",
-        type=_real(0.0),
+        type=_real(0.0, 1e38),
         default=d["weight_decay"],
         metavar="X",
         help=f"weight decay towards the identity translator (default {d['weight_decay']:g})",
@@ -206,6 +206,7 @@ def _add_tuned(sub: Any) -> None:
         help=f"largest gradient norm (default {d['grad_clip']:g})",
     )
     p.add_argument("--seed", type=shared._natural, default=d["seed"], metavar="N", help=f"the window order's seed (default {d['seed']})")
+    p.add_argument("--max-prompts", type=shared._positive, metavar="N", help="use only the first N texts (default: all)")
 
 
 def _add_fit(sub: Any) -> None:
@@ -304,7 +305,7 @@ def _train_tuned(model: Any, texts: Any, args: argparse.Namespace, progress: boo
     options = _given(
         args,
         ("steps", "tokens_per_step", "seq_len", "lr", "momentum", "weight_decay", "warmup_steps", "grad_clip",
-         "batch_size", "seed", "checkpoint_every"),
+         "batch_size", "seed", "checkpoint_every", "max_prompts"),
     )
     return train_tuned_lens(model, texts, progress=progress, checkpoint_dir=args.checkpoint_dir, **options)
 

@@ -58,11 +58,20 @@ def _natural(text: str) -> int:
     return _whole(text, 0)
 
 
+def _thread_count(text: str) -> int:
+    """--threads: a whole number from 1 to 8 per CPU core (thousands of threads exhaust the system)."""
+    value = _whole(text, 1)
+    cores = os.cpu_count() or 1
+    if value > 8 * cores:
+        raise argparse.ArgumentTypeError(f"{value} is more than 8 threads per CPU core; this machine has {cores}, give at most {8 * cores}")
+    return value
+
+
 def _threads(p: argparse.ArgumentParser) -> None:
     """--threads, for every command (each runs tensor work on the CPU)."""
     p.add_argument(
         "--threads",
-        type=_positive,
+        type=_thread_count,
         metavar="N",
         help="CPU threads for torch (default: torch's choice, one per core). On a busy machine fewer "
         "threads can be faster: the progress bar shows tokens/s",
@@ -172,7 +181,8 @@ def _process_group(device: str | None) -> Iterator[tuple[Any, str | None]]:
         if world.size > 1 and started:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # after a peer died it may fail too; the first error is the one
+                dist.destroy_process_group()
 
 
 PATCHSCOPE_SPEC = "patchscope"  # --lens patchscope: the model decodes its own states (identity prompt)

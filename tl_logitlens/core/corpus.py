@@ -25,6 +25,7 @@ others from the tokens before them in that window.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -257,7 +258,7 @@ def _tokenize(model: Any, text: str) -> list[int]:
     return model.to_tokens(text, prepend_bos=True, truncate=False)[0].tolist()
 
 
-def _first_tokens(model: Any, text: str, limit: int) -> list[int]:
+def first_tokens(model: Any, text: str, limit: int) -> list[int]:
     """The first ``limit`` tokens (BOS included) of ``text``, tokenising a prefix of it, not the whole.
 
     A tokenizer's output near the end of a prefix can differ from the whole text's (a word cut in two),
@@ -284,7 +285,7 @@ def tokenize_document(model: Any, text: str, index: int = 0, max_tokens: int | N
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so a text corpus cannot be tokenised; set one with model.set_tokenizer(...)")
-    ids = _tokenize(model, text) if max_tokens is None else _first_tokens(model, text, max_tokens)
+    ids = _tokenize(model, text) if max_tokens is None else first_tokens(model, text, max_tokens)
     return Document(index=index, ids=tuple(ids), n_bytes=decoded_bytes(tokenizer, ids[1:]))
 
 
@@ -400,3 +401,46 @@ def pack_windows(model: Any, texts: list[str], seq_len: int | None) -> Any:
     if data.shape[1] < 2:
         raise ValueError("the texts hold fewer than two tokens; pass more text")
     return data
+
+
+class HashedTexts:
+    """The corpus's texts as :func:`iter_texts` reads them, with a running SHA-256
+    of those read so far, so a resumed job (an evaluation, a Jacobian lens fit) can check it reads the corpus it was
+    checkpointed on: :meth:`expect` the digest saved after ``count`` texts, and reading raises when the
+    first ``count`` texts differ (or :meth:`check_complete` when there are fewer)."""
+
+    def __init__(self, texts: Any, text_field: str) -> None:
+        self.texts, self.text_field = texts, text_field
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.expected: tuple[int, str, Path] | None = None
+
+    def expect(self, count: int, digest: str, where: Path) -> None:
+        self.expected = (count, digest, where)
+
+    def digest(self) -> str:
+        return self.hash.hexdigest()
+
+    def __iter__(self) -> Iterator[str]:
+        for text in iter_texts(self.texts, text_field=self.text_field):
+            data = text.encode("utf-8")
+            self.hash.update(len(data).to_bytes(8, "little"))
+            self.hash.update(data)
+            self.count += 1
+            if (
+                self.expected is not None
+                and self.count == self.expected[0]
+                and self.digest() != self.expected[1]
+            ):
+                raise ValueError(
+                    f"the corpus differs from the one {self.expected[2]} was saved on (its first {self.count} "
+                    "documents are not the same); resume with the same texts, or use another checkpoint folder"
+                )
+            yield text
+
+    def check_complete(self) -> None:
+        if self.expected is not None and self.count < self.expected[0]:
+            raise ValueError(
+                f"the corpus has {self.count} documents, but {self.expected[2]} was saved after reading "
+                f"{self.expected[0]}; resume with the same texts, or use another checkpoint folder"
+            )

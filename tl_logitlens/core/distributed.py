@@ -7,10 +7,54 @@ initialised one.
 
 from __future__ import annotations
 
+import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# seconds a collective waits for the other ranks before it fails (torch's own default is 30 minutes for
+# gloo and, without async error handling, forever for nccl); TL_LOGITLENS_TIMEOUT_S overrides it
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "TL_LOGITLENS_TIMEOUT_S"
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank stopped, was killed, or did not answer within the timeout. Its
+    message is one line, naming this rank and what it was doing."""
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits (``TL_LOGITLENS_TIMEOUT_S`` seconds, default 1800).
+
+    Raises:
+        ValueError: the variable is not a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 10**7:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds above 0 (the collectives' timeout)")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _collective(what: str, world: World, call: Callable[[], Any]) -> Any:
+    """Run one collective; any failure (a peer killed: gloo's connection errors; a peer stopped: the
+    timeout) becomes a one-line :class:`DistributedError`."""
+    try:
+        return call()
+    except Exception as err:  # gloo and nccl raise RuntimeError/DistBackendError with C++ context
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"rank {world.rank} of {world.size}: {what} failed, so another rank stopped, was killed or did not "
+            f"answer within {collective_timeout().total_seconds():g} s ({TIMEOUT_ENV}); every rank stops ({first})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -57,7 +101,7 @@ def init_from_env(device: str | None) -> tuple[World, str | None]:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=collective_timeout())
     return current_world(), device
 
 
@@ -75,7 +119,7 @@ def sum_over_ranks(tensor: torch.Tensor, world: World) -> torch.Tensor:
         device = torch.device("cuda", torch.cuda.current_device())
     local = tensor.to(device).contiguous()
     parts = [torch.empty_like(local) for _ in range(world.size)]
-    dist.all_gather(parts, local)
+    _collective("summing over the ranks", world, lambda: dist.all_gather(parts, local))
     total = parts[0].clone()
     for part in parts[1:]:
         total += part
@@ -90,7 +134,7 @@ def broadcast_error(message: str | None, world: World) -> str | None:
     dist = torch.distributed
     box: list[str | None] = [message]
     gathered: list[list[str | None] | None] = [None] * world.size
-    dist.all_gather_object(gathered, box)
+    _collective("sharing the ranks' errors", world, lambda: dist.all_gather_object(gathered, box))
     for item in gathered:
         if item is not None and item[0] is not None:
             return item[0]

@@ -6,6 +6,7 @@ logit difference and the attributions reject the same mistakes with the same wor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -179,6 +180,7 @@ def prepare_inputs(
             )
         texts = _texts(inputs)
         tok = _tokenizer(model)
+        _check_length_before_tokenising(texts, tok, int(cfg.n_ctx))
         if special_tokens:
             fast = bool(getattr(tok, "is_fast", False))
             encoded = [tok(t, add_special_tokens=True, return_offsets_mapping=fast) for t in texts]
@@ -268,6 +270,56 @@ def resolve_token(model: Any, token: object, what: str = "target") -> int:
     raise TypeError(f"{what} must be a token string or an integer id, not {type(token).__name__}")
 
 
+def _longest_token_chars(tok: Any) -> int | None:
+    """The most characters of text one token of ``tok`` can stand for (its longest vocabulary entry: a
+    byte-level BPE entry has a character per byte, a SentencePiece piece its own characters), cached on
+    the tokenizer; None when the tokenizer does not list its vocabulary."""
+    cached = getattr(tok, "_tl_logitlens_longest_token", None)
+    if cached is not None:
+        return cached
+    try:
+        longest = max(len(piece) for piece in tok.get_vocab())
+    except Exception:  # a tokenizer without get_vocab (or an empty one): no pre-check
+        return None
+    with contextlib.suppress(AttributeError, TypeError):
+        tok._tl_logitlens_longest_token = longest
+    return longest
+
+
+def _check_length_before_tokenising(texts: Sequence[str], tok: Any, n_ctx: int) -> None:
+    """Refuse a text that cannot fit the context *before* tokenising it: with at most ``k`` characters per
+    token, a text of over ``k · n_ctx`` characters is over ``n_ctx`` tokens (a 200 MB prompt would
+    otherwise be tokenised whole, or abort the tokenizer, before the context check)."""
+    longest = max((len(t) for t in texts), default=0)
+    if longest <= 4096:
+        return
+    per_token = _longest_token_chars(tok)
+    if per_token is not None and longest > per_token * n_ctx:
+        which = max(range(len(texts)), key=lambda i: len(texts[i]))
+        raise ValueError(
+            f"prompt {which} is {longest:,} characters long, more than the model's context of {n_ctx} tokens can "
+            f"hold (a token of this tokenizer covers at most {per_token} characters); shorten the prompt, "
+            "nothing is truncated for you"
+        )
+
+
+def check_position(position: int, length: int, prompt: int | None = None, what: str = "position") -> int:
+    """The index of ``position`` in a prompt of ``length`` tokens (negative counts back from its end): the
+    one range check of every ``positions=`` in the package, so none is wrapped round silently.
+
+    Raises:
+        ValueError: outside ``[-length, length - 1]``, naming the prompt's length.
+    """
+    index = position + length if position < 0 else position
+    if not 0 <= index < length:
+        which = "the prompt" if prompt is None else f"prompt {prompt}"
+        raise ValueError(
+            f"{what} {position} is out of range for {which}, which has {length} tokens; use positions in "
+            f"[-{length}, {length - 1}]"
+        )
+    return index
+
+
 def resolve_positions(
     positions: object, batch: Batch
 ) -> tuple[Int[torch.Tensor, "batch n"], Bool[torch.Tensor, "batch n"]]:
@@ -299,13 +351,13 @@ def resolve_positions(
     if not all(is_integer(p) for p in positions):
         raise TypeError(f"positions must be integers, got {list(positions)!r}")
     positions = [int(p) for p in positions]
+    for p in positions:
+        if not -width <= p < width:  # beyond every prompt (and maybe beyond int64): refused before torch sees it
+            check_position(p, int(lengths[0]), 0)
     req = torch.tensor(list(positions), device=device)[None].expand(n_batch, -1)
     index = torch.where(req < 0, req + lengths[:, None], req)
     bad = (index < 0) | (index >= lengths[:, None])
     if bool(bad.any()):
         b, j = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(
-            f"position {positions[j]} is out of range for prompt {b}, which has {int(lengths[b])} "
-            f"tokens; use positions in [-{int(lengths[b])}, {int(lengths[b]) - 1}]"
-        )
+        check_position(positions[j], int(lengths[b]), b)
     return index, torch.ones_like(index, dtype=torch.bool)

@@ -24,21 +24,36 @@ import errno
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tl_logitlens.core.files import current_umask
+from tl_logitlens.core.files import (
+    TMP_SUFFIX,
+    check_path_argument,
+    current_umask,
+    first_line,
+    remove_stale_temporaries,
+    temporary_prefix,
+    tensors_sha256,
+)
 
 METADATA_KEY = "tl_logitlens"
+# the header key of the SHA-256 of the tensors (names, dtypes, shapes, bytes; lenses saved since it was added)
+CHECKSUM_KEY = "tl_logitlens_sha256"
 
 
-# how a save that was cut short names the folders it leaves beside the target (removed by the next save)
-_TMP_SUFFIX = ".tmp"
+# every file a lens format of this package or tuned-lens writes into its folder: a save drops the old
+# folder's copies of these (another format's lens would otherwise load instead of the new one)
+LENS_FILE_NAMES = frozenset(
+    {"tuned_lens.safetensors", "tuned_lens.json", "jacobian_lens.safetensors", "jacobian_lens.json", "config.json", "params.pt"}
+)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -72,21 +87,33 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     """Call ``write(tmp)`` to fill a temporary folder beside ``folder``, then put it in ``folder``'s place
     atomically: a reader (or a save killed at any moment) sees the old folder or the new one, whole.
 
-    Files already in ``folder`` that ``write`` does not write are kept (hard-linked into the new
-    folder). Where the system cannot swap two folders atomically (not Linux), the old folder is renamed
-    aside for the instant the new one is renamed in. Returns the folder.
+    The new folder holds what ``write`` wrote, and of the old folder's files only those that are no
+    lens's (a note a user put there): a lens file of another format is never carried over, so the folder
+    cannot load as the old lens after a save of another kind. The temporary folder's name carries this
+    process's id; a later save removes those of saves that were killed, never another running writer's.
+
+    On Linux the two folders are exchanged with one ``renameat2(RENAME_EXCHANGE)``: a reader resolving
+    ``folder`` at any instant finds a whole lens. Where the system has no such call (macOS, Windows,
+    some network file systems) the old folder is renamed aside for the instant the new one is renamed
+    in: a reader in that instant finds no folder (and is told to retry), never a mix of two saves.
+    Returns the folder.
 
     Raises:
-        ValueError: ``folder`` is a file, or holds sub-folders (a lens folder holds files only).
+        TypeError: ``folder`` is not a path.
+        ValueError: ``folder`` is a file, or holds sub-folders (a lens folder holds files only), or no
+            temporary folder can be made beside it (a missing or read-only place).
+        OSError: the write itself failed (a full disk).
     """
-    folder = Path(folder).expanduser()
+    folder = check_path_argument(folder, "the lens folder")
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; a lens is saved as a folder, give a folder path")
     parent = folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{folder.name}.*{_TMP_SUFFIX}"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_TMP_SUFFIX, dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, folder.name)
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), suffix=TMP_SUFFIX, dir=parent))
+    except OSError as err:
+        raise ValueError(f"cannot save a lens into {str(folder)!r} ({err.strerror or first_line(err)}); choose another place") from None
     try:
         # mkdtemp's folder is private (0700); give it the mode the folder has, or a new folder would get
         os.chmod(tmp, folder.stat().st_mode & 0o7777 if folder.exists() else 0o777 & ~current_umask())
@@ -97,7 +124,7 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
                     raise ValueError(
                         f"{str(folder)!r} holds a folder ({old.name}); save the lens into a new or empty folder"
                     )
-                if not (tmp / old.name).exists():
+                if old.name not in LENS_FILE_NAMES and not (tmp / old.name).exists():
                     try:
                         os.link(old, tmp / old.name)
                     except OSError:
@@ -108,16 +135,30 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
         elif _exchange(tmp, folder):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         else:
-            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", suffix=_TMP_SUFFIX, dir=parent))
+            aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), suffix=TMP_SUFFIX, dir=parent))
             os.rmdir(aside)
             os.rename(folder, aside)
             os.rename(tmp, folder)
             shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
+    except BaseException:  # an I/O error after the start (a full disk) stays an OSError
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse to write NaN or inf: a failed fit must never replace a good lens with a broken one.
+
+    Raises:
+        ValueError: naming the first tensor that holds NaN or inf.
+    """
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{key} holds NaN or inf, so {where} was not written (any lens already there is kept); the "
+                "lens is broken: fit or train it again (a smaller learning rate?)"
+            )
 
 
 def write_lens_folder(
@@ -127,20 +168,56 @@ def write_lens_folder(
     meta: Mapping[str, Any],
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``{stem}.safetensors`` (the tensors in ``dtype``, float32 by default, with ``meta`` in the
-    header) and ``{stem}.json`` into ``folder`` (created if needed), swapping the folder in whole
-    (:func:`write_folder`)."""
+    """Write ``{stem}.safetensors`` (the tensors in ``dtype``, float32 by default, with ``meta`` and a
+    SHA-256 of the stored tensors in the header) and ``{stem}.json`` into ``folder`` (created if
+    needed), swapping the folder in whole (:func:`write_folder`).
+
+    Raises:
+        ValueError: a tensor holds NaN or inf once stored in ``dtype`` (nothing is written).
+    """
     from safetensors.torch import save_file
 
     text = json.dumps(dict(meta), indent=1)
     plain = {k: t.detach().to(dtype).cpu().contiguous() for k, t in tensors.items()}
-    header = {METADATA_KEY: json.dumps(dict(meta)), "format": str(meta.get("format", ""))}
+    check_finite_tensors(plain, f"the lens folder {os.fspath(folder)!r}")
+    header = {
+        METADATA_KEY: json.dumps(dict(meta)),
+        "format": str(meta.get("format", "")),
+        CHECKSUM_KEY: tensors_sha256(sorted(plain.items())),
+    }
 
     def write(tmp: Path) -> None:
         save_file(plain, tmp / f"{stem}.safetensors", metadata=header)
         (tmp / f"{stem}.json").write_text(text + "\n", encoding="utf-8")
 
     return write_folder(folder, write)
+
+
+# reads of a lens file that a concurrent save replaced are repeated this many times
+_READ_TRIES = 20
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (None: no such file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_safetensors(weights: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as err:  # safetensors raises its own error types on a crafted or truncated file
+        raise ValueError(f"{weights} is not a readable safetensors file ({first_line(err)}); save the lens again") from err
+    return header, tensors
 
 
 def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,17 +227,33 @@ def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], 
     Raises:
         ValueError: a missing or unreadable file, metadata that is not a JSON object.
     """
-    from safetensors import safe_open
-
     weights, card = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    if not weights.is_file():
-        raise ValueError(f"{str(folder)!r} has no {weights.name}; it is not a complete saved lens")
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as fh:
-            header = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as err:  # safetensors raises its own error types on a crafted or truncated file
-        raise ValueError(f"{weights} is not a readable safetensors file ({_first_line(err)}); save the lens again") from err
+    for attempt in range(_READ_TRIES):
+        if attempt:
+            time.sleep(0.01 * attempt)
+        before = _identity(weights)
+        if before is None:
+            continue  # a save elsewhere than Linux renames the folder aside for an instant
+        try:
+            header, tensors = _read_safetensors(weights)
+        except ValueError:
+            if _identity(weights) != before:
+                continue
+            raise
+        # safetensors opens the file again by name for the tensors: if a save replaced it meanwhile, the
+        # header and the tensors may come from two saves; read again until the file stayed the same
+        if _identity(weights) == before:
+            break
+    else:
+        if _identity(weights) is None:
+            raise ValueError(f"{str(folder)!r} has no {weights.name}; it is not a complete saved lens")
+        raise ValueError(f"{weights} kept being replaced while it was read (another process saving it?); try again")
+    checksum = header.get(CHECKSUM_KEY)
+    if checksum is not None and checksum != tensors_sha256(sorted(tensors.items())):
+        raise ValueError(
+            f"{weights}: the tensor data does not match the SHA-256 checksum in its header; the file is damaged "
+            "(save, copy or download the lens again)"
+        )
     if METADATA_KEY in header:
         meta = json_object(header[METADATA_KEY], f"the metadata in {weights}")
     elif card.is_file():
@@ -168,11 +261,6 @@ def read_lens_folder(folder: Path, stem: str) -> tuple[dict[str, torch.Tensor], 
     else:
         raise ValueError(f"{str(folder)!r} has {weights.name} without its metadata ({card.name}); save the lens again")
     return tensors, meta
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def json_object(text: str, where: str) -> dict[str, Any]:
@@ -220,7 +308,7 @@ def read_torch_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a crafted file fails in many ways (unpickling, zip, storage): all one answer
         raise ValueError(
-            f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: {_first_line(err)}); "
+            f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: {first_line(err)}); "
             "refusing to unpickle anything else"
         ) from err
 
@@ -254,6 +342,8 @@ def check_tensor(t: Any, shape: tuple[int, ...], key: str, where: str) -> torch.
     Raises:
         ValueError: another type, shape or dtype, or NaN/inf (naming the file and the tensor).
     """
+    if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+        raise ValueError(f"{where}: {key} is a {t.layout} tensor; a lens holds dense tensors (save it with .to_dense())")
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
         got = f"shape {list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{where}: {key} should be a float tensor of shape {list(shape)}, not {got}")

@@ -26,13 +26,14 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
 
-from tl_logitlens.core.files import atomic_torch_save
+from tl_logitlens.core.files import atomic_torch_save, check_path_argument, tensors_sha256
 from tl_logitlens.lenses.files import (
+    check_finite_tensors,
     check_size,
     check_tensor,
     model_sizes,
@@ -53,6 +54,10 @@ REFERENCE_FORMAT = "jlens"
 _STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # where this package's metadata rides in a reference file's "metadata" (plain types, so it survives there)
 _META_KEY = "tl_logitlens"
+# beside it, a SHA-256 of the matrices (float32, by layer) that this package checks when it reads the file
+_CHECKSUM_KEY = "tl_logitlens_sha256"
+# the largest prompt count a file may state (more than any corpus; a float64 sum stays exact below 2**53)
+MAX_COUNT = 2**53
 
 
 class JacobianLens:
@@ -94,8 +99,8 @@ class JacobianLens:
             raise ValueError("a Jacobian lens needs at least one matrix: jacobians={layer: Tensor[d_model, d_model]}")
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, not {d_model!r}")
-        if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 0:
-            raise ValueError(f"n_prompts must be an int of 0 or more, not {n_prompts!r}")
+        if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or not 0 <= n_prompts <= MAX_COUNT:
+            raise ValueError(f"n_prompts must be an int from 0 to {MAX_COUNT}, not {_short_int(n_prompts)}")
         if n_layers is not None and (isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 2):
             raise ValueError(f"n_layers must be an int of 2 or more (or None), not {n_layers!r}")
         matrices: dict[int, torch.Tensor] = {}
@@ -235,6 +240,7 @@ class JacobianLens:
             f"(rounding allows {tol_at:.2g}), so it reads the stream's mean"
         )
 
+    @no_type_check  # checks its own arguments, with messages that say what to pass
     def save(self, path: str | os.PathLike, format: str = "tl_logitlens", dtype: torch.dtype = torch.float32) -> Path:
         """Save the lens and return the path written. An existing lens there is replaced.
 
@@ -253,8 +259,12 @@ class JacobianLens:
         matrices back in float32.
 
         Raises:
-            ValueError: an unknown ``format`` or ``dtype``; metadata that is not plain (JSON-like) values.
+            TypeError: ``path`` is not a path.
+            ValueError: an unknown ``format`` or ``dtype``; metadata that is not plain (JSON-like) values; a
+                matrix holding NaN or inf once stored in ``dtype`` (nothing is written); a path that cannot
+                be written (a missing or read-only folder, a folder where a ``.pt`` file goes).
         """
+        path = check_path_argument(path, "path")
         if dtype not in _STORED_DTYPES:
             raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype!r}")
         meta = {
@@ -270,6 +280,7 @@ class JacobianLens:
         }
         _check_plain(meta, "the lens's meta")
         matrices = {layer: m.detach().to(dtype).cpu().contiguous() for layer, m in self.jacobians.items()}
+        check_finite_tensors({f"J[{layer}]": m for layer, m in matrices.items()}, repr(str(path)))
         if format == "tl_logitlens":
             return write_lens_folder(path, STEM, {f"J.{layer}": m for layer, m in matrices.items()}, meta, dtype=dtype)
         if format == REFERENCE_FORMAT:
@@ -278,9 +289,13 @@ class JacobianLens:
                 "n_prompts": self.n_prompts,
                 "source_layers": list(self.source_layers),
                 "d_model": self.d_model,
-                "metadata": {"model_name": str(self.meta.get("model_name", "")), _META_KEY: meta},
+                "metadata": {
+                    "model_name": str(self.meta.get("model_name", "")),
+                    _META_KEY: meta,
+                    _CHECKSUM_KEY: _matrices_sha256(matrices),
+                },
             }
-            return atomic_torch_save(Path(path).expanduser(), payload)
+            return atomic_torch_save(path, payload)
         raise ValueError(f"format must be 'tl_logitlens' (this package's folder) or 'jlens' (the reference .pt), not {format!r}")
 
     @classmethod
@@ -310,6 +325,14 @@ class JacobianLens:
         }
         meta = {**first.meta, "n_prompts": total}
         return cls(merged, n_prompts=total, d_model=first.d_model, n_layers=first.n_layers, meta=meta, name=first.name)
+
+
+def _matrices_sha256(matrices: Mapping[int, torch.Tensor]) -> str:
+    return tensors_sha256((f"J.{layer}", m.float()) for layer, m in sorted(matrices.items()))
+
+
+def _short_int(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12 else repr(value)
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -369,8 +392,8 @@ def _matrices(raw: Any, d_model: int, n_layers: int, where: str, scale: int = 1)
 
 
 def _count(value: Any, key: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: {key} is {value!r}, not a count (an int of 0 or more)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{where}: {key} is {_short_int(value)}, not a count (an int from 0 to {MAX_COUNT})")
     return value
 
 
@@ -450,10 +473,14 @@ def read_reference(path: Path, model: Any, payload: Any = None) -> JacobianLens:
         d_model = check_size(first.shape[0] if isinstance(first, torch.Tensor) and first.ndim else None, "d_model", sizes["d_model"], where, NAME)
         jacobians = _matrices(raw, d_model, sizes["n_layers"], where, scale=n_prompts)
         fmt = "J-lens fit checkpoint"
+    checksum = metadata.get(_CHECKSUM_KEY)
+    if checksum is not None and "J" in payload and checksum != _matrices_sha256(jacobians):
+        raise ValueError(f"{where}: the matrices do not match the SHA-256 checksum in its metadata; the file is damaged")
     stored = _stored_dtype((payload["J"] if "J" in payload else payload["jacobian_sum"]).values())
     own = metadata.get(_META_KEY)
     if isinstance(own, dict):
         meta = dict(own)
+        meta.pop(_CHECKSUM_KEY, None)
         if "fingerprint" in meta:
             check_fingerprint(meta["fingerprint"], where)
         name = str(meta.pop("name", NAME))

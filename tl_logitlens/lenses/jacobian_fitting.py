@@ -35,20 +35,28 @@ the float64 sums are added in rank order, so every rank returns the same lens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float, Int
 
 from tl_logitlens.core.compat import is_bridge, normalization_type
-from tl_logitlens.core.corpus import corpus_length, iter_texts
+from tl_logitlens.core.corpus import HashedTexts, corpus_length, first_tokens
 from tl_logitlens.core.distributed import World, broadcast_error, current_world, sum_over_ranks
-from tl_logitlens.core.files import Checkpoint
+from tl_logitlens.core.files import (
+    Checkpoint,
+    check_path_argument,
+    field_int,
+    field_str,
+    field_tensor,
+    weights_sha256,
+)
 from tl_logitlens.core.readout import check_model as check_causal_model
 from tl_logitlens.lenses.fingerprint import model_record
 from tl_logitlens.lenses.jacobian import NAME, JacobianLens
@@ -288,6 +296,7 @@ def _describe_texts(texts: Any) -> str:
     return f"{kind} of {n} texts" if n is not None else kind
 
 
+@no_type_check  # checks its own arguments, with messages that say what to pass
 def fit_jacobian_lens(
     model: Any,
     texts: Any,
@@ -412,15 +421,19 @@ def fit_jacobian_lens(
     }
     checkpoint = None
     if checkpoint_dir is not None:
-        folder = Path(checkpoint_dir)
+        folder = check_path_argument(checkpoint_dir, "checkpoint_dir", "a folder path")
         if world.size > 1:
             folder = folder / f"rank{world.rank}-of-{world.size}"
         settings = {
             "fit": fit, "model": {k: record[k] for k in ("model_name", "fingerprint", "stream_centred")},
             "max_prompts": max_prompts, "batch_size": batch_size, "dims_per_pass": dims_per_pass,
             "world": [world.rank, world.size], "dtype": meta["fit_dtype"],
+            # every weight, not only the readout: two models that read alike give other Jacobians
+            "model_sha256": weights_sha256(model),
         }
-        checkpoint = Checkpoint(folder, settings, job=CHECKPOINT_JOB)
+        checkpoint = Checkpoint(
+            folder, settings, job=CHECKPOINT_JOB, validate=_state_checker(len(sources), d_model, max_prompts)
+        )
 
     run = _Run(model, hooks, target_hook, skip_first, dims_per_pass, world, checkpoint, checkpoint_every)
     error = None
@@ -479,17 +492,20 @@ class _Run:
         self.device = model.W_U.device
         self.accumulate_on = self.device if self.device.type != "mps" else torch.device("cpu")  # MPS: no float64
         state = None if checkpoint is None else checkpoint.load()
+        self.resumed_from = None if state is None else (int(state["position"]), str(state["texts_sha256"]))
         if state is None:
             state = {"sums": torch.zeros(len(hooks), d_model, d_model, dtype=torch.float64),
                      "n_prompts": 0, "skipped": 0, "position": 0}
         self.sums = state["sums"].to(self.accumulate_on)
         self.n_prompts, self.skipped = int(state["n_prompts"]), int(state["skipped"])
         self.position = self.start = int(state["position"])
+        self.corpus: HashedTexts | None = None
 
     def save(self) -> None:
         if self.checkpoint is not None:
+            assert self.corpus is not None and self.corpus.count == self.position  # the texts read so far
             self.checkpoint.save({"sums": self.sums.cpu(), "n_prompts": self.n_prompts, "skipped": self.skipped,
-                                  "position": self.position})
+                                  "position": self.position, "texts_sha256": self.corpus.digest()})
 
     def go(self, texts: Any, seq_len: int, max_prompts: int | None, batch_size: int, progress: bool, name: str) -> None:
         """Read the texts from ``self.position`` on, block by block, fitting this rank's prompts."""
@@ -500,10 +516,13 @@ class _Run:
         if max_prompts is not None:
             total = max_prompts if total is None else min(total, max_prompts)
         block_texts = BLOCK_BATCHES * batch_size * world.size
+        self.corpus = HashedTexts(texts, "text")
+        if self.resumed_from is not None and self.checkpoint is not None:
+            self.corpus.expect(*self.resumed_from, self.checkpoint.path)
         bar = tqdm(total=total, initial=self.start, desc=name, unit="prompt", disable=not progress or not world.is_main)
         try:
             with frozen_parameters(self.model):
-                blocks = _blocks(self.model, texts, self.start, max_prompts, block_texts, world, seq_len)
+                blocks = _blocks(self.model, self.corpus, self.start, max_prompts, block_texts, world, seq_len)
                 for block, end in blocks:
                     for tokens, skipped in _batches(block, self.skip_first, batch_size):
                         self.skipped += skipped
@@ -518,6 +537,7 @@ class _Run:
                         self.save()
         finally:
             bar.close()
+        self.corpus.check_complete()
         if self.position > self.start:
             self.save()
 
@@ -538,19 +558,38 @@ def _blocks(
     from the corpus's start, and the texts before ``start`` are passed over without tokenising."""
     block: list[torch.Tensor] = []
     index = -1
-    for index, text in enumerate(iter_texts(texts)):
-        if max_prompts is not None and index >= max_prompts:
-            index -= 1
-            break
+    # islice: the text after the last one used is never read (nor hashed into the checkpoint's digest)
+    for index, text in enumerate(itertools.islice(iter(texts), max_prompts)):
         if index < start:
             continue
         if world.owns(index):
-            block.append(model.to_tokens(text, prepend_bos=True, truncate=False)[0, :seq_len].cpu())
+            # only the first seq_len tokens are used: a prefix is tokenised, not a whole long document
+            block.append(torch.tensor(first_tokens(model, text, seq_len), dtype=torch.long))
         if (index + 1) % block_texts == 0:
             yield block, index + 1
             block = []
     if index + 1 > start and (index + 1) % block_texts:
         yield block, index + 1
+
+
+def _state_checker(n_sources: int, d_model: int, max_prompts: int | None) -> Any:
+    """The checker of a fit checkpoint's fields: the float64 sums' shape and finiteness, whole-number
+    counts that are not negative and add up to no more than the texts read, the texts' digest."""
+
+    def check(state: dict[str, Any]) -> None:
+        position = field_int(state, "position", 0, max_prompts if max_prompts is not None else 2**53)
+        n_prompts = field_int(state, "n_prompts", 0, 2**53)
+        skipped = field_int(state, "skipped", 0, 2**53)
+        if n_prompts + skipped > position:
+            raise ValueError(
+                f"fields 'n_prompts' + 'skipped' ({n_prompts} + {skipped}) exceed the {position} texts read"
+            )
+        field_str(state, "texts_sha256", "[0-9a-f]{64}")
+        field_tensor(state, "sums", (n_sources, d_model, d_model), torch.float64)
+        if n_prompts == 0 and bool(state["sums"].any()):
+            raise ValueError("field 'sums' is not zero, but no prompt was added (field 'n_prompts')")
+
+    return check
 
 
 def _batches(

@@ -28,12 +28,14 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
 
+from tl_logitlens.core.files import check_path_argument
 from tl_logitlens.lenses.files import (
+    check_finite_tensors,
     check_size,
     check_tensor,
     model_sizes,
@@ -143,6 +145,7 @@ class TunedLens(torch.nn.Module):
             )
         check_made_for(model, self.meta, "tuned lens", "train one with tl.train_tuned_lens(model, texts)")
 
+    @no_type_check  # checks its own arguments, with messages that say what to pass
     def save(self, folder: str | os.PathLike, format: str = "tl_logitlens") -> Path:
         """Save the lens into ``folder`` and return it. An existing lens there is replaced.
 
@@ -156,12 +159,16 @@ class TunedLens(torch.nn.Module):
         a save killed at any moment leaves the old lens or the new one, never a mix.
 
         Raises:
-            ValueError: an unknown ``format``; ``folder`` is a file.
+            TypeError: ``folder`` is not a path.
+            ValueError: an unknown ``format``; ``folder`` is a file or cannot be written; the lens holds
+                NaN or inf (nothing is written: a lens already there is kept).
         """
+        folder = check_path_argument(folder, "folder")
         tensors = {}
         for i in range(self.n_layers):
             tensors[f"{i}.weight"] = self.weight[i].detach().float().cpu().contiguous()
             tensors[f"{i}.bias"] = self.bias[i].detach().float().cpu().contiguous()
+        check_finite_tensors(tensors, f"the lens folder {str(folder)!r}")
         if format == "tl_logitlens":
             meta = {**self.meta, "name": self.name, "format": FORMAT, "format_version": FORMAT_VERSION}
             return write_lens_folder(folder, STEM, tensors, meta)

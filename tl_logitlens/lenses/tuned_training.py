@@ -17,6 +17,7 @@ the loss and its exact gradient cost two ``[row, d_model] x [d_model, chunk]`` m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 from typing import Any, no_type_check
@@ -25,10 +26,10 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens.core.compat import normalization_type
-from tl_logitlens.core.corpus import pack_windows, read_texts
+from tl_logitlens.core.corpus import iter_texts, pack_windows, read_texts
 from tl_logitlens.core.devices import readout_device, to_device
 from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
-from tl_logitlens.core.files import Checkpoint
+from tl_logitlens.core.files import Checkpoint, check_path_argument, field_int, field_tensor, weights_sha256
 from tl_logitlens.core.inputs import check_count, check_flag, check_real
 from tl_logitlens.core.readout import check_model as check_causal_model
 from tl_logitlens.core.readout import logit_scale, soft_cap
@@ -38,6 +39,8 @@ from tl_logitlens.lenses.tuned import TunedLens
 # 2 MiB stays in cache while it is exponentiated and multiplied back.
 ROW_BLOCK = 512
 VOCAB_CHUNK = 1024
+# the largest learning rate or weight decay taken: a float32 factor (a lens trained with more diverges)
+MAX_REAL = 1e38
 
 
 class _Stop(Exception):
@@ -199,9 +202,10 @@ def _check_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out["tokens_per_step"] = check_count(out["tokens_per_step"], "tokens_per_step", 1)
     if out["seq_len"] is not None:
         out["seq_len"] = check_count(out["seq_len"], "seq_len", 2)
-    out["lr"] = check_real(out["lr"], "lr", 0.0, low_open=True)
+    # at most MAX_REAL: torch's SGD multiplies float32 tensors by them (1e308 would not even convert)
+    out["lr"] = check_real(out["lr"], "lr", 0.0, MAX_REAL, low_open=True)
     out["momentum"] = check_real(out["momentum"], "momentum", 0.0, 1.0, high_open=True)
-    out["weight_decay"] = check_real(out["weight_decay"], "weight_decay", 0.0)
+    out["weight_decay"] = check_real(out["weight_decay"], "weight_decay", 0.0, MAX_REAL)
     out["warmup_steps"] = check_count(out["warmup_steps"], "warmup_steps", 0)
     out["grad_clip"] = check_real(out["grad_clip"], "grad_clip", 0.0, low_open=True)
     if out["batch_size"] is not None:
@@ -209,6 +213,8 @@ def _check_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out["seed"] = check_count(out["seed"], "seed", 0, 2**63 - 1)
     out["vocab_chunk"] = check_count(out["vocab_chunk"], "vocab_chunk", 1)
     out["checkpoint_every"] = check_count(out["checkpoint_every"], "checkpoint_every", 1)
+    if out["max_prompts"] is not None:
+        out["max_prompts"] = check_count(out["max_prompts"], "max_prompts", 1)
     check_flag(out["progress"], "progress")
     return out
 
@@ -219,6 +225,48 @@ def _digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _state_checker(lens: TunedLens, n_steps: int, n_windows: int, rng_shape: Any) -> Any:
+    """The checker of a training checkpoint's fields (:class:`~tl_logitlens.core.files.Checkpoint`):
+    every tensor's dtype, shape and finiteness, the step within the run, one finite loss per step done,
+    the window order's ids within the corpus, the optimiser's momentum buffers."""
+    weight_shape, bias_shape = tuple(lens.weight.shape), tuple(lens.bias.shape)
+
+    def check(state: dict[str, Any]) -> None:
+        step = field_int(state, "step", 0, n_steps)
+        field_tensor(state, "weight", weight_shape, torch.float32)
+        field_tensor(state, "bias", bias_shape, torch.float32)
+        field_tensor(state, "rng", tuple(rng_shape), torch.uint8)
+        order = field_tensor(state, "order", None, torch.int64)
+        if (
+            order.ndim != 1
+            or order.numel() > n_windows
+            or (order.numel() and not 0 <= int(order.min()) <= int(order.max()) < n_windows)
+        ):
+            raise ValueError(
+                f"field 'order' must be window ids from 0 to {n_windows - 1}, at most {n_windows} of them"
+            )
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != step:
+            raise ValueError(f"field 'history' must be a list of {step} losses (one per step done)")
+        for i, loss in enumerate(history):
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+                raise ValueError(f"field 'history' holds {loss!r} at step {i + 1}, not a finite loss")
+        if not isinstance(state["schedule"], dict):
+            raise ValueError("field 'schedule' is not a dict")
+        optimizer = state["optimizer"]
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+            raise ValueError("field 'optimizer' is not an optimiser's state dict")
+        shapes = (weight_shape, bias_shape)
+        for key, slot in optimizer["state"].items():
+            buffer = slot.get("momentum_buffer") if isinstance(slot, dict) else None
+            if key not in (0, 1) or (buffer is not None and not isinstance(buffer, torch.Tensor)):
+                raise ValueError("field 'optimizer' holds a state that is not the two translators' momentum")
+            if buffer is not None:
+                field_tensor({"optimizer momentum": buffer}, "optimizer momentum", shapes[key], torch.float32)
+
+    return check
 
 
 def _all_reduce_gradients(lens: TunedLens, world: World) -> None:
@@ -256,6 +304,7 @@ def train_tuned_lens(
     vocab_chunk: int = VOCAB_CHUNK,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    max_prompts: int | None = None,
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on ``texts``: minimise ``KL(final ‖ lens)`` (nats per token)
     summed over the ``resid_pre`` sites, the model frozen.
@@ -299,9 +348,11 @@ def train_tuned_lens(
         checkpoint_dir: a folder to keep a checkpoint in (:class:`~tl_logitlens.core.files.Checkpoint`): every
             ``checkpoint_every`` steps, and at the end, the translators, the optimiser's momentum, the
             schedule, the window order's random state and position, and the loss so far are saved
-            atomically. Called again with the same folder and settings, training resumes there and
+            atomically (the folder is checked writable before training starts). Called again with the same folder and settings, training resumes there and
             ends with the lens an uninterrupted run gives, bit for bit on the CPU (a finished run
-            returns its lens at once). Other settings, data or model are refused.
+            returns its lens at once). Other settings, data or model (any of its weights) are refused,
+            and so is a checkpoint whose checksum or fields do not hold.
+        max_prompts: use only the first ``max_prompts`` texts (default all).
 
     Returns:
         The trained :class:`~tl_logitlens.lenses.tuned.TunedLens`; ``lens.meta["training"]`` records the
@@ -309,8 +360,9 @@ def train_tuned_lens(
 
     Raises:
         ValueError: no usable text, a soft-capped model, a ``seq_len`` over ``n_ctx``, an option out of
-            range or not finite, a checkpoint made with other settings, a loss that is not finite (the
-            step is named: lower ``lr``, or check the model and texts).
+            range or not finite, a checkpoint made with other settings, a loss or lens parameters that
+            are not finite (the step is named: lower ``lr``, or check the model and texts; no lens is
+            returned, so a broken one is never saved over a good one).
         TypeError: ``texts`` of the wrong type; an option of the wrong type.
 
     Example:
@@ -323,11 +375,12 @@ def train_tuned_lens(
         {"steps": steps, "tokens_per_step": tokens_per_step, "seq_len": seq_len, "lr": lr, "momentum": momentum,
          "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_clip": grad_clip,
          "batch_size": batch_size, "seed": seed, "vocab_chunk": vocab_chunk, "checkpoint_every": checkpoint_every,
-         "progress": progress}
+         "progress": progress, "max_prompts": max_prompts}
     )
     if lens is not None and not isinstance(lens, TunedLens):
         raise TypeError(f"lens must be a TunedLens to continue training, or None, not {type(lens).__name__}")
-    windows = pack_windows(model, read_texts(texts), opts["seq_len"])
+    chosen = texts if opts["max_prompts"] is None else itertools.islice(iter_texts(texts), opts["max_prompts"])
+    windows = pack_windows(model, read_texts(chosen), opts["seq_len"])
     n_windows, window_len = windows.shape
     per_step = max(1, opts["tokens_per_step"] // window_len)
     batch = opts["batch_size"] if opts["batch_size"] is not None else max(1, 2048 // window_len)
@@ -360,16 +413,30 @@ def train_tuned_lens(
             **{k: v for k, v in opts.items() if k not in ("progress", "checkpoint_every")},
             "steps": n_steps, "batch_size": batch, "windows": _digest(windows), "world_size": world.size,
             "fingerprint": lens.meta.get("fingerprint"), "start": _digest(lens.weight, lens.bias),
+            "model_sha256": weights_sha256(model),
         }
-        ckpt = Checkpoint(checkpoint_dir, settings, job="tuned lens training")
+        validate = _state_checker(lens, n_steps, n_windows, gen.get_state().shape)
+        ckpt = Checkpoint(
+            check_path_argument(checkpoint_dir, "checkpoint_dir", "a folder path"),
+            settings,
+            job="tuned lens training",
+            validate=validate,
+        )
         state = ckpt.load()
         if state is not None:
+            try:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["schedule"])
+                gen.set_state(state["rng"])
+            except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as err:
+                raise ValueError(
+                    f"{ckpt.path} has an optimiser, schedule or random state this run cannot take "
+                    f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}); delete it "
+                    "to start again"
+                ) from None
             with torch.no_grad():
                 lens.weight.copy_(state["weight"])
                 lens.bias.copy_(state["bias"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["schedule"])
-            gen.set_state(state["rng"])
             order, history, done = state["order"], list(state["history"]), int(state["step"])
 
     def save_checkpoint(step: int) -> None:
@@ -410,6 +477,13 @@ def train_tuned_lens(
                     "its weights and dtype)"
                 )
         opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in lens.parameters()):
+            raise ValueError(
+                f"the tuned lens's parameters hold NaN or inf after step {step + 1} of {n_steps} (loss "
+                f"{float(step_loss):.4g}): training stopped and no lens is returned, so none is saved. The "
+                f"learning rate (lr={lr:g}) or weight decay ({opts['weight_decay']:g}) is too large for these "
+                "texts; try a smaller one"
+            )
         sched.step()
         history.append(float(step_loss))
         bar.set_postfix(loss=f"{float(step_loss):.4f}")
