@@ -189,18 +189,20 @@ def test_folding_rms_norm_scales_leaves_the_lens_unchanged():
     assert_close(on_raw.full_logprobs, on_folded.full_logprobs, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
-def test_a_lens_of_the_raw_layernorm_stream_is_refused_on_the_centred_one():
+def test_a_lens_of_either_layernorm_stream_reads_the_other_exactly():
+    """Centring writing weights removes the stream's mean m: h_c = h - m·1. A fitted J carries 1 to 1
+    (every block reads through a LayerNorm, which ignores the mean, so the mean rides the residual stream
+    to the end), hence J h_c = J h - m·1, which the final LayerNorm removes: a lens of one stream reads
+    the other exactly, and load checks J·1 = 1 rather than refusing (a lens that breaks it is refused,
+    tests/test_published_lenses.py)."""
     raw, centred = tiny_model("LN", folded=False), tiny_model("LN", folded=True)
     uncentred_lens, centred_lens = fit(raw), fit(centred)
     assert centred_lens.meta["stream_centred"] is True
     assert "center_writing_weights" in centred_lens.meta["weights_basis"]
-    with pytest.raises(ValueError, match=r"reads the uncentred residual stream.*center_writing_weights=False"):
-        tl.logit_lens(centred, "Hello world", lens=uncentred_lens, sites="resid_post")
-    with pytest.raises(ValueError, match="made on the model loaded with TransformerLens's centred writing weights"):
-        tl.logit_lens(raw, "Hello world", lens=centred_lens, sites="resid_post")
-    # each lens reads the model it was fitted on
-    tl.logit_lens(centred, "Hello world", lens=centred_lens, sites="resid_post")
-    tl.logit_lens(raw, "Hello world", lens=uncentred_lens, sites="resid_post")
+    for lens in (uncentred_lens, centred_lens):
+        on_raw = tl.logit_lens(raw, "Hello world", lens=lens, sites="resid_post", keep_logprobs=True)
+        on_centred = tl.logit_lens(centred, "Hello world", lens=lens, sites="resid_post", keep_logprobs=True)
+        assert_close(on_raw.full_logprobs, on_centred.full_logprobs, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
 # --- resuming and torch.distributed ---------------------------------------------------------------
