@@ -105,7 +105,7 @@ def _title(nb: Path) -> str:
 # by file name, so a new page is on the site without being listed anywhere
 GUIDE_ORDER = (
     "lenses", "published-lenses", "jspace", "intervening", "faithfulness", "patchscopes", "token-sets",
-    "lens-files", "evaluation", "models", "half-precision", "devices", "exactness", "how-it-works",
+    "lens-files", "reliability", "evaluation", "models", "half-precision", "devices", "exactness", "how-it-works",
     "performance", "benchmarks",
 )
 
