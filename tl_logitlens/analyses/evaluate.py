@@ -30,7 +30,6 @@ from tl_logitlens.core.corpus import HashedTexts, corpus_length, document_window
 from tl_logitlens.core.distributed import World, broadcast_error, current_world, sum_over_ranks
 from tl_logitlens.core.files import (
     Checkpoint,
-    atomic_write_text,
     check_path_argument,
     field_int,
     field_str,
@@ -51,6 +50,7 @@ from tl_logitlens.core.measures import (  # noqa: F401 (TITLES: re-exported, fig
 from tl_logitlens.core.readout import Readout, Site, check_model, resolve_sites
 from tl_logitlens.core.results import BootstrapInterval, check_bootstrap, interval_fields, percentile_interval
 from tl_logitlens.core.run import ForwardPlan, plan_forwards, run_cache
+from tl_logitlens.core.site_tables import html_page, html_table, site_lens_frame, text_or_file
 from tl_logitlens.lenses import lens_name, named_lenses, sites_or_default
 
 if TYPE_CHECKING:
@@ -140,20 +140,10 @@ class LensEvaluation(BootstrapInterval):
     def to_dataframe(self) -> pd.DataFrame:
         """One row per site × lens: ``site``, ``lens``, each statistic with ``_low``/``_high``, the
         bits-per-byte forms (``*_bpb``), ``n_tokens`` (positions scored) and ``n_predicted``."""
-        import pandas as pd
-
-        rows = []
-        for s, site in enumerate(self.sites):
-            for k, lens in enumerate(self.lenses):
-                row: dict[str, Any] = {"site": site, "site_index": s, "lens": lens}
-                for i, stat in enumerate(MEASURES):
-                    row[stat] = float(self.mean[k, s, i])
-                    row[f"{stat}_low"] = float(self.low[k, s, i])
-                    row[f"{stat}_high"] = float(self.high[k, s, i])
-                row["n_tokens"] = self.n_tokens
-                row["n_predicted"] = self.n_predicted
-                rows.append(row)
-        return pd.DataFrame(rows)
+        return site_lens_frame(
+            self.sites, self.lenses, MEASURES, self.mean, self.low, self.high,
+            n_tokens=self.n_tokens, n_predicted=self.n_predicted,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, counts, the definition and the table (as :meth:`to_dataframe` records)."""
@@ -180,14 +170,10 @@ class LensEvaluation(BootstrapInterval):
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str | Path:
-        """:meth:`to_dict` as JSON text, or, given ``path``, written there (atomically: a file already
-        there is replaced whole, never left half-written) and the path returned, so a REPL shows a
-        path, not the whole file."""
+        """:meth:`to_dict` as JSON text, or, given ``path``, written there (atomically) and the path
+        returned, so a REPL shows a path, not the whole file."""
         text = json.dumps(self.to_dict(), indent=1)
-        if path is None:
-            return text
-        atomic_write_text(path, text + "\n")
-        return Path(path)
+        return text if path is None else text_or_file(text + "\n", path)
 
     def to_html(self, path: str | os.PathLike | None = None, *, include_plotlyjs: bool | str = True) -> str | Path:
         """A self-contained HTML page (the figure, the table with intervals, the definition), or,
@@ -198,37 +184,17 @@ class LensEvaluation(BootstrapInterval):
 
         fig = self.plot(width=1100)
         figure = fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, config={"responsive": True})
-        frame = self.to_dataframe()
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("site", "lens", *STATISTICS, "cross-entropy (bits/byte)"))
-        rows = []
-        for _, r in frame.iterrows():
-            cells = [html.escape(str(r["site"])), html.escape(str(r["lens"]))]
-            for stat in STATISTICS:
-                cells.append(f"{r[stat]:.4f} <small>[{r[f'{stat}_low']:.4f}, {r[f'{stat}_high']:.4f}]</small>")
-            cells.append(f"{r['cross_entropy_bpb']:.4f}")
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        table = html_table(
+            self.to_dataframe(), STATISTICS, [("cross-entropy (bits/byte)", lambda r: f"{r['cross_entropy_bpb']:.4f}")]
+        )
         section = (
             '<section class="lens-evaluation"><h2>Lens evaluation over a corpus</h2>'
             f"<p>{self.n_documents:,} documents, {self.n_tokens:,} tokens scored, windows of {self.seq_len} "
             f"tokens; {self.confidence:.0%} bootstrap intervals over documents ({self.n_bootstrap} replicates, "
-            f"seed {self.seed}).</p>{figure}"
-            f'<table style="border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>"
+            f"seed {self.seed}).</p>{figure}{table}"
             f"<p><small>{html.escape(DEFINITION)}</small></p></section>"
         )
-        if include_plotlyjs is False:
-            out = section
-        else:
-            out = (
-                '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Lens evaluation</title>'
-                "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:16px}"
-                "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}</style></head>"
-                f"<body>{section}</body></html>"
-            )
-        if path is None:
-            return out
-        atomic_write_text(path, out)
-        return Path(path)
+        return text_or_file(section if include_plotlyjs is False else html_page("Lens evaluation", section), path)
 
     def plot(self, statistics: Sequence[str] = STATISTICS, **kwargs: Any) -> go.Figure:
         """Per-site curves with their intervals, one panel per statistic, lenses side by side;

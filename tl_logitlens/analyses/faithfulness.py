@@ -62,11 +62,12 @@ from tl_logitlens.analyses.steering import lens_vectors
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import corpus_length
 from tl_logitlens.core.distributed import broadcast_error, current_world, sum_over_ranks
-from tl_logitlens.core.files import Checkpoint, atomic_write_text
+from tl_logitlens.core.files import Checkpoint
 from tl_logitlens.core.inputs import check_count, check_flag, is_integer
 from tl_logitlens.core.readout import Readout, Site, check_model, resolve_sites
 from tl_logitlens.core.results import BootstrapInterval, check_bootstrap, interval_fields, percentile_interval
 from tl_logitlens.core.run import plan_forwards, run_cache
+from tl_logitlens.core.site_tables import html_page, html_table, site_lens_frame, text_or_file
 from tl_logitlens.lenses import LOGIT_LENS, check_reads, named_lenses, sites_or_default
 
 if TYPE_CHECKING:
@@ -144,19 +145,9 @@ class Faithfulness(BootstrapInterval):
     def to_dataframe(self) -> pd.DataFrame:
         """One row per site × lens: ``site``, ``site_index``, ``lens``, each statistic with ``_low``/``_high``,
         ``n_positions``."""
-        import pandas as pd
-
-        rows = []
-        for s, site in enumerate(self.sites):
-            for k, lens in enumerate(self.lenses):
-                row: dict[str, Any] = {"site": site, "site_index": s, "lens": lens}
-                for i, stat in enumerate(STATISTICS):
-                    row[stat] = float(self.mean[k, s, i])
-                    row[f"{stat}_low"] = float(self.low[k, s, i])
-                    row[f"{stat}_high"] = float(self.high[k, s, i])
-                row["n_positions"] = self.n_positions
-                rows.append(row)
-        return pd.DataFrame(rows)
+        return site_lens_frame(
+            self.sites, self.lenses, STATISTICS, self.mean, self.low, self.high, n_positions=self.n_positions
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, counts, units, the definition and the table (as :meth:`to_dataframe` records)."""
@@ -179,12 +170,11 @@ class Faithfulness(BootstrapInterval):
             "results": json.loads(self.to_dataframe().to_json(orient="records")),
         }
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """:meth:`to_dict` as JSON; written to ``path`` too when given (atomically)."""
+    def to_json(self, path: str | os.PathLike | None = None) -> str | Path:
+        """:meth:`to_dict` as JSON text, or, given ``path``, written there (atomically) and the path
+        returned, as :meth:`LensEvaluation.to_json <tl_logitlens.LensEvaluation.to_json>` does."""
         text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            atomic_write_text(path, text + "\n")
-        return text
+        return text if path is None else text_or_file(text + "\n", path)
 
     def to_markdown(self, digits: int = 3) -> str:
         """The table as Markdown: one row per site and lens, ``Δ log p`` and KL with the placebo and ratio
@@ -205,43 +195,23 @@ class Faithfulness(BootstrapInterval):
                 lines.append(f"| {site} | {lens} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def to_html(self, path: str | os.PathLike | None = None, *, include_plotlyjs: bool | str = True) -> str:
+    def to_html(self, path: str | os.PathLike | None = None, *, include_plotlyjs: bool | str = True) -> str | Path:
         """The "Which lens is causal?" section (figure, table with intervals, definition) as a page, or,
-        with ``include_plotlyjs=False``, a section for a page that loads plotly itself (the report's)."""
+        with ``include_plotlyjs=False``, a section for a page that loads plotly itself (the report's).
+        Given ``path``, written there instead (atomically) and the path returned."""
         fig = self.plot(width=1100)
         figure = fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, config={"responsive": True})
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("site", "lens", *STATISTICS))
-        rows = []
-        for _, r in self.to_dataframe().iterrows():
-            cells = [html.escape(str(r["site"])), html.escape(str(r["lens"]))]
-            for stat in STATISTICS:
-                cells.append(
-                    f"{r[stat]:.4f} <small>[{r[f'{stat}_low']:.4f}, {r[f'{stat}_high']:.4f}]</small>"
-                )
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        table = html_table(self.to_dataframe(), STATISTICS)
         section = (
             '<section id="faithfulness" class="faithfulness"><h2>Which lens is causal?</h2>'
             f"<p>Intervention: <b>{html.escape(self.intervention)}</b> along each lens's vector for its own top-1 "
             f"token, at {self.n_positions:,} positions ({html.escape(self.positions)}) of {self.n_documents:,} "
             f"documents, against a norm-matched random placebo; {self.confidence:.0%} bootstrap intervals over "
             f"documents ({self.n_bootstrap} replicates, seed {self.seed}). A lens whose effect is far beyond the "
-            f"placebo's (ratio well above 1) reads directions the model uses.</p>{figure}"
-            f'<table style="border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>"
+            f"placebo's (ratio well above 1) reads directions the model uses.</p>{figure}{table}"
             f"<p><small>{html.escape(DEFINITION)}</small></p></section>"
         )
-        if include_plotlyjs is False:
-            out = section
-        else:
-            out = (
-                '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Which lens is causal?</title>'
-                "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:16px}"
-                "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}</style></head>"
-                f"<body>{section}</body></html>"
-            )
-        if path is not None:
-            atomic_write_text(path, out)
-        return out
+        return text_or_file(section if include_plotlyjs is False else html_page("Which lens is causal?", section), path)
 
     def plot(self, **kwargs: Any) -> go.Figure:
         """Effect and placebo per site, one colour per lens; see
