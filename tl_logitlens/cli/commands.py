@@ -39,8 +39,10 @@ from tl_logitlens.cli.shared import (
     _texts,
     _threads,
     check_device,
+    corpus_settings,
     load_lens_spec,
     scored_lenses,
+    write_site_table,
 )
 
 # the demo model settles on " happy" from its second layer on; the input token " very" wins at layer 0.
@@ -601,21 +603,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         lenses = scored_lenses(args.lens, model)
         from tl_logitlens.analyses.evaluate import evaluate_lenses
 
-        ev = evaluate_lenses(
-            model,
-            texts,
-            lenses=lenses,
-            sites=args.sites,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            progress=not args.no_progress,
-            seed=args.seed,
-            n_bootstrap=args.bootstrap,
-            text_field=args.text_field,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-        )
+        ev = evaluate_lenses(model, texts, lenses=lenses, **corpus_settings(args))
         if not world.is_main:
             return 0
         from tl_logitlens.cli.terminal import eval_tables
@@ -627,15 +615,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             console.print(table)
         _print_legend(console, legend)
         console.print(f"padding: {ev.padding_fraction:.1%} of the {ev.n_computed:,} token slots computed", style="dim")
-        if args.json is not None:
-            ev.to_json(args.json)
-            console.print(f"wrote JSON: {args.json}")
-        if args.csv is not None:
-            from tl_logitlens.core.files import atomic_write
-
-            frame = ev.to_dataframe()
-            atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
-            console.print(f"wrote table: {args.csv}")
+        write_site_table(ev, args, console)
         return 0
 
 

@@ -229,18 +229,9 @@ def _faithfulness_command(args: argparse.Namespace) -> int:
             model,
             texts,
             lenses=lenses,
-            sites=args.sites,
             intervention=args.intervention,
             positions=positions,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            progress=not args.no_progress,
-            seed=args.seed,
-            n_bootstrap=args.bootstrap,
-            text_field=args.text_field,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
+            **shared.corpus_settings(args),
         )
         if not world.is_main:
             return 0
@@ -248,15 +239,7 @@ def _faithfulness_command(args: argparse.Namespace) -> int:
         console.print(table)
         for line in legend:
             console.print(line, style="dim", markup=False)
-        if args.json is not None:
-            res.to_json(args.json)
-            console.print(f"wrote JSON: {args.json}")
-        if args.csv is not None:
-            from tl_logitlens.core.files import atomic_write
-
-            frame = res.to_dataframe()
-            atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
-            console.print(f"wrote table: {args.csv}")
+        shared.write_site_table(res, args, console)
         if args.html is not None:
             res.to_html(args.html)
             console.print(f"wrote page: {args.html}")

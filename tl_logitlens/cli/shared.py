@@ -211,3 +211,32 @@ def scored_lenses(specs: Sequence[str], model: Any) -> dict[str, Any]:
         name = str(getattr(lens, "name", spec))
         lenses[name if name not in lenses else f"{name} ({spec})"] = lens
     return lenses
+
+
+def corpus_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``eval`` and ``faithfulness`` share, as the keywords their functions take."""
+    return {
+        "sites": args.sites,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
+        "progress": not args.no_progress,
+        "seed": args.seed,
+        "n_bootstrap": args.bootstrap,
+        "text_field": args.text_field,
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_every": args.checkpoint_every,
+    }
+
+
+def write_site_table(result: Any, args: argparse.Namespace, console: Any) -> None:
+    """``--json`` and ``--csv`` of a corpus result (``eval``'s or ``faithfulness``'s), each written whole."""
+    if args.json is not None:
+        result.to_json(args.json)
+        console.print(f"wrote JSON: {args.json}")
+    if args.csv is not None:
+        from tl_logitlens.core.files import atomic_write
+
+        frame = result.to_dataframe()
+        atomic_write(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
+        console.print(f"wrote table: {args.csv}")
