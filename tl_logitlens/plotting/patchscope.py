@@ -52,4 +52,8 @@ def generation_table(result: PatchscopeGeneration, *, prompt: int = 0, position:
         f"Patchscope continuations of {after_quote(result, prompt, column)} ({decoding})<br>"
         f"<sup>target prompt {_shown(result.target_text)}</sup>"
     )
-    return house_style(fig, title=title, width=780, height=120 + 26 * len(rows))
+    # the title block (two lines and the mode bar) takes about 170 px above the table; every row, the header
+    # included, 26 px: a table cut short would hide the deepest sites
+    fig = house_style(fig, title=title, width=780, height=180 + 26 * (len(rows) + 1))
+    fig.update_layout(margin={"b": 10})
+    return fig
