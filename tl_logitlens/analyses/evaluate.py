@@ -618,18 +618,7 @@ def evaluate_lenses(
     scorer = _Scorer(
         model, readouts, list(named), site_list, final, seq_len, batch_size, chunk_size, acc, reporter, world
     )
-    error: str | None = None
-    try:
-        _score_corpus(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every)
-    except (ValueError, TypeError, OSError) as err:
-        if world.size == 1:
-            raise
-        error = f"{type(err).__name__}: {err}"
-    finally:
-        reporter.close()
-    error = broadcast_error(error, world)
-    if error is not None:
-        raise ValueError(f"a rank stopped with {error}")
+    _score_on_every_rank(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every, reporter)
 
     stats = sum_over_ranks(acc.stats, world)
     counts = sum_over_ranks(acc.counts, world)
@@ -651,6 +640,33 @@ def evaluate_lenses(
         n_computed=int(slots[0] + slots[1]),
         sums=stats[0],
     )
+
+
+def _score_on_every_rank(
+    model: Any,
+    texts: Any,
+    world: World,
+    max_tokens: int | None,
+    text_field: str,
+    scorer: Any,
+    checkpoint: Checkpoint | None,
+    checkpoint_every: int,
+    reporter: Any,
+) -> None:
+    """:func:`_score_corpus` on this rank; under torch.distributed a rank's bad input stops every rank
+    (each raises ``ValueError`` naming it) instead of leaving the others waiting in a collective."""
+    error: str | None = None
+    try:
+        _score_corpus(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every)
+    except (ValueError, TypeError, OSError) as err:
+        if world.size == 1:
+            raise
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        reporter.close()
+    error = broadcast_error(error, world)
+    if error is not None:
+        raise ValueError(f"a rank stopped with {error}")
 
 
 def _score_corpus(

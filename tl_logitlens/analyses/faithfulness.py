@@ -56,12 +56,12 @@ from tl_logitlens.analyses.evaluate import (
     _Accumulator,
     _checkpoint_settings,
     _Reporter,
-    _score_corpus,
+    _score_on_every_rank,
 )
 from tl_logitlens.analyses.steering import lens_vectors
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import corpus_length
-from tl_logitlens.core.distributed import broadcast_error, current_world, sum_over_ranks
+from tl_logitlens.core.distributed import current_world, sum_over_ranks
 from tl_logitlens.core.files import Checkpoint
 from tl_logitlens.core.inputs import check_count, check_flag, is_integer
 from tl_logitlens.core.readout import Readout, Site, check_model, resolve_sites
@@ -779,18 +779,7 @@ def faithfulness(
         reporter,
         world.size,
     )
-    error: str | None = None
-    try:
-        _score_corpus(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every)
-    except (ValueError, TypeError, OSError) as err:
-        if world.size == 1:
-            raise
-        error = f"{type(err).__name__}: {err}"
-    finally:
-        reporter.close()
-    error = broadcast_error(error, world)
-    if error is not None:
-        raise ValueError(f"a rank stopped with {error}")
+    _score_on_every_rank(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every, reporter)
     stats = sum_over_ranks(acc.stats, world)
     counts = sum_over_ranks(acc.counts, world)
     n_pos = counts[:, 1][:, None, None].expand(-1, n_l, n_s)
