@@ -514,9 +514,9 @@ started = time.time()
 try:
     sum_over_ranks(torch.ones(3), World(0, 2))
 except DistributedError as err:
-    print("ONE LINE", round(time.time() - started), str(err))
+    print("ONE LINE", round(time.time() - started), str(err), flush=True)  # os._exit skips the stdio flush
     os._exit(0)
-print("NO ERROR")
+print("NO ERROR", flush=True)
 """
 
 
