@@ -94,3 +94,20 @@ class ReadoutCache:
 def weight_on(model: Any, tensor: torch.Tensor) -> torch.Tensor:
     """A block's weight (``W_O``, ``W_out``, a bias) on the readout device, where it meets ``W_U``."""
     return to_device(tensor, readout_device(model))
+
+
+def key_value_cache(model: Any, batch_size: int) -> Any:
+    """An empty TransformerLens key-value cache for a ``HookedTransformer``, each layer's entry on its own
+    block's device (:func:`block_devices`), wherever the blocks were put (``n_devices``, a device map,
+    ``block.to``); TransformerLens's ``init_cache`` places them by ``n_devices`` arithmetic instead."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    cfg = model.cfg
+    return TransformerLensKeyValueCache(
+        entries=[
+            TransformerLensKeyValueCacheEntry.init_cache_entry(cfg, device or cfg.device, batch_size)
+            for device in block_devices(model)
+        ],
+        previous_attention_mask=torch.empty((batch_size, 0), device=cfg.device, dtype=torch.int),
+    )
