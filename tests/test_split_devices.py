@@ -159,3 +159,63 @@ def test_each_tool_moves_the_same_tensors_whatever_the_vocabulary_tiling(setting
         TOOLS[tool](two, lenses)
         assert elsewhere.MOVES == default
     assert one.cfg.d_vocab // 16 > 20
+
+
+def _device_maps() -> list:
+    layers = [f"model.layers.{i}" for i in range(5)]  # stories260K: a 5-layer Llama
+    whole = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
+    offload = pytest.mark.skipif(
+        HAS_HOOKED_TRANSFORMER,
+        reason="TransformerLens 3.9's bridge refuses 'disk' device-map targets (only CPU and CUDA ones); 4.x "
+        "accepts them with offload_folder",
+    )
+    return [
+        pytest.param({"": "cpu"}, id="all-cpu"),
+        pytest.param({name: "cpu" for name in whole + layers}, id="each-module-cpu"),
+        # accelerate's AlignDevicesHook loads the last two blocks' weights from disk for each forward pass;
+        # their parameters report the meta device, and the states they write are on the CPU
+        pytest.param({**{name: "cpu" for name in whole + layers[:3]}, **dict.fromkeys(layers[3:], "disk")},
+                     id="later-blocks-offloaded", marks=offload),
+    ]
+
+
+def _boot(folder, processed: bool, **options):
+    """A bridge booted from a local folder as a user boots one, in compatibility mode: with the weight
+    processing tl.load_model applies (fold_ln, centring), or without (``no_processing``, which 4.x
+    requires of a bridge with offloaded modules)."""
+    from tl_logitlens.core import compat
+
+    bridge = compat.TransformerBridge.boot_transformers(str(folder), dtype=torch.float32, **options)
+    bridge.enable_compatibility_mode(disable_warnings=True, **({} if processed else {"no_processing": True}))
+    return bridge.eval()
+
+
+@pytest.fixture(scope="module")
+def plain_bridges():
+    from tests.helpers import STORIES, require_shared
+
+    folder = require_shared(STORIES)
+    return folder, {processed: _boot(folder, processed, device="cpu") for processed in (True, False)}
+
+
+@pytest.mark.parametrize("device_map", _device_maps())
+def test_a_bridge_booted_with_a_device_map_gives_the_plain_bridges_numbers(plain_bridges, device_map, tmp_path):
+    """``boot_transformers(folder, device_map=...)`` (accelerate places the modules): the lens, the
+    evaluation and the J-space tools equal the bridge booted with ``device="cpu"`` (1e-6)."""
+    folder, plains = plain_bridges
+    offloaded = "disk" in device_map.values()
+    plain = plains[not offloaded]
+    lenses = {"jacobian": _lens(plain, "jacobian"), "tuned": _lens(plain, "tuned")}
+    options = {"offload_folder": str(tmp_path)} if offloaded else {}
+    mapped = _boot(folder, not offloaded, device_map=device_map, **options)
+    assert readout_device(mapped).type == "cpu"
+    assert {d.type for d in block_devices(mapped)} == ({"cpu", "meta"} if offloaded else {"cpu"})
+    for tool in ("logit_lens", "decompose", "coordinate_patch_hook", "steering_sweep", "faithfulness"):
+        assert_same(TOOLS[tool](mapped, lenses), TOOLS[tool](plain, lenses), tool)
+    settings = {"seq_len": 16, "progress": False, "n_bootstrap": 0, "lenses": lenses}
+    pd.testing.assert_frame_equal(
+        tl.evaluate_lenses(mapped, SENTENCES, **settings).to_dataframe(),
+        tl.evaluate_lenses(plain, SENTENCES, **settings).to_dataframe(),
+        rtol=ATOL,
+        atol=ATOL,
+    )
