@@ -14,6 +14,7 @@ than the readout in one layout and the first blocks in the other (see ``docs/dev
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -219,3 +220,18 @@ def test_a_bridge_booted_with_a_device_map_gives_the_plain_bridges_numbers(plain
         rtol=ATOL,
         atol=ATOL,
     )
+
+
+@pytest.mark.parametrize(
+    "tool", ["logit_lens", "lens_vector_dictionary", "decompose", "steering_sweep", "faithfulness", "latent_language"]
+)
+def test_lenses_on_another_device_than_the_model_are_read_where_the_states_are(setting, tool):
+    """A model on one device and its lenses on the other (``lens.to(device)``): each lens moves its maps to
+    the states it reads (a Jacobian lens keeps the copy), so the numbers are those of lenses beside the model."""
+    one, lenses, _, wanted = setting
+    if tool not in wanted:
+        wanted[tool] = TOOLS[tool](one, lenses)
+    with elsewhere.elsewhere():
+        there = {name: copy.deepcopy(lens).to("meta") for name, lens in lenses.items()}
+        assert there["jacobian"].jacobians[0].device.type == "meta" and there["tuned"].weight.device.type == "meta"
+        assert_same(TOOLS[tool](one, there), wanted[tool], tool)
