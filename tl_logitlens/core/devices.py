@@ -111,3 +111,24 @@ def key_value_cache(model: Any, batch_size: int) -> Any:
         ],
         previous_attention_mask=torch.empty((batch_size, 0), device=cfg.device, dtype=torch.int),
     )
+
+
+class PlacedCopies:
+    """A lens's maps on the devices of the states they read: ``on(key, tensor, device)`` is ``tensor``
+    itself on its own device, elsewhere a copy made once (by :func:`to_device`) and kept while ``tensor``
+    is the same, unmodified tensor (an in-place edit, such as an optimiser step, is copied again). So a
+    lens made on the CPU reading a model on a GPU, or a model spread over devices, copies each map once
+    per device, not once per call."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[Any, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def on(self, key: Any, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        if to_device(tensor, device) is tensor:
+            return tensor
+        where = (key, str(torch.device(device)))
+        source, version, copy = self._copies.get(where, (None, -1, None))
+        if source is not tensor or version != tensor._version:
+            copy = to_device(tensor.detach(), device)
+            self._copies[where] = (tensor, tensor._version, copy)
+        return copy
