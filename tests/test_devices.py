@@ -181,3 +181,22 @@ def test_a_model_built_with_n_devices_gives_the_single_device_numbers(monkeypatc
     with two.hooks(fwd_hooks=[tl.steer(two, None, "1_post", " the", 3.0)]):
         steered_b = two(tokens)
     assert_close(steered_b, steered_a, atol=1e-5)
+
+
+def test_a_tuned_lens_copies_its_maps_to_the_states_device_once():
+    """Like the Jacobian lens: one copy per device, kept until the weights change (an optimiser step)."""
+    model = tiny_model("LN")
+    lens = tl.TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0.0, 0.1)
+    states = torch.randn(4, model.cfg.d_model)
+    want = lens.translate("0_post", states)
+    assert_close(want, states + states @ lens.weight[1].detach().T + lens.bias[1].detach(), atol=1e-5)
+    assert lens.translate("0_post", states.to("meta")).device == META
+    first = lens._placed.on("weight", lens.weight, META)
+    lens.translate("1_post", states.to("meta"))
+    assert lens._placed.on("weight", lens.weight, META) is first  # kept, not copied per call
+    with torch.no_grad():
+        lens.weight.mul_(2.0)
+    assert lens._placed.on("weight", lens.weight, META) is not first
+    assert lens._placed.on("weight", lens.weight, CPU) is lens.weight

@@ -61,6 +61,7 @@ from tl_logitlens.analyses.evaluate import (
 from tl_logitlens.analyses.steering import lens_vectors
 from tl_logitlens.core.compat import normalization_type
 from tl_logitlens.core.corpus import corpus_length
+from tl_logitlens.core.devices import to_device
 from tl_logitlens.core.distributed import current_world, sum_over_ranks
 from tl_logitlens.core.files import Checkpoint
 from tl_logitlens.core.inputs import check_count, check_flag, is_integer
@@ -591,12 +592,13 @@ class _Scorer:
 
         def intervene(members: torch.Tensor) -> Any:
             def hook(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
-                b, p = arange[members], pos[members]
-                h = activation[b, p].float()
-                delta = intervention_delta(h, vectors[members], self.intervention)
-                step = torch.where(
-                    placebo[members][:, None], delta.norm(dim=-1, keepdim=True) * directions[members], delta
+                # the rows' indices and vectors go to the site's own device (its block's), once per call
+                b, p, v, d, is_placebo = (
+                    to_device(t[members], activation.device) for t in (arange, pos, vectors, directions, placebo)
                 )
+                h = activation[b, p].float()
+                delta = intervention_delta(h, v, self.intervention)
+                step = torch.where(is_placebo[:, None], delta.norm(dim=-1, keepdim=True) * d, delta)
                 out = activation.clone()
                 out[b, p] = (h + step).to(activation.dtype)
                 return out
@@ -604,7 +606,7 @@ class _Scorer:
             return hook
 
         def capture(activation: torch.Tensor, hook: Any = None) -> None:
-            captured.append(activation[arange, pos].clone())
+            captured.append(activation[to_device(arange, activation.device), to_device(pos, activation.device)].clone())
 
         fwd = []
         for s in sorted(set(site_of)):

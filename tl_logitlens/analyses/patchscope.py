@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 
 from tl_logitlens.analyses.predictions import DEFAULT_CHUNK_SIZE, LensResult, _lens
 from tl_logitlens.core import compat
+from tl_logitlens.core.devices import key_value_cache, to_device
 from tl_logitlens.core.frames import position_columns
 from tl_logitlens.core.inputs import (
     Batch,
@@ -336,9 +337,7 @@ def _prefix_cache(model: Any, prefix: Int[torch.Tensor, " pos"]) -> Any:
     or a model that is not a ``HookedTransformer``."""
     if prefix.shape[0] == 0 or not compat.is_hooked_transformer(model):
         return None
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    cache = key_value_cache(model, 1)
     model(prefix[None], return_type=None, past_kv_cache=cache, attention_mask=torch.ones_like(prefix[None]))
     cache.freeze()
     return cache
@@ -678,14 +677,12 @@ def _with_prefix(
     p = target.patch_position
     if p == 0 or not compat.is_hooked_transformer(model):
         return execute(model, batch, positions, valid, hooks), None
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     n, width = batch.tokens.shape
     tokens = torch.zeros(n + 1, max(width, p), dtype=batch.tokens.dtype, device=batch.tokens.device)
     mask = torch.zeros_like(tokens)
     tokens[:n, :width], mask[:n, :width] = batch.tokens, batch.mask
     tokens[n, :p], mask[n, :p] = target.tokens[:p].to(tokens.device), 1
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=n + 1)
+    kv = key_value_cache(model, n + 1)
     wanted = set(hooks)
     _, cache = model.run_with_cache(
         tokens, names_filter=lambda name: name in wanted, return_type=None, past_kv_cache=kv, attention_mask=mask
@@ -765,13 +762,14 @@ def _next_tokens(
     model: Any, final_states: torch.Tensor, temperature: float | None, generator: torch.Generator | None
 ) -> Int[torch.Tensor, " row"]:
     """The next token of each row from its last block's output: the model's own final norm and unembedding,
-    then the argmax or a draw at ``temperature``."""
+    then the argmax or a draw at ``temperature`` (drawn on the CPU by ``generator``, so the draws do not
+    depend on the device)."""
     normed = model.ln_final(final_states[None])[0] if has_final_norm(model) else final_states
     logits = unembed(model, normed, include_bias=True)
     if temperature is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
 
 
 # Entry points check their own arguments (see predictions.logit_lens).
@@ -843,11 +841,12 @@ def patchscope_generate(
     device = lens.target.tokens.device
     generator = None
     if temperature is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
     new = torch.empty(n_rows, 0, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         finals = torch.cat(patched_states(runner, lens.target, jobs, lens.batch_size, suffix=new, prefix=source.prefix))
-        new = torch.cat([new, _next_tokens(runner, finals, temperature, generator)[:, None]], dim=1)
+        step = to_device(_next_tokens(runner, finals, temperature, generator), device)
+        new = torch.cat([new, step[:, None]], dim=1)
     run = source.run
     rows = run.valid_rows()
     per_site = new.reshape(len(labels), -1, max_new_tokens)

@@ -94,3 +94,41 @@ class ReadoutCache:
 def weight_on(model: Any, tensor: torch.Tensor) -> torch.Tensor:
     """A block's weight (``W_O``, ``W_out``, a bias) on the readout device, where it meets ``W_U``."""
     return to_device(tensor, readout_device(model))
+
+
+def key_value_cache(model: Any, batch_size: int) -> Any:
+    """An empty TransformerLens key-value cache for a ``HookedTransformer``, each layer's entry on its own
+    block's device (:func:`block_devices`), wherever the blocks were put (``n_devices``, a device map,
+    ``block.to``); TransformerLens's ``init_cache`` places them by ``n_devices`` arithmetic instead."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    cfg = model.cfg
+    return TransformerLensKeyValueCache(
+        entries=[
+            TransformerLensKeyValueCacheEntry.init_cache_entry(cfg, device or cfg.device, batch_size)
+            for device in block_devices(model)
+        ],
+        previous_attention_mask=torch.empty((batch_size, 0), device=cfg.device, dtype=torch.int),
+    )
+
+
+class PlacedCopies:
+    """A lens's maps on the devices of the states they read: ``on(key, tensor, device)`` is ``tensor``
+    itself on its own device, elsewhere a copy made once (by :func:`to_device`) and kept while ``tensor``
+    is the same, unmodified tensor (an in-place edit, such as an optimiser step, is copied again). So a
+    lens made on the CPU reading a model on a GPU, or a model spread over devices, copies each map once
+    per device, not once per call."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[Any, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def on(self, key: Any, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        if to_device(tensor, device) is tensor:
+            return tensor
+        where = (key, str(torch.device(device)))
+        source, version, copy = self._copies.get(where, (None, -1, None))
+        if source is not tensor or version != tensor._version:
+            copy = to_device(tensor.detach(), device)
+            self._copies[where] = (tensor, tensor._version, copy)
+        return copy

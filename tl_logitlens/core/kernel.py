@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from tl_logitlens.core.devices import to_device
+
 
 class NonFiniteError(ValueError):
     """A site's logits hold NaN or inf, so its statistics would be meaningless.
@@ -480,12 +482,15 @@ def unembed_metrics(
     site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
     numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
     Extra memory: the chunk's states and six ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
-    defaults to :func:`default_tile_size` of ``W_U``'s dtype.
+    defaults to :func:`default_tile_size` of ``W_U``'s dtype. The tiles and the query ids live on ``W_U``'s
+    device (where the states come: see :mod:`~tl_logitlens.core.devices`); the statistics are written
+    to ``device``, one chunk at a time.
 
     Raises:
         NonFiniteError: a site's (or the final) logits hold NaN or inf at some row.
     """
     _check_tile_size(tile_size)
+    readout = unembedding.W_U.device
     n_rows, n_q = query.shape
     d_vocab = unembedding.d_vocab
     out = _empty_out(n_sites, n_rows, n_q, top_k, device)
@@ -493,12 +498,12 @@ def unembed_metrics(
     if n_rows == 0:
         return SiteMetrics(**out, final_top1=final_top1)
     tile = min(default_tile_size(unembedding.W_U.dtype) if tile_size is None else tile_size, d_vocab)
-    buffers = _Buffers(min(chunk_size, n_rows), tile, device, unembedding.W_U.dtype)
+    buffers = _Buffers(min(chunk_size, n_rows), tile, readout, unembedding.W_U.dtype)
     others = [s for s in range(n_sites) if s not in final_sites]
     k_final = top_k if final_sites else 1
     for start in range(0, n_rows, chunk_size):
         sl = slice(start, min(start + chunk_size, n_rows))
-        ids = query[sl]
+        ids = to_device(query[sl], readout)
         rows = ids.shape[0]
         xf = final_states(sl)
         final = _Running(unembedding.gather_logits(xf, ids), ids) if final_sites else _Running(None, None)

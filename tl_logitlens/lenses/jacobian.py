@@ -31,6 +31,7 @@ from typing import Any, no_type_check
 import torch
 from jaxtyping import Float
 
+from tl_logitlens.core.devices import PlacedCopies
 from tl_logitlens.core.files import atomic_torch_save, check_path_argument, tensors_sha256
 from tl_logitlens.lenses.files import (
     check_finite_tensors,
@@ -175,16 +176,7 @@ class JacobianLens:
         """``J_layer`` on ``device``: a lens fitted on the CPU reading a model on a GPU (or a model spread over
         devices) copies each matrix to the device of the states it reads once, not once per call; the copy
         is kept while ``jacobians[layer]`` is the same, unmodified tensor."""
-        matrix = self.jacobians[layer]
-        if matrix.device == device:
-            return matrix
-        placed = self.__dict__.setdefault("_placed", {})
-        key = (layer, str(device))
-        source, version, copy = placed.get(key, (None, -1, None))
-        if source is not matrix or version != matrix._version:
-            copy = matrix.to(device)
-            placed[key] = (matrix, matrix._version, copy)
-        return copy
+        return self.__dict__.setdefault("_placed", PlacedCopies()).on(layer, self.jacobians[layer], device)
 
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` when ``model`` is not the model this lens was made for: ``d_model``, the

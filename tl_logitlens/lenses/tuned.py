@@ -33,6 +33,7 @@ from typing import Any, no_type_check
 import torch
 from jaxtyping import Float
 
+from tl_logitlens.core.devices import PlacedCopies
 from tl_logitlens.core.files import check_path_argument
 from tl_logitlens.lenses.files import (
     check_finite_tensors,
@@ -125,8 +126,9 @@ class TunedLens(torch.nn.Module):
         if index is None:
             return states
         h = states.float()
-        w = self.weight[index].to(h.device)
-        b = self.bias[index].to(h.device)
+        placed = self.__dict__.setdefault("_placed", PlacedCopies())  # maps copied to h's device once
+        w = placed.on("weight", self.weight, h.device)[index]
+        b = placed.on("bias", self.bias, h.device)[index]
         return (h + torch.addmm(b, h, w.T)).to(states.dtype)
 
     def check_model(self, model: Any) -> None:
