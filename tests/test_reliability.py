@@ -414,6 +414,29 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenised(mod
         tl.logit_lens(model, "ab" * 1_000_000)
 
 
+def test_every_prompt_entry_refuses_a_prompt_too_long_for_the_context_before_tokenising(model, monkeypatch):
+    """The same pre-check on every entry that tokenises prompts: a report of more prompts than a batch
+    (which measured every prompt's length with to_tokens first), patchscope and generation."""
+    def refuse(text, *args, **kwargs):
+        if isinstance(text, str) and len(text) > 100_000:
+            raise AssertionError("tokenised")
+        return real(text, *args, **kwargs)
+
+    real = model.to_tokens
+    monkeypatch.setattr(model, "to_tokens", refuse)
+    huge = "ab" * 1_000_000
+    message = r"prompt \d+ is 2,000,000 characters long, more than the model's context"
+    from tl_logitlens.analyses.interventions import generate
+    from tl_logitlens.reporting.compute import compute_report
+
+    with pytest.raises(ValueError, match=message):
+        compute_report(model, [*(f"Once upon a time {i}" for i in range(20)), huge])
+    with pytest.raises(ValueError, match=message):
+        tl.patchscope(model, huge)
+    with pytest.raises(ValueError, match=message):
+        generate(model, huge, max_new_tokens=1)
+
+
 def test_run_reads_a_prompts_file_lazily_and_refuses_one_too_long(tmp_path, capsys):
     path = tmp_path / "prompts.txt"
     path.write_text("".join(f"prompt number {i}\n" for i in range(100_000)), encoding="utf-8")
