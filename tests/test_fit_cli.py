@@ -118,6 +118,7 @@ def test_fit_tuned_max_tokens_is_the_library_call_s_and_reads_a_huge_line_bounde
     want = tl.train_tuned_lens(model, TEXTS, progress=False, max_tokens=60, **T_KWARGS)
     _same_tuned_lens(tl.load_lens("lens", model), want)
     assert want.meta["training"]["windows"] == 3  # 60 tokens, 5 texts' BOS of which 4 are separators: 3 x 15
+    assert want.meta["training"]["max_tokens"] == 60
     word = "the little dog ran to the park and saw a big red ball "
     (corpus.parent / "huge.txt").write_text(word * (MAX_TOKENIZED_CHARS // len(word) + 1), encoding="utf-8")
     huge = ["--texts", "huge.txt"]

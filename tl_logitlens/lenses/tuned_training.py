@@ -505,6 +505,6 @@ def train_tuned_lens(
         "optimizer": "SGD (Nesterov)", "lr": lr, "momentum": momentum, "weight_decay": opts["weight_decay"],
         "warmup_steps": warmup, "grad_clip": opts["grad_clip"], "steps": n_steps, "seed": opts["seed"],
         "tokens_per_step": per_step * window_len, "seq_len": window_len, "windows": n_windows,
-        "loss_per_step": history,
+        "max_prompts": opts["max_prompts"], "max_tokens": opts["max_tokens"], "loss_per_step": history,
     }
     return lens
