@@ -614,6 +614,9 @@ def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_
         while _running(rank0):
             assert time.monotonic() - stopped < timeout_s + 30, "rank 0 still waits for the stopped rank"
             time.sleep(0.05)
+        reaped = time.monotonic()  # torchrun reaps rank 0 when it sees it fail: only then may rank 1 go
+        while Path(f"/proc/{rank0}").exists() and time.monotonic() - reaped < 30:
+            time.sleep(0.05)
     finally:
         if rank1 is not None:
             os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s for a stopped worker to take SIGTERM
