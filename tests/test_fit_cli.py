@@ -107,6 +107,29 @@ def test_fit_tuned_writes_the_library_lens(corpus, capsys, model, tuned):
     _same_tuned_lens(tl.load_lens("lens", model), tuned)
 
 
+def test_fit_tuned_max_tokens_is_the_library_call_s_and_reads_a_huge_line_bounded(corpus, capsys, model):
+    """--max-tokens is train_tuned_lens's max_tokens (the same lens, bit for bit); a one-line text over
+    MAX_TOKENIZED_CHARS is refused without it (one line naming the document and --max-tokens, exit 2, no
+    lens written), and read with it; eval refuses it alike."""
+    from tl_logitlens.core.corpus import MAX_TOKENIZED_CHARS
+
+    res = _in_process([*_T, "--out", "lens", *T_ARGS, "--max-tokens", "60"], capsys)
+    assert res.returncode == 0, res.stderr
+    want = tl.train_tuned_lens(model, TEXTS, progress=False, max_tokens=60, **T_KWARGS)
+    _same_tuned_lens(tl.load_lens("lens", model), want)
+    assert want.meta["training"]["windows"] == 3  # 60 tokens, 5 texts' BOS of which 4 are separators: 3 x 15
+    assert want.meta["training"]["max_tokens"] == 60
+    word = "the little dog ran to the park and saw a big red ball "
+    (corpus.parent / "huge.txt").write_text(word * (MAX_TOKENIZED_CHARS // len(word) + 1), encoding="utf-8")
+    huge = ["--texts", "huge.txt"]
+    for args in (["fit", "tuned", "demo", *huge, "--out", "big", *T_ARGS], ["eval", "demo", *huge]):
+        _one_line_error(_in_process(args, capsys), "document 0 is 10,000,044 characters long", "--max-tokens")
+    assert not (corpus.parent / "big").exists()
+    res = _in_process(["fit", "tuned", "demo", *huge, "--out", "big", *T_ARGS, "--max-tokens", "2000"], capsys)
+    assert res.returncode == 0, res.stderr
+    assert tl.load_lens("big", model).meta["training"]["windows"] == 1999 // 15
+
+
 def test_fit_tuned_in_tuned_lens_format_loads_back(corpus, capsys, raw_model):
     """tuned-lens reads the raw stream: the CLI trains on the model loaded uncentred, and says so."""
     args = ["fit", "tuned", "demo", "--texts", "corpus.json", "--out", "lens", "--format", "tuned-lens", *T_ARGS]
@@ -159,6 +182,8 @@ _T = ["fit", "tuned", "demo", "--texts", "corpus.json"]
         ([*_T, "--out", "lens", "--grad-clip", "0"], ["--grad-clip", "must be above 0"]),
         ([*_T, "--out", "lens", "--steps", "0"], ["--steps", "at least 1"]),
         ([*_T, "--out", "lens", "--warmup-steps", "-1"], ["--warmup-steps", "0 or more"]),
+        ([*_T, "--out", "lens", "--max-tokens", "0"], ["--max-tokens", "at least 1"]),
+        ([*_T, "--out", "lens", "--max-tokens", "1e6"], ["--max-tokens", "'1e6' is not a whole number"]),
         ([*_T, "--out", "lens", "--format", "npz"], ["--format", "invalid choice"]),
         ([*_T, "--out", "lens.pt"], ["a tuned lens is saved as a folder", "not a .pt file"]),
         ([*_J, "--out", "corpus.json"], ["--out 'corpus.json' is a file", "give a folder path"]),
@@ -175,7 +200,7 @@ _T = ["fit", "tuned", "demo", "--texts", "corpus.json"]
         "no-kind", "unknown-kind", "no-out", "no-texts", "missing-corpus", "seq-len-zero", "seq-len-word",
         "skip-negative", "layers-word", "max-prompts-zero", "checkpoint-every-zero", "threads-zero", "lr-zero",
         "lr-inf", "lr-word", "momentum-one", "momentum-negative", "weight-decay-negative", "grad-clip-zero",
-        "steps-zero", "warmup-negative", "unknown-format", "tuned-pt", "jacobian-folder-is-a-file",
+        "steps-zero", "warmup-negative", "max-tokens-zero", "max-tokens-float", "unknown-format", "tuned-pt", "jacobian-folder-is-a-file",
         "tuned-folder-is-a-file", "pt-parent-missing", "folder-parent-missing", "folder-holds-a-folder",
         "folder-holds-another-lens", "tuned-lens-format-over-own-format", "checkpoint-dir-is-a-file",
         "bad-device",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -413,6 +414,29 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenised(mod
         tl.logit_lens(model, "ab" * 1_000_000)
 
 
+def test_every_prompt_entry_refuses_a_prompt_too_long_for_the_context_before_tokenising(model, monkeypatch):
+    """The same pre-check on every entry that tokenises prompts: a report of more prompts than a batch
+    (which measured every prompt's length with to_tokens first), patchscope and generation."""
+    def refuse(text, *args, **kwargs):
+        if isinstance(text, str) and len(text) > 100_000:
+            raise AssertionError("tokenised")
+        return real(text, *args, **kwargs)
+
+    real = model.to_tokens
+    monkeypatch.setattr(model, "to_tokens", refuse)
+    huge = "ab" * 1_000_000
+    message = r"prompt \d+ is 2,000,000 characters long, more than the model's context"
+    from tl_logitlens.analyses.interventions import generate
+    from tl_logitlens.reporting.compute import compute_report
+
+    with pytest.raises(ValueError, match=message):
+        compute_report(model, [*(f"Once upon a time {i}" for i in range(20)), huge])
+    with pytest.raises(ValueError, match=message):
+        tl.patchscope(model, huge)
+    with pytest.raises(ValueError, match=message):
+        generate(model, huge, max_new_tokens=1)
+
+
 def test_run_reads_a_prompts_file_lazily_and_refuses_one_too_long(tmp_path, capsys):
     path = tmp_path / "prompts.txt"
     path.write_text("".join(f"prompt number {i}\n" for i in range(100_000)), encoding="utf-8")
@@ -534,6 +558,78 @@ def test_a_collective_whose_peer_stopped_or_died_fails_in_one_line_within_its_ti
     assert "ONE LINE" in out, out + err
     line = out.split("ONE LINE", 1)[1].strip()
     assert "\n" not in line and "rank 0 of 2: summing over the ranks failed" in line and "3 s" in line
+
+
+def _child_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank``: a child of ``parent`` with RANK=rank (Linux's /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in Linux's /proc")
+def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_timeout(tmp_path):
+    """A real run: torchrun, 2 gloo processes, fit jacobian demo with TL_LOGITLENS_TIMEOUT_S=6. Once rank 1
+    has saved its first checkpoint (it is fitting), it is stopped (SIGSTOP: a hung peer, which nothing
+    else reports). Rank 0 finishes its share, waits at the first collective, and exits with code 1 within
+    the timeout plus its remaining work: one line (no traceback) naming the timeout and the lost peer."""
+    import signal
+
+    from tests.helpers import torchrun_command
+
+    timeout_s = 6
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "TL_LOGITLENS_TIMEOUT_S": str(timeout_s)}
+    logs = tmp_path / "logs"  # each rank's stdout and stderr in its own file
+    args = ["fit", "jacobian", "demo", "--texts", "demo", "--max-prompts", "40", "--seq-len", "32", "--out", "j",
+            "--checkpoint-dir", "ck", "--checkpoint-every", "1", "--no-progress"]
+    run = subprocess.Popen([*torchrun_command(2), "--log-dir", str(logs), "--redirects", "3", "-m", "tl_logitlens",
+                            *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = None
+    try:
+        started = time.monotonic()
+        while not (tmp_path / "ck" / "rank1-of-2" / CHECKPOINT_FILE).exists():
+            assert run.poll() is None and time.monotonic() - started < 120, "rank 1 saved no checkpoint"
+            time.sleep(0.02)
+        rank0, rank1 = _child_pid(run.pid, 0), _child_pid(run.pid, 1)
+        assert rank0 is not None and rank1 is not None
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while _running(rank0):
+            assert time.monotonic() - stopped < timeout_s + 30, "rank 0 still waits for the stopped rank"
+            time.sleep(0.05)
+        reaped = time.monotonic()  # torchrun reaps rank 0 when it sees it fail: only then may rank 1 go
+        while Path(f"/proc/{rank0}").exists() and time.monotonic() - reaped < 30:
+            time.sleep(0.05)
+    finally:
+        if rank1 is not None:
+            os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s for a stopped worker to take SIGTERM
+        _, summary = run.communicate(timeout=60)
+    assert run.returncode != 0
+    # torchrun's summary: rank 0 is the first failure, with its own exit code 1 (not a signal)
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", summary), summary[-2000:]
+    (stderr,) = logs.glob("*/attempt_0/0/stderr.log")
+    lines = [line for line in stderr.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("tl-logitlens: error: rank 0 of 2: ")
+    assert f"another rank stopped, was killed or did not answer within {timeout_s} s (TL_LOGITLENS_TIMEOUT_S)" in lines[0]
+    assert not (tmp_path / "j").exists()
 
 
 def test_the_cli_reports_a_failed_collective_in_one_line(monkeypatch, capsys):

@@ -32,6 +32,7 @@ from tl_logitlens.cli.shared import (
     _consoles,
     _Formatter,
     _load,
+    _max_tokens,
     _model_and_device,
     _natural,
     _positive,
@@ -298,13 +299,7 @@ def _add_eval(sub: Any) -> None:
     )
     _sites(ev)
     ev.add_argument("--seq-len", type=_positive, metavar="N", help="longest window in tokens, BOS included (default: the model's context)")
-    ev.add_argument(
-        "--max-tokens",
-        type=_positive,
-        metavar="N",
-        help="stop after N document tokens, in corpus order (each document's BOS counted once, as the tables "
-        "count them; the positions scored add a BOS for each further window of a long document)",
-    )
+    _max_tokens(ev, "; the positions scored add a BOS for each further window of a long document")
     ev.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="windows per forward pass (default 8)")
     ev.add_argument("--bootstrap", type=_natural, default=1000, metavar="N", help="bootstrap replicates (default 1000; 0: no intervals)")
     ev.add_argument("--seed", type=_natural, default=0, help="the bootstrap's seed (default 0)")

@@ -91,12 +91,7 @@ def _add_faithfulness(sub: Any) -> None:
         metavar="N",
         help="read each document's first N tokens (default: the model's context)",
     )
-    p.add_argument(
-        "--max-tokens",
-        type=shared._positive,
-        metavar="N",
-        help="stop after N document tokens, in corpus order",
-    )
+    shared._max_tokens(p)
     p.add_argument(
         "--batch-size",
         type=shared._positive,

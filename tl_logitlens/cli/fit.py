@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_logitlens.cli import shared
+from tl_logitlens.core.corpus import MAX_TOKENIZED_CHARS
 
 # the files each lens format writes into its folder (tl_logitlens.lenses.{tuned,jacobian}: STEM, WEIGHTS_FILE,
 # CONFIG_FILE, TUNED_LENS_CONFIG, TUNED_LENS_PARAMS; named here so the checks need no torch)
@@ -207,6 +208,7 @@ def _add_tuned(sub: Any) -> None:
     )
     p.add_argument("--seed", type=shared._natural, default=d["seed"], metavar="N", help=f"the window order's seed (default {d['seed']})")
     p.add_argument("--max-prompts", type=shared._positive, metavar="N", help="use only the first N texts (default: all)")
+    shared._max_tokens(p, f"; needed for a text over {MAX_TOKENIZED_CHARS:,} characters, never tokenised whole")
 
 
 def _add_fit(sub: Any) -> None:
@@ -305,7 +307,7 @@ def _train_tuned(model: Any, texts: Any, args: argparse.Namespace, progress: boo
     options = _given(
         args,
         ("steps", "tokens_per_step", "seq_len", "lr", "momentum", "weight_decay", "warmup_steps", "grad_clip",
-         "batch_size", "seed", "checkpoint_every", "max_prompts"),
+         "batch_size", "seed", "checkpoint_every", "max_prompts", "max_tokens"),
     )
     return train_tuned_lens(model, texts, progress=progress, checkpoint_dir=args.checkpoint_dir, **options)
 

@@ -78,6 +78,17 @@ def _threads(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _max_tokens(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--max-tokens, as ``eval``, ``faithfulness`` and ``fit tuned`` take it (the library's ``max_tokens``)."""
+    p.add_argument(
+        "--max-tokens",
+        type=_positive,
+        metavar="N",
+        help="stop after N document tokens, in corpus order (each document's BOS counted once, the last "
+        "document cut short; a long document is tokenised only as far as the cut)" + note,
+    )
+
+
 def _apply_threads(args: argparse.Namespace) -> None:
     """Set torch's thread count from --threads (the command owns the process; the library never does this)."""
     if getattr(args, "threads", None) is not None:

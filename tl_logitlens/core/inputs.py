@@ -180,7 +180,7 @@ def prepare_inputs(
             )
         texts = _texts(inputs)
         tok = _tokenizer(model)
-        _check_length_before_tokenising(texts, tok, int(cfg.n_ctx))
+        check_length_before_tokenising(texts, tok, int(cfg.n_ctx))
         if special_tokens:
             fast = bool(getattr(tok, "is_fast", False))
             encoded = [tok(t, add_special_tokens=True, return_offsets_mapping=fast) for t in texts]
@@ -286,7 +286,7 @@ def _longest_token_chars(tok: Any) -> int | None:
     return longest
 
 
-def _check_length_before_tokenising(texts: Sequence[str], tok: Any, n_ctx: int) -> None:
+def check_length_before_tokenising(texts: Sequence[str], tok: Any, n_ctx: int) -> None:
     """Refuse a text that cannot fit the context *before* tokenising it: with at most ``k`` characters per
     token, a text of over ``k · n_ctx`` characters is over ``n_ctx`` tokens (a 200 MB prompt would
     otherwise be tokenised whole, or abort the tokenizer, before the context check)."""

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 
 from tl_logitlens.core.compat import normalization_type
-from tl_logitlens.core.corpus import iter_texts, pack_windows, read_texts
+from tl_logitlens.core.corpus import iter_texts, pack_windows
 from tl_logitlens.core.devices import readout_device, to_device
 from tl_logitlens.core.distributed import World, current_world, sum_over_ranks
 from tl_logitlens.core.files import Checkpoint, check_path_argument, field_int, field_tensor, weights_sha256
@@ -215,6 +215,8 @@ def _check_settings(settings: dict[str, Any]) -> dict[str, Any]:
     out["checkpoint_every"] = check_count(out["checkpoint_every"], "checkpoint_every", 1)
     if out["max_prompts"] is not None:
         out["max_prompts"] = check_count(out["max_prompts"], "max_prompts", 1)
+    if out["max_tokens"] is not None:
+        out["max_tokens"] = check_count(out["max_tokens"], "max_tokens", 1)
     check_flag(out["progress"], "progress")
     return out
 
@@ -305,6 +307,7 @@ def train_tuned_lens(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     max_prompts: int | None = None,
+    max_tokens: int | None = None,
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on ``texts``: minimise ``KL(final ‖ lens)`` (nats per token)
     summed over the ``resid_pre`` sites, the model frozen.
@@ -353,15 +356,20 @@ def train_tuned_lens(
             returns its lens at once). Other settings, data or model (any of its weights) are refused,
             and so is a checkpoint whose checksum or fields do not hold.
         max_prompts: use only the first ``max_prompts`` texts (default all).
+        max_tokens: cut the texts after ``max_tokens`` document tokens (each text's BOS counted once, the
+            last text shortened to fit; default all), as ``evaluate_lenses`` cuts them: a long text is
+            then tokenised only as far as the cut, so time and memory are bounded by ``max_tokens``.
+            Without it a text over :data:`~tl_logitlens.core.corpus.MAX_TOKENIZED_CHARS` characters is
+            refused before it is tokenised.
 
     Returns:
         The trained :class:`~tl_logitlens.lenses.tuned.TunedLens`; ``lens.meta["training"]`` records the
         settings and the loss per step.
 
     Raises:
-        ValueError: no usable text, a soft-capped model, a ``seq_len`` over ``n_ctx``, an option out of
-            range or not finite, a checkpoint made with other settings, a loss or lens parameters that
-            are not finite (the step is named: lower ``lr``, or check the model and texts; no lens is
+        ValueError: no usable text, a text too long to tokenise whole without ``max_tokens`` (named),
+            a soft-capped model, a ``seq_len`` over ``n_ctx``, an option out of range or not finite, a
+            checkpoint made with other settings, a loss or lens parameters that are not finite (the step is named: lower ``lr``, or check the model and texts; no lens is
             returned, so a broken one is never saved over a good one).
         TypeError: ``texts`` of the wrong type; an option of the wrong type.
 
@@ -375,12 +383,12 @@ def train_tuned_lens(
         {"steps": steps, "tokens_per_step": tokens_per_step, "seq_len": seq_len, "lr": lr, "momentum": momentum,
          "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_clip": grad_clip,
          "batch_size": batch_size, "seed": seed, "vocab_chunk": vocab_chunk, "checkpoint_every": checkpoint_every,
-         "progress": progress, "max_prompts": max_prompts}
+         "progress": progress, "max_prompts": max_prompts, "max_tokens": max_tokens}
     )
     if lens is not None and not isinstance(lens, TunedLens):
         raise TypeError(f"lens must be a TunedLens to continue training, or None, not {type(lens).__name__}")
     chosen = texts if opts["max_prompts"] is None else itertools.islice(iter_texts(texts), opts["max_prompts"])
-    windows = pack_windows(model, read_texts(chosen), opts["seq_len"])
+    windows = pack_windows(model, chosen, opts["seq_len"], max_tokens=opts["max_tokens"])
     n_windows, window_len = windows.shape
     per_step = max(1, opts["tokens_per_step"] // window_len)
     batch = opts["batch_size"] if opts["batch_size"] is not None else max(1, 2048 // window_len)
@@ -497,6 +505,6 @@ def train_tuned_lens(
         "optimizer": "SGD (Nesterov)", "lr": lr, "momentum": momentum, "weight_decay": opts["weight_decay"],
         "warmup_steps": warmup, "grad_clip": opts["grad_clip"], "steps": n_steps, "seed": opts["seed"],
         "tokens_per_step": per_step * window_len, "seq_len": window_len, "windows": n_windows,
-        "loss_per_step": history,
+        "max_prompts": opts["max_prompts"], "max_tokens": opts["max_tokens"], "loss_per_step": history,
     }
     return lens

@@ -13,7 +13,7 @@ from tl_logitlens.analyses.masked import MaskedLensResult, SlidingMaskResult, ma
 from tl_logitlens.analyses.predictions import LensResult, logit_lens
 from tl_logitlens.analyses.profile import DepthProfile, depth_profile
 from tl_logitlens.core import compat as _compat
-from tl_logitlens.core.inputs import resolve_token
+from tl_logitlens.core.inputs import check_length_before_tokenising, resolve_token
 from tl_logitlens.core.models import load_model
 from tl_logitlens.core.run import plan_forwards
 from tl_logitlens.core.token_sets import TokenSet, resolve_target
@@ -194,7 +194,9 @@ def _compute_causal(
     sites = sites_or_default(model, sites, [resolve_lens(model, lens)])  # the lens's own default sites
     read = {"sites": sites, "norm": norm, "lens": lens}
     targets = [t for t in (target, versus) if t is not None] or None
-    # prompts run in batches of similar length (little padding), then go back to the user's order
+    # prompts run in batches of similar length (little padding), then go back to the user's order; a prompt
+    # too long for the context is refused before any is tokenised (as logit_lens would refuse it)
+    check_length_before_tokenising(prompts, getattr(model, "tokenizer", None), int(model.cfg.n_ctx))
     lengths = [int(model.to_tokens(p).shape[-1]) for p in prompts] if len(prompts) > batch_size else [0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     parts, real, slots = [], 0, 0
