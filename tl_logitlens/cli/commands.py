@@ -219,7 +219,8 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run the lens on a model and prompt(s)",
-        description="What each layer of MODEL predicts after the last token of each prompt.",
+        description="What each layer of MODEL predicts after the last token of each prompt. A --prompts-file "
+        "of any length streams through in bounded memory.",
         epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" \\\n      --target \" Paris\" --versus \" Rome\"",
         formatter_class=_Formatter,
     )
@@ -228,9 +229,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument(
         "--prompts-file",
         metavar="FILE",
-        help="a UTF-8 text file with one prompt per line (blank lines skipped), of any length: it is read as "
-        f"it runs, {REPORT_PROMPTS:,} prompts at a time, with progress on stderr; --csv/--json get every "
-        f"prompt, the table and the report the first {REPORT_PROMPTS:,}",
+        help="a UTF-8 text file with one prompt per line (blank lines skipped), of any length: streamed, "
+        f"{REPORT_PROMPTS:,} prompts at a time in bounded memory, with progress on stderr; every prompt's "
+        "rows go to --csv/--json as it runs (moved into place at the end), the table and the report show "
+        f"the first {REPORT_PROMPTS:,}",
     )
     run.add_argument(
         "--batch-size", type=_positive, default=16, metavar="N", help="prompts per forward pass (default 16)"
