@@ -3,6 +3,7 @@ interrupted at any moment leaves the old file whole, and ``--help`` says an exis
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -58,10 +59,22 @@ def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path, report_dat
 def test_cli_json_and_csv_interrupted_mid_write_leave_the_old_files(tmp_path, monkeypatch, report_data):
     import pandas as pd
 
-    from tl_logitlens.cli import commands as cli
+    from tl_logitlens.reporting.compute import PromptResults
+    from tl_logitlens.reporting.stream import TableWriter, report_header
+
     csv, js = tmp_path / "t.csv", tmp_path / "t.json"
     csv.write_text("old csv\n")
     js.write_text('{"old": true}\n')
+    d = report_data
+    results = PromptResults(d.lens, d.logit_diff, d.attribution, d.head_attribution, 0, 0)
+
+    def write(csv_path, json_path, stop=None):
+        with TableWriter(csv_path, json_path, masked=False) as writer:
+            writer.add(d.prompts, results)
+            if stop is not None:  # the rows are written, the document not finished: then Ctrl-C
+                raise stop
+            writer.finish(report_header(d, d.padding_fraction))
+
     real_to_csv = pd.DataFrame.to_csv
 
     def half_then_interrupt(self, path, **kwargs):
@@ -70,25 +83,18 @@ def test_cli_json_and_csv_interrupted_mid_write_leave_the_old_files(tmp_path, mo
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        cli._write_tables(report_data, str(csv), str(js))
-    assert csv.read_text() == "old csv\n"
+        write(str(csv), str(js))
     monkeypatch.undo()
-    from tl_logitlens.core import files as _files
-    def interrupted_write(path, text):
-        def write(tmp):
-            tmp.write_text(text[:10])  # part of the new file, then Ctrl-C
-            raise KeyboardInterrupt
-
-        return _files.atomic_write(path, write)
-
-    monkeypatch.setattr(_files, "atomic_write_text", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
-        cli._write_tables(report_data, None, str(js))
-    assert js.read_text() == '{"old": true}\n'
-    monkeypatch.undo()
-    cli._write_tables(report_data, str(csv), str(js))
-    assert csv.read_text().startswith("site,") and js.read_text().startswith("{")
+        write(str(csv), str(js), KeyboardInterrupt())
+    with pytest.raises(RuntimeError, match="without finish"):
+        with TableWriter(None, str(js), masked=False):
+            pass
+    assert csv.read_text() == "old csv\n" and js.read_text() == '{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json"]  # no temporary left behind
+    write(str(csv), str(js))
+    assert csv.read_text().startswith("site,") and json.loads(js.read_text())["target"] == d.target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json"]
 
 
 @pytest.mark.parametrize("option", ["--out", "--csv", "--json"])

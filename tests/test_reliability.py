@@ -8,7 +8,7 @@
    temporary, and two writers and a reader never meet an empty or mixed folder (processes, ~3 s);
 5. ``positions=`` out of range is refused, naming the prompt's length, never wrapped;
 6. reading is bounded: a fit tokenises a prompt's first tokens, a prompt too long for the context is
-   refused before it is tokenised, ``run --prompts-file`` reads lazily, stale temporaries are removed;
+   refused before it is tokenised, ``run --prompts-file`` is counted in chunks and read lazily, stale temporaries are removed;
 7. what raised a raw traceback is a one-line error naming the argument;
 8. a collective whose peer stopped or died fails within its timeout, in one line.
 """
@@ -437,13 +437,20 @@ def test_every_prompt_entry_refuses_a_prompt_too_long_for_the_context_before_tok
         generate(model, huge, max_new_tokens=1)
 
 
-def test_run_reads_a_prompts_file_lazily_and_refuses_one_too_long(tmp_path, capsys):
+def test_run_counts_a_prompts_file_in_chunks_and_reads_it_lazily(tmp_path):
+    """run --prompts-file takes a file of any length (it streams, tests/test_run_stream.py): the count
+    for its progress is a binary pass in chunks, and the prompts are read as they are used."""
+    from tl_logitlens.cli.prompts import PromptsFile
+
     path = tmp_path / "prompts.txt"
     path.write_text("".join(f"prompt number {i}\n" for i in range(100_000)), encoding="utf-8")
     started = time.perf_counter()
-    res = _in_process(["run", "demo", "--prompts-file", str(path), "--no-report"], capsys)
-    assert res.returncode == 2 and "more than 10,000 prompts" in _one_line(res.stderr)
+    prompts = PromptsFile.open(str(path))
+    assert prompts.n_prompts == 100_000
     assert time.perf_counter() - started < 5
+    lines = prompts.prompts()
+    assert [next(lines), next(lines)] == ["prompt number 0", "prompt number 1"]
+    lines.close()
 
 
 def test_fit_tuned_takes_max_prompts(model):

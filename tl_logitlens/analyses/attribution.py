@@ -11,7 +11,7 @@ promotes and suppresses. The arithmetic is in :mod:`tl_logitlens.analyses.dla_al
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, no_type_check
 
@@ -43,7 +43,14 @@ from tl_logitlens.core.readout import (
     soft_cap,
     transform_logits,
 )
-from tl_logitlens.core.results import RowsResult, common_fields, nested_token_strings, token_strings
+from tl_logitlens.core.results import (
+    RowsResult,
+    common_fields,
+    joined_batches,
+    nested_token_strings,
+    selected_prompts,
+    token_strings,
+)
 from tl_logitlens.core.run import Run, execute
 from tl_logitlens.lenses import LOGIT_LENS
 
@@ -59,6 +66,11 @@ DEFAULT_CHUNK_SIZE = 256
 
 # ----------------------------------------------------------------------------------------------
 # results
+
+
+# the prompt-indexed fields: with a read-position dim after the batch dim, and without one
+_ATTRIBUTION_DIMS = {"attribution": 1, "total": 0}
+_ATTRIBUTION_IDS = ("correct_ids", "incorrect_ids")
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -103,6 +115,32 @@ class AttributionResult(RowsResult):
     correct_ids: Int[torch.Tensor, "batch pair"]
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
     pair_labels: tuple[str, ...]
+
+    @classmethod
+    def concat(cls, parts: Sequence[AttributionResult]) -> AttributionResult:
+        """Results of disjoint batches (same unit, rows and pairs) joined along the batch, padded as
+        :meth:`LensResult.concat <tl_logitlens.LensResult.concat>` pads.
+
+        Raises:
+            ValueError: no parts, parts that differ in unit, metric, rows or pairs, or ``head_source``
+                results (their ``seq`` axis is not joined).
+        """
+        if not parts:
+            raise ValueError("concat needs at least one AttributionResult")
+        if len({(p.unit, p.metric, p.labels, p.grid_size, p.pair_labels, p.lens_name) for p in parts}) != 1:
+            raise ValueError("concat joins results with the same unit, metric, rows and pairs")
+        if parts[0].source_attribution is not None:
+            raise ValueError("concat does not join unit='head_source' results; attribute those prompts in one call")
+        if len(parts) == 1:
+            return parts[0]
+        return replace(parts[0], **joined_batches(parts, _ATTRIBUTION_DIMS, _ATTRIBUTION_IDS))
+
+    def select_prompts(self, order: Sequence[int]) -> AttributionResult:
+        """The prompts ``order[0], order[1], ...`` in that order (axes and padding kept)."""
+        if self.source_attribution is not None:
+            raise ValueError("select_prompts does not take unit='head_source' results")
+        dims = {**_ATTRIBUTION_DIMS, **dict.fromkeys(_ATTRIBUTION_IDS, 0)}
+        return replace(self, **selected_prompts(self, order, dims))
 
     @property
     def unexplained(self) -> Float[torch.Tensor, "batch pos pair"]:

@@ -8,7 +8,7 @@ pair's unembedding difference, a probe, a steering vector). Both return a :class
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
@@ -27,7 +27,9 @@ from tl_logitlens.core.results import (
     check_bootstrap,
     common_fields,
     interval_fields,
+    joined_batches,
     percentile_interval,
+    selected_prompts,
     token_strings,
 )
 from tl_logitlens.core.run import Run, execute
@@ -36,6 +38,9 @@ from tl_logitlens.lenses import resolve_lens, sites_or_default
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
+
+# the prompt-indexed fields with no read-position dim
+_STACKED = ("correct_ids", "incorrect_ids")
 
 NORM_VIEWS = (
     'norm="recompute" (the default) is the lens view: each site\'s residual state goes through the '
@@ -84,6 +89,31 @@ class DirectionResult(BootstrapInterval, ResultBase):
     incorrect_ids: Int[torch.Tensor, "batch pair"] | None
     norm: str
     include_bias: bool
+
+    @classmethod
+    def concat(cls, parts: Sequence[DirectionResult]) -> DirectionResult:
+        """Results of disjoint batches (same sites, settings, pairs) joined along the batch, padded as
+        :meth:`LensResult.concat <tl_logitlens.LensResult.concat>` pads; ``mean``/``low``/``high`` are
+        drawn again over every prompt, with the parts' bootstrap settings, as one call on all of them draws them.
+        """
+        if not parts:
+            raise ValueError("concat needs at least one DirectionResult")
+        keys = {(p.kind, p.labels, p.pair_labels, p.norm, p.include_bias, p.lens_name, p.n_bootstrap, p.confidence, p.seed) for p in parts}
+        if len(keys) != 1:
+            raise ValueError("concat joins results with the same kind, sites, pairs, norm, lens and bootstrap settings")
+        if len(parts) == 1:
+            return parts[0]
+        return parts[0]._with(joined_batches(parts, {"values": 1}, _STACKED))
+
+    def select_prompts(self, order: Sequence[int]) -> DirectionResult:
+        """The prompts ``order[0], order[1], ...`` in that order; the interval is drawn again over them."""
+        return self._with(selected_prompts(self, order, {"values": 1, **dict.fromkeys(_STACKED, 0)}))
+
+    def _with(self, batch_fields: dict[str, Any]) -> DirectionResult:
+        """This result with other prompts' fields, its summary over prompts computed again for them."""
+        settings = BootstrapSettings(self.n_bootstrap, self.confidence, self.seed)
+        summary = bootstrap_mean(batch_fields["values"], batch_fields["valid"], settings)
+        return replace(self, **batch_fields, **interval_fields(*summary, settings))
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format, one row per site × prompt × read position × pair; padding left out.

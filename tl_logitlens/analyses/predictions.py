@@ -30,7 +30,9 @@ from tl_logitlens.core.results import (
     DepthRows,
     LensStatistics,
     common_fields,
+    joined_batches,
     nested_token_strings,
+    selected_prompts,
     token_strings,
 )
 from tl_logitlens.core.run import Run, execute
@@ -50,6 +52,8 @@ _SITE_FIELDS = (
     "top_ids", "top_logprobs", "entropy", "kl_to_final", "next_logprobs", "next_ranks",
     "target_logprobs", "target_ranks", "final_top_logprobs", "final_top_ranks", "full_logprobs",
 )
+# each prompt-indexed tensor field and its batch dim (the read-position dim comes right after it)
+_BATCH_DIMS = {**dict.fromkeys(_SITE_FIELDS, 1), "next_ids": 0, "target_ids": 0, "final_top_ids": 0}
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -108,50 +112,11 @@ class LensResult(LensStatistics):
             raise ValueError("concat joins results with the same sites, norm, include_bias and lens")
         if len(parts) == 1:
             return parts[0]
-        width = max(p.positions.shape[1] for p in parts)
-        seq = max(p.tokens.shape[1] for p in parts)
-
-        def pad(t: torch.Tensor, dim: int, size: int, fill: float | int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = size - t.shape[dim]
-            return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
-
-        def join(name: str) -> torch.Tensor | None:
-            """Pad each part's ``pos`` dim (right after ``batch``) to the widest, then concatenate."""
-            first = getattr(parts[0], name)
-            if first is None:
-                return None
-            batch_dim = 1 if name in _SITE_FIELDS else 0
-            fill = -1 if not first.dtype.is_floating_point else float("nan")
-            return torch.cat([pad(getattr(p, name), batch_dim + 1, width, fill) for p in parts], dim=batch_dim)
-
-        positions = []
-        for p in parts:
-            n = p.positions.shape[1]
-            extra = torch.arange(n, width, device=p.positions.device).expand(p.positions.shape[0], -1)
-            positions.append(torch.cat([p.positions, extra], dim=1))
-        names = (*_SITE_FIELDS, "next_ids", "target_ids", "final_top_ids")
-        return replace(
-            parts[0],
-            tokens=torch.cat([pad(p.tokens, 1, seq, 0) for p in parts]),
-            str_tokens=tuple(s for p in parts for s in p.str_tokens),
-            positions=torch.cat(positions),
-            valid=torch.cat([pad(p.valid, 1, width, False) for p in parts]),
-            **{name: join(name) for name in names},
-        )
+        return replace(parts[0], **joined_batches(parts, _BATCH_DIMS))
 
     def select_prompts(self, order: Sequence[int]) -> LensResult:
         """The prompts ``order[0], order[1], ...`` of this result, in that order (axes and padding kept)."""
-        index = torch.as_tensor(list(order), dtype=torch.long)
-        if index.ndim != 1 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.str_tokens))):
-            raise ValueError(f"order must list prompt indices in [0, {len(self.str_tokens)}), got {list(order)[:8]}")
-
-        def take(name: str) -> torch.Tensor | None:
-            t = getattr(self, name)
-            return None if t is None else t.index_select(1 if name in _SITE_FIELDS else 0, index.to(t.device))
-
-        names = (*_SITE_FIELDS, "next_ids", "target_ids", "final_top_ids", "tokens", "positions", "valid")
-        return replace(self, str_tokens=tuple(self.str_tokens[i] for i in index.tolist()), **{n: take(n) for n in names})
+        return replace(self, **selected_prompts(self, order, _BATCH_DIMS))
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format: one row per site × prompt × position × top-k rank.

@@ -16,12 +16,12 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from tl_logitlens.cli.faithfulness import _add_faithfulness, _faithfulness_command
 from tl_logitlens.cli.fit import _add_fit, _fit_command
 from tl_logitlens.cli.lenses import _add_lenses, _lenses_command
+from tl_logitlens.cli.prompts import PromptProgress, PromptsFile
 from tl_logitlens.cli.shared import (
     PROG,
     TEXTS_HELP,
@@ -58,6 +58,8 @@ COMMANDS = ("demo", "run", "eval", "fit", "faithfulness", "lenses")
 # the report's plotly.js choices (reporting.page.PLOTLY_JS, kept here so --help needs no import)
 PLOTLY_JS = ("inline", "cdn", "directory")
 PLOTLY_JS_FILE = "plotly.min.js"
+# prompts per block of run --prompts-file, the first block the report's (reporting.stream.REPORT_PROMPTS, for --help)
+REPORT_PROMPTS = 2048
 
 EPILOG = f"""\
 examples (offline, on the built-in demo model and texts):
@@ -218,13 +220,24 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run the lens on a model and prompt(s)",
-        description="What each layer of MODEL predicts after the last token of each prompt.",
+        description="What each layer of MODEL predicts after the last token of each prompt. A --prompts-file "
+        "of any length streams through in bounded memory.",
         epilog=f"example:\n  {PROG} run gpt2 \"The Eiffel Tower is in the city of\" \\\n      --target \" Paris\" --versus \" Rome\"",
         formatter_class=_Formatter,
     )
     _model_and_device(run, "TransformerLens's choice")
     run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt, in quotes (or use --prompts-file)")
-    run.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line")
+    run.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="a UTF-8 text file with one prompt per line (blank lines skipped), of any length: streamed, "
+        f"{REPORT_PROMPTS:,} prompts at a time in bounded memory, with progress on stderr; every prompt's "
+        "rows go to --csv/--json as it runs (moved into place at the end), the table and the report show "
+        f"the first {REPORT_PROMPTS:,}",
+    )
+    run.add_argument(
+        "--batch-size", type=_positive, default=16, metavar="N", help="prompts per forward pass (default 16)"
+    )
     run.add_argument(
         "--target",
         metavar="TOKEN",
@@ -347,34 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# run --prompts-file reads at most this many prompts (each is kept in the report); eval streams a corpus
-MAX_RUN_PROMPTS = 10_000
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str]:
+def _read_prompts(args: argparse.Namespace) -> PromptsFile | list[str]:
+    """The prompts of ``run`` (the PROMPT, or the --prompts-file, counted and read later) or ``demo``."""
+    if args.command == "demo":
+        return [DEMO_PROMPT]
     if args.prompts_file is not None and args.prompt is not None:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
     if args.prompts_file is not None:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"no prompts file at {str(path)!r}; give a text file with one prompt per line")
-        prompts = []
-        try:
-            with path.open(encoding="utf-8") as fh:  # line by line: a huge file is refused, not read whole
-                for line in fh:
-                    if line.strip():
-                        prompts.append(line.rstrip("\r\n"))
-                    if len(prompts) > MAX_RUN_PROMPTS:
-                        raise UsageError(
-                            f"{str(path)!r} holds more than {MAX_RUN_PROMPTS:,} prompts; run reads every prompt "
-                            "through the lens for one report: give at most that many, or score a corpus with "
-                            f"'{PROG} eval MODEL --texts FILE' (bounded memory, checkpoints)"
-                        )
-        except UnicodeDecodeError:
-            raise UsageError(f"{str(path)!r} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
-        if not prompts:
-            raise UsageError(f"{str(path)!r} holds no prompts; write one prompt per line")
-        return prompts
+        return PromptsFile.open(args.prompts_file)
     if args.prompt is None:
         raise UsageError("give a PROMPT (in quotes) or --prompts-file FILE")
     if not args.prompt.strip():
@@ -417,76 +410,6 @@ def _lenses(specs: Sequence[str], model: Any, demo: bool = False) -> Any:
     return next(iter(lenses.values())) if len(lenses) == 1 else lenses
 
 
-def _lens_csv_frame(data: Any) -> Any:
-    """The lens table with the target's and the comparison token's columns beside each row."""
-    frame = data.lens.to_dataframe()
-    if data.lens.target_ids is None:
-        return frame
-    targets = data.lens.target_dataframe()
-    keys = ["site", "prompt", "position"]
-    for t, name in enumerate(("target", "versus")[: int(targets["target_index"].max()) + 1]):
-        part = targets[targets["target_index"] == t][[*keys, "target_id", "target", "logprob", "prob", "rank"]]
-        part = part.rename(
-            columns={
-                "target_id": f"{name}_id",
-                "target": name,
-                "logprob": f"{name}_logprob",
-                "prob": f"{name}_prob",
-                "rank": f"{name}_rank",
-            }
-        )
-        frame = frame.merge(part, on=keys, how="left")
-    return frame
-
-
-def _records(frame: Any) -> Any:
-    import json
-
-    return json.loads(frame.to_json(orient="records"))
-
-
-def _write_tables(data: Any, csv: str | None, json_path: str | None) -> None:
-    from tl_logitlens.core.files import atomic_write, atomic_write_text
-    from tl_logitlens.reporting import ReportData
-
-    causal = isinstance(data, ReportData)
-    if csv is not None:
-        frame = _lens_csv_frame(data) if causal else data.masked[0].to_dataframe()
-        atomic_write(csv, lambda tmp: frame.to_csv(tmp, index=False))
-    if json_path is None:
-        return
-    import json
-
-    payload: dict[str, Any] = {
-        "model": data.model_name,
-        "lens_name": data.lens_name,
-        "sites": list(data.sites),
-        "top_k": data.top_k,
-        "target": data.target,
-        "prompts": list(data.prompts),
-    }
-    if causal:
-        payload.update(
-            {
-                "norm": data.norm,
-                "versus": data.versus,
-                "padding_fraction": data.padding_fraction,
-                "lens": _records(data.lens.to_dataframe()),
-                "targets": None if data.lens.target_ids is None else _records(data.lens.target_dataframe()),
-                "logit_diff": None if data.logit_diff is None else _records(data.logit_diff.to_dataframe()),
-                "attribution": None if data.attribution is None else _records(data.attribution.to_dataframe()),
-                "head_attribution": None
-                if data.head_attribution is None
-                else _records(data.head_attribution.to_dataframe()),
-            }
-        )
-    else:
-        payload["masked"] = [_records(m.to_dataframe()) for m in data.masked]
-    atomic_write_text(json_path, json.dumps(payload, indent=1))
-
-
-
-
 def _print_legend(console: Any, legend: Sequence[str]) -> None:
     from tl_logitlens.cli.terminal import legend_lines
 
@@ -509,15 +432,16 @@ def _report_note(plotly_js: str) -> str:
 
 
 def _lens_command(args: argparse.Namespace) -> int:
-    """``demo`` and ``run``: the lens on prompts, a terminal table, the report and the tables."""
+    """``demo`` and ``run``: the lens on prompts, a terminal table, the report and the tables. The prompts
+    stream through (:func:`~tl_logitlens.reporting.stream.stream_report`): every prompt's rows go to
+    --csv/--json as they are computed, the table and the report show the first block of them."""
+    prompts = _read_prompts(args)
     if args.command == "demo":
-        model_name, prompts = "demo", [DEMO_PROMPT]
-        target, versus = DEMO_TARGET, DEMO_VERSUS
-        sites, norm, device, lens_specs = None, "recompute", None, [LOGIT_SPEC, *DEMO_LENSES]
+        model_name, target, versus = "demo", DEMO_TARGET, DEMO_VERSUS
+        sites, norm, device, lens_specs, batch_size = None, "recompute", None, [LOGIT_SPEC, *DEMO_LENSES], 16
     else:
-        model_name, prompts = args.model, _read_prompts(args)
-        target, versus = _token_arg(args.target), _token_arg(args.versus)
-        sites, norm, device, lens_specs = args.sites, args.norm, args.device, args.lens
+        model_name, target, versus = args.model, _token_arg(args.target), _token_arg(args.versus)
+        sites, norm, device, lens_specs, batch_size = args.sites, args.norm, args.device, args.lens, args.batch_size
         if versus is not None and target is None:
             raise UsageError("--versus needs --target: the logit difference is target minus versus")
     out = None if args.no_report else args.out
@@ -538,22 +462,20 @@ def _lens_command(args: argparse.Namespace) -> int:
     model = _load(model_name, device, err)
     lens = _lenses(lens_specs, model, demo=args.command == "demo")
     from tl_logitlens.lenses import lens_name
-    from tl_logitlens.reporting import ReportData, compute_report, write_report
+    from tl_logitlens.reporting import ReportData, write_report
+    from tl_logitlens.reporting.stream import stream_report
 
     settings = {"target": target, "versus": versus, "top_k": args.top_k, "sites": sites, "norm": norm, "lens": lens}
-    if len(prompts) > 1:
-        from rich.progress import Progress
-
-        # a bar on a terminal only: piped or captured, rich would leave a blank line behind
-        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task(lens_name(lens) if not isinstance(lens, dict) else next(iter(lens)), total=len(prompts))
-            data = compute_report(
-                model, prompts, **settings, progress=lambda done, total: progress.update(task, completed=done)
-            )
+    tables = {"csv": args.csv, "json_path": args.json, "batch_size": batch_size}
+    if isinstance(prompts, PromptsFile):
+        name = lens_name(lens) if not isinstance(lens, dict) else next(iter(lens))
+        with PromptProgress(err, prompts.n_prompts, name) as progress:
+            run = stream_report(model, prompts.prompts(), **settings, **tables, progress=progress)
     else:
-        data = compute_report(model, prompts, **settings)
+        run = stream_report(model, prompts, **settings, **tables)
+    data, n_prompts = run.data, run.n_prompts
     width = console.width
-    for line in prompt_lines(prompts, 1):
+    for line in prompt_lines(data.prompts, 1):
         console.print(line, markup=False)
     console.print()
     if isinstance(data, ReportData):
@@ -567,16 +489,26 @@ def _lens_command(args: argparse.Namespace) -> int:
                 console.print(table)
     else:
         _print_table(console, *masked_table(data, width))
-    if len(prompts) > 1:
-        console.print(f"{len(prompts) - 1} more prompt(s) in the report and in --csv/--json", style="dim")
-    _write_tables(data, args.csv, args.json)
+    if n_prompts > 1:
+        tables_asked = args.csv is not None or args.json is not None
+        console.print(_more_prompts(n_prompts, len(data.prompts), out is not None, tables_asked), style="dim")
     for path, what in ((args.csv, "table"), (args.json, "JSON")):
         if path is not None:
             console.print(f"wrote {what}: {path}")
     if out is not None:
-        path = write_report(data, out, max_prompts=SHOWN_PROMPTS, plotly_js=args.plotly_js)
+        path = write_report(data, out, max_prompts=SHOWN_PROMPTS, plotly_js=args.plotly_js, n_prompts=n_prompts)
         console.print(f"wrote report: {path}  ({_report_note(args.plotly_js)})")
     return 0
+
+
+def _more_prompts(n_prompts: int, n_kept: int, report: bool, tables: bool) -> str:
+    """The line under the table: where the other prompts are (the report holds the first ``n_kept``)."""
+    if n_kept >= n_prompts:
+        where = " and ".join(["the report"] * report + ["--csv/--json"] * tables) or "--csv/--json (give them to keep them)"
+        return f"{n_prompts - 1:,} more prompt(s) in {where}"
+    kept = f"the report covers the first {n_kept:,} of the {n_prompts:,}" if report else f"{n_prompts:,} in all"
+    rows = "every prompt is in --csv/--json" if tables else "give --csv/--json to keep every prompt"
+    return f"{n_prompts - 1:,} more prompt(s): {kept}; {rows}"
 
 
 # ------------------------------------------------------------------------------------------------

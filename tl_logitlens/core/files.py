@@ -29,7 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,24 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
             continue
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then move it onto ``path``.
+def _temporary(target: Path) -> Path:
+    """A new empty temporary file beside ``target``, named as its stale temporaries are recognised."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=TMP_SUFFIX, dir=target.parent)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write {str(target)!r} ({err.strerror or first_line(err)}); choose another place"
+        ) from None
+    os.close(fd)
+    return Path(tmp_name)
 
-    The temporary file is removed if ``write`` raises (or the process is interrupted), so a failed
-    write leaves the old file, if any, as it was; temporaries that killed saves of ``path`` left are
-    removed. Returns ``path`` as a ``Path``.
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to fill, for as long as the ``with`` block runs (a long job writes
+    it bit by bit); when the block ends, it is flushed to disk and moved onto ``path``. If the block
+    raises (or the process is interrupted), the temporary is removed and ``path`` is left as it was;
+    temporaries that killed writes of ``path`` left are removed first.
 
     Raises:
         TypeError: ``path`` is not a path.
@@ -157,27 +170,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     target = check_output_file(path, "the output path")
     remove_stale_temporaries(target.parent, target.name)
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=temporary_prefix(target.name), suffix=TMP_SUFFIX, dir=target.parent
-        )
-    except OSError as err:
-        raise ValueError(
-            f"cannot write {str(target)!r} ({err.strerror or first_line(err)}); choose another place"
-        ) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary(target)
     try:
         # mkstemp's file is private (0600); give it the mode the file has, or a new file would get
         os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~current_umask())
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as fh:  # the bytes reach the disk before the name points at them
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:  # an I/O error after the start (a full disk) stays an OSError
         tmp.unlink(missing_ok=True)
         raise
-    return target
+
+
+@contextmanager
+def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` (named as its temporaries are, so a killed job's is removed by the
+    next write of ``path``), for a part of it written before the whole; removed when the block ends."""
+    target = check_output_file(path, "the output path")
+    tmp = _temporary(target)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then move it onto ``path``
+    (:func:`atomic_output`: nothing is left behind when ``write`` raises). Returns ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        ValueError: its folder is missing or not writable (no temporary file can be made there), or
+            ``path`` is a folder.
+        OSError: the write itself failed (a full disk).
+    """
+    with atomic_output(path) as tmp:
+        write(tmp)
+    return check_path_argument(path, "the output path")
 
 
 def current_umask() -> int:

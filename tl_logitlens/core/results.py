@@ -241,3 +241,69 @@ def common_fields(model: Any, batch: Any, positions: torch.Tensor, valid: torch.
         "lens_name": lens_name,
         "tokenizer": getattr(model, "tokenizer", None),
     }
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int, fill: float | int) -> torch.Tensor:
+    """``t`` padded with ``fill`` along ``dim`` up to ``size``."""
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def joined_batches(parts: Sequence[Any], padded: dict[str, int], stacked: Sequence[str] = ()) -> dict[str, Any]:
+    """The :class:`ResultBase` fields and the named tensors of results of disjoint batches, joined along the
+    batch (for a result's ``concat``).
+
+    ``padded`` maps a tensor field to its batch dim; its read-position dim (the next one) is padded to the
+    widest part exactly as a batch pads it: ids -1, values NaN, ``valid`` False, positions counting on.
+    ``stacked`` fields (``[batch, ...]`` with no position dim, e.g. ``correct_ids``) are concatenated as
+    they are. A field that is None in the first part is None in the result.
+    """
+    width = max(p.positions.shape[1] for p in parts)
+    seq = max(p.tokens.shape[1] for p in parts)
+
+    def join(name: str, dim: int) -> torch.Tensor | None:
+        first = getattr(parts[0], name)
+        if first is None:
+            return None
+        fill = -1 if not first.dtype.is_floating_point else float("nan")
+        return torch.cat([_pad_to(getattr(p, name), dim + 1, width, fill) for p in parts], dim=dim)
+
+    positions = []
+    for p in parts:
+        n = p.positions.shape[1]
+        extra = torch.arange(n, width, device=p.positions.device).expand(p.positions.shape[0], -1)
+        positions.append(torch.cat([p.positions, extra], dim=1))
+    out: dict[str, Any] = {name: join(name, dim) for name, dim in padded.items()}
+    for name in stacked:
+        out[name] = None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+    return {
+        **out,
+        "tokens": torch.cat([_pad_to(p.tokens, 1, seq, 0) for p in parts]),
+        "str_tokens": tuple(s for p in parts for s in p.str_tokens),
+        "positions": torch.cat(positions),
+        "valid": torch.cat([_pad_to(p.valid, 1, width, False) for p in parts]),
+    }
+
+
+def selected_prompts(result: Any, order: Sequence[int], batch_dims: dict[str, int]) -> dict[str, Any]:
+    """The :class:`ResultBase` fields and the named tensors (``{field: batch dim}``) of ``result`` for the
+    prompts ``order[0], order[1], ...`` (for a result's ``select_prompts``; axes and padding kept).
+
+    Raises:
+        ValueError: an index outside the result's prompts.
+    """
+    index = torch.as_tensor(list(order), dtype=torch.long)
+    n = len(result.str_tokens)
+    if index.ndim != 1 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= n)):
+        raise ValueError(f"order must list prompt indices in [0, {n}), got {list(order)[:8]}")
+
+    def take(name: str, dim: int) -> torch.Tensor | None:
+        t = getattr(result, name)
+        return None if t is None else t.index_select(dim, index.to(t.device))
+
+    dims = {**batch_dims, "tokens": 0, "positions": 0, "valid": 0}
+    return {
+        **{name: take(name, dim) for name, dim in dims.items()},
+        "str_tokens": tuple(result.str_tokens[i] for i in index.tolist()),
+    }

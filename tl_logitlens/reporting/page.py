@@ -178,19 +178,27 @@ def _default_title(data: AnyReportData) -> str:
     return f"{kind}{' — ' + data.model_name if data.model_name else ''}"
 
 
-def _header(data: AnyReportData, title: str) -> list[str]:
+def _header(data: AnyReportData, title: str, n_prompts: int) -> list[str]:
     from tl_logitlens import __version__
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     norm = "" if isinstance(data, MaskedReportData) else f"norm <b>{escape(data.norm)}</b> · "
+    n_kept = len(data.prompts)
+    shown = f"{n_kept:,} prompt(s)" if n_prompts <= n_kept else f"the first {n_kept:,} of {n_prompts:,} prompts"
+    partial = [] if n_prompts <= n_kept else [
+        f'<p class="note">This report covers the first {n_kept:,} of the run\'s {n_prompts:,} prompts: its '
+        f"figures, means and intervals are over these {n_kept:,}. Every prompt is in the run's CSV and JSON "
+        "tables (<code>--csv</code>, <code>--json</code>).</p>"
+    ]
     return [
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">lens <b>{escape(data.lens_name)}</b> · model <b>{escape(data.model_name or "?")}</b> · '
         f"{norm}{len(data.sites)} sites ({escape(data.sites[0])} … {escape(data.sites[-1])}) · "
-        f"{len(data.prompts)} prompt(s) · top-k {data.top_k}"
+        f"{shown} · top-k {data.top_k}"
         + (f" · target {token_box(data.target)}" if data.target else "")
         + (f" versus {token_box(data.versus)}" if getattr(data, "versus", None) else "")
         + f" · tl_logitlens {escape(__version__)} · {when}</p>",
+        *partial,
     ]
 
 
@@ -203,8 +211,13 @@ def write_report(
     plotly_js: str = "inline",
     evaluation: Any = None,
     faithfulness: Any = None,
+    n_prompts: int | None = None,
 ) -> Path:
     """Write the figures and tables of ``data`` to one HTML file; return its path.
+
+    ``n_prompts``: how many prompts the run read when ``data`` holds only its first ones (a streamed
+    run, :func:`~tl_logitlens.reporting.stream.stream_report`): the header and a note say the report
+    covers the first ``len(data.prompts)`` of them.
 
     ``evaluation``: a :class:`~tl_logitlens.LensEvaluation` (from :func:`~tl_logitlens.evaluate_lenses`)
     whose corpus-scale section (per-site curves with bands, the table with intervals, the definition)
@@ -221,9 +234,11 @@ def write_report(
     out, max_prompts, plotly_js = check_page(out, max_prompts, plotly_js)
     if not isinstance(data, (ReportData, MaskedReportData)):
         raise TypeError(f"write_report takes the ReportData or MaskedReportData of compute_report, not {type(data).__name__}")
+    if n_prompts is not None and (isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < len(data.prompts)):
+        raise ValueError(f"n_prompts must be an int of at least the {len(data.prompts)} prompts data holds, got {n_prompts!r}")
     shown = list(range(min(len(data.prompts), max_prompts)))
     title = title or _default_title(data)
-    parts = _header(data, title) + [_howto(data)] + prompts_html(data, shown) + ["<h2>Figures</h2>"]
+    parts = _header(data, title, n_prompts or len(data.prompts)) + [_howto(data)] + prompts_html(data, shown) + ["<h2>Figures</h2>"]
     for i, figure in enumerate(figures(data, shown)):
         parts.append(f"<h3>{escape(figure.heading)}</h3>")
         parts.append(_figure_html(figure.fig, f"figure-{i}", figure.caption))
