@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -628,9 +627,9 @@ def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_
         if rank1 is not None:
             os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s for a stopped worker to take SIGTERM
         _, summary = run.communicate(timeout=60)
-    assert run.returncode != 0
-    # torchrun's summary: rank 0 is the first failure, with its own exit code 1 (not a signal)
-    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", summary), summary[-2000:]
+    # rank 0 failed on its own (it exited before rank 1 was killed, checked above); which failure torchrun's
+    # summary names first depends on when its monitor polled, so only the job's exit code is asserted of it
+    assert run.returncode != 0, summary[-2000:]
     (stderr,) = logs.glob("*/attempt_0/0/stderr.log")
     lines = [line for line in stderr.read_text().splitlines() if line.strip()]
     assert len(lines) == 1, lines
