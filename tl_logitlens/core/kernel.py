@@ -228,6 +228,7 @@ def default_tile_size(dtype: torch.dtype) -> int:
 # pass instead of a full per-row top-k, which costs as much as the rest of the fold together.
 _GROUP = 64
 _LOG2_E = 1.4426950408889634  # log2(e)
+_LN_2 = 0.6931471805599453  # ln(2) = 1 / log2(e)
 
 
 @dataclass(frozen=True)
@@ -282,12 +283,16 @@ class Unembedding:
         return z if self.transform is None else self.transform(z).float()
 
     def gather_logits(
-        self, x: Float[torch.Tensor, "row d_model"], ids: Int[torch.Tensor, "row q"]
-    ) -> Float[torch.Tensor, "row q"]:
-        """Float32 logits of the tokens ``ids[r]`` of each row ``r``: ``x[r] @ W_U[:, ids[r]]``, a small
-        gather-matmul (float32 accumulation, rounded to the model's dtype as the full matmul is)."""
+        self, x: Float[torch.Tensor, "*site row d_model"], ids: Int[torch.Tensor, "row q"]
+    ) -> Float[torch.Tensor, "*site row q"]:
+        """Float32 logits of the tokens ``ids[r]`` of each row ``r``: ``x[..., r, :] @ W_U[:, ids[r]]``, a small
+        gather-matmul (float32 accumulation, rounded to the model's dtype as the full matmul is). Leading
+        dimensions of ``x`` (sites) share one gather of ``W_U``'s columns: the gather, strided over a
+        ``[d_model, d_vocab]`` matrix, costs as much as all the small matmuls together."""
         w = self.W_U[:, ids].permute(1, 0, 2).float()  # [row, d_model, q]
-        z = torch.bmm(x.float()[:, None, :], w)[:, 0]
+        lead = x.shape[:-2]
+        xs = x.float().reshape(-1, *x.shape[-2:]).transpose(0, 1)  # [row, site, d_model]
+        z = torch.bmm(xs, w).transpose(0, 1).reshape(*lead, *ids.shape)
         if self.b_U is not None:
             z = z + self.b_U[ids].float()
         z = z.to(self.W_U.dtype).float()
@@ -304,6 +309,7 @@ class _Buffers:
 
     def __init__(self, rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
         n = rows * tile
+        self.tile = tile
         self._f32 = torch.empty(5, n, device=device)
         self._mm = None if mm_dtype == torch.float32 else torch.empty(n, dtype=mm_dtype, device=device)
 
@@ -320,10 +326,11 @@ class _Running:
     With ``m`` the running maximum logit: ``s = Σ exp(z - m)``, ``t = Σ exp(z - m)·(z - m)`` and
     ``u = Σ exp(zf - mf)·(z - m)`` against the final distribution's own running ``mf``; ``count``
     holds, per query, the number of logits strictly above the query's logit (float32 counts are
-    exact below 2**24); ``top_v``/``top_i`` the running top-k.
+    exact below 2**24); ``top_v``/``top_i`` the running top-k; ``own`` the tiles' logits at the
+    query's own column (one ``[row, q]`` gather per tile; the query's tile is picked once at the end).
     """
 
-    def __init__(self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None) -> None:
+    def __init__(self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None, tile: int) -> None:
         self.m: torch.Tensor | None = None
         self.s = self.t = self.u = None
         self.top_v: torch.Tensor | None = None
@@ -331,21 +338,65 @@ class _Running:
         self.q_logits = q_logits
         self.q_ids = q_ids
         self.count = None if q_logits is None else torch.zeros_like(q_logits)
+        self.q_local = None if q_ids is None else q_ids % tile
+        self.own: list[torch.Tensor] = []
+
+    def own_correction(self, tile: int) -> None:
+        """Take the query's own column out of its count: it is not above itself, even where the gathered
+        logit rounds differently from the tile's."""
+        own = torch.stack(self.own, -1).gather(-1, (self.q_ids // tile)[..., None])[..., 0]
+        self.count -= (own > self.q_logits).float()
 
 
 def _tile_topk(
-    z: Float[torch.Tensor, "row col"], k: int
+    z: Float[torch.Tensor, "row col"], k: int, group_max: Float[torch.Tensor, "row group"] | None
 ) -> tuple[Float[torch.Tensor, "row k"], Int[torch.Tensor, "row k"]]:
     """``z.topk(k)`` (values, column ids), found among the ``k`` groups of ``_GROUP`` columns with the
-    largest maxima: every one of the top-k lies in such a group, so the values are exact."""
+    largest maxima ``group_max`` (None where ``z``'s width is not a multiple of ``_GROUP``): every one
+    of the top-k lies in such a group, so the values are exact."""
     rows, cols = z.shape
-    if cols % _GROUP or cols // _GROUP < 2 * k:
+    if group_max is None or cols // _GROUP < 2 * k:
         return z.topk(k, dim=-1)
     groups = z.view(rows, cols // _GROUP, _GROUP)
-    _, gi = groups.amax(-1).topk(k, dim=-1)
+    _, gi = group_max.topk(k, dim=-1)
     cand = groups.gather(1, gi[:, :, None].expand(rows, k, _GROUP)).reshape(rows, k * _GROUP)
     vals, ci = cand.topk(k, dim=-1)
     return vals, gi.gather(1, ci // _GROUP) * _GROUP + ci % _GROUP
+
+
+def _fold_topk(run: _Running, z: Float[torch.Tensor, "row col"], col0: int, top_k: int) -> torch.Tensor:
+    """Merge tile ``z``'s top-k into ``run``'s running top-k; returns the tile's row maxima.
+
+    The group maxima (one pass) give the tile maximum; after the first tile only the rows with a
+    group above their running k-th value can change their top-k (a few rows, soon none: the running
+    values only rise), so only those rows are searched and merged. A ``topk`` costs ~0.5 µs a row, as
+    much as a pass over the tile, so searching every row of every tile cost ~15% of the bf16 matmul.
+    """
+    rows, cols = z.shape
+    group_max = None if cols % _GROUP else z.view(rows, cols // _GROUP, _GROUP).amax(-1)
+    if run.top_v is None:
+        run.top_v, ids = _tile_topk(z, top_k, group_max)
+        run.top_i = ids + col0
+        return run.top_v[:, 0].clone()  # not a view: the running top-k is updated in place
+    if group_max is None:  # a narrow last tile: search every row
+        vals, ids = z.topk(top_k, dim=-1)
+        hit = None
+        tile_max = vals[:, 0]
+    else:
+        tile_max = group_max.amax(-1)
+        hit = (group_max > run.top_v[:, top_k - 1 : top_k]).any(-1).nonzero()[:, 0]
+        if hit.numel() == 0:
+            return tile_max
+        vals, ids = _tile_topk(z[hit], top_k, group_max[hit])
+    top_v = run.top_v if hit is None else run.top_v[hit]
+    top_i = run.top_i if hit is None else run.top_i[hit]
+    v, pick = torch.cat([top_v, vals], 1).topk(top_k, dim=-1)
+    i = torch.cat([top_i, ids + col0], 1).gather(1, pick)
+    if hit is None:
+        run.top_v, run.top_i = v, i
+    else:
+        run.top_v[hit], run.top_i[hit] = v, i
+    return tile_max
 
 
 def _fold(
@@ -376,29 +427,19 @@ def _fold(
     if run.count is not None:
         for i in range(run.count.shape[1]):
             run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=scratch).sum(-1)
-        # a query's own column is not above it, even where the gathered logit rounds differently
-        local = run.q_ids - col0
-        inside = (local >= 0) & (local < cols)
-        own = z.gather(1, local.clamp(0, cols - 1))
-        run.count -= (inside & (own > run.q_logits)).float()
-    vals, ids = _tile_topk(z, top_k)
-    ids = ids + col0
-    tile_max = vals[:, 0]
-    if run.top_v is None:
-        run.top_v, run.top_i = vals, ids
-    else:
-        v, pick = torch.cat([run.top_v, vals], 1).topk(top_k, dim=-1)
-        run.top_v, run.top_i = v, torch.cat([run.top_i, ids], 1).gather(1, pick)
-    m_new = tile_max if run.m is None else torch.maximum(run.m, tile_max)
-    d = torch.sub(z, m_new[:, None], out=buffers.get(buffers.SHIFTED, rows, cols))
-    # exp(d) as exp2(d·log2 e): torch's float32 exp2 runs 3x faster than its exp on x86 CPUs (0.29 against
-    # 0.87 ns an element on one AVX-512 core), and rounding the product moves e by at most |d|·2⁻²⁴
-    # relative (1e-6 at d = -17, where e is 4e-8 already)
-    e = torch.mul(d, _LOG2_E, out=buffers.get(buffers.FINAL_EXP if final else buffers.EXP, rows, cols))
-    e = torch.exp2(e, out=e)
+        run.own.append(z.gather(1, run.q_local if cols == buffers.tile else run.q_local.clamp(max=cols - 1)))
+    m_new = _fold_topk(run, z, col0, top_k)
+    if run.m is not None:
+        m_new = torch.maximum(run.m, m_new)
+    # d2 = (z - m')·log2 e in one pass, and exp(z - m') as exp2(d2): torch's float32 exp2 runs 3x faster
+    # than its exp on x86 CPUs (0.29 against 0.87 ns an element on one AVX-512 core). Rounding z·log2 e
+    # moves d2 by at most |z|·2⁻²³ (2e-6 at |z| = 20), the float32 rounding of z - lse itself; the sums
+    # over d2 are turned back into nats (·ln 2) once per row
+    d = torch.add(m_new[:, None] * -_LOG2_E, z, alpha=_LOG2_E, out=buffers.get(buffers.SHIFTED, rows, cols))
+    e = torch.exp2(d, out=buffers.get(buffers.FINAL_EXP if final else buffers.EXP, rows, cols))
     e_sum = e.sum(-1)
-    t_tile = torch.mul(e, d, out=scratch).sum(-1)
-    u_tile = None if ef is None else torch.mul(ef, d, out=scratch).sum(-1)
+    t_tile = torch.mul(e, d, out=scratch).sum(-1) * _LN_2
+    u_tile = None if ef is None else torch.mul(ef, d, out=scratch).sum(-1) * _LN_2
     if run.m is None:
         a, s_old = torch.ones_like(m_new), torch.zeros_like(m_new)
         run.s, run.t, run.u = e_sum, t_tile, u_tile
@@ -501,9 +542,11 @@ def unembed_metrics(
         ids = query[sl]
         rows = ids.shape[0]
         xf = final_states(sl)
-        final = _Running(unembedding.gather_logits(xf, ids), ids) if final_sites else _Running(None, None)
         states = [site_states(s, sl) for s in others]
-        runs = [_Running(unembedding.gather_logits(x, ids), ids) for x in states]
+        # the query tokens' logits of every site at once: one gather of W_U's columns per chunk
+        q_logits = unembedding.gather_logits(torch.stack([xf, *states]), ids)
+        final = _Running(q_logits[0], ids, tile) if final_sites else _Running(None, None, tile)
+        runs = [_Running(q, ids, tile) for q in q_logits[1:]]
         for col0 in range(0, d_vocab, tile):
             cols = slice(col0, min(col0 + tile, d_vocab))
             width = cols.stop - col0
@@ -512,6 +555,8 @@ def unembed_metrics(
             for run, x in zip(runs, states):
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
+        for run in (final, *runs) if final_sites else runs:
+            run.own_correction(tile)
         block = _block_statistics(runs, final, final_sites, n_sites, top_k)
         check_finite(final.m + final.s.log(), block, start)
         for name, buf in out.items():
