@@ -224,6 +224,8 @@ def default_tile_size(dtype: torch.dtype) -> int:
     """The tile width for an unembedding of ``dtype``: :data:`DEFAULT_TILE_SIZE_16BIT` columns for bfloat16
     and float16, :data:`DEFAULT_TILE_SIZE` otherwise (where the fp32 lens already runs at its floor)."""
     return DEFAULT_TILE_SIZE_16BIT if dtype in (torch.bfloat16, torch.float16) else DEFAULT_TILE_SIZE
+
+
 # The tile's top-k is found among the top-k groups of _GROUP columns (by group maximum): one cheap
 # pass instead of a full per-row top-k, which costs as much as the rest of the fold together.
 _GROUP = 64
@@ -300,17 +302,19 @@ class Unembedding:
 
 
 class _Buffers:
-    """Scratch tiles reused by every fold: five ``[rows, tile]`` float32 blocks (logits, shifted logits,
-    the site's and the final distribution's ``exp``, products), plus the matmul's output in the model's
-    dtype when that is not float32. Views are cut from flat storage, so a narrower last tile or a
-    shorter last chunk is still contiguous."""
+    """Scratch tiles reused by every fold: three ``[rows, tile]`` float32 blocks (the logits, shifted in
+    place; a work block for comparisons, the site's ``exp`` and products; the final distribution's
+    ``exp``, which every site's fold reads), plus the matmul's output in the model's dtype when that is
+    not float32. Three blocks rather than five keep a fold's working set in the last-level cache
+    (with the tile's columns of ``W_U``). Views are cut from flat storage, so a narrower last tile or
+    a shorter last chunk is still contiguous."""
 
-    LOGITS, SHIFTED, EXP, FINAL_EXP, SCRATCH = range(5)
+    LOGITS, WORK, FINAL_EXP = range(3)
 
     def __init__(self, rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
         n = rows * tile
         self.tile = tile
-        self._f32 = torch.empty(5, n, device=device)
+        self._f32 = torch.empty(3, n, device=device)
         self._mm = None if mm_dtype == torch.float32 else torch.empty(n, dtype=mm_dtype, device=device)
 
     def get(self, which: int, rows: int, cols: int) -> torch.Tensor:
@@ -330,11 +334,14 @@ class _Running:
     query's own column (one ``[row, q]`` gather per tile; the query's tile is picked once at the end).
     """
 
-    def __init__(self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None, tile: int) -> None:
+    def __init__(
+        self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None, tile: int, rows: int, k: int, device: Any
+    ) -> None:
         self.m: torch.Tensor | None = None
         self.s = self.t = self.u = None
-        self.top_v: torch.Tensor | None = None
-        self.top_i: torch.Tensor | None = None
+        # -inf until the first tile fills them: every tile is merged the same way
+        self.top_v = torch.full((rows, k), float("-inf"), device=device)
+        self.top_i = torch.zeros(rows, k, dtype=torch.long, device=device)
         self.q_logits = q_logits
         self.q_ids = q_ids
         self.count = None if q_logits is None else torch.zeros_like(q_logits)
@@ -348,54 +355,48 @@ class _Running:
         self.count -= (own > self.q_logits).float()
 
 
-def _tile_topk(
-    z: Float[torch.Tensor, "row col"], k: int, group_max: Float[torch.Tensor, "row group"] | None
-) -> tuple[Float[torch.Tensor, "row k"], Int[torch.Tensor, "row k"]]:
-    """``z.topk(k)`` (values, column ids), found among the ``k`` groups of ``_GROUP`` columns with the
-    largest maxima ``group_max`` (None where ``z``'s width is not a multiple of ``_GROUP``): every one
-    of the top-k lies in such a group, so the values are exact."""
-    rows, cols = z.shape
-    if group_max is None or cols // _GROUP < 2 * k:
-        return z.topk(k, dim=-1)
-    groups = z.view(rows, cols // _GROUP, _GROUP)
-    _, gi = group_max.topk(k, dim=-1)
-    cand = groups.gather(1, gi[:, :, None].expand(rows, k, _GROUP)).reshape(rows, k * _GROUP)
-    vals, ci = cand.topk(k, dim=-1)
-    return vals, gi.gather(1, ci // _GROUP) * _GROUP + ci % _GROUP
-
-
 def _fold_topk(run: _Running, z: Float[torch.Tensor, "row col"], col0: int, top_k: int) -> torch.Tensor:
-    """Merge tile ``z``'s top-k into ``run``'s running top-k; returns the tile's row maxima.
+    """Merge tile ``z``'s values into ``run``'s running top-k; returns the tile's row maxima.
 
-    The group maxima (one pass) give the tile maximum; after the first tile only the rows with a
-    group above their running k-th value can change their top-k (a few rows, soon none: the running
-    values only rise), so only those rows are searched and merged. A ``topk`` costs ~0.5 µs a row, as
-    much as a pass over the tile, so searching every row of every tile cost ~15% of the bf16 matmul.
+    One pass takes the maxima of groups of ``_GROUP`` columns; the tile's top-k values lie in its
+    ``top_k`` groups with the largest maxima, so only those groups' values are merged (one ``topk`` of
+    the group maxima, one of the running values and the candidates). And only the rows with a group
+    maximum above their running k-th value can change (after the first tiles a minority: the running
+    values only rise). A ``topk`` costs ~0.5 µs a row, as much as a pass over an 8192-column tile, so
+    searching every row of every tile cost 10-15% of the bf16 matmul.
     """
     rows, cols = z.shape
-    group_max = None if cols % _GROUP else z.view(rows, cols // _GROUP, _GROUP).amax(-1)
-    if run.top_v is None:
-        run.top_v, ids = _tile_topk(z, top_k, group_max)
-        run.top_i = ids + col0
-        return run.top_v[:, 0].clone()  # not a view: the running top-k is updated in place
-    if group_max is None:  # a narrow last tile: search every row
-        vals, ids = z.topk(top_k, dim=-1)
-        hit = None
-        tile_max = vals[:, 0]
-    else:
+    grouped = cols % _GROUP == 0 and cols // _GROUP >= 2 * top_k
+    if grouped:
+        group_max = z.view(rows, cols // _GROUP, _GROUP).amax(-1)
         tile_max = group_max.amax(-1)
-        hit = (group_max > run.top_v[:, top_k - 1 : top_k]).any(-1).nonzero()[:, 0]
-        if hit.numel() == 0:
-            return tile_max
-        vals, ids = _tile_topk(z[hit], top_k, group_max[hit])
-    top_v = run.top_v if hit is None else run.top_v[hit]
-    top_i = run.top_i if hit is None else run.top_i[hit]
-    v, pick = torch.cat([top_v, vals], 1).topk(top_k, dim=-1)
-    i = torch.cat([top_i, ids + col0], 1).gather(1, pick)
-    if hit is None:
-        run.top_v, run.top_i = v, i
+        can_enter = group_max > run.top_v[:, top_k - 1 : top_k]
+    else:  # a narrow tile (the last one): every value is a candidate
+        group_max, tile_max = None, z.amax(-1)
+        can_enter = z > run.top_v[:, top_k - 1 : top_k]
+    hit = can_enter.any(-1)
+    if not bool(hit.any()):
+        return tile_max
+    sel = None if bool(hit.all()) else hit.nonzero()[:, 0]  # None: every row
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if sel is None else t[sel]
+
+    if grouped:
+        _, gi = pick(group_max).topk(top_k, dim=-1)
+        groups = z.view(rows, cols // _GROUP, _GROUP)
+        cand = groups.gather(1, gi[:, :, None].expand(-1, -1, _GROUP)) if sel is None else groups[sel[:, None], gi]
+        cand = cand.reshape(-1, top_k * _GROUP)
     else:
-        run.top_v[hit], run.top_i[hit] = v, i
+        cand = pick(z)
+    v, best = torch.cat([pick(run.top_v), cand], 1).topk(top_k, dim=-1)
+    c = (best - top_k).clamp(min=0)  # the candidates' own positions
+    new_ids = (gi.gather(1, c // _GROUP) * _GROUP + c % _GROUP if grouped else c) + col0
+    ids = torch.where(best < top_k, pick(run.top_i).gather(1, best.clamp(max=top_k - 1)), new_ids)
+    if sel is None:
+        run.top_v, run.top_i = v, ids
+    else:
+        run.top_v[sel], run.top_i[sel] = v, ids
     return tile_max
 
 
@@ -418,15 +419,16 @@ def _fold(
     distribution's own factor ``af`` and shift (its sum so far ``sf_seen``). Every summed term is
     ``exp(·)·(z - m)`` with ``z - m <= 0``, as small as the old ``p·log p`` terms, and each tile is
     summed by ``torch.sum``'s cascade, so the float32 totals stay accurate to ~1e-5 nats over a 50k
-    vocabulary. Returns the tile's ``exp(z - m')`` and the rescale factor and previous ``s`` (which
-    the sites need from the final distribution's fold).
+    vocabulary. ``z`` is overwritten. Returns the tile's ``exp(z - m')`` (kept only for the final
+    distribution: a site's is overwritten by its products) and the rescale factor and previous ``s``
+    (which the sites need from the final distribution's fold).
     """
     rows, cols = z.shape
-    scratch = buffers.get(buffers.SCRATCH, rows, cols)
+    work = buffers.get(buffers.WORK, rows, cols)
     # ranks: count before shifting, so each comparison is between the logits themselves
     if run.count is not None:
         for i in range(run.count.shape[1]):
-            run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=scratch).sum(-1)
+            run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=work).sum(-1)
         run.own.append(z.gather(1, run.q_local if cols == buffers.tile else run.q_local.clamp(max=cols - 1)))
     m_new = _fold_topk(run, z, col0, top_k)
     if run.m is not None:
@@ -434,12 +436,13 @@ def _fold(
     # d2 = (z - m')·log2 e in one pass, and exp(z - m') as exp2(d2): torch's float32 exp2 runs 3x faster
     # than its exp on x86 CPUs (0.29 against 0.87 ns an element on one AVX-512 core). Rounding z·log2 e
     # moves d2 by at most |z|·2⁻²³ (2e-6 at |z| = 20), the float32 rounding of z - lse itself; the sums
-    # over d2 are turned back into nats (·ln 2) once per row
-    d = torch.add(m_new[:, None] * -_LOG2_E, z, alpha=_LOG2_E, out=buffers.get(buffers.SHIFTED, rows, cols))
-    e = torch.exp2(d, out=buffers.get(buffers.FINAL_EXP if final else buffers.EXP, rows, cols))
+    # over d2 are turned back into nats (·ln 2) once per row. Every pass writes into z's or the work
+    # block (a site's exp is not needed past its own sums), so the fold touches three tile-sized blocks
+    d = torch.add(m_new[:, None] * -_LOG2_E, z, alpha=_LOG2_E, out=z)
+    e = torch.exp2(d, out=buffers.get(buffers.FINAL_EXP, rows, cols) if final else work)
     e_sum = e.sum(-1)
-    t_tile = torch.mul(e, d, out=scratch).sum(-1) * _LN_2
-    u_tile = None if ef is None else torch.mul(ef, d, out=scratch).sum(-1) * _LN_2
+    t_tile = torch.mul(e, d, out=work).sum(-1) * _LN_2
+    u_tile = None if ef is None else torch.mul(ef, d, out=work).sum(-1) * _LN_2
     if run.m is None:
         a, s_old = torch.ones_like(m_new), torch.zeros_like(m_new)
         run.s, run.t, run.u = e_sum, t_tile, u_tile
@@ -545,8 +548,11 @@ def unembed_metrics(
         states = [site_states(s, sl) for s in others]
         # the query tokens' logits of every site at once: one gather of W_U's columns per chunk
         q_logits = unembedding.gather_logits(torch.stack([xf, *states]), ids)
-        final = _Running(q_logits[0], ids, tile) if final_sites else _Running(None, None, tile)
-        runs = [_Running(q, ids, tile) for q in q_logits[1:]]
+        if final_sites:
+            final = _Running(q_logits[0], ids, tile, rows, k_final, device)
+        else:
+            final = _Running(None, None, tile, rows, k_final, device)
+        runs = [_Running(q, ids, tile, rows, top_k, device) for q in q_logits[1:]]
         for col0 in range(0, d_vocab, tile):
             cols = slice(col0, min(col0 + tile, d_vocab))
             width = cols.stop - col0
