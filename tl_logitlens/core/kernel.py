@@ -212,11 +212,12 @@ class SiteMetrics(BlockMetrics):
 # needs stay in the last-level cache, and the tile's matmul is still large enough to run at full speed.
 DEFAULT_TILE_SIZE = 2048
 # A 16-bit unembedding's matmul runs 2-3x faster (AVX-512 BF16, tensor cores), so each tile's fixed cost
-# (its top-k candidates, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x
-# more against it. unembed_metrics over 13 GPT-2-small sites of 256 rows on one AVX-512 BF16 core (CPU
-# time, best of 3, interleaved, on a loaded machine), over the bf16 matmul floor: 1.64x with 2048-column
-# tiles, 1.49x with 4096, 1.39x with 8192 (exp as exp2 in all three). Wider tiles cost memory, six
-# [256, 8192] float32 blocks (48 MiB), and nothing in accuracy.
+# (its top-k merge, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x more
+# against it. unembed_metrics over 13 GPT-2-small sites of 2 x 256 rows on one AVX-512 BF16 core (CPU time,
+# best of 5, interleaved, on a loaded machine), over the bf16 matmul floor: 1.36x with 2048-column tiles,
+# 1.26x with 4096, 1.26x with 8192 (before the fold used three blocks and merged only the rows its top-k
+# can change: 1.64x, 1.49x, 1.39x). Wider tiles cost memory, three [256, 8192] float32 blocks (24 MiB),
+# and nothing in accuracy.
 DEFAULT_TILE_SIZE_16BIT = 8192
 
 
@@ -433,10 +434,10 @@ def _fold(
     m_new = _fold_topk(run, z, col0, top_k)
     if run.m is not None:
         m_new = torch.maximum(run.m, m_new)
-    # d2 = (z - m')·log2 e in one pass, and exp(z - m') as exp2(d2): torch's float32 exp2 runs 3x faster
+    # d = (z - m')·log2 e in one pass, and exp(z - m') as exp2(d): torch's float32 exp2 runs 3x faster
     # than its exp on x86 CPUs (0.29 against 0.87 ns an element on one AVX-512 core). Rounding z·log2 e
-    # moves d2 by at most |z|·2⁻²³ (2e-6 at |z| = 20), the float32 rounding of z - lse itself; the sums
-    # over d2 are turned back into nats (·ln 2) once per row. Every pass writes into z's or the work
+    # and m'·log2 e moves d by about |z|·2⁻²³ at most (2e-6 at |z| = 20), the float32 rounding of z - lse
+    # itself; the tile's sums over d are turned back into nats (·ln 2) once per row. Every pass writes into z's or the work
     # block (a site's exp is not needed past its own sums), so the fold touches three tile-sized blocks
     d = torch.add(m_new[:, None] * -_LOG2_E, z, alpha=_LOG2_E, out=z)
     e = torch.exp2(d, out=buffers.get(buffers.FINAL_EXP, rows, cols) if final else work)
@@ -523,7 +524,7 @@ def unembed_metrics(
     counted tile by tile); then each ``tile_size``-column tile of the final logits and of every
     site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
     numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
-    Extra memory: the chunk's states and six ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
+    Extra memory: the chunk's states and three ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
     defaults to :func:`default_tile_size` of ``W_U``'s dtype.
 
     Raises:
