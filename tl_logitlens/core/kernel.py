@@ -363,22 +363,24 @@ def _fold_topk(run: _Running, z: Float[torch.Tensor, "row col"], col0: int, top_
     ``top_k`` groups with the largest maxima, so only those groups' values are merged (one ``topk`` of
     the group maxima, one of the running values and the candidates). And only the rows with a group
     maximum above their running k-th value can change (after the first tiles a minority: the running
-    values only rise). A ``topk`` costs ~0.5 µs a row, as much as a pass over an 8192-column tile, so
-    searching every row of every tile cost 10-15% of the bf16 matmul.
+    values only rise), so on a CPU only those rows are merged: a ``topk`` there costs ~0.5 µs a row, as
+    much as a pass over an 8192-column tile, and searching every row of every tile cost 10-15% of the
+    bf16 matmul.
     """
     rows, cols = z.shape
     grouped = cols % _GROUP == 0 and cols // _GROUP >= 2 * top_k
     if grouped:
         group_max = z.view(rows, cols // _GROUP, _GROUP).amax(-1)
         tile_max = group_max.amax(-1)
-        can_enter = group_max > run.top_v[:, top_k - 1 : top_k]
     else:  # a narrow tile (the last one): every value is a candidate
         group_max, tile_max = None, z.amax(-1)
-        can_enter = z > run.top_v[:, top_k - 1 : top_k]
-    hit = can_enter.any(-1)
-    if not bool(hit.any()):
-        return tile_max
-    sel = None if bool(hit.all()) else hit.nonzero()[:, 0]  # None: every row
+    if z.device.type == "cpu":
+        hit = ((z if group_max is None else group_max) > run.top_v[:, top_k - 1 : top_k]).any(-1)
+        if not bool(hit.any()):
+            return tile_max
+        sel = None if bool(hit.all()) else hit.nonzero()[:, 0]  # None: every row
+    else:  # an accelerator searches its rows in parallel; choosing them would wait on the device twice a tile
+        sel = None
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if sel is None else t[sel]
