@@ -214,11 +214,12 @@ class SiteMetrics(BlockMetrics):
 # needs stay in the last-level cache, and the tile's matmul is still large enough to run at full speed.
 DEFAULT_TILE_SIZE = 2048
 # A 16-bit unembedding's matmul runs 2-3x faster (AVX-512 BF16, tensor cores), so each tile's fixed cost
-# (its top-k candidates, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x
-# more against it. unembed_metrics over 13 GPT-2-small sites of 256 rows on one AVX-512 BF16 core (CPU
-# time, best of 3, interleaved, on a loaded machine), over the bf16 matmul floor: 1.64x with 2048-column
-# tiles, 1.49x with 4096, 1.39x with 8192 (exp as exp2 in all three). Wider tiles cost memory, six
-# [256, 8192] float32 blocks (48 MiB), and nothing in accuracy.
+# (its top-k merge, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x more
+# against it. unembed_metrics over 13 GPT-2-small sites of 2 x 256 rows on one AVX-512 BF16 core (CPU time,
+# best of 5, interleaved, on a loaded machine), over the bf16 matmul floor: 1.36x with 2048-column tiles,
+# 1.26x with 4096, 1.26x with 8192 (before the fold used three blocks and merged only the rows its top-k
+# can change: 1.64x, 1.49x, 1.39x). Wider tiles cost memory, three [256, 8192] float32 blocks (24 MiB),
+# and nothing in accuracy.
 DEFAULT_TILE_SIZE_16BIT = 8192
 
 
@@ -226,10 +227,13 @@ def default_tile_size(dtype: torch.dtype) -> int:
     """The tile width for an unembedding of ``dtype``: :data:`DEFAULT_TILE_SIZE_16BIT` columns for bfloat16
     and float16, :data:`DEFAULT_TILE_SIZE` otherwise (where the fp32 lens already runs at its floor)."""
     return DEFAULT_TILE_SIZE_16BIT if dtype in (torch.bfloat16, torch.float16) else DEFAULT_TILE_SIZE
+
+
 # The tile's top-k is found among the top-k groups of _GROUP columns (by group maximum): one cheap
 # pass instead of a full per-row top-k, which costs as much as the rest of the fold together.
 _GROUP = 64
 _LOG2_E = 1.4426950408889634  # log2(e)
+_LN_2 = 0.6931471805599453  # ln(2) = 1 / log2(e)
 
 
 @dataclass(frozen=True)
@@ -284,12 +288,16 @@ class Unembedding:
         return z if self.transform is None else self.transform(z).float()
 
     def gather_logits(
-        self, x: Float[torch.Tensor, "row d_model"], ids: Int[torch.Tensor, "row q"]
-    ) -> Float[torch.Tensor, "row q"]:
-        """Float32 logits of the tokens ``ids[r]`` of each row ``r``: ``x[r] @ W_U[:, ids[r]]``, a small
-        gather-matmul (float32 accumulation, rounded to the model's dtype as the full matmul is)."""
+        self, x: Float[torch.Tensor, "*site row d_model"], ids: Int[torch.Tensor, "row q"]
+    ) -> Float[torch.Tensor, "*site row q"]:
+        """Float32 logits of the tokens ``ids[r]`` of each row ``r``: ``x[..., r, :] @ W_U[:, ids[r]]``, a small
+        gather-matmul (float32 accumulation, rounded to the model's dtype as the full matmul is). Leading
+        dimensions of ``x`` (sites) share one gather of ``W_U``'s columns: the gather, strided over a
+        ``[d_model, d_vocab]`` matrix, costs as much as all the small matmuls together."""
         w = self.W_U[:, ids].permute(1, 0, 2).float()  # [row, d_model, q]
-        z = torch.bmm(x.float()[:, None, :], w)[:, 0]
+        lead = x.shape[:-2]
+        xs = x.float().reshape(-1, *x.shape[-2:]).transpose(0, 1)  # [row, site, d_model]
+        z = torch.bmm(xs, w).transpose(0, 1).reshape(*lead, *ids.shape)
         if self.b_U is not None:
             z = z + self.b_U[ids].float()
         z = z.to(self.W_U.dtype).float()
@@ -297,16 +305,19 @@ class Unembedding:
 
 
 class _Buffers:
-    """Scratch tiles reused by every fold: five ``[rows, tile]`` float32 blocks (logits, shifted logits,
-    the site's and the final distribution's ``exp``, products), plus the matmul's output in the model's
-    dtype when that is not float32. Views are cut from flat storage, so a narrower last tile or a
-    shorter last chunk is still contiguous."""
+    """Scratch tiles reused by every fold: three ``[rows, tile]`` float32 blocks (the logits, shifted in
+    place; a work block for comparisons, the site's ``exp`` and products; the final distribution's
+    ``exp``, which every site's fold reads), plus the matmul's output in the model's dtype when that is
+    not float32. Three blocks rather than five keep a fold's working set in the last-level cache
+    (with the tile's columns of ``W_U``). Views are cut from flat storage, so a narrower last tile or
+    a shorter last chunk is still contiguous."""
 
-    LOGITS, SHIFTED, EXP, FINAL_EXP, SCRATCH = range(5)
+    LOGITS, WORK, FINAL_EXP = range(3)
 
     def __init__(self, rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
         n = rows * tile
-        self._f32 = torch.empty(5, n, device=device)
+        self.tile = tile
+        self._f32 = torch.empty(3, n, device=device)
         self._mm = None if mm_dtype == torch.float32 else torch.empty(n, dtype=mm_dtype, device=device)
 
     def get(self, which: int, rows: int, cols: int) -> torch.Tensor:
@@ -322,32 +333,76 @@ class _Running:
     With ``m`` the running maximum logit: ``s = Σ exp(z - m)``, ``t = Σ exp(z - m)·(z - m)`` and
     ``u = Σ exp(zf - mf)·(z - m)`` against the final distribution's own running ``mf``; ``count``
     holds, per query, the number of logits strictly above the query's logit (float32 counts are
-    exact below 2**24); ``top_v``/``top_i`` the running top-k.
+    exact below 2**24); ``top_v``/``top_i`` the running top-k; ``own`` the tiles' logits at the
+    query's own column (one ``[row, q]`` gather per tile; the query's tile is picked once at the end).
     """
 
-    def __init__(self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None) -> None:
+    def __init__(
+        self, q_logits: torch.Tensor | None, q_ids: torch.Tensor | None, tile: int, rows: int, k: int, device: Any
+    ) -> None:
         self.m: torch.Tensor | None = None
         self.s = self.t = self.u = None
-        self.top_v: torch.Tensor | None = None
-        self.top_i: torch.Tensor | None = None
+        # -inf until the first tile fills them: every tile is merged the same way
+        self.top_v = torch.full((rows, k), float("-inf"), device=device)
+        self.top_i = torch.zeros(rows, k, dtype=torch.long, device=device)
         self.q_logits = q_logits
         self.q_ids = q_ids
         self.count = None if q_logits is None else torch.zeros_like(q_logits)
+        self.q_local = None if q_ids is None else q_ids % tile
+        self.own: list[torch.Tensor] = []
+
+    def own_correction(self, tile: int) -> None:
+        """Take the query's own column out of its count: it is not above itself, even where the gathered
+        logit rounds differently from the tile's."""
+        own = torch.stack(self.own, -1).gather(-1, (self.q_ids // tile)[..., None])[..., 0]
+        self.count -= (own > self.q_logits).float()
 
 
-def _tile_topk(
-    z: Float[torch.Tensor, "row col"], k: int
-) -> tuple[Float[torch.Tensor, "row k"], Int[torch.Tensor, "row k"]]:
-    """``z.topk(k)`` (values, column ids), found among the ``k`` groups of ``_GROUP`` columns with the
-    largest maxima: every one of the top-k lies in such a group, so the values are exact."""
+def _fold_topk(run: _Running, z: Float[torch.Tensor, "row col"], col0: int, top_k: int) -> torch.Tensor:
+    """Merge tile ``z``'s values into ``run``'s running top-k; returns the tile's row maxima.
+
+    One pass takes the maxima of groups of ``_GROUP`` columns; the tile's top-k values lie in its
+    ``top_k`` groups with the largest maxima, so only those groups' values are merged (one ``topk`` of
+    the group maxima, one of the running values and the candidates). And only the rows with a group
+    maximum above their running k-th value can change (after the first tiles a minority: the running
+    values only rise), so on a CPU only those rows are merged: a ``topk`` there costs ~0.5 µs a row, as
+    much as a pass over an 8192-column tile, and searching every row of every tile cost 10-15% of the
+    bf16 matmul.
+    """
     rows, cols = z.shape
-    if cols % _GROUP or cols // _GROUP < 2 * k:
-        return z.topk(k, dim=-1)
-    groups = z.view(rows, cols // _GROUP, _GROUP)
-    _, gi = groups.amax(-1).topk(k, dim=-1)
-    cand = groups.gather(1, gi[:, :, None].expand(rows, k, _GROUP)).reshape(rows, k * _GROUP)
-    vals, ci = cand.topk(k, dim=-1)
-    return vals, gi.gather(1, ci // _GROUP) * _GROUP + ci % _GROUP
+    grouped = cols % _GROUP == 0 and cols // _GROUP >= 2 * top_k
+    if grouped:
+        group_max = z.view(rows, cols // _GROUP, _GROUP).amax(-1)
+        tile_max = group_max.amax(-1)
+    else:  # a narrow tile (the last one): every value is a candidate
+        group_max, tile_max = None, z.amax(-1)
+    if z.device.type == "cpu":
+        hit = ((z if group_max is None else group_max) > run.top_v[:, top_k - 1 : top_k]).any(-1)
+        if not bool(hit.any()):
+            return tile_max
+        sel = None if bool(hit.all()) else hit.nonzero()[:, 0]  # None: every row
+    else:  # an accelerator searches its rows in parallel; choosing them would wait on the device twice a tile
+        sel = None
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if sel is None else t[sel]
+
+    if grouped:
+        _, gi = pick(group_max).topk(top_k, dim=-1)
+        groups = z.view(rows, cols // _GROUP, _GROUP)
+        cand = groups.gather(1, gi[:, :, None].expand(-1, -1, _GROUP)) if sel is None else groups[sel[:, None], gi]
+        cand = cand.reshape(-1, top_k * _GROUP)
+    else:
+        cand = pick(z)
+    v, best = torch.cat([pick(run.top_v), cand], 1).topk(top_k, dim=-1)
+    c = (best - top_k).clamp(min=0)  # the candidates' own positions
+    new_ids = (gi.gather(1, c // _GROUP) * _GROUP + c % _GROUP if grouped else c) + col0
+    ids = torch.where(best < top_k, pick(run.top_i).gather(1, best.clamp(max=top_k - 1)), new_ids)
+    if sel is None:
+        run.top_v, run.top_i = v, ids
+    else:
+        run.top_v[sel], run.top_i[sel] = v, ids
+    return tile_max
 
 
 def _fold(
@@ -369,38 +424,30 @@ def _fold(
     distribution's own factor ``af`` and shift (its sum so far ``sf_seen``). Every summed term is
     ``exp(·)·(z - m)`` with ``z - m <= 0``, as small as the old ``p·log p`` terms, and each tile is
     summed by ``torch.sum``'s cascade, so the float32 totals stay accurate to ~1e-5 nats over a 50k
-    vocabulary. Returns the tile's ``exp(z - m')`` and the rescale factor and previous ``s`` (which
-    the sites need from the final distribution's fold).
+    vocabulary. ``z`` is overwritten. Returns the tile's ``exp(z - m')`` (kept only for the final
+    distribution: a site's is overwritten by its products) and the rescale factor and previous ``s``
+    (which the sites need from the final distribution's fold).
     """
     rows, cols = z.shape
-    scratch = buffers.get(buffers.SCRATCH, rows, cols)
+    work = buffers.get(buffers.WORK, rows, cols)
     # ranks: count before shifting, so each comparison is between the logits themselves
     if run.count is not None:
         for i in range(run.count.shape[1]):
-            run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=scratch).sum(-1)
-        # a query's own column is not above it, even where the gathered logit rounds differently
-        local = run.q_ids - col0
-        inside = (local >= 0) & (local < cols)
-        own = z.gather(1, local.clamp(0, cols - 1))
-        run.count -= (inside & (own > run.q_logits)).float()
-    vals, ids = _tile_topk(z, top_k)
-    ids = ids + col0
-    tile_max = vals[:, 0]
-    if run.top_v is None:
-        run.top_v, run.top_i = vals, ids
-    else:
-        v, pick = torch.cat([run.top_v, vals], 1).topk(top_k, dim=-1)
-        run.top_v, run.top_i = v, torch.cat([run.top_i, ids], 1).gather(1, pick)
-    m_new = tile_max if run.m is None else torch.maximum(run.m, tile_max)
-    d = torch.sub(z, m_new[:, None], out=buffers.get(buffers.SHIFTED, rows, cols))
-    # exp(d) as exp2(d·log2 e): torch's float32 exp2 runs 3x faster than its exp on x86 CPUs (0.29 against
-    # 0.87 ns an element on one AVX-512 core), and rounding the product moves e by at most |d|·2⁻²⁴
-    # relative (1e-6 at d = -17, where e is 4e-8 already)
-    e = torch.mul(d, _LOG2_E, out=buffers.get(buffers.FINAL_EXP if final else buffers.EXP, rows, cols))
-    e = torch.exp2(e, out=e)
+            run.count[:, i] += torch.gt(z, run.q_logits[:, i : i + 1], out=work).sum(-1)
+        run.own.append(z.gather(1, run.q_local if cols == buffers.tile else run.q_local.clamp(max=cols - 1)))
+    m_new = _fold_topk(run, z, col0, top_k)
+    if run.m is not None:
+        m_new = torch.maximum(run.m, m_new)
+    # d = (z - m')·log2 e in one pass, and exp(z - m') as exp2(d): torch's float32 exp2 runs 3x faster
+    # than its exp on x86 CPUs (0.29 against 0.87 ns an element on one AVX-512 core). Rounding z·log2 e
+    # and m'·log2 e moves d by about |z|·2⁻²³ at most (2e-6 at |z| = 20), the float32 rounding of z - lse
+    # itself; the tile's sums over d are turned back into nats (·ln 2) once per row. Every pass writes into z's or the work
+    # block (a site's exp is not needed past its own sums), so the fold touches three tile-sized blocks
+    d = torch.add(m_new[:, None] * -_LOG2_E, z, alpha=_LOG2_E, out=z)
+    e = torch.exp2(d, out=buffers.get(buffers.FINAL_EXP, rows, cols) if final else work)
     e_sum = e.sum(-1)
-    t_tile = torch.mul(e, d, out=scratch).sum(-1)
-    u_tile = None if ef is None else torch.mul(ef, d, out=scratch).sum(-1)
+    t_tile = torch.mul(e, d, out=work).sum(-1) * _LN_2
+    u_tile = None if ef is None else torch.mul(ef, d, out=work).sum(-1) * _LN_2
     if run.m is None:
         a, s_old = torch.ones_like(m_new), torch.zeros_like(m_new)
         run.s, run.t, run.u = e_sum, t_tile, u_tile
@@ -481,10 +528,10 @@ def unembed_metrics(
     counted tile by tile); then each ``tile_size``-column tile of the final logits and of every
     site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
     numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
-    Extra memory: the chunk's states and six ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
-    defaults to :func:`default_tile_size` of ``W_U``'s dtype. The tiles and the query ids live on ``W_U``'s
-    device (where the states come: see :mod:`~tl_logitlens.core.devices`); the statistics are written
-    to ``device``, one chunk at a time.
+    Extra memory: the chunk's states and three ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
+    defaults to :func:`default_tile_size` of ``W_U``'s dtype. The tiles, the running statistics and the query
+    ids live on ``W_U``'s device (where the states come: see :mod:`~tl_logitlens.core.devices`); the
+    statistics are written to ``device``, one chunk at a time.
 
     Raises:
         NonFiniteError: a site's (or the final) logits hold NaN or inf at some row.
@@ -506,9 +553,14 @@ def unembed_metrics(
         ids = to_device(query[sl], readout)
         rows = ids.shape[0]
         xf = final_states(sl)
-        final = _Running(unembedding.gather_logits(xf, ids), ids) if final_sites else _Running(None, None)
         states = [site_states(s, sl) for s in others]
-        runs = [_Running(unembedding.gather_logits(x, ids), ids) for x in states]
+        # the query tokens' logits of every site at once: one gather of W_U's columns per chunk
+        q_logits = unembedding.gather_logits(torch.stack([xf, *states]), ids)
+        if final_sites:
+            final = _Running(q_logits[0], ids, tile, rows, k_final, readout)
+        else:
+            final = _Running(None, None, tile, rows, k_final, readout)
+        runs = [_Running(q, ids, tile, rows, top_k, readout) for q in q_logits[1:]]
         for col0 in range(0, d_vocab, tile):
             cols = slice(col0, min(col0 + tile, d_vocab))
             width = cols.stop - col0
@@ -517,6 +569,8 @@ def unembed_metrics(
             for run, x in zip(runs, states):
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
+        for run in (final, *runs) if final_sites else runs:
+            run.own_correction(tile)
         block = _block_statistics(runs, final, final_sites, n_sites, top_k)
         check_finite(final.m + final.s.log(), block, start)
         for name, buf in out.items():
