@@ -632,7 +632,7 @@ def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_
     assert run.returncode != 0, summary[-2000:]
     (stderr,) = logs.glob("*/attempt_0/0/stderr.log")
     lines = [line for line in stderr.read_text().splitlines() if line.strip()]
-    assert len(lines) == 1, lines
+    assert len(lines) == 1, (lines, summary[-3000:])
     assert lines[0].startswith("tl-logitlens: error: rank 0 of 2: ")
     assert f"another rank stopped, was killed or did not answer within {timeout_s} s (TL_LOGITLENS_TIMEOUT_S)" in lines[0]
     assert not (tmp_path / "j").exists()

@@ -120,7 +120,7 @@ def test_streamed_csv_and_json_equal_compute_report(demo, small_blocks, tokens, 
     html = Path("r.html").read_text(encoding="utf-8")
     assert f"the first {BLOCK} of {len(PROMPTS)} prompts" in html
     assert f"This report covers the first {BLOCK} of the run's {len(PROMPTS)} prompts" in html
-    assert f"the report covers the first {BLOCK} of the {len(PROMPTS)}; every prompt is in --csv/--json" in res.stdout
+    assert f"the report covers the first {BLOCK} of the {len(PROMPTS)}; every prompt is in --csv/--json" in " ".join(res.stdout.split())  # wrapped at a narrow console
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lens.csv", "lens.json", "prompts.txt", "r.html"]
 
 
@@ -195,7 +195,7 @@ def test_progress_lines_without_a_terminal(demo, small_blocks, tmp_path, monkeyp
     assert lines and all(line.startswith("tl-logitlens: logit lens: ") for line in lines), res.stderr
     assert lines[-1].startswith(f"tl-logitlens: logit lens: {len(PROMPTS)} of {len(PROMPTS)} prompts (100%)")
     assert len(lines) >= 5  # a line for each tenth passed (batches of 4: 17%, 35%, ...)
-    assert "more prompt(s): 23 in all; give --csv/--json to keep every prompt" in res.stdout
+    assert "more prompt(s): 23 in all; give --csv/--json to keep every prompt" in " ".join(res.stdout.split())
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
