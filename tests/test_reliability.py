@@ -566,35 +566,33 @@ def test_a_collective_whose_peer_stopped_or_died_fails_in_one_line_within_its_ti
     assert "\n" not in line and "rank 0 of 2: summing over the ranks failed" in line and "3 s" in line
 
 
-def _child_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of ``rank``: a child of ``parent`` with RANK=rank (Linux's /proc)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0") if ppid == parent else []
-        except (OSError, ValueError, IndexError):
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    return None
+STOP_AFTER_CHECKPOINT = """
+import os, signal, sys
+from tl_logitlens.cli import main
+from tl_logitlens.core.files import Checkpoint
 
+if os.environ["RANK"] == "1":  # rank 1 hangs (SIGSTOP) once it has saved a checkpoint: it is fitting
+    save = Checkpoint.save
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    def save_then_stop(self, state):
+        path = save(self, state)
+        with open(sys.argv[1] + ".tmp", "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return path
+
+    Checkpoint.save = save_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in Linux's /proc")
 def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_timeout(tmp_path):
-    """A real run: torchrun, 2 gloo processes, fit jacobian demo with TL_LOGITLENS_TIMEOUT_S=6. Once rank 1
-    has saved its first checkpoint (it is fitting), it is stopped (SIGSTOP: a hung peer, which nothing
-    else reports). Rank 0 finishes its share, waits at the first collective, and exits with code 1 within
-    the timeout plus its remaining work: one line (no traceback) naming the timeout and the lost peer."""
+    """A real run: torchrun, 2 gloo processes, fit jacobian demo with TL_LOGITLENS_TIMEOUT_S=6. Rank 1 stops
+    itself (SIGSTOP: a hung peer, which nothing else reports) right after saving its first checkpoint.
+    Rank 0 finishes its share, waits at the first collective, and exits with code 1 within the timeout
+    plus its remaining work: one line (no traceback) naming the timeout and the lost peer."""
     import signal
 
     from tests.helpers import torchrun_command
@@ -602,36 +600,33 @@ def test_under_torchrun_a_stopped_rank_makes_rank_0_fail_in_one_line_within_the_
     timeout_s = 6
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "TL_LOGITLENS_TIMEOUT_S": str(timeout_s)}
-    logs = tmp_path / "logs"  # each rank's stdout and stderr in its own file
+    logs, pid_file, script = tmp_path / "logs", tmp_path / "rank1.pid", tmp_path / "stop_after_checkpoint.py"
+    script.write_text(STOP_AFTER_CHECKPOINT, encoding="utf-8")
     args = ["fit", "jacobian", "demo", "--texts", "demo", "--max-prompts", "40", "--seq-len", "32", "--out", "j",
             "--checkpoint-dir", "ck", "--checkpoint-every", "1", "--no-progress"]
-    run = subprocess.Popen([*torchrun_command(2), "--log-dir", str(logs), "--redirects", "3", "-m", "tl_logitlens",
-                            *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rank1 = None
+    run = subprocess.Popen([*torchrun_command(2), "--log-dir", str(logs), "--redirects", "3", str(script),
+                            str(pid_file), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    rank0_log: list[Path] = []
     try:
         started = time.monotonic()
-        while not (tmp_path / "ck" / "rank1-of-2" / CHECKPOINT_FILE).exists():
+        while not pid_file.exists():
             assert run.poll() is None and time.monotonic() - started < 120, "rank 1 saved no checkpoint"
-            time.sleep(0.02)
-        rank0, rank1 = _child_pid(run.pid, 0), _child_pid(run.pid, 1)
-        assert rank0 is not None and rank1 is not None
-        os.kill(rank1, signal.SIGSTOP)
+            time.sleep(0.05)
         stopped = time.monotonic()
-        while _running(rank0):
-            assert time.monotonic() - stopped < timeout_s + 30, "rank 0 still waits for the stopped rank"
+        # rank 0's line appears in its log once the collective has timed out (torchrun keeps the job
+        # alive: it waits for the stopped rank 1, so rank 1 is killed here once rank 0 has spoken)
+        while not (rank0_log and rank0_log[0].read_text().strip()):
+            assert run.poll() is None, "torchrun ended before rank 0 reported the stopped rank"
+            assert time.monotonic() - stopped < timeout_s + 60, "rank 0 still waits for the stopped rank"
             time.sleep(0.05)
-        reaped = time.monotonic()  # torchrun reaps rank 0 when it sees it fail: only then may rank 1 go
-        while Path(f"/proc/{rank0}").exists() and time.monotonic() - reaped < 30:
-            time.sleep(0.05)
+            rank0_log = list(logs.glob("*/attempt_0/0/stderr.log"))
     finally:
-        if rank1 is not None:
-            os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s for a stopped worker to take SIGTERM
-        _, summary = run.communicate(timeout=60)
-    # rank 0 failed on its own (it exited before rank 1 was killed, checked above); which failure torchrun's
-    # summary names first depends on when its monitor polled, so only the job's exit code is asserted of it
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a stopped worker would not take SIGTERM
+        _, summary = run.communicate(timeout=90)
     assert run.returncode != 0, summary[-2000:]
-    (stderr,) = logs.glob("*/attempt_0/0/stderr.log")
-    lines = [line for line in stderr.read_text().splitlines() if line.strip()]
+    lines = [line for line in rank0_log[0].read_text().splitlines() if line.strip()]
     assert len(lines) == 1, (lines, summary[-3000:])
     assert lines[0].startswith("tl-logitlens: error: rank 0 of 2: ")
     assert f"another rank stopped, was killed or did not answer within {timeout_s} s (TL_LOGITLENS_TIMEOUT_S)" in lines[0]

@@ -612,6 +612,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, DistributedError):
             raise
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")  # a peer under torchrun stopped: one line
+        from tl_logitlens.core.distributed import launched_by_torchrun
+
+        if launched_by_torchrun():
+            # gloo's threads may still wait on the lost peer, and the interpreter's teardown of them can
+            # abort the process (SIGABRT, "terminate called without an active exception", seen under load
+            # after a timed-out send): the line is written, so leave now with its exit code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
