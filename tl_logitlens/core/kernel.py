@@ -348,13 +348,14 @@ class _Running:
         self.q_logits = q_logits
         self.q_ids = q_ids
         self.count = None if q_logits is None else torch.zeros_like(q_logits)
+        self.tile = tile
         self.q_local = None if q_ids is None else q_ids % tile
         self.own: list[torch.Tensor] = []
 
-    def own_correction(self, tile: int) -> None:
+    def own_correction(self) -> None:
         """Take the query's own column out of its count: it is not above itself, even where the gathered
         logit rounds differently from the tile's."""
-        own = torch.stack(self.own, -1).gather(-1, (self.q_ids // tile)[..., None])[..., 0]
+        own = torch.stack(self.own, -1).gather(-1, (self.q_ids // self.tile)[..., None])[..., 0]
         self.count -= (own > self.q_logits).float()
 
 
@@ -554,13 +555,14 @@ def unembed_metrics(
         rows = ids.shape[0]
         xf = final_states(sl)
         states = [site_states(s, sl) for s in others]
-        # the query tokens' logits of every site at once: one gather of W_U's columns per chunk
-        q_logits = unembedding.gather_logits(torch.stack([xf, *states]), ids)
+        # the query tokens' logits of every site at once (the final states' only where they are a site):
+        # one gather of W_U's columns per chunk
+        q_logits = list(unembedding.gather_logits(torch.stack([xf, *states] if final_sites else states), ids))
         if final_sites:
-            final = _Running(q_logits[0], ids, tile, rows, k_final, readout)
+            final = _Running(q_logits.pop(0), ids, tile, rows, k_final, readout)
         else:
             final = _Running(None, None, tile, rows, k_final, readout)
-        runs = [_Running(q, ids, tile, rows, top_k, readout) for q in q_logits[1:]]
+        runs = [_Running(q, ids, tile, rows, top_k, readout) for q in q_logits]
         for col0 in range(0, d_vocab, tile):
             cols = slice(col0, min(col0 + tile, d_vocab))
             width = cols.stop - col0
@@ -570,7 +572,7 @@ def unembed_metrics(
                 z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
         for run in (final, *runs) if final_sites else runs:
-            run.own_correction(tile)
+            run.own_correction()
         block = _block_statistics(runs, final, final_sites, n_sites, top_k)
         check_finite(final.m + final.s.log(), block, start)
         for name, buf in out.items():
