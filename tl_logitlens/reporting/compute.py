@@ -195,10 +195,14 @@ class CausalSettings:
     sites: Any
     norm: str
     lens: Any
-    read: dict[str, Any]
     compared: Mapping[str, Any] | None
     compared_sites: Any
     main_name: str | None
+
+    @property
+    def read(self) -> dict[str, Any]:
+        """How the sites are read: the keywords :func:`logit_lens` and :func:`logit_diff` take."""
+        return {"sites": self.sites, "norm": self.norm, "lens": self.lens}
 
 
 def causal_settings(
@@ -233,7 +237,6 @@ def causal_settings(
         sites=sites,
         norm=norm,
         lens=lens,
-        read={"sites": sites, "norm": norm, "lens": lens},
         compared=compared,
         compared_sites=asked_sites,
         main_name=main_name,

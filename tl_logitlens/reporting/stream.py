@@ -51,10 +51,9 @@ CAUSAL_LISTS = ("prompts", "lens", "targets", "logit_diff", "attribution", "head
 MASKED_LISTS = ("prompts", "masked")
 
 
-def lens_csv_frame(lens: Any, frame: Any = None) -> Any:
-    """The lens table (``frame``: ``lens.to_dataframe()``, when already made) with the target's and the
-    comparison token's columns beside each row."""
-    frame = lens.to_dataframe() if frame is None else frame
+def lens_csv_frame(lens: Any) -> Any:
+    """The lens table with the target's and the comparison token's columns beside each row (the CSV's rows)."""
+    frame = lens.to_dataframe()
     if lens.target_ids is None:
         return frame
     return _with_targets(frame, lens.target_dataframe())
@@ -265,9 +264,9 @@ def stream_report(
     of the first :data:`REPORT_PROMPTS` prompts. ``progress(done)`` is called with the prompts done so far.
 
     The arguments are :func:`~tl_logitlens.reporting.compute_report`'s (several lenses: compared over the
-    report's prompts only). The CSV and JSON hold what :func:`write_tables` writes for
-    the results of ``compute_report(model, all_prompts)`` hold (``to_dataframe()`` of each), every record
-    numbered by its prompt's place in ``prompts``; the rows come a few prompts at a time, in the prompts'
+    report's prompts only). The CSV holds :func:`lens_csv_frame` and the JSON the ``to_dataframe()``
+    records of every result ``compute_report(model, all_prompts)`` would hold, every record numbered by its
+    prompt's place in ``prompts``; the rows come a few prompts at a time, in the prompts'
     order. A masked LM's prompts run one at a time (the sliding mask: the report's first three).
 
     Raises:
