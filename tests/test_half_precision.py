@@ -11,7 +11,8 @@ import torch
 
 import tl_logitlens as tl
 from tests.helpers import SENTENCES, assert_close, tiny_model
-from tl_logitlens.core.kernel import Unembedding, default_tile_size, unembed_metrics
+from tl_logitlens.core import kernel
+from tl_logitlens.core.kernel import Unembedding, unembed_metrics
 from tl_logitlens.lenses.jacobian_fitting import _check_finite_sums
 
 TEXTS = [*SENTENCES, " ".join(SENTENCES)]
@@ -99,18 +100,20 @@ def test_an_overflowing_float16_fit_is_refused():
         tl.fit_jacobian_lens(low, TEXTS, **FIT)
 
 
-def test_a_bf16_unembedding_reads_wider_tiles_with_the_same_numbers():
-    """bf16's default tile (8192 columns, default_tile_size) against 2048-column tiles on a 20000-token
-    vocabulary: the same statistics to float32 rounding, the same ranks exactly."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sites_stacked_into_one_matmul_give_the_numbers_of_one_matmul_each(dtype, monkeypatch):
+    """Each tile's logits of a group of sites come from one matmul of their stacked states (GROUP_ROWS): the
+    same statistics as one matmul per site, to float32 rounding, and the same ranks, on a 20000-token
+    vocabulary, with groups that do and do not divide the sites."""
     gen = torch.Generator().manual_seed(0)
-    d_model, d_vocab, rows, n_sites = 16, 20_000, 40, 3
-    W_U = (3 * torch.randn(d_model, d_vocab, generator=gen) / d_model**0.5).bfloat16()
-    b_U = (0.5 * torch.randn(d_vocab, generator=gen)).bfloat16()
-    states = torch.randn(n_sites, rows, d_model, generator=gen).bfloat16()
+    d_model, d_vocab, rows, n_sites = 16, 20_000, 40, 5
+    W_U = (3 * torch.randn(d_model, d_vocab, generator=gen) / d_model**0.5).to(dtype)
+    b_U = (0.5 * torch.randn(d_vocab, generator=gen)).to(dtype)
+    states = torch.randn(n_sites, rows, d_model, generator=gen).to(dtype)
     query = torch.randint(0, d_vocab, (rows, 2), generator=gen)
-    assert default_tile_size(torch.bfloat16) == 8192 and default_tile_size(torch.float32) == 2048
 
-    def run(tile_size):
+    def run(group_rows):
+        monkeypatch.setattr(kernel, "GROUP_ROWS", group_rows)
         return unembed_metrics(
             lambda s, sl: states[s, sl],
             n_sites,
@@ -121,12 +124,13 @@ def test_a_bf16_unembedding_reads_wider_tiles_with_the_same_numbers():
             16,
             Unembedding(W_U, b_U),
             "cpu",
-            tile_size=tile_size,
         )
 
-    wide, narrow = run(None), run(2048)
-    # bf16 logits tie often (8 bits of mantissa): tied top tokens may come in another order, their values not
-    assert torch.equal(wide.query_ranks, narrow.query_ranks)
-    assert (wide.top_ids == narrow.top_ids).float().mean() > 0.9
-    for name in ("top_logprobs", "entropy", "kl_to_final", "query_logprobs"):
-        assert_close(getattr(wide, name), getattr(narrow, name), atol=2e-5, msg=name)
+    one_each = run(16)  # chunks of 16 rows: one site per matmul
+    for group_rows in (kernel.GROUP_ROWS, 32, 48):  # every site at once; 2 sites a matmul; 3 (5 = 3 + 2)
+        stacked = run(group_rows)
+        # bf16 logits tie often (8 bits of mantissa): tied top tokens may come in another order, their values not
+        assert torch.equal(stacked.query_ranks, one_each.query_ranks)
+        assert (stacked.top_ids == one_each.top_ids).float().mean() > 0.9
+        for name in ("top_logprobs", "entropy", "kl_to_final", "query_logprobs"):
+            assert_close(getattr(stacked, name), getattr(one_each, name), atol=2e-5, msg=name)

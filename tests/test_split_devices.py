@@ -155,7 +155,7 @@ def test_each_tool_moves_the_same_tensors_whatever_the_vocabulary_tiling(setting
         TOOLS[tool](two, lenses)
         default = list(elsewhere.MOVES)
         monkeypatch.setattr(lens_dictionary_module, "TILE_BYTES", 16 * 4 * one.cfg.d_model)
-        monkeypatch.setattr(kernel, "default_tile_size", lambda dtype: 16)
+        monkeypatch.setattr(kernel, "DEFAULT_TILE_SIZE", 16)
         elsewhere.MOVES.clear()
         TOOLS[tool](two, lenses)
         assert elsewhere.MOVES == default

@@ -15,7 +15,7 @@ reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,23 +210,16 @@ class SiteMetrics(BlockMetrics):
     final_top1: Int[torch.Tensor, " row"]
 
 
-# Vocabulary columns per tile: a [256, 2048] float32 tile is 2 MiB, so the few buffers one tile
-# needs stay in the last-level cache, and the tile's matmul is still large enough to run at full speed.
+# Vocabulary columns per tile: a [256, 2048] float32 block is 2 MiB, so the few blocks a fold uses
+# stay in the last-level cache.
 DEFAULT_TILE_SIZE = 2048
-# A 16-bit unembedding's matmul runs 2-3x faster (AVX-512 BF16, tensor cores), so each tile's fixed cost
-# (its top-k merge, rank counts and a few dozen small kernels, the same for any width) weighs 2-3x more
-# against it. unembed_metrics over 13 GPT-2-small sites of 2 x 256 rows on one AVX-512 BF16 core (CPU time,
-# best of 5, interleaved, on a loaded machine), over the bf16 matmul floor: 1.36x with 2048-column tiles,
-# 1.26x with 4096, 1.26x with 8192 (before the fold used three blocks and merged only the rows its top-k
-# can change: 1.64x, 1.49x, 1.39x). Wider tiles cost memory, three [256, 8192] float32 blocks (24 MiB),
-# and nothing in accuracy.
-DEFAULT_TILE_SIZE_16BIT = 8192
-
-
-def default_tile_size(dtype: torch.dtype) -> int:
-    """The tile width for an unembedding of ``dtype``: :data:`DEFAULT_TILE_SIZE_16BIT` columns for bfloat16
-    and float16, :data:`DEFAULT_TILE_SIZE` otherwise (where the fp32 lens already runs at its floor)."""
-    return DEFAULT_TILE_SIZE_16BIT if dtype in (torch.bfloat16, torch.float16) else DEFAULT_TILE_SIZE
+# Rows per matmul: each tile's logits of a group of sites come from one matmul of their stacked states
+# (a chunk's rows of up to GROUP_ROWS // chunk_size sites), so W_U's tile is read and packed once per group
+# rather than once per site, and the matmul is tall enough to run at full speed. unembed_metrics over 13
+# GPT-2-small sites of 2 x 256 rows on one AVX-512 BF16 core (best of 3, interleaved), over the matmul floor
+# of the model's dtype: bf16 1.30x one site per matmul, 1.19x with 4096 rows; fp32 0.84x and 0.79x. The
+# group's output is the largest buffer: [4096, 2048] in W_U's dtype (16 MiB in bf16, 32 MiB in float32).
+GROUP_ROWS = 4096
 
 
 # The tile's top-k is found among the top-k groups of _GROUP columns (by group maximum): one cheap
@@ -268,21 +261,25 @@ class Unembedding:
     def d_vocab(self) -> int:
         return self.W_U.shape[1]
 
-    def logits(
-        self,
-        x: Float[torch.Tensor, "row d_model"],
-        cols: slice,
-        out: Float[torch.Tensor, "row col"] | None = None,
-        out_mm: torch.Tensor | None = None,
+    def logits(self, x: Float[torch.Tensor, "row d_model"], cols: slice) -> Float[torch.Tensor, "row col"]:
+        """Float32 logits of the columns ``cols``."""
+        return self.to_float(self.matmul(x, cols))
+
+    def matmul(
+        self, x: Float[torch.Tensor, "row d_model"], cols: slice, out: torch.Tensor | None = None
     ) -> Float[torch.Tensor, "row col"]:
-        """Float32 logits of the columns ``cols``, written into ``out`` when given (float32; ``out_mm``, of
-        ``W_U``'s dtype, takes the matmul's result first when that dtype is not float32)."""
+        """``x @ W_U[:, cols] (+ b_U[cols])`` in ``W_U``'s dtype (into ``out`` when given): the logits before
+        :meth:`to_float`."""
         w = self.W_U[:, cols]
-        mm_out = out if self.W_U.dtype == torch.float32 else out_mm
         if self.b_U is not None:
-            z = torch.addmm(self.b_U[cols], x, w, out=mm_out)
-        else:
-            z = torch.mm(x, w, out=mm_out)
+            return torch.addmm(self.b_U[cols], x, w, out=out)
+        return torch.mm(x, w, out=out)
+
+    def to_float(
+        self, z: Float[torch.Tensor, "row col"], out: Float[torch.Tensor, "row col"] | None = None
+    ) -> Float[torch.Tensor, "row col"]:
+        """:meth:`matmul`'s result as float32 logits (converted into ``out`` when given and needed), then
+        transformed."""
         if z.dtype != torch.float32:
             z = z.float() if out is None else out.copy_(z)
         return z if self.transform is None else self.transform(z).float()
@@ -305,26 +302,42 @@ class Unembedding:
 
 
 class _Buffers:
-    """Scratch tiles reused by every fold: three ``[rows, tile]`` float32 blocks (the logits, shifted in
-    place; a work block for comparisons, the site's ``exp`` and products; the final distribution's
-    ``exp``, which every site's fold reads), plus the matmul's output in the model's dtype when that is
-    not float32. Three blocks rather than five keep a fold's working set in the last-level cache
-    (with the tile's columns of ``W_U``). Views are cut from flat storage, so a narrower last tile or
-    a shorter last chunk is still contiguous."""
+    """Scratch reused by every fold: the output of one stacked matmul (a group of sites' logits for one
+    tile, ``[group_rows, tile]`` in ``W_U``'s dtype), and ``[rows, tile]`` float32 blocks: a work block
+    (comparisons, a site's ``exp`` and its products), the final distribution's ``exp`` (which every
+    site's fold reads) and, where ``W_U`` is not float32, one site's logits converted to float32 (a
+    float32 matmul's output is folded where it lies). Views are cut from flat storage, so a narrower
+    last tile or a shorter last chunk is still contiguous."""
 
-    LOGITS, WORK, FINAL_EXP = range(3)
+    WORK, FINAL_EXP, LOGITS = range(3)
 
-    def __init__(self, rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
-        n = rows * tile
+    def __init__(self, rows: int, group_rows: int, tile: int, device: torch.device | str, mm_dtype: torch.dtype) -> None:
         self.tile = tile
-        self._f32 = torch.empty(3, n, device=device)
-        self._mm = None if mm_dtype == torch.float32 else torch.empty(n, dtype=mm_dtype, device=device)
+        self._f32 = torch.empty(2 if mm_dtype == torch.float32 else 3, rows * tile, device=device)
+        self._mm = torch.empty(group_rows * tile, dtype=mm_dtype, device=device)
 
     def get(self, which: int, rows: int, cols: int) -> torch.Tensor:
         return self._f32[which, : rows * cols].view(rows, cols)
 
-    def matmul(self, rows: int, cols: int) -> torch.Tensor | None:
-        return None if self._mm is None else self._mm[: rows * cols].view(rows, cols)
+    def matmul(self, rows: int, cols: int) -> torch.Tensor:
+        return self._mm[: rows * cols].view(rows, cols)
+
+    def logits(self, rows: int, cols: int) -> torch.Tensor | None:
+        """The block a 16-bit site's logits are converted into; None for a float32 matmul (folded in place)."""
+        return None if self._mm.dtype == torch.float32 else self.get(self.LOGITS, rows, cols)
+
+
+def _site_tiles(
+    unembedding: Unembedding, xs: Float[torch.Tensor, "site row d_model"], cols: slice, per_group: int, buffers: _Buffers
+) -> Iterator[Float[torch.Tensor, "row col"]]:
+    """Each site's float32 logits of the columns ``cols``, in ``xs``'s order: one matmul per ``per_group`` sites
+    (their states stacked), each site's part converted as it is asked for (the next overwrites it)."""
+    rows, width = xs.shape[1], cols.stop - cols.start
+    for g in range(0, len(xs), per_group):
+        group = xs[g : g + per_group].flatten(0, 1)
+        raw = unembedding.matmul(group, cols, buffers.matmul(group.shape[0], width))
+        for part in raw.split(rows):
+            yield unembedding.to_float(part, buffers.logits(rows, width))
 
 
 class _Running:
@@ -526,11 +539,13 @@ def unembed_metrics(
     the model's dtype) at a slice of the rows and ``final_states(rows)`` the final layer's; sites in
     ``final_sites`` *are* the final distribution and are not projected twice. For each chunk of
     ``chunk_size`` rows the query tokens' logits come first (a small gather-matmul, so ranks can be
-    counted tile by tile); then each ``tile_size``-column tile of the final logits and of every
-    site's logits is computed and folded into running statistics at once (see :func:`_fold`). The
-    numbers are those of :func:`block_metrics` on ``unembedding``'s full logits, to float32 rounding.
-    Extra memory: the chunk's states and three ``[chunk_size, tile_size]`` float32 tiles; ``tile_size``
-    defaults to :func:`default_tile_size` of ``W_U``'s dtype. The tiles, the running statistics and the query
+    counted tile by tile); then each ``tile_size``-column tile (default :data:`DEFAULT_TILE_SIZE`) of the
+    final logits and of every site's logits is computed, one matmul for a group of sites (their states
+    stacked, :data:`GROUP_ROWS` rows at most), and each site's is folded into running statistics at once
+    (see :func:`_fold`). The numbers are those of :func:`block_metrics` on ``unembedding``'s full logits,
+    to float32 rounding. Extra memory: the chunk's states of every site, the group's logits
+    (``[GROUP_ROWS, tile_size]`` at most, in ``W_U``'s dtype) and three ``[chunk_size, tile_size]``
+    float32 blocks. The tiles, the running statistics and the query
     ids live on ``W_U``'s device (where the states come: see :mod:`~tl_logitlens.core.devices`); the
     statistics are written to ``device``, one chunk at a time.
 
@@ -545,31 +560,30 @@ def unembed_metrics(
     final_top1 = torch.empty(n_rows, dtype=torch.long, device=device)
     if n_rows == 0:
         return SiteMetrics(**out, final_top1=final_top1)
-    tile = min(default_tile_size(unembedding.W_U.dtype) if tile_size is None else tile_size, d_vocab)
-    buffers = _Buffers(min(chunk_size, n_rows), tile, readout, unembedding.W_U.dtype)
+    tile = min(DEFAULT_TILE_SIZE if tile_size is None else tile_size, d_vocab)
     others = [s for s in range(n_sites) if s not in final_sites]
+    chunk_rows = min(chunk_size, n_rows)
+    per_group = min(max(1, GROUP_ROWS // chunk_rows), 1 + len(others))  # sites per matmul, the final's included
+    buffers = _Buffers(chunk_rows, per_group * chunk_rows, tile, readout, unembedding.W_U.dtype)
     k_final = top_k if final_sites else 1
     for start in range(0, n_rows, chunk_size):
         sl = slice(start, min(start + chunk_size, n_rows))
         ids = to_device(query[sl], readout)
         rows = ids.shape[0]
-        xf = final_states(sl)
-        states = [site_states(s, sl) for s in others]
+        # the final states first, then every other site's: [1 + site, row, d_model]
+        xs = torch.stack([final_states(sl), *(site_states(s, sl) for s in others)])
         # the query tokens' logits of every site at once (the final states' only where they are a site):
         # one gather of W_U's columns per chunk
-        q_logits = list(unembedding.gather_logits(torch.stack([xf, *states] if final_sites else states), ids))
+        q_logits = list(unembedding.gather_logits(xs if final_sites else xs[1:], ids))
         if final_sites:
             final = _Running(q_logits.pop(0), ids, tile, rows, k_final, readout)
         else:
             final = _Running(None, None, tile, rows, k_final, readout)
         runs = [_Running(q, ids, tile, rows, top_k, readout) for q in q_logits]
         for col0 in range(0, d_vocab, tile):
-            cols = slice(col0, min(col0 + tile, d_vocab))
-            width = cols.stop - col0
-            zf = unembedding.logits(xf, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
-            ef, af, sf_seen = _fold(final, zf, col0, k_final, buffers, final=True)
-            for run, x in zip(runs, states):
-                z = unembedding.logits(x, cols, buffers.get(buffers.LOGITS, rows, width), buffers.matmul(rows, width))
+            tiles = _site_tiles(unembedding, xs, slice(col0, min(col0 + tile, d_vocab)), per_group, buffers)
+            ef, af, sf_seen = _fold(final, next(tiles), col0, k_final, buffers, final=True)
+            for run, z in zip(runs, tiles):
                 _fold(run, z, col0, top_k, buffers, final=False, ef=ef, af=af, sf_seen=sf_seen)
         for run in (final, *runs) if final_sites else runs:
             run.own_correction()
