@@ -544,8 +544,8 @@ def unembed_metrics(
     stacked, :data:`GROUP_ROWS` rows at most), and each site's is folded into running statistics at once
     (see :func:`_fold`). The numbers are those of :func:`block_metrics` on ``unembedding``'s full logits,
     to float32 rounding. Extra memory: the chunk's states of every site, the group's logits
-    (``[GROUP_ROWS, tile_size]`` at most, in ``W_U``'s dtype) and three ``[chunk_size, tile_size]``
-    float32 blocks. The tiles, the running statistics and the query
+    (``[GROUP_ROWS, tile_size]`` at most, in ``W_U``'s dtype) and two ``[chunk_size, tile_size]`` float32
+    blocks (three for a 16-bit ``W_U``). The tiles, the running statistics and the query
     ids live on ``W_U``'s device (where the states come: see :mod:`~tl_logitlens.core.devices`); the
     statistics are written to ``device``, one chunk at a time.
 
