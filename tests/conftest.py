@@ -1,8 +1,22 @@
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.helpers import NORM_IDS, NORM_VARIANTS, STORIES, require_shared, tiny_model
+# An xdist worker shares the machine's cores with the other workers: one torch thread each, and OpenMP's
+# idle threads asleep rather than spinning. Set before torch loads (OpenMP reads the policy then); the
+# commands the tests start inherit both. With two workers of two spinning threads each on 2 cores, a
+# third of the CPU went to the kernel.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import NORM_IDS, NORM_VARIANTS, STORIES, require_shared, tiny_model  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case torch was loaded before this file
 
 
 @pytest.fixture(scope="session", params=NORM_VARIANTS, ids=NORM_IDS)
