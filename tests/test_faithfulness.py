@@ -170,6 +170,23 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path):
         tl.faithfulness(model, docs, checkpoint_dir=tmp_path, intervention="swap", **settings)
 
 
+def test_only_each_documents_first_seq_len_tokens_are_tokenised(monkeypatch):
+    """faithfulness reads a document's first seq_len tokens, so only a prefix of its text is tokenised: a
+    document over MAX_TOKENIZED_CHARS (lowered here to 20,000 characters) is read, not refused, and scores as
+    its own first 2,000 characters do; n_tokens counts the tokens read."""
+    from tl_logitlens.core import corpus
+
+    model, _ = demo()
+    story = texts()[0]
+    long_doc = " ".join([story] * (30_000 // len(story) + 1))
+    monkeypatch.setattr(corpus, "MAX_TOKENIZED_CHARS", 20_000)
+    assert len(long_doc) > corpus.MAX_TOKENIZED_CHARS
+    got = tl.faithfulness(model, [long_doc], seq_len=SEQ_LEN, n_bootstrap=0)
+    want = tl.faithfulness(model, [long_doc[:2000]], seq_len=SEQ_LEN, n_bootstrap=0)
+    assert got.n_tokens == want.n_tokens == SEQ_LEN
+    assert_close(got.mean, want.mean, atol=1e-9, rtol=1e-9, equal_nan=True)
+
+
 @lru_cache(maxsize=1)
 def encoder():
     return tl.load_model("demo-bert")

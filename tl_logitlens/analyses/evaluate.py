@@ -652,12 +652,13 @@ def _score_on_every_rank(
     checkpoint: Checkpoint | None,
     checkpoint_every: int,
     reporter: Any,
+    per_document: int | None = None,
 ) -> None:
     """:func:`_score_corpus` on this rank; under torch.distributed a rank's bad input stops every rank
     (each raises ``ValueError`` naming it) instead of leaving the others waiting in a collective."""
     error: str | None = None
     try:
-        _score_corpus(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every)
+        _score_corpus(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every, per_document)
     except (ValueError, TypeError, OSError) as err:
         if world.size == 1:
             raise
@@ -678,8 +679,10 @@ def _score_corpus(
     scorer: Any,  # a _Scorer, or any scorer with its add/flush/acc/real/padded/reporter (faithfulness's)
     checkpoint: Checkpoint | None,
     every: int,
+    per_document: int | None = None,
 ) -> None:
-    """Score this rank's documents, resuming from and saving ``checkpoint`` when there is one."""
+    """Score this rank's documents, resuming from and saving ``checkpoint`` when there is one; with
+    ``per_document`` (a scorer that reads no more) only each document's first tokens are tokenised."""
     state = None if checkpoint is None else checkpoint.load()
     start = 0
     corpus = HashedTexts(texts, text_field)
@@ -706,7 +709,7 @@ def _score_corpus(
 
     saved = start
     owns = world.owns if start == 0 else (lambda i: i >= start and world.owns(i))
-    for doc in documents(model, corpus, text_field=text_field, max_tokens=max_tokens, owns=owns):
+    for doc in documents(model, corpus, text_field=text_field, max_tokens=max_tokens, owns=owns, per_document=per_document):
         scorer.add(doc.index, doc.ids, doc.n_bytes)
         if checkpoint is not None and doc.index + 1 - saved >= every:
             saved = doc.index + 1

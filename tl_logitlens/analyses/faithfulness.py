@@ -683,7 +683,8 @@ def faithfulness(
         seq_len: the longest document prefix read (default and maximum: the model's ``n_ctx``).
         batch_size: documents per clean forward pass; intervention passes hold about
             ``batch_size · seq_len`` token slots.
-        max_tokens: stop after this many document tokens, in corpus order.
+        max_tokens: stop after this many document tokens read (each document's first ``seq_len`` at most),
+            in corpus order.
         progress: a progress bar on stderr (rank 0, a terminal only).
         seed: the placebo draws' and the bootstrap's seed.
         n_bootstrap: bootstrap replicates over documents (0: no intervals, they are NaN).
@@ -781,7 +782,10 @@ def faithfulness(
         reporter,
         world.size,
     )
-    _score_on_every_rank(model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every, reporter)
+    # a document's first seq_len tokens are all the scorer reads, so only they are tokenised
+    _score_on_every_rank(
+        model, texts, world, max_tokens, text_field, scorer, checkpoint, checkpoint_every, reporter, per_document=seq_len
+    )
     stats = sum_over_ranks(acc.stats, world)
     counts = sum_over_ranks(acc.counts, world)
     n_pos = counts[:, 1][:, None, None].expand(-1, n_l, n_s)

@@ -326,8 +326,13 @@ def documents(
     text_field: str = "text",
     max_tokens: int | None = None,
     owns: Callable[[int], bool] | None = None,
+    per_document: int | None = None,
 ) -> Iterator[Document]:
     """The documents of ``texts`` (see :func:`iter_texts`), tokenised, in corpus order.
+
+    With ``per_document`` each document is only its first ``per_document`` tokens (BOS included), and only
+    a prefix of its text is tokenised (:func:`first_tokens`): for a reader that uses no more, a long
+    document costs what its prefix costs.
 
     With ``max_tokens`` the corpus is cut after that many document tokens (BOS included), the last
     document shortened to fit; files are read a line at a time and a document only as far as the cut
@@ -340,11 +345,12 @@ def documents(
         mine = owns is None or owns(index)
         if max_tokens is None:
             if mine:
-                yield tokenize_document(model, text, index)
+                yield tokenize_document(model, text, index, max_tokens=per_document)
             continue
         if taken >= max_tokens:
             return
-        doc = tokenize_document(model, text, index, max_tokens=max_tokens - taken)
+        limit = max_tokens - taken if per_document is None else min(per_document, max_tokens - taken)
+        doc = tokenize_document(model, text, index, max_tokens=limit)
         taken += len(doc.ids)
         if mine:
             yield doc
