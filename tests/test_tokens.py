@@ -116,3 +116,17 @@ def test_display_tokens_visible_keeps_the_default_plain(gpt2_tokenizer):
     ids = gpt2_tokenizer.convert_tokens_to_ids(["Ġthe", "Ċ"])
     assert display_tokens(gpt2_tokenizer, ids) == [" the", "\n"]
     assert display_tokens(gpt2_tokenizer, ids, visible=True) == ["␣the", "↵"]
+
+
+def test_each_id_is_spelled_once_per_tokenizer():
+    """A table of many ids spells each distinct id once per tokenizer and reads it back after: the same
+    strings as a fresh tokenizer's, and a second call asks the tokenizer nothing."""
+    fresh, counted = tiny_tokenizer(), tiny_tokenizer()
+    asked: list[list[int]] = []
+    spell = counted.convert_ids_to_tokens
+    counted.convert_ids_to_tokens = lambda ids: asked.append(list(ids)) or spell(ids)
+    ids = [5, 7, 5, 9, 7, 5, 10**6]  # repeats, and an id the tokenizer does not know
+    want = display_tokens(fresh, ids)
+    assert display_tokens(counted, ids) == want and asked == [[5, 7, 9, 10**6]]
+    assert display_tokens(counted, list(reversed(ids)), visible=True) == [visible_token(t) for t in reversed(want)]
+    assert len(asked) == 1

@@ -80,6 +80,9 @@ def _backend_types(tokenizer: Any) -> set[str] | None:
 
 
 _BYTE_LEVEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# each tokenizer's display strings of the ids shown so far (an id's piece never changes; a table of
+# millions of ids spent most of its time spelling the same few thousand pieces again, ~2 µs an id)
+_DISPLAYED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def is_byte_level(tokenizer: Any) -> bool:
@@ -213,7 +216,14 @@ def display_tokens(tokenizer: Any, ids: Sequence[int] | torch.Tensor, *, visible
         ids = ids.reshape(-1).tolist()
     if tokenizer is None:
         return [f"<id {i}>" for i in ids]
-    byte_level = is_byte_level(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(ids))
-    out = [f"<id {i}>" if p is None else _piece_to_text(p, byte_level) for i, p in zip(ids, pieces)]
+    try:
+        known = _DISPLAYED.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: nothing is kept
+        known = {}
+    missing = [i for i in dict.fromkeys(ids) if i not in known]
+    if missing:
+        byte_level = is_byte_level(tokenizer)
+        for i, p in zip(missing, tokenizer.convert_ids_to_tokens(missing)):
+            known[i] = f"<id {i}>" if p is None else _piece_to_text(p, byte_level)
+    out = [known[i] for i in ids]
     return [visible_token(t) for t in out] if visible else out
