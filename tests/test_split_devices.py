@@ -28,7 +28,7 @@ from tests.helpers import HAS_HOOKED_TRANSFORMER, SENTENCES, tiny_bridge, tiny_m
 from tests.test_jspace import _lens
 from tl_logitlens.analyses import lens_dictionary as lens_dictionary_module
 from tl_logitlens.core import kernel
-from tl_logitlens.core.devices import block_devices, readout_device
+from tl_logitlens.core.devices import PlacedCopies, block_devices, readout_device
 
 PROMPT = SENTENCES[0]
 SITE = "1_post"
@@ -235,3 +235,16 @@ def test_lenses_on_another_device_than_the_model_are_read_where_the_states_are(s
         there = {name: copy.deepcopy(lens).to("meta") for name, lens in lenses.items()}
         assert there["jacobian"].jacobians[0].device.type == "meta" and there["tuned"].weight.device.type == "meta"
         assert_same(TOOLS[tool](one, there), wanted[tool], tool)
+
+
+def test_a_placed_copy_crosses_devices_on_its_first_call_only():
+    """PlacedCopies moves a lens map to another device once: later calls read the kept copy and move
+    nothing (finding where the map is must not move it), and on the map's own device it is the map."""
+    placed, weight = PlacedCopies(), torch.randn(4, 4)
+    with elsewhere.elsewhere():
+        elsewhere.MOVES.clear()
+        first = placed.on("weight", weight, elsewhere.ELSEWHERE)
+        assert elsewhere.MOVES == [((4, 4), "cpu", "meta")]
+        assert placed.on("weight", weight, elsewhere.ELSEWHERE) is first
+        assert placed.on("weight", weight, "cpu") is weight
+        assert len(elsewhere.MOVES) == 1

@@ -47,13 +47,17 @@ def is_spread(model: Any) -> bool:
     return len({*block_devices(model), readout_device(model)} - {None}) > 1
 
 
+def is_on(x: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether ``x`` is on ``device`` already (a device named without an index, ``"cuda"``, takes any of its
+    kind)."""
+    device = torch.device(device)
+    return x.device == device or (device.index is None and x.device.type == device.type)
+
+
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``x`` on ``device``; ``x`` itself when it is there already. Every move of a site's states to the
     readout device goes through here."""
-    device = torch.device(device)
-    if x.device == device or (device.index is None and x.device.type == device.type):
-        return x
-    return x.to(device)
+    return x if is_on(x, device) else x.to(device)
 
 
 def site_rows(
@@ -124,7 +128,7 @@ class PlacedCopies:
         self._copies: dict[tuple[Any, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def on(self, key: Any, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        if to_device(tensor, device) is tensor:
+        if is_on(tensor, device):
             return tensor
         where = (key, str(torch.device(device)))
         source, version, copy = self._copies.get(where, (None, -1, None))
